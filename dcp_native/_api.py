@@ -1,0 +1,98 @@
+"""save / load / async_save: DCP's functions, defaulting to dcp_native's storage for a checkpoint_id."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+
+from .reader import FileSystemReader
+from .writer import FileSystemWriter
+
+
+def _writer(checkpoint_id: str | os.PathLike | None, storage_writer: Any) -> Any:
+    if storage_writer is None and checkpoint_id is not None:
+        return FileSystemWriter(checkpoint_id)
+    return storage_writer
+
+
+def save(
+    state_dict: dict[str, Any],
+    *,
+    checkpoint_id: str | os.PathLike | None = None,
+    storage_writer: Any = None,
+    **kwargs: Any,
+):
+    """``torch.distributed.checkpoint.save`` with dcp_native's writer for ``checkpoint_id``.
+
+    All other arguments (planner, process_group, no_dist, ...) are DCP's.
+
+    Example:
+        >>> import tempfile, torch, dcp_native
+        >>> path = tempfile.mkdtemp()
+        >>> _ = dcp_native.save({"w": torch.ones(2)}, checkpoint_id=path, no_dist=True)
+    """
+    return dcp.save(
+        state_dict,
+        checkpoint_id=checkpoint_id,
+        storage_writer=_writer(checkpoint_id, storage_writer),
+        **kwargs,
+    )
+
+
+def load(
+    state_dict: dict[str, Any],
+    *,
+    checkpoint_id: str | os.PathLike | None = None,
+    storage_reader: Any = None,
+    **kwargs: Any,
+) -> None:
+    """``torch.distributed.checkpoint.load`` with dcp_native's reader for ``checkpoint_id``.
+
+    Example:
+        >>> import tempfile, torch, dcp_native
+        >>> path = tempfile.mkdtemp()
+        >>> _ = dcp_native.save({"w": torch.ones(2)}, checkpoint_id=path, no_dist=True)
+        >>> sd = {"w": torch.zeros(2)}
+        >>> dcp_native.load(sd, checkpoint_id=path, no_dist=True)
+        >>> sd["w"].tolist()
+        [1.0, 1.0]
+    """
+    if storage_reader is None and checkpoint_id is not None:
+        storage_reader = FileSystemReader(checkpoint_id)
+    return dcp.load(state_dict, checkpoint_id=checkpoint_id, storage_reader=storage_reader, **kwargs)
+
+
+def async_save(
+    state_dict: dict[str, Any],
+    *,
+    checkpoint_id: str | os.PathLike | None = None,
+    storage_writer: Any = None,
+    **kwargs: Any,
+):
+    """``torch.distributed.checkpoint.async_save`` with dcp_native's writer for ``checkpoint_id``.
+
+    Returns what DCP returns on this torch version (a future, or a response
+    holding ``staging_completion`` and ``upload_completion``).
+    """
+    return dcp.async_save(
+        state_dict,
+        checkpoint_id=checkpoint_id,
+        storage_writer=_writer(checkpoint_id, storage_writer),
+        **kwargs,
+    )
+
+
+def save_state_dict(state_dict: dict[str, Any], storage_writer: Any, **kwargs: Any):
+    """DCP's deprecated ``save_state_dict``; ``storage_writer`` may be a path."""
+    if isinstance(storage_writer, (str, os.PathLike)):
+        storage_writer = FileSystemWriter(storage_writer)
+    return dcp.save_state_dict(state_dict, storage_writer, **kwargs)
+
+
+def load_state_dict(state_dict: dict[str, Any], storage_reader: Any, **kwargs: Any) -> None:
+    """DCP's deprecated ``load_state_dict``; ``storage_reader`` may be a path."""
+    if isinstance(storage_reader, (str, os.PathLike)):
+        storage_reader = FileSystemReader(storage_reader)
+    return dcp.load_state_dict(state_dict, storage_reader, **kwargs)

@@ -1,0 +1,96 @@
+"""Exceptions raised by dcp_native for checkpoints that are missing, truncated or malformed.
+
+Every one is an ``OSError`` (a storage layer's failures are I/O failures to its
+callers) with ``filename`` set when a file is involved, and carries the
+checkpoint ``key`` and file ``offset`` where they are known. Plain I/O errors
+from the operating system surface as the usual ``OSError`` subclasses
+(``FileNotFoundError``, ``PermissionError``, ...), also with ``filename`` set.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class CheckpointError(OSError):
+    """A checkpoint on disk is not what its metadata says it is."""
+
+    default_errno = _errno.EIO
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        filename: str | None = None,
+        key: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        super().__init__(self.default_errno, message, filename)
+        self.message = message
+        self.key = key
+        self.offset = offset
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        # Errors cross process boundaries (DCP gathers them to the coordinator).
+        return (
+            _rebuild_error,
+            (type(self), self.message, self.filename, self.key, self.offset, self.__dict__),
+        )
+
+
+def _rebuild_error(cls, message, filename, key, offset, state):
+    err = cls.__new__(cls)
+    CheckpointError.__init__(err, message, filename=filename, key=key, offset=offset)
+    err.__dict__.update(state)
+    return err
+
+
+class IncompleteCheckpointError(CheckpointError):
+    """The directory holds no complete checkpoint (no committed metadata)."""
+
+    default_errno = _errno.ENOENT
+
+
+class CorruptCheckpointError(CheckpointError):
+    """An item's bytes cannot be what the metadata declares (bad framing, bad offsets)."""
+
+
+class TruncatedFileError(CorruptCheckpointError):
+    """A data file is shorter than the checkpoint needs."""
+
+    def __init__(
+        self,
+        filename: str,
+        expected: int,
+        actual: int,
+        *,
+        key: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        self.expected = expected
+        self.actual = actual
+        where = f" (item {key!r} at offset {offset})" if key is not None else ""
+        super().__init__(
+            f"{filename} is truncated: the checkpoint needs at least {expected} bytes, "
+            f"the file has {actual}{where}",
+            filename=filename,
+            key=key,
+            offset=offset,
+        )
+
+    def __reduce__(self):
+        return (
+            _rebuild_truncated,
+            (self.filename, self.expected, self.actual, self.key, self.offset),
+        )
+
+
+def _rebuild_truncated(filename, expected, actual, key, offset):
+    return TruncatedFileError(filename, expected, actual, key=key, offset=offset)
+
+
+class BackendUnavailableError(ImportError):
+    """DCP_NATIVE_BACKEND=native was asked for but the extension cannot be loaded."""

@@ -1,0 +1,126 @@
+"""The engine seam: executes write and read plans; knows nothing of DCP, dtypes or tensors.
+
+Two implementations share this contract and every test:
+
+* ``native``: ``dcp_native._C`` (C++ threads, pread/pwrite loops), see csrc/.
+* ``python``: :mod:`dcp_native._engine_python` (os.pwritev/os.preadv on threads).
+
+What crosses the seam is plain data: paths, byte offsets, lengths and raw
+addresses as integers (``tensor.data_ptr()``). The caller keeps the memory
+behind every address alive and unchanged until the call returns.
+
+Write plan (one :class:`WriteFile` per data file)
+    ``segments`` is a flat ``array('q')`` of 4-tuples
+    ``(file_offset, kind, source, length)``:
+
+    * ``kind == SRC_BLOB`` (0): ``source`` is an offset into the file's ``blob``
+      (item framing, pickled objects);
+    * ``kind == SRC_HOST`` (1): ``source`` is a host address.
+
+    The file is created (or truncated) and every segment is written at its
+    offset. Contiguous segments are gathered into one ``pwritev`` of at most
+    1024 iovecs and ``chunk_bytes`` bytes; longer segments are split into
+    ``chunk_bytes`` pieces. The pieces of all files are spread over
+    ``threads`` threads. With ``sync`` each file is fsynced before the call
+    returns. Returns the number of bytes written per file.
+
+Read plan (one :class:`ReadFile` per data file)
+    ``copies`` is a flat ``array('q')`` of variable-length records
+    ``(file_offset, dest_addr, inner_bytes, ndim, counts[ndim],
+    file_strides[ndim], dest_strides[ndim])``: an ``ndim``-dimensional box of
+    runs. For every index ``i`` in ``ndindex(counts)`` the engine copies
+    ``inner_bytes`` bytes from ``file_offset + sum(i * file_strides)`` to
+    ``dest_addr + sum(i * dest_strides)``. ``ndim == 0`` is a single run.
+    Strides are in bytes and non-negative.
+
+    The file must be at least ``min_size`` bytes long; otherwise, or if it
+    ends before a run does, :class:`~dcp_native.TruncatedFileError` names the
+    file, the size needed and the size found. Runs are sorted by file offset
+    and read with ``preadv``; two neighbouring runs of lengths ``a`` and ``b``
+    separated by a gap of ``g`` bytes share one call (the gap read into a
+    scratch buffer) when ``0 <= g <= max_gap`` and either ``8 * g <= min(a, b)``
+    or ``a + g + b <= 4096``: so coalescing costs at most 1/8 extra bytes except
+    for runs so small that a syscall each would cost more than the bytes. A
+    call holds at most 1024 iovecs and ``chunk_bytes`` bytes; longer runs are
+    split. Returns :class:`ReadStats`.
+
+Errors
+    I/O failures raise ``OSError`` (the subclass errno selects) with
+    ``filename`` set and the operation and offset in the message; malformed
+    plans raise ``ValueError``. When one piece fails, the others stop early and
+    every file descriptor is closed before the error is raised.
+
+Testing hook
+    ``DCP_NATIVE_TEST_SHORT_IO=N`` (N > 0) makes every pread/pwrite/preadv/
+    pwritev transfer at most N bytes, so the loops that resume short transfers
+    are exercised on any filesystem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from array import array
+from typing import Protocol, Sequence
+
+SRC_BLOB = 0
+SRC_HOST = 1
+
+#: Default size of one unit of work (one pwritev/preadv call at most).
+DEFAULT_CHUNK_BYTES = 8 << 20
+#: Default largest gap between two runs that one read may cover.
+DEFAULT_MAX_GAP = 64 << 10
+#: Runs this small are merged regardless of the 1/8 rule (see module docs).
+TINY_SPAN = 4096
+#: Most iovecs in one pwritev/preadv call (Linux IOV_MAX).
+MAX_IOVECS = 1024
+
+
+@dataclasses.dataclass
+class WriteFile:
+    path: str
+    blob: bytes | bytearray | memoryview
+    segments: array  # array('q'), 4 per segment
+
+
+@dataclasses.dataclass
+class ReadFile:
+    path: str
+    min_size: int
+    copies: array  # array('q'), variable-length records
+
+
+@dataclasses.dataclass
+class ReadStats:
+    #: Bytes read from files, coalescing gaps included.
+    bytes_read: int = 0
+    #: Number of preadv calls issued.
+    calls: int = 0
+
+
+class Engine(Protocol):
+    name: str
+
+    def write(
+        self,
+        files: Sequence[WriteFile],
+        *,
+        threads: int,
+        sync: bool,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> list[int]: ...
+
+    def read(
+        self,
+        files: Sequence[ReadFile],
+        *,
+        threads: int,
+        max_gap: int = DEFAULT_MAX_GAP,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> ReadStats: ...
+
+
+def should_merge(prev_len: int, gap: int, next_len: int, max_gap: int) -> bool:
+    """The coalescing rule shared by both engines (see module docs)."""
+    if gap < 0 or gap > max_gap:
+        return False
+    return 8 * gap <= min(prev_len, next_len) or prev_len + gap + next_len <= TINY_SPAN

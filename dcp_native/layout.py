@@ -1,0 +1,505 @@
+"""The on-disk format: how an item's bytes are framed in a data file. Pure functions, no I/O.
+
+A tensor item is framed exactly as stock DCP frames it: a ``torch.save`` zip
+archive holding one storage, written from its first byte at the item's offset
+in the data file. Stock writes it with ``torch.save``; we generate the small
+header (local headers, ``data.pkl`` and the other records before the payload)
+and trailer (records after it, central directory, end records) here, in
+microseconds, and write the payload straight from tensor memory. The archive
+follows miniz's conventions (the writer inside ``torch.save``): stored
+records, data descriptors, 64-byte aligned record data padded through an
+``FB`` extra field, ZIP64 records for storages of 4 GiB and more. Large
+payloads are aligned to 4 KiB in the *file* so that O_DIRECT can reach them in
+place. The zip CRC-32 of the payload is written as 0, as ``torch.save`` does
+under ``torch.serialization.set_crc32_options(False)``; ``torch.load`` does not
+check it (dcp_native keeps its own CRC32C of every payload instead).
+
+Items written by stock DCP are located by :func:`parse_archive_tail` (the
+central directory) and :func:`parse_tensor_pickle` (``data.pkl``), without
+running ``torch.load`` on the payload.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import io
+import pickle
+import secrets
+import struct
+import zlib
+from typing import NamedTuple
+
+import torch
+
+ARCHIVE_NAME = "archive"
+#: Record data alignment used by torch.save (miniz's kFieldAlignment).
+RECORD_ALIGN = 64
+#: Payloads of at least this many bytes are aligned to PAYLOAD_ALIGN in the file.
+PAYLOAD_ALIGN_MIN_BYTES = 64 << 10
+PAYLOAD_ALIGN = 4096
+
+_U32_MAX = 0xFFFFFFFF
+_LOCAL_SIG = 0x04034B50
+_CENTRAL_SIG = 0x02014B50
+_EOCD_SIG = 0x06054B50
+_EOCD64_SIG = 0x06064B50
+_EOCD64_LOCATOR_SIG = 0x07064B50
+_DESCRIPTOR_SIG = 0x08074B50
+_FLAG_DESCRIPTOR = 0x0008
+_FLAG_UTF8 = 0x0800
+
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # 46 bytes
+_EOCD = struct.Struct("<IHHHHIIH")  # 22 bytes
+_EOCD64 = struct.Struct("<IQHHIIQQQQ")  # 56 bytes
+_EOCD64_LOCATOR = struct.Struct("<IIQI")  # 20 bytes
+_DESC32 = struct.Struct("<IIII")
+_DESC64 = struct.Struct("<IIQQ")
+
+
+class TensorFrame(NamedTuple):
+    """Header and trailer of one tensor item; the payload goes between them."""
+
+    header: bytes
+    trailer: bytes
+    #: Offset of the payload from the item's first byte.
+    payload_offset: int
+    #: Total item length: header + payload + trailer.
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedTensor:
+    """Where and how a saved tensor's elements lie in its item."""
+
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    #: In elements, from the first byte of the payload.
+    storage_offset: int = 0
+    #: Bytes of the stored storage (the payload length).
+    storage_nbytes: int | None = None
+
+
+# --------------------------------------------------------------------------- data.pkl
+
+
+class _StorageRef:
+    __slots__ = ("storage_type", "numel")
+
+    def __init__(self, storage_type, numel: int) -> None:
+        self.storage_type = storage_type
+        self.numel = numel
+
+
+class _TensorRef:
+    __slots__ = ("reduced",)
+
+    def __init__(self, reduced) -> None:
+        self.reduced = reduced
+
+    def __reduce_ex__(self, protocol):
+        return self.reduced
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", obj.storage_type, "0", "cpu", obj.numel)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _v3_dtypes() -> frozenset:
+    new = getattr(torch.storage, "_new_dtypes", None)
+    if new is not None:
+        return frozenset(new())
+    legacy = torch.storage._dtype_to_storage_type_map()
+    return frozenset(
+        d for d in vars(torch).values() if isinstance(d, torch.dtype) and d not in legacy
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _legacy_storage_types() -> dict:
+    return {
+        dtype: getattr(torch, name)
+        for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+    }
+
+
+@functools.lru_cache(maxsize=4096)
+def tensor_pickle(dtype: torch.dtype, size: tuple[int, ...]) -> bytes:
+    """``data.pkl`` of a contiguous CPU tensor, byte-identical to ``torch.save``'s."""
+    numel = 1
+    for s in size:
+        numel *= s
+    stride = contiguous_stride(size)
+    hooks = collections.OrderedDict()
+    if dtype in _v3_dtypes():
+        storage = _StorageRef(torch.storage.UntypedStorage, numel * dtype.itemsize)
+        reduced = (
+            torch._utils._rebuild_tensor_v3,
+            (storage, 0, size, stride, False, hooks, dtype),
+        )
+    else:
+        storage = _StorageRef(_legacy_storage_types()[dtype], numel)
+        reduced = (torch._utils._rebuild_tensor_v2, (storage, 0, size, stride, False, hooks))
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(_TensorRef(reduced))
+    return buf.getvalue()
+
+
+def contiguous_stride(size: tuple[int, ...]) -> tuple[int, ...]:
+    stride = []
+    acc = 1
+    for s in reversed(size):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
+
+
+class UnsupportedLayout(Exception):
+    """data.pkl holds something a strided copy cannot express; use torch.load."""
+
+
+class _Recorded(NamedTuple):
+    storage: object
+    storage_offset: int
+    size: tuple
+    stride: tuple
+    dtype: torch.dtype | None
+    metadata: object
+
+
+def _record_v2(storage, storage_offset, size, stride, requires_grad, hooks, metadata=None):
+    return _Recorded(storage, storage_offset, tuple(size), tuple(stride), None, metadata)
+
+
+def _record_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    return _Recorded(storage, storage_offset, tuple(size), tuple(stride), dtype, metadata)
+
+
+@functools.lru_cache(maxsize=None)
+def _storage_globals() -> dict:
+    table = {("torch", name): (dtype, 1) for dtype, name in _legacy_names().items()}
+    table[("torch.storage", "UntypedStorage")] = (torch.uint8, 0)
+    table[("torch", "UntypedStorage")] = (torch.uint8, 0)
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _legacy_names() -> dict:
+    return dict(torch.storage._dtype_to_storage_type_map())
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_globals() -> dict:
+    return {
+        ("torch", name): value
+        for name, value in vars(torch).items()
+        if isinstance(value, torch.dtype)
+    }
+
+
+class _LayoutUnpickler(pickle.Unpickler):
+    """Reads ``data.pkl`` without building a tensor and without importing arbitrary globals."""
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _record_v2
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _record_v3
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        key = (module, name)
+        if key in _storage_globals():
+            return ("storage-type", key)
+        if key in _dtype_globals():
+            return _dtype_globals()[key]
+        raise UnsupportedLayout(f"data.pkl refers to {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsupportedLayout(f"unexpected persistent id {pid!r}")
+        _, storage_type, key, location, numel = pid
+        if not (isinstance(storage_type, tuple) and storage_type[0] == "storage-type"):
+            raise UnsupportedLayout(f"unexpected storage type {storage_type!r}")
+        dtype, typed = _storage_globals()[storage_type[1]]
+        return (dtype, typed, key, numel)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_tensor_pickle(data: bytes) -> SavedTensor:
+    """Dtype, size, stride and storage offset from a stock ``data.pkl``.
+
+    Raises:
+        UnsupportedLayout: the archive holds something other than one plain
+            dense tensor in storage ``0`` (use ``torch.load`` for it).
+    """
+    try:
+        obj = _LayoutUnpickler(io.BytesIO(data)).load()
+    except UnsupportedLayout:
+        raise
+    except Exception as exc:  # malformed pickle: leave the verdict to torch.load
+        raise UnsupportedLayout(f"data.pkl cannot be parsed: {exc}") from exc
+    if not isinstance(obj, _Recorded) or not isinstance(obj.storage, tuple):
+        raise UnsupportedLayout("data.pkl does not hold a single tensor")
+    if obj.metadata:
+        raise UnsupportedLayout(f"tensor metadata {obj.metadata!r} (conj/neg bits)")
+    storage_dtype, typed, key, numel = obj.storage
+    if key != "0":
+        raise UnsupportedLayout(f"storage key {key!r}")
+    dtype = obj.dtype if obj.dtype is not None else storage_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise UnsupportedLayout(f"dtype {dtype!r}")
+    nbytes = numel * (storage_dtype.itemsize if typed else 1)
+    if len(obj.size) != len(obj.stride) or any(
+        not isinstance(v, int) or v < 0 for v in (*obj.size, *obj.stride, obj.storage_offset)
+    ):
+        raise UnsupportedLayout(f"size {obj.size} / stride {obj.stride}")
+    return SavedTensor(dtype, obj.size, obj.stride, obj.storage_offset, nbytes)
+
+
+# --------------------------------------------------------------------------- zip writer
+
+
+def _padding_extra(data_start_unpadded: int, align: int) -> bytes:
+    """An ``FB`` extra field that moves data from ``data_start_unpadded`` to ``align``."""
+    pad = (-(data_start_unpadded + 4)) % align
+    return struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB", like miniz
+
+
+class _ZipBuilder:
+    """Builds an archive in pieces; offsets are archive-relative, alignment file-relative."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base  # file offset of the archive's first byte
+        self.cursor = 0
+        self.parts: list[bytes] = []
+        self.central: list[bytes] = []
+
+    def _local(self, name: bytes, size: int, align: int) -> tuple[bytes, bool]:
+        header_offset = self.cursor
+        zip64 = size >= _U32_MAX or header_offset >= _U32_MAX
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        start = self.base + header_offset + _LOCAL.size + len(name) + len(extra)
+        extra += _padding_extra(start, align)
+        flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
+        local = _LOCAL.pack(_LOCAL_SIG, 0, flags, 0, 0, 0, 0, 0, 0, len(name), len(extra))
+        return local + name + extra, zip64
+
+    def _central(self, name: bytes, size: int, crc: int, header_offset: int) -> None:
+        extra = b""
+        fields = []
+        size32 = size
+        if size >= _U32_MAX:
+            fields += [size, size]
+            size32 = _U32_MAX
+        offset32 = header_offset
+        if header_offset >= _U32_MAX:
+            fields.append(header_offset)
+            offset32 = _U32_MAX
+        if fields:
+            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
+        flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
+        self.central.append(
+            _CENTRAL.pack(
+                _CENTRAL_SIG, 0, 0, flags, 0, 0, 0, crc, size32, size32,
+                len(name), len(extra), 0, 0, 0, 0, offset32,
+            )
+            + name
+            + extra
+        )
+
+    @staticmethod
+    def _descriptor(size: int, crc: int, zip64: bool) -> bytes:
+        if not size:
+            return b""
+        if zip64:
+            return _DESC64.pack(_DESCRIPTOR_SIG, crc, size, size)
+        return _DESC32.pack(_DESCRIPTOR_SIG, crc, size, size)
+
+    def record(self, name: str, data: bytes) -> None:
+        full = f"{ARCHIVE_NAME}/{name}".encode()
+        header_offset = self.cursor
+        local, zip64 = self._local(full, len(data), RECORD_ALIGN)
+        crc = zlib.crc32(data)
+        piece = local + data + self._descriptor(len(data), crc, zip64)
+        self.parts.append(piece)
+        self.cursor += len(piece)
+        self._central(full, len(data), crc, header_offset)
+
+    def payload(self, name: str, size: int, align: int) -> tuple[bytes, int]:
+        """Local header of the payload record; returns (header tail, payload offset)."""
+        full = f"{ARCHIVE_NAME}/{name}".encode()
+        header_offset = self.cursor
+        local, zip64 = self._local(full, size, align)
+        self.parts.append(local)
+        self.cursor += len(local)
+        payload_offset = self.cursor
+        self.cursor += size
+        self._central(full, size, 0, header_offset)
+        return self._descriptor(size, 0, zip64), payload_offset
+
+    def end(self) -> bytes:
+        cd = b"".join(self.central)
+        cd_offset = self.cursor
+        n = len(self.central)
+        tail = cd
+        if cd_offset >= _U32_MAX or len(cd) >= _U32_MAX:
+            eocd64_offset = cd_offset + len(cd)
+            tail += _EOCD64.pack(_EOCD64_SIG, 44, 0x031E, 0x2D, 0, 0, n, n, len(cd), cd_offset)
+            tail += _EOCD64_LOCATOR.pack(_EOCD64_LOCATOR_SIG, 0, eocd64_offset, 1)
+            tail += _EOCD.pack(_EOCD_SIG, 0, 0, n, n, min(len(cd), _U32_MAX), _U32_MAX, 0)
+        else:
+            tail += _EOCD.pack(_EOCD_SIG, 0, 0, n, n, len(cd), cd_offset, 0)
+        return tail
+
+
+def new_serialization_id() -> bytes:
+    """A 40-digit id like the one ``torch.save`` records (only used for logging by torch.load)."""
+    return str(secrets.randbits(128)).zfill(40)[:40].encode()
+
+
+def payload_alignment(nbytes: int) -> int:
+    return PAYLOAD_ALIGN if nbytes >= PAYLOAD_ALIGN_MIN_BYTES else RECORD_ALIGN
+
+
+def frame_tensor(
+    dtype: torch.dtype,
+    size: tuple[int, ...],
+    item_offset: int,
+    serialization_id: bytes,
+) -> TensorFrame:
+    """Frame a contiguous tensor of ``dtype``/``size`` whose item starts at ``item_offset``.
+
+    The result depends on ``item_offset`` only through its remainder modulo the
+    payload alignment, so callers may cache on that.
+    """
+    return _frame_tensor(dtype, tuple(size), item_offset % payload_alignment(
+        _nbytes(dtype, size)), serialization_id)
+
+
+def _nbytes(dtype: torch.dtype, size) -> int:
+    n = dtype.itemsize
+    for s in size:
+        n *= s
+    return n
+
+
+@functools.lru_cache(maxsize=8192)
+def _frame_tensor(dtype, size, base, serialization_id) -> TensorFrame:
+    nbytes = _nbytes(dtype, size)
+    zb = _ZipBuilder(base)
+    zb.record("data.pkl", tensor_pickle(dtype, size))
+    zb.record(".format_version", b"1")
+    zb.record(".storage_alignment", str(RECORD_ALIGN).encode())
+    zb.record("byteorder", b"little")
+    descriptor, payload_offset = zb.payload("data/0", nbytes, payload_alignment(nbytes))
+    header = b"".join(zb.parts)
+    zb.parts = [descriptor]
+    zb.cursor += len(descriptor)
+    zb.record("version", b"3\n")
+    zb.record(".data/serialization_id", serialization_id)
+    trailer = b"".join(zb.parts) + zb.end()
+    return TensorFrame(header, trailer, payload_offset, payload_offset + nbytes + len(trailer))
+
+
+# --------------------------------------------------------------------------- zip reader
+
+
+class ArchiveError(Exception):
+    """The bytes are not a readable single-tensor archive (message says why)."""
+
+
+class ArchiveIndex(NamedTuple):
+    """Central-directory facts about one item's archive."""
+
+    #: record name (without the archive prefix) -> (local header offset, size)
+    records: dict[str, tuple[int, int]]
+
+
+def parse_archive_tail(tail: bytes, item_length: int) -> ArchiveIndex:
+    """Parse the end records and central directory from the last bytes of an item.
+
+    ``tail`` holds the item's last ``len(tail)`` bytes. Raises :class:`ArchiveError`
+    if they do not contain the whole central directory (callers then read more)
+    or are not a zip archive.
+    """
+    tail_start = item_length - len(tail)
+    pos = tail.rfind(struct.pack("<I", _EOCD_SIG), max(0, len(tail) - 22 - 0xFFFF))
+    if pos < 0:
+        raise ArchiveError("no end of central directory record")
+    (_, _, _, _, entries, cd_size, cd_offset, _) = _EOCD.unpack_from(tail, pos)
+    if cd_offset == _U32_MAX or cd_size == _U32_MAX or entries == 0xFFFF:
+        loc = pos - _EOCD64_LOCATOR.size
+        if loc < 0:
+            raise ArchiveError("need more bytes")
+        sig, _, eocd64_offset, _ = _EOCD64_LOCATOR.unpack_from(tail, loc)
+        if sig != _EOCD64_LOCATOR_SIG:
+            raise ArchiveError("bad ZIP64 locator")
+        rel = eocd64_offset - tail_start
+        if rel < 0:
+            raise ArchiveError("need more bytes")
+        fields = _EOCD64.unpack_from(tail, rel)
+        if fields[0] != _EOCD64_SIG:
+            raise ArchiveError("bad ZIP64 end record")
+        entries, cd_size, cd_offset = fields[7], fields[8], fields[9]
+    rel = cd_offset - tail_start
+    if rel < 0:
+        raise ArchiveError("need more bytes")
+    if cd_offset + cd_size > item_length:
+        raise ArchiveError("central directory lies past the item's end")
+    records = {}
+    for _ in range(entries):
+        if rel + _CENTRAL.size > len(tail):
+            raise ArchiveError("truncated central directory")
+        f = _CENTRAL.unpack_from(tail, rel)
+        if f[0] != _CENTRAL_SIG:
+            raise ArchiveError("bad central directory entry")
+        method, size32, name_len, extra_len, comment_len, offset32 = (
+            f[4], f[9], f[10], f[11], f[12], f[16],
+        )
+        name = bytes(tail[rel + 46 : rel + 46 + name_len]).decode("utf-8", "replace")
+        extra = tail[rel + 46 + name_len : rel + 46 + name_len + extra_len]
+        size, offset = size32, offset32
+        zip64 = _zip64_fields(extra)
+        if size32 == _U32_MAX:
+            size = zip64.pop(0) if zip64 else size
+            if zip64:  # compressed size follows the uncompressed one
+                zip64.pop(0)
+        if offset32 == _U32_MAX and zip64:
+            offset = zip64.pop(0)
+        if method != 0:
+            raise ArchiveError(f"record {name} is compressed")
+        short = name.split("/", 1)[1] if "/" in name else name
+        records[short] = (offset, size)
+        rel += 46 + name_len + extra_len + comment_len
+    return ArchiveIndex(records)
+
+
+def _zip64_fields(extra: bytes) -> list[int]:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 1:
+            return list(struct.unpack_from(f"<{length // 8}Q", extra, pos + 4))
+        pos += 4 + length
+    return []
+
+
+def local_data_offset(header: bytes, header_offset: int) -> int:
+    """Offset of a record's data from its local header bytes (at least 30 bytes)."""
+    if len(header) < _LOCAL.size:
+        raise ArchiveError("need more bytes")
+    f = _LOCAL.unpack_from(header)
+    if f[0] != _LOCAL_SIG:
+        raise ArchiveError(f"no local header at archive offset {header_offset}")
+    return header_offset + _LOCAL.size + f[9] + f[10]
+
+
+#: How many bytes of an item's head and tail a probe reads.
+PROBE_BYTES = 4096

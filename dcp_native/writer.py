@@ -1,0 +1,319 @@
+"""FileSystemWriter: DCP's StorageWriter protocol over the engine, and the commit protocol.
+
+A drop-in subclass of stock ``FileSystemWriter``: same parameters, same files
+(``__{rank}_{n}.distcp`` and ``.metadata``), same framing of every item, so
+stock readers load what it writes. What differs is how the bytes get there:
+item headers are generated (:mod:`dcp_native.layout`) instead of running
+``torch.save`` per item, and payloads are written straight from tensor memory
+with ``pwritev`` on ``thread_count`` threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import operator
+import os
+import pickle
+from typing import Any, Sequence
+
+import torch
+from torch.distributed.checkpoint import filesystem as _stock
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from . import layout
+from ._backend import get_engine
+from .engine import WriteFile
+from .plan import FileLayout
+
+#: The sidecar (what dcp_native adds to a stock checkpoint) is named after the
+#: metadata file it belongs to: ``.metadata.dcp_native``.
+SIDECAR_SUFFIX = ".dcp_native"
+SIDECAR_FORMAT_VERSION = 1
+_METADATA_NAME = ".metadata"
+
+
+@dataclasses.dataclass
+class _NativeStorageInfo(_stock._StorageInfo):
+    """Stock storage info plus what only dcp_native needs; never reaches ``.metadata``."""
+
+    #: Offset of the tensor payload from the item's first byte (-1: not a fast-path tensor).
+    payload_offset: int = -1
+
+    def stock(self) -> _stock._StorageInfo:
+        return _stock._StorageInfo(
+            self.relative_path, self.offset, self.length, self.transform_descriptors
+        )
+
+
+def _item_nbytes(item: WriteItem) -> int:
+    td = item.tensor_data
+    n = td.properties.dtype.itemsize
+    for s in td.size:
+        n *= s
+    return n
+
+
+def _split_by_size_and_type(bins: int, items: Sequence[WriteItem]) -> list[list[WriteItem]]:
+    """Stock's assignment of items to ``bins`` files: byte items round-robin, tensors greedily."""
+    if bins <= 1:
+        return [list(items)]
+    byte_items = [wi for wi in items if wi.type == WriteItemType.BYTE_IO]
+    tensor_items = sorted(
+        (wi for wi in items if wi.type != WriteItemType.BYTE_IO), key=_item_nbytes, reverse=True
+    )
+    buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
+    sizes = [0] * bins
+    for i, wi in enumerate(byte_items):
+        buckets[i % bins].append(wi)
+    for wi in tensor_items:
+        idx = min(range(bins), key=sizes.__getitem__)
+        buckets[idx].append(wi)
+        sizes[idx] += _item_nbytes(wi)
+    return buckets
+
+
+def _fast_path_tensor(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The dense CPU tensor whose memory can be written as the payload, or None.
+
+    Non-contiguous, expanded, conjugated and negated tensors are materialised
+    (their logical values are saved, as stock does); device tensors are copied
+    to the host. Sparse, quantized and subclassed tensors return None and are
+    framed by ``torch.save`` instead.
+    """
+    if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+        return None
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
+        return None
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.is_conj():
+        tensor = tensor.resolve_conj()
+    if tensor.is_neg():
+        tensor = tensor.resolve_neg()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return tensor
+
+
+def _torch_save_bytes(tensor: torch.Tensor) -> bytes:
+    """Stock's framing for tensors the fast path does not cover."""
+    tensor = tensor.detach().cpu()
+    if tensor.untyped_storage().size() != tensor.nbytes:
+        tensor = tensor.clone()
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    return buf.getvalue()
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if directory else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str, data: bytes, sync: bool) -> None:
+    """Write ``path`` through a temporary file and a rename; fsync both when ``sync``."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class FileSystemWriter(_stock.FileSystemWriter):
+    """Drop-in ``torch.distributed.checkpoint.FileSystemWriter`` with a faster engine.
+
+    Args:
+        path: directory the checkpoint is written to.
+        single_file_per_rank: one file per thread per rank (True) or one file per item.
+        sync_files: fsync every data and metadata file before the save commits.
+        thread_count: I/O threads, and (as stock) data files per rank.
+        per_thread_copy_ahead: bytes staged from the GPU ahead of writing (as stock).
+        cache_staged_state_dict: keep the staged copy between async saves (as stock).
+        overwrite: allow saving over an existing checkpoint (as stock).
+        _extensions: stream transforms (e.g. ``ZStandard()``); such saves use stock's path.
+        serialization_format: ``TORCH_SAVE`` uses dcp_native's path, others stock's.
+        chunk_bytes: most bytes one write call moves; the unit of work of the threads.
+
+    Example:
+        >>> import tempfile, torch, torch.distributed.checkpoint as dcp, dcp_native
+        >>> path = tempfile.mkdtemp()
+        >>> sd = {"w": torch.arange(4.0)}
+        >>> _ = dcp.save(sd, storage_writer=dcp_native.FileSystemWriter(path), no_dist=True)
+        >>> out = {"w": torch.zeros(4)}
+        >>> dcp.load(out, storage_reader=dcp_native.FileSystemReader(path), no_dist=True)
+        >>> out["w"].tolist()
+        [0.0, 1.0, 2.0, 3.0]
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int = 1,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        overwrite: bool = True,
+        _extensions: Sequence[Any] | None = None,
+        serialization_format: Any = None,
+        *,
+        chunk_bytes: int = 8 << 20,
+    ) -> None:
+        if thread_count < 1:
+            raise ValueError(f"thread_count must be at least 1, got {thread_count}")
+        if chunk_bytes < 4096:
+            raise ValueError(f"chunk_bytes must be at least 4096, got {chunk_bytes}")
+        kwargs: dict[str, Any] = {}
+        if serialization_format is not None:
+            kwargs["serialization_format"] = serialization_format
+        super().__init__(
+            path,
+            single_file_per_rank=single_file_per_rank,
+            sync_files=sync_files,
+            thread_count=thread_count,
+            per_thread_copy_ahead=per_thread_copy_ahead,
+            cache_staged_state_dict=cache_staged_state_dict,
+            overwrite=overwrite,
+            _extensions=_extensions,
+            **kwargs,
+        )
+        self.chunk_bytes = chunk_bytes
+
+    # ------------------------------------------------------------------ writing
+
+    def _uses_stock_path(self) -> bool:
+        fmt = getattr(self, "serialization_format", None)
+        if fmt is not None and fmt != _stock.SerializationFormat.TORCH_SAVE:
+            return True
+        return bool(self.transforms.extensions)
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        if self._uses_stock_path():
+            return super().write_data(plan, planner)
+        prefix = plan.storage_data.prefix
+        if self.single_file_per_rank:
+            groups = _split_by_size_and_type(self.thread_count, plan.items)
+        else:
+            groups = [[item] for item in plan.items]
+
+        serialization_id = layout.new_serialization_id()
+        keep_alive: list[torch.Tensor] = []
+        files: list[WriteFile] = []
+        results: list[WriteResult] = []
+        for n, items in enumerate(groups):
+            name = f"{prefix}{n}{_stock.DEFAULT_SUFFIX}"
+            fl = FileLayout(os.path.join(self.path, name), name)
+            # Byte items first, then tensors: stock's order within a file.
+            for item in items:
+                if item.type == WriteItemType.BYTE_IO:
+                    results.append(self._add_bytes_item(fl, item, planner.resolve_data(item)))
+            for item in items:
+                if item.type != WriteItemType.BYTE_IO:
+                    data = planner.resolve_data(item)
+                    results.append(
+                        self._add_tensor_item(fl, item, data, serialization_id, keep_alive)
+                    )
+            files.append(WriteFile(fl.path, fl.blob, fl.segments))
+
+        get_engine().write(
+            files, threads=self.thread_count, sync=self.sync_files, chunk_bytes=self.chunk_bytes
+        )
+        del keep_alive
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    @staticmethod
+    def _add_bytes_item(fl: FileLayout, item: WriteItem, data: Any) -> WriteResult:
+        if isinstance(data, io.BytesIO):
+            view = data.getbuffer()
+        else:
+            view = memoryview(data)
+        offset = fl.add_bytes(view)
+        length = fl.size - offset
+        return WriteResult(
+            index=item.index,
+            size_in_bytes=length,
+            storage_data=_stock._StorageInfo(fl.relative_path, offset, length),
+        )
+
+    @staticmethod
+    def _add_tensor_item(
+        fl: FileLayout,
+        item: WriteItem,
+        data: torch.Tensor,
+        serialization_id: bytes,
+        keep_alive: list[torch.Tensor],
+    ) -> WriteResult:
+        tensor = _fast_path_tensor(data)
+        if tensor is None:
+            offset = fl.add_bytes(_torch_save_bytes(data))
+            info = _NativeStorageInfo(fl.relative_path, offset, fl.size - offset)
+        else:
+            keep_alive.append(tensor)
+            frame = layout.frame_tensor(tensor.dtype, tuple(tensor.shape), fl.size, serialization_id)
+            offset = fl.add_bytes(frame.header)
+            fl.add_host(tensor.data_ptr(), tensor.nbytes)
+            fl.add_bytes(frame.trailer)
+            info = _NativeStorageInfo(
+                fl.relative_path, offset, frame.length, payload_offset=frame.payload_offset
+            )
+        return WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info)
+
+    # ------------------------------------------------------------------ commit
+
+    def _metadata_name(self) -> str:
+        if not getattr(self, "use_collectives", True) and self.rank is not None:
+            return f"__{self.rank}{_METADATA_NAME}"
+        return _METADATA_NAME
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Commit: sidecar, then ``.metadata``, each via fsynced temp file and rename."""
+        metadata.version = getattr(_stock, "CURRENT_DCP_VERSION", getattr(metadata, "version", None))
+        storage_md = {}
+        sidecar: dict[str, list[list[int]]] = {}
+        for wr_list in results:
+            for wr in wr_list:
+                info = wr.storage_data
+                if isinstance(info, _NativeStorageInfo):
+                    if info.payload_offset >= 0:
+                        sidecar.setdefault(info.relative_path, []).append(
+                            [info.offset, info.length, info.payload_offset]
+                        )
+                    info = info.stock()
+                storage_md[wr.index] = info
+        metadata.storage_data = storage_md
+        metadata.storage_meta = self.storage_meta()
+
+        directory = str(self.path)
+        metadata_name = self._metadata_name()
+        sidecar_doc = {
+            "format": "dcp_native",
+            "version": SIDECAR_FORMAT_VERSION,
+            "save_id": self.save_id,
+            "metadata": metadata_name,
+            "items": {k: sorted(v, key=operator.itemgetter(0)) for k, v in sidecar.items()},
+        }
+        write_atomically(
+            os.path.join(directory, f"{metadata_name}{SIDECAR_SUFFIX}"),
+            json.dumps(sidecar_doc, separators=(",", ":")).encode(),
+            self.sync_files,
+        )
+        write_atomically(
+            os.path.join(directory, metadata_name),
+            pickle.dumps(metadata),
+            self.sync_files,
+        )
+        if self.sync_files:
+            _fsync_path(directory, directory=True)
