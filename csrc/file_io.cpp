@@ -1,0 +1,171 @@
+// System-call loops for the engine (see file_io.hpp).
+#include "file_io.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+
+#include "io_error.hpp"
+
+namespace dcp_native {
+
+int64_t short_io_cap_from_env() {
+  const char* value = std::getenv(kShortIoEnv);
+  if (value == nullptr || value[0] == '\0') {
+    return 0;
+  }
+  char* end = nullptr;
+  errno = 0;
+  long long cap = std::strtoll(value, &end, 10);
+  if (errno != 0 || end == value || *end != '\0' || cap < 0) {
+    throw PlanError(std::string(kShortIoEnv) + "=" + value + " is not a non-negative integer");
+  }
+  return static_cast<int64_t>(cap);
+}
+
+namespace {
+
+int open_with(const std::string& path, int flags, mode_t mode) {
+  for (;;) {
+    int fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
+    if (fd >= 0) {
+      return fd;
+    }
+    if (errno != EINTR) {
+      throw IoError(errno, "open", path);
+    }
+  }
+}
+
+enum class Direction { kRead, kWrite };
+
+ssize_t transfer_once(Direction direction, int fd, const iovec* iov, int count, int64_t offset) {
+  // One iovec is the common case (a large contiguous range): plain
+  // pread/pwrite skips the kernel's iovec import.
+  if (count == 1) {
+    return direction == Direction::kRead ? ::pread(fd, iov->iov_base, iov->iov_len, offset)
+                                         : ::pwrite(fd, iov->iov_base, iov->iov_len, offset);
+  }
+  return direction == Direction::kRead ? ::preadv(fd, iov, count, offset)
+                                       : ::pwritev(fd, iov, count, offset);
+}
+
+const char* operation_name(Direction direction, int count) {
+  if (direction == Direction::kRead) {
+    return count == 1 ? "pread" : "preadv";
+  }
+  return count == 1 ? "pwrite" : "pwritev";
+}
+
+void transfer_fully(Direction direction, int fd, iovec* iov, int count, int64_t offset,
+                    int64_t bytes, const std::string& path, int64_t required, int64_t cap) {
+  while (bytes > 0) {
+    // The test hook trims the request to cap bytes by shortening one iovec
+    // for the duration of the call.
+    int use = count;
+    iovec* trimmed = nullptr;
+    size_t trimmed_len = 0;
+    if (cap > 0 && bytes > cap) {
+      size_t want = static_cast<size_t>(cap);
+      size_t sum = 0;
+      int i = 0;
+      while (sum + iov[i].iov_len < want) {
+        sum += iov[i].iov_len;
+        ++i;
+      }
+      trimmed = &iov[i];
+      trimmed_len = trimmed->iov_len;
+      trimmed->iov_len = want - sum;
+      use = i + 1;
+    }
+    ssize_t done = transfer_once(direction, fd, iov, use, offset);
+    int error = errno;
+    if (trimmed != nullptr) {
+      trimmed->iov_len = trimmed_len;
+    }
+    if (done < 0) {
+      if (error == EINTR) {
+        continue;
+      }
+      throw IoError(error, operation_name(direction, use), path, offset);
+    }
+    if (done == 0) {
+      if (direction == Direction::kWrite) {
+        // pwrite may not return 0 for a non-empty request; looping would spin.
+        throw IoError(EIO, operation_name(direction, use), path, offset);
+      }
+      // EOF: the file ends before this run. Report where it ends: the size
+      // fstat sees, or the offset reached if that is smaller (files such as
+      // sysfs ones report a size larger than their contents).
+      int64_t size = file_size(fd, path);
+      throw TruncatedError(path, required, std::min(offset, size));
+    }
+    bytes -= done;
+    offset += done;
+    // Advance past what was transferred, possibly ending inside an iovec.
+    size_t left = static_cast<size_t>(done);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      ++iov;
+      --count;
+    }
+    if (left > 0) {
+      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
+  }
+}
+
+}  // namespace
+
+int open_for_read(const std::string& path) { return open_with(path, O_RDONLY, 0); }
+
+int open_for_write(const std::string& path) {
+  return open_with(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+}
+
+int64_t file_size(int fd, const std::string& path) {
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) {
+    throw IoError(errno, "fstat", path);
+  }
+  return static_cast<int64_t>(info.st_size);
+}
+
+void sync_file(int fd, const std::string& path) {
+  while (::fsync(fd) != 0) {
+    if (errno != EINTR) {
+      throw IoError(errno, "fsync", path);
+    }
+  }
+}
+
+void close_file(int fd, const std::string& path) {
+  // Linux releases the descriptor even when close fails, so it is never
+  // retried; EINTR says nothing about the data and is not an error.
+  if (::close(fd) != 0 && errno != EINTR) {
+    throw IoError(errno, "close", path);
+  }
+}
+
+void close_quietly(int fd) noexcept {
+  if (fd >= 0) {
+    ::close(fd);
+  }
+}
+
+void read_fully(int fd, iovec* iov, int count, int64_t offset, int64_t bytes,
+                const std::string& path, int64_t required, int64_t cap) {
+  transfer_fully(Direction::kRead, fd, iov, count, offset, bytes, path, required, cap);
+}
+
+void write_fully(int fd, iovec* iov, int count, int64_t offset, int64_t bytes,
+                 const std::string& path, int64_t cap) {
+  transfer_fully(Direction::kWrite, fd, iov, count, offset, bytes, path, 0, cap);
+}
+
+}  // namespace dcp_native

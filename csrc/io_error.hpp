@@ -1,0 +1,60 @@
+// Exceptions thrown by the native engine. bindings.cpp turns IoError into the
+// OSError subclass its errno selects, TruncatedError into
+// dcp_native.TruncatedFileError and PlanError into ValueError; nothing in
+// csrc prints an error instead of throwing it.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace dcp_native {
+
+// A failed system call on a file: what failed, on which file, and where.
+class IoError : public std::runtime_error {
+ public:
+  // offset < 0 means the operation has no file offset (open, fsync, close).
+  IoError(int error_number, std::string operation, std::string path, int64_t offset = -1);
+
+  int error_number() const noexcept { return error_number_; }
+  const std::string& operation() const noexcept { return operation_; }
+  const std::string& path() const noexcept { return path_; }
+  int64_t offset() const noexcept { return offset_; }
+  // The OS message with the operation and offset, without the path: Python's
+  // OSError prints the path itself from its filename attribute.
+  const std::string& detail() const noexcept { return detail_; }
+
+ private:
+  int error_number_;
+  std::string operation_;
+  std::string path_;
+  int64_t offset_;
+  std::string detail_;
+};
+
+// A file ends before the bytes a read plan needs from it.
+class TruncatedError : public std::runtime_error {
+ public:
+  TruncatedError(std::string path, int64_t expected, int64_t actual);
+
+  const std::string& path() const noexcept { return path_; }
+  int64_t expected() const noexcept { return expected_; }
+  int64_t actual() const noexcept { return actual_; }
+
+ private:
+  std::string path_;
+  int64_t expected_;
+  int64_t actual_;
+};
+
+// A malformed plan (bad record lengths, negative sizes, overflowing ranges).
+// Derives from std::invalid_argument, which pybind11 maps to ValueError.
+class PlanError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// strerror() for any thread: strerror itself may share one static buffer.
+std::string errno_message(int error_number);
+
+}  // namespace dcp_native
