@@ -1,0 +1,107 @@
+// Packs the byte ranges of one file into system calls: ranges contiguous in
+// the file share a preadv/pwritev of at most kMaxIovecs iovecs and
+// chunk_bytes bytes, filled greedily, so a long range is split across calls
+// and a call is only cut short by a discontinuity or a limit. Both engines
+// must pack identically: the read stats (bytes, calls) are part of the
+// contract. dcp_native/_engine_python.py mirrors this class line for line.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "file_io.hpp"
+
+namespace dcp_native {
+
+// One preadv/pwritev call: `bytes` bytes at `offset` of file `file`, through
+// iovecs [first_iov, first_iov + iov_count) of the plan's iovec table. A call
+// with no iovecs only opens its file (for files with nothing to transfer).
+struct IoCall {
+  size_t file;
+  int64_t offset;
+  int64_t bytes;
+  size_t first_iov;
+  int iov_count;
+};
+
+class CallBuilder {
+ public:
+  CallBuilder(std::vector<iovec>& iovs, std::vector<IoCall>& calls, int64_t chunk_bytes) noexcept
+      : iovs_(iovs), calls_(calls), chunk_bytes_(chunk_bytes) {}
+
+  void begin_file(size_t file) noexcept {
+    file_ = file;
+    file_first_call_ = calls_.size();
+    open_ = false;
+  }
+
+  // Closes the last call; a file without any gets an empty call so that it is
+  // still opened (created for writes, size-checked for reads).
+  void end_file() {
+    flush();
+    if (calls_.size() == file_first_call_) {
+      calls_.push_back(IoCall{file_, 0, 0, iovs_.size(), 0});
+    }
+  }
+
+  bool empty() const noexcept { return !open_; }
+  // File offset just past the open call.
+  int64_t end() const noexcept { return call_.offset + call_.bytes; }
+
+  // Whether the open call has room for a gap of `gap` bytes and at least one
+  // more byte (and iovec) of data after it.
+  bool can_extend(int64_t gap) const noexcept {
+    int needed = (gap > 0 ? 1 : 0) + 1;
+    return call_.iov_count + needed <= kMaxIovecs && gap < chunk_bytes_ - call_.bytes;
+  }
+
+  // Appends a gap to the open call; its iovec has a null base, replaced by the
+  // worker's scratch buffer when the call runs.
+  void add_gap(int64_t gap) {
+    iovs_.push_back(iovec{nullptr, static_cast<size_t>(gap)});
+    ++call_.iov_count;
+    call_.bytes += gap;
+  }
+
+  // Appends `length` bytes at file `offset` to/from `memory`, continuing the
+  // open call when it ends at `offset` and has room, splitting at the limits.
+  void add(int64_t offset, char* memory, int64_t length) {
+    while (length > 0) {
+      if (open_ && (call_.iov_count == kMaxIovecs || call_.bytes == chunk_bytes_ || end() != offset)) {
+        flush();
+      }
+      if (!open_) {
+        call_ = IoCall{file_, offset, 0, iovs_.size(), 0};
+        open_ = true;
+      }
+      int64_t take = std::min(length, chunk_bytes_ - call_.bytes);
+      iovs_.push_back(iovec{memory, static_cast<size_t>(take)});
+      ++call_.iov_count;
+      call_.bytes += take;
+      offset += take;
+      memory += take;
+      length -= take;
+    }
+  }
+
+  void flush() {
+    if (open_) {
+      calls_.push_back(call_);
+      open_ = false;
+    }
+  }
+
+ private:
+  std::vector<iovec>& iovs_;
+  std::vector<IoCall>& calls_;
+  int64_t chunk_bytes_;
+  size_t file_ = 0;
+  size_t file_first_call_ = 0;
+  bool open_ = false;
+  IoCall call_{0, 0, 0, 0, 0};
+};
+
+}  // namespace dcp_native

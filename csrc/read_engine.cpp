@@ -1,0 +1,279 @@
+// Read planning and execution (see read_engine.hpp).
+#include "read_engine.hpp"
+
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+
+#include "call_plan.hpp"
+#include "file_io.hpp"
+#include "io_error.hpp"
+#include "thread_pool.hpp"
+
+namespace dcp_native {
+
+namespace {
+
+// One contiguous range of a box: `length` bytes at file `offset` to `dest`.
+struct Run {
+  int64_t offset;
+  int64_t length;
+  char* dest;
+};
+
+bool run_before(const Run& a, const Run& b) noexcept {
+  // Ties on offset are ordered by length so that the merge decisions, hence
+  // the stats, do not depend on the order of the records.
+  return a.offset != b.offset ? a.offset < b.offset : a.length < b.length;
+}
+
+[[noreturn]] void bad_record(const std::string& path, size_t index, const std::string& why) {
+  throw PlanError("read plan for " + path + ": copy record at index " + std::to_string(index) +
+                  ": " + why);
+}
+
+// a + b * c for non-negative operands, false on int64 overflow.
+bool add_product(int64_t a, int64_t b, int64_t c, int64_t& out) noexcept {
+  int64_t product = 0;
+  return !__builtin_mul_overflow(b, c, &product) && !__builtin_add_overflow(a, product, &out);
+}
+
+// Expands one validated box into runs (odometer over all but the innermost
+// dimension, which is a tight loop).
+void expand_box(int64_t file_offset, int64_t dest_addr, int64_t inner, int64_t ndim,
+                const int64_t* counts, const int64_t* file_strides, const int64_t* dest_strides,
+                std::vector<Run>& runs) {
+  auto dest_at = [](int64_t addr) { return reinterpret_cast<char*>(static_cast<uintptr_t>(addr)); };
+  if (ndim == 0) {
+    runs.push_back(Run{file_offset, inner, dest_at(dest_addr)});
+    return;
+  }
+  const int64_t last = ndim - 1;
+  int64_t index[kMaxNdim] = {};
+  for (;;) {
+    int64_t file_pos = file_offset;
+    int64_t dest_pos = dest_addr;
+    for (int64_t d = 0; d < last; ++d) {
+      file_pos += index[d] * file_strides[d];
+      dest_pos += index[d] * dest_strides[d];
+    }
+    for (int64_t k = 0; k < counts[last]; ++k) {
+      runs.push_back(Run{file_pos, inner, dest_at(dest_pos)});
+      file_pos += file_strides[last];
+      dest_pos += dest_strides[last];
+    }
+    int64_t d = last - 1;
+    while (d >= 0 && ++index[d] == counts[d]) {
+      index[d] = 0;
+      --d;
+    }
+    if (d < 0) {
+      return;
+    }
+  }
+}
+
+// Parses and validates a file's records, appending its runs; returns the end
+// offset of the furthest run (0 if none).
+int64_t collect_runs(const ReadFileSpec& file, std::vector<Run>& runs) {
+  const int64_t* copies = file.copies;
+  const size_t length = file.copies_length;
+  int64_t furthest = 0;
+  size_t pos = 0;
+  while (pos < length) {
+    const size_t record = pos;
+    if (length - pos < 4) {
+      bad_record(file.path, record, "truncated header (need 4 values, " +
+                                        std::to_string(length - pos) + " left)");
+    }
+    const int64_t file_offset = copies[pos];
+    const int64_t dest_addr = copies[pos + 1];
+    const int64_t inner = copies[pos + 2];
+    const int64_t ndim = copies[pos + 3];
+    if (ndim < 0 || ndim > kMaxNdim) {
+      bad_record(file.path, record,
+                 "ndim " + std::to_string(ndim) + " is outside [0, " + std::to_string(kMaxNdim) + "]");
+    }
+    const size_t dims = static_cast<size_t>(ndim);
+    if ((length - pos - 4) / 3 < dims) {
+      bad_record(file.path, record, "truncated: ndim " + std::to_string(ndim) + " needs " +
+                                        std::to_string(3 * dims) + " more values");
+    }
+    const int64_t* counts = copies + pos + 4;
+    const int64_t* file_strides = counts + dims;
+    const int64_t* dest_strides = file_strides + dims;
+    pos += 4 + 3 * dims;
+
+    if (file_offset < 0 || dest_addr < 0 || inner < 0) {
+      bad_record(file.path, record, "negative file offset, destination address or inner_bytes");
+    }
+    int64_t box_runs = 1;
+    for (size_t d = 0; d < dims; ++d) {
+      if (counts[d] < 0 || file_strides[d] < 0 || dest_strides[d] < 0) {
+        bad_record(file.path, record, "negative count or stride in dimension " + std::to_string(d));
+      }
+      if (__builtin_mul_overflow(box_runs, counts[d], &box_runs)) {
+        bad_record(file.path, record, "the number of runs overflows int64");
+      }
+    }
+    if (box_runs == 0 || inner == 0) {
+      continue;  // an empty box copies nothing
+    }
+    if (dest_addr == 0) {
+      bad_record(file.path, record, "null destination address");
+    }
+    int64_t file_end = file_offset;
+    int64_t dest_end = dest_addr;
+    bool ok = true;
+    for (size_t d = 0; d < dims && ok; ++d) {
+      ok = add_product(file_end, counts[d] - 1, file_strides[d], file_end) &&
+           add_product(dest_end, counts[d] - 1, dest_strides[d], dest_end);
+    }
+    ok = ok && !__builtin_add_overflow(file_end, inner, &file_end) &&
+         !__builtin_add_overflow(dest_end, inner, &dest_end);
+    if (!ok) {
+      bad_record(file.path, record, "the box's file or memory range overflows int64");
+    }
+    furthest = std::max(furthest, file_end);
+    runs.reserve(runs.size() + static_cast<size_t>(box_runs));
+    expand_box(file_offset, dest_addr, inner, ndim, counts, file_strides, dest_strides, runs);
+  }
+  return furthest;
+}
+
+struct ReadPlan {
+  std::vector<iovec> iovs;
+  std::vector<IoCall> calls;
+  // Per file: the size it must have, max(min_size, end of its furthest run).
+  std::vector<int64_t> required;
+  int64_t largest_gap = 0;
+  ReadStats stats;
+};
+
+ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& options) {
+  ReadPlan plan;
+  plan.required.reserve(files.size());
+  CallBuilder builder(plan.iovs, plan.calls, options.chunk_bytes);
+  std::vector<Run> runs;  // reused across files
+  for (size_t f = 0; f < files.size(); ++f) {
+    const ReadFileSpec& file = files[f];
+    if (file.min_size < 0) {
+      throw PlanError("read plan for " + file.path + ": negative min_size " +
+                      std::to_string(file.min_size));
+    }
+    runs.clear();
+    plan.required.push_back(std::max(file.min_size, collect_runs(file, runs)));
+    // Planners emit runs in file order almost always; checking is cheaper
+    // than sorting.
+    if (!std::is_sorted(runs.begin(), runs.end(), run_before)) {
+      std::sort(runs.begin(), runs.end(), run_before);
+    }
+    builder.begin_file(f);
+    int64_t prev_length = 0;
+    for (const Run& run : runs) {
+      if (!builder.empty()) {
+        const int64_t gap = run.offset - builder.end();
+        if (should_merge(prev_length, gap, run.length, options.max_gap) && builder.can_extend(gap)) {
+          if (gap > 0) {
+            builder.add_gap(gap);
+            plan.largest_gap = std::max(plan.largest_gap, gap);
+          }
+        } else {
+          builder.flush();
+        }
+      }
+      builder.add(run.offset, run.dest, run.length);
+      prev_length = run.length;
+    }
+    builder.end_file();
+  }
+  for (const IoCall& call : plan.calls) {
+    plan.stats.bytes_read += call.bytes;
+    plan.stats.calls += call.iov_count > 0 ? 1 : 0;
+  }
+  return plan;
+}
+
+}  // namespace
+
+bool should_merge(int64_t prev_len, int64_t gap, int64_t next_len, int64_t max_gap) noexcept {
+  if (gap < 0 || gap > max_gap) {
+    return false;
+  }
+  // 8 * gap <= m  <=>  gap <= m / 8 for non-negative integers, without overflow.
+  if (gap <= std::min(prev_len, next_len) / 8) {
+    return true;
+  }
+  return prev_len <= kTinySpan && gap <= kTinySpan && next_len <= kTinySpan &&
+         prev_len + gap + next_len <= kTinySpan;
+}
+
+ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& options) {
+  if (options.threads < 1) {
+    throw PlanError("threads must be at least 1, got " + std::to_string(options.threads));
+  }
+  if (options.chunk_bytes < 1) {
+    throw PlanError("chunk_bytes must be at least 1, got " + std::to_string(options.chunk_bytes));
+  }
+  if (options.max_gap < 0) {
+    throw PlanError("max_gap must be non-negative, got " + std::to_string(options.max_gap));
+  }
+  const ReadPlan plan = plan_reads(files, options);
+
+  std::unique_ptr<SharedFile[]> shared(new SharedFile[files.size()]);
+  {
+    std::vector<int64_t> pieces(files.size(), 0);
+    for (const IoCall& call : plan.calls) {
+      ++pieces[call.file];
+    }
+    for (size_t f = 0; f < files.size(); ++f) {
+      shared[f].set_pieces(pieces[f]);
+    }
+  }
+
+  WorkQueue queue(plan.calls.size());
+  const size_t scratch_bytes = static_cast<size_t>(plan.largest_gap);
+  auto worker = [&]() {
+    // One scratch buffer per thread takes every gap of its calls: nobody
+    // reads gap bytes, so they may overwrite each other.
+    std::unique_ptr<char[]> scratch(scratch_bytes > 0 ? new char[scratch_bytes] : nullptr);
+    iovec local[kMaxIovecs];
+    size_t index = 0;
+    while (queue.next(index)) {
+      const IoCall& call = plan.calls[index];
+      const ReadFileSpec& file = files[call.file];
+      const int64_t required = plan.required[call.file];
+      SharedFile& shared_file = shared[call.file];
+      const int fd = shared_file.acquire([&file, required]() {
+        FdGuard guard(open_for_read(file.path));
+        // Checking the size up front fails fast, before reading anything,
+        // with the size the plan needs rather than the first run that fails.
+        const int64_t size = file_size(guard.get(), file.path);
+        if (size < required) {
+          throw TruncatedError(file.path, required, size);
+        }
+        return guard.release();
+      });
+      if (call.iov_count > 0) {
+        const iovec* planned = plan.iovs.data() + call.first_iov;
+        for (int i = 0; i < call.iov_count; ++i) {
+          local[i] = planned[i];
+          if (local[i].iov_base == nullptr) {
+            local[i].iov_base = scratch.get();
+          }
+        }
+        read_fully(fd, local, call.iov_count, call.offset, call.bytes, file.path, required,
+                   options.short_io_cap);
+      }
+      if (shared_file.finish_piece()) {
+        close_quietly(shared_file.release());
+      }
+    }
+  };
+  run_workers(queue, std::min(static_cast<size_t>(options.threads), queue.size()), worker);
+  return plan.stats;
+}
+
+}  // namespace dcp_native

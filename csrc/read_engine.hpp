@@ -1,0 +1,54 @@
+// Executes read plans: boxes of runs copied from files into memory at raw
+// addresses (the record format is in dcp_native/engine.py). Runs are sorted
+// and coalesced per file, packed into preadv calls and spread over threads;
+// coalescing gaps land in a per-thread scratch buffer, never in the caller's
+// memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dcp_native {
+
+// Runs this small are merged regardless of the 1/8 rule (see should_merge).
+constexpr int64_t kTinySpan = 4096;
+// Most dimensions of one box (torch tensors have at most 64).
+constexpr int64_t kMaxNdim = 64;
+
+struct ReadFileSpec {
+  std::string path;
+  int64_t min_size;
+  // Flat int64 records (file_offset, dest_addr, inner_bytes, ndim,
+  // counts[ndim], file_strides[ndim], dest_strides[ndim]).
+  const int64_t* copies;
+  size_t copies_length;
+};
+
+struct ReadOptions {
+  int64_t threads = 1;
+  int64_t max_gap = 0;
+  int64_t chunk_bytes = 1;
+  // Test hook: cap on each syscall's transfer, 0 for none.
+  int64_t short_io_cap = 0;
+};
+
+struct ReadStats {
+  // Bytes read from the files, coalescing gaps included.
+  int64_t bytes_read = 0;
+  // preadv calls planned; resuming a short transfer does not count.
+  int64_t calls = 0;
+};
+
+// Whether two neighbouring runs of lengths prev_len and next_len separated by
+// `gap` bytes share one call: the gap costs at most 1/8 of the smaller run,
+// or all of it fits in one small read. dcp_native.engine.should_merge is the
+// same rule.
+bool should_merge(int64_t prev_len, int64_t gap, int64_t next_len, int64_t max_gap) noexcept;
+
+// Validates the whole plan (throws PlanError before touching any file), then
+// reads it. Call without the GIL: it never touches Python objects.
+ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& options);
+
+}  // namespace dcp_native
