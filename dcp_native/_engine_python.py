@@ -1,0 +1,535 @@
+"""The pure-Python engine: the contract of :mod:`dcp_native.engine` with os.pwritev/os.preadv.
+
+It is the fallback where the extension is not built, and the reference the
+native engine is tested against, so it plans exactly as csrc/ does (same
+validation, same call packing, hence the same read stats). The system calls
+release the GIL, so a few threads still overlap I/O; memory at raw addresses
+is reached through ctypes views, one per box or segment, never per byte.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from itertools import repeat
+from typing import Callable, Sequence
+
+from ._errors import TruncatedFileError
+from .engine import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_GAP,
+    MAX_IOVECS,
+    SRC_BLOB,
+    SRC_HOST,
+    ReadFile,
+    ReadStats,
+    WriteFile,
+    should_merge,
+)
+
+#: Most dimensions of one box (as csrc/read_engine.hpp).
+MAX_NDIM = 64
+SHORT_IO_ENV = "DCP_NATIVE_TEST_SHORT_IO"
+_INT64_MAX = (1 << 63) - 1
+
+
+class PythonEngine:
+    """Executes write and read plans with os.pwritev/os.preadv on threads."""
+
+    name = "python"
+
+    def write(
+        self,
+        files: Sequence[WriteFile],
+        *,
+        threads: int,
+        sync: bool,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> list[int]:
+        _check_positive("threads", threads)
+        _check_positive("chunk_bytes", chunk_bytes)
+        cap = _short_io_cap()
+        paths = [os.fsdecode(f.path) for f in files]
+        calls: list[_Call] = []
+        views: list[list[memoryview]] = []
+        written = []
+        for index, (path, f) in enumerate(zip(paths, files)):
+            runs, file_views, total = _collect_segments(path, f.blob, f.segments)
+            views.append(file_views)
+            written.append(total)
+            _pack(runs, index, chunk_bytes, -1, calls)
+
+        def open_file(index: int) -> int:
+            return _os_call(
+                os.open,
+                "open",
+                paths[index],
+                -1,
+                paths[index],
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                0o644,
+            )
+
+        def run_call(fd: int, call: _Call, scratch: memoryview | None) -> None:
+            buffers = call.buffers(views[call.file], None)
+            path = paths[call.file]
+            _transfer(os.pwritev, "pwritev", fd, buffers, call.offset, call.nbytes, path, 0, cap)
+
+        def finish_file(index: int, fd: int) -> None:
+            try:
+                if sync:
+                    _os_call(os.fsync, "fsync", paths[index], -1, fd)
+            finally:
+                _os_call(os.close, "close", paths[index], -1, fd)
+
+        _execute(calls, len(files), threads, 0, open_file, run_call, finish_file)
+        return written
+
+    def read(
+        self,
+        files: Sequence[ReadFile],
+        *,
+        threads: int,
+        max_gap: int = DEFAULT_MAX_GAP,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> ReadStats:
+        _check_positive("threads", threads)
+        _check_positive("chunk_bytes", chunk_bytes)
+        if max_gap < 0:
+            raise ValueError(f"max_gap must be non-negative, got {max_gap}")
+        cap = _short_io_cap()
+        paths = [os.fsdecode(f.path) for f in files]
+        calls: list[_Call] = []
+        views: list[list[memoryview]] = []
+        required = []
+        largest_gap = 0
+        for index, (path, f) in enumerate(zip(paths, files)):
+            if f.min_size < 0:
+                raise ValueError(f"read plan for {path}: negative min_size {f.min_size}")
+            runs, file_views, furthest = _collect_runs(path, f.copies)
+            views.append(file_views)
+            required.append(max(f.min_size, furthest))
+            largest_gap = max(largest_gap, _pack(runs, index, chunk_bytes, max_gap, calls))
+
+        stats = ReadStats(
+            bytes_read=sum(c.nbytes for c in calls),
+            calls=sum(1 for c in calls if c.parts),
+        )
+
+        def open_file(index: int) -> int:
+            path = paths[index]
+            fd = _os_call(os.open, "open", path, -1, path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # Checking the size up front fails fast, with the size the
+                # plan needs rather than the first run that fails.
+                size = _os_call(os.fstat, "fstat", path, -1, fd).st_size
+                if size < required[index]:
+                    raise TruncatedFileError(path, required[index], size)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        def run_call(fd: int, call: _Call, scratch: memoryview | None) -> None:
+            buffers = call.buffers(views[call.file], scratch)
+            path, needed = paths[call.file], required[call.file]
+            _transfer(os.preadv, "preadv", fd, buffers, call.offset, call.nbytes, path, needed, cap)
+
+        def finish_file(index: int, fd: int) -> None:
+            os.close(fd)
+
+        _execute(calls, len(files), threads, largest_gap, open_file, run_call, finish_file)
+        return stats
+
+
+# --------------------------------------------------------------------------- planning
+
+
+class _Call:
+    """One preadv/pwritev: ``nbytes`` bytes at ``offset`` of file ``file``.
+
+    ``parts`` is flat ``(view_index, start, length)`` triples, one per iovec,
+    ``view_index`` -1 for a gap (read into the thread's scratch buffer). Plain
+    ints rather than memoryviews: a plan can hold millions of parts, and
+    short-lived views made when the call runs cost the garbage collector far
+    less than long-lived ones. A call without parts only opens its file.
+    """
+
+    __slots__ = ("file", "offset", "nbytes", "parts")
+
+    def __init__(self, file: int, offset: int, nbytes: int, parts: list) -> None:
+        self.file = file
+        self.offset = offset
+        self.nbytes = nbytes
+        self.parts = parts
+
+    def buffers(self, views: list, scratch: memoryview | None) -> list:
+        p = self.parts
+        return [
+            views[v][s : s + n] if v >= 0 else scratch[:n]
+            for v, s, n in zip(p[0::3], p[1::3], p[2::3])
+        ]
+
+
+def _pack(runs: list, file: int, chunk_bytes: int, max_gap: int, calls: list) -> int:
+    """Packs one file's runs into calls, appended to ``calls``; returns the largest gap.
+
+    ``runs`` are ``(file_offset, length, view_index, view_start)`` tuples.
+    This is CallBuilder (csrc/call_plan.hpp) with the merge loop of
+    plan_reads (csrc/read_engine.cpp) inlined, kept decision for decision the
+    same so both engines report the same stats. ``max_gap < 0`` (writes)
+    never bridges gaps: only contiguous ranges share a call.
+    """
+    # Plain tuple order is (offset, length, ...): ties on offset go by length,
+    # as in csrc, so the merge decisions do not depend on the record order.
+    runs.sort()
+    largest_gap = 0
+    first_call = len(calls)
+    parts: list | None = None  # of the open call; None when no call is open
+    iovecs = 0
+    call_offset = nbytes = 0
+    prev_length = 0
+    for offset, length, view_index, start in runs:
+        if parts is not None and max_gap >= 0:
+            gap = offset - call_offset - nbytes
+            if (
+                should_merge(prev_length, gap, length, max_gap)
+                and iovecs + (2 if gap > 0 else 1) <= MAX_IOVECS
+                and gap < chunk_bytes - nbytes
+            ):
+                if gap > 0:
+                    parts += (-1, 0, gap)
+                    iovecs += 1
+                    nbytes += gap
+                    if gap > largest_gap:
+                        largest_gap = gap
+            else:
+                calls.append(_Call(file, call_offset, nbytes, parts))
+                parts = None
+        prev_length = length
+        while length > 0:
+            if parts is not None and (
+                iovecs == MAX_IOVECS or nbytes == chunk_bytes or call_offset + nbytes != offset
+            ):
+                calls.append(_Call(file, call_offset, nbytes, parts))
+                parts = None
+            if parts is None:
+                parts, iovecs, call_offset, nbytes = [], 0, offset, 0
+            take = chunk_bytes - nbytes
+            if take > length:
+                take = length
+            parts += (view_index, start, take)
+            iovecs += 1
+            nbytes += take
+            offset += take
+            start += take
+            length -= take
+    if parts is not None:
+        calls.append(_Call(file, call_offset, nbytes, parts))
+    if len(calls) == first_call:
+        # Nothing to move: the call still opens the file (creates it for
+        # writes, checks its size for reads).
+        calls.append(_Call(file, 0, 0, []))
+    return largest_gap
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _short_io_cap() -> int:
+    value = os.environ.get(SHORT_IO_ENV, "")
+    if not value:
+        return 0
+    # Digits only, as csrc/file_io.cpp: int() would also take signs, spaces and "_".
+    if not (value.isascii() and value.isdigit()) or int(value) > _INT64_MAX:
+        raise ValueError(f"{SHORT_IO_ENV}={value} is not a non-negative integer")
+    return int(value)
+
+
+def _int64_values(buffer, what: str) -> list[int]:
+    """array('q') (or any 1-D C-contiguous int64 buffer) as a list of ints."""
+    view = memoryview(buffer)
+    fmt = view.format.lstrip("@=<")
+    if view.itemsize != 8 or fmt not in ("q", "l") or view.ndim != 1 or not view.c_contiguous:
+        raise ValueError(
+            f"{what} must be a 1-D int64 buffer such as array('q'), got format "
+            f"{view.format!r} with itemsize {view.itemsize}"
+        )
+    return view.tolist()
+
+
+def _byte_view(buffer, what: str) -> memoryview:
+    view = memoryview(buffer)
+    if not view.c_contiguous:
+        raise ValueError(f"{what} must be a C-contiguous buffer")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _host_view(address: int, length: int) -> memoryview:
+    """``length`` bytes of memory at ``address``, writable, without copying."""
+    return memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+
+
+def _collect_segments(path: str, blob, segments) -> tuple[list, list, int]:
+    """Validates a file's segments; returns the non-empty ones as runs for :func:`_pack`, their
+    views, and the total length."""
+    values = _int64_values(segments, "segments")
+    if len(values) % 4:
+        raise ValueError(
+            f"write plan for {path}: segments has {len(values)} values, not a multiple of 4 "
+            "(file_offset, kind, source, length)"
+        )
+    blob_view = _byte_view(blob, "blob")
+    blob_length = len(blob_view)
+    views = [blob_view]
+    runs = []
+    total = 0
+    for i in range(0, len(values), 4):
+        offset, kind, source, length = values[i : i + 4]
+        if offset < 0 or length < 0 or offset + length > _INT64_MAX:
+            raise ValueError(
+                f"write plan for {path}: segment {i // 4}: file range [{offset}, +{length}) "
+                "is negative or overflows"
+            )
+        if kind == SRC_BLOB:
+            if source < 0 or source > blob_length or length > blob_length - source:
+                raise ValueError(
+                    f"write plan for {path}: segment {i // 4}: blob range [{source}, +{length}) "
+                    f"is outside the blob of {blob_length} bytes"
+                )
+            if length:
+                runs.append((offset, length, 0, source))
+        elif kind == SRC_HOST:
+            if source < 0 or source + length > _INT64_MAX or (source == 0 and length > 0):
+                raise ValueError(
+                    f"write plan for {path}: segment {i // 4}: host address {source} is invalid"
+                )
+            if length:
+                runs.append((offset, length, len(views), 0))
+                views.append(_host_view(source, length))
+        else:
+            raise ValueError(f"write plan for {path}: segment {i // 4}: unknown source kind {kind}")
+        total += length
+    # Overlapping segments would race between threads: the plan is wrong.
+    runs.sort()
+    for prev, run in zip(runs, runs[1:]):
+        if run[0] < prev[0] + prev[1]:
+            raise ValueError(f"write plan for {path}: segments overlap at file offset {run[0]}")
+    return runs, views, total
+
+
+def _collect_runs(path: str, copies) -> tuple[list, list, int]:
+    """Validates a file's box records; returns its runs for :func:`_pack`, one view per box, and
+    the end offset of the furthest run."""
+    values = _int64_values(copies, "copies")
+    n = len(values)
+    runs: list = []
+    views: list = []
+    furthest = 0
+    pos = 0
+    while pos < n:
+        where = f"read plan for {path}: copy record at index {pos}"
+        if n - pos < 4:
+            raise ValueError(f"{where}: truncated header (need 4 values, {n - pos} left)")
+        file_offset, dest, inner, ndim = values[pos : pos + 4]
+        if ndim < 0 or ndim > MAX_NDIM:
+            raise ValueError(f"{where}: ndim {ndim} is outside [0, {MAX_NDIM}]")
+        if (n - pos - 4) // 3 < ndim:
+            raise ValueError(f"{where}: truncated: ndim {ndim} needs {3 * ndim} more values")
+        counts = values[pos + 4 : pos + 4 + ndim]
+        file_strides = values[pos + 4 + ndim : pos + 4 + 2 * ndim]
+        dest_strides = values[pos + 4 + 2 * ndim : pos + 4 + 3 * ndim]
+        pos += 4 + 3 * ndim
+        if file_offset < 0 or dest < 0 or inner < 0:
+            raise ValueError(f"{where}: negative file offset, destination address or inner_bytes")
+        box_runs = 1
+        for d in range(ndim):
+            if counts[d] < 0 or file_strides[d] < 0 or dest_strides[d] < 0:
+                raise ValueError(f"{where}: negative count or stride in dimension {d}")
+            box_runs *= counts[d]
+            if box_runs > _INT64_MAX:
+                raise ValueError(f"{where}: the number of runs overflows int64")
+        if box_runs == 0 or inner == 0:
+            continue  # an empty box copies nothing
+        if dest == 0:
+            raise ValueError(f"{where}: null destination address")
+        file_span = sum((c - 1) * s for c, s in zip(counts, file_strides)) + inner
+        dest_span = sum((c - 1) * s for c, s in zip(counts, dest_strides)) + inner
+        if file_offset + file_span > _INT64_MAX or dest + dest_span > _INT64_MAX:
+            raise ValueError(f"{where}: the box's file or memory range overflows int64")
+        furthest = max(furthest, file_offset + file_span)
+        # One view over the box's whole destination; runs are slices of it.
+        box = len(views)
+        views.append(_host_view(dest, dest_span))
+        if ndim == 0:
+            runs.append((file_offset, inner, box, 0))
+            continue
+        # Start offsets over the outer dimensions, then the innermost one with
+        # C-level iterators (range/repeat/zip): no Python code per run.
+        starts = [(file_offset, 0)]
+        for count, fs, ds in zip(counts[:-1], file_strides[:-1], dest_strides[:-1]):
+            starts = [(f + k * fs, m + k * ds) for f, m in starts for k in range(count)]
+        count, fs, ds = counts[-1], file_strides[-1], dest_strides[-1]
+        for f, m in starts:
+            runs.extend(
+                zip(
+                    range(f, f + count * fs, fs) if fs else repeat(f, count),
+                    repeat(inner, count),
+                    repeat(box, count),
+                    range(m, m + count * ds, ds) if ds else repeat(m, count),
+                )
+            )
+    return runs, views, furthest
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _execute(
+    calls: list[_Call],
+    file_count: int,
+    threads: int,
+    scratch_bytes: int,
+    open_file: Callable[[int], int],
+    run_call: Callable[[int, _Call, "memoryview | None"], None],
+    finish_file: Callable[[int, int], None],
+) -> None:
+    """Runs the calls on up to ``threads`` threads (the caller is one of them).
+
+    A file is opened by the first call that needs it and finished (synced,
+    closed) by whichever thread completes its last call, so few descriptors are
+    open at once. The first error stops the other threads and is raised here,
+    after every descriptor is closed.
+    """
+    pieces = [0] * file_count
+    for call in calls:
+        pieces[call.file] += 1
+    fds: list[int | None] = [None] * file_count
+    file_locks = [threading.Lock() for _ in range(file_count)]
+    lock = threading.Lock()
+    state = {"next": 0, "error": None}
+
+    def acquire(index: int) -> int:
+        fd = fds[index]
+        if fd is not None:
+            return fd
+        with file_locks[index]:
+            if fds[index] is None:
+                fds[index] = open_file(index)
+            return fds[index]
+
+    def worker() -> None:
+        scratch = memoryview(bytearray(scratch_bytes)) if scratch_bytes else None
+        try:
+            while True:
+                with lock:
+                    i = state["next"]
+                    if state["error"] is not None or i >= len(calls):
+                        return
+                    state["next"] = i + 1
+                call = calls[i]
+                fd = acquire(call.file)
+                if call.parts:
+                    run_call(fd, call, scratch)
+                with lock:
+                    pieces[call.file] -= 1
+                    last = pieces[call.file] == 0
+                    if last:
+                        fds[call.file] = None
+                if last:
+                    finish_file(call.file, fd)
+        except BaseException as exc:  # noqa: BLE001 - rethrown by the caller
+            with lock:
+                if state["error"] is None:
+                    state["error"] = exc
+
+    helpers = []
+    try:
+        for _ in range(min(threads, len(calls)) - 1):
+            thread = threading.Thread(target=worker, name="dcp_native-io", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:
+                break  # out of threads: fewer workers are still correct (as in csrc)
+            helpers.append(thread)
+        worker()
+    finally:
+        for thread in helpers:
+            thread.join()
+        for fd in fds:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+    error = state["error"]
+    if error is not None:
+        state["error"] = None  # no reference cycle through the traceback
+        raise error
+
+
+def _os_call(function, operation: str, path: str, offset: int, *args):
+    """Calls an os function; an OSError gets the path, operation and offset (as in csrc/)."""
+    try:
+        return function(*args)
+    except OSError as exc:
+        raise _os_error(exc, operation, path, offset) from None
+
+
+def _os_error(exc: OSError, operation: str, path: str, offset: int) -> OSError:
+    where = f"{operation} at offset {offset}" if offset >= 0 else operation
+    strerror = exc.strerror or os.strerror(exc.errno or 0)
+    return OSError(exc.errno, f"{strerror} ({where})", path)
+
+
+def _transfer(
+    syscall,
+    operation: str,
+    fd: int,
+    buffers: list,
+    offset: int,
+    nbytes: int,
+    path: str,
+    required: int,
+    cap: int,
+) -> None:
+    """Moves exactly ``nbytes`` bytes with preadv/pwritev, resuming short transfers.
+
+    EINTR is retried by Python itself (PEP 475). ``cap`` > 0 limits every call
+    to ``cap`` bytes (DCP_NATIVE_TEST_SHORT_IO).
+    """
+    while nbytes > 0:
+        request = buffers
+        if cap and nbytes > cap:
+            request = []
+            want = cap
+            for b in buffers:
+                if len(b) >= want:
+                    request.append(b[:want])
+                    break
+                request.append(b)
+                want -= len(b)
+        try:
+            done = syscall(fd, request, offset)
+        except OSError as exc:
+            raise _os_error(exc, operation, path, offset) from None
+        if done == 0:
+            if syscall is os.pwritev:
+                # pwritev may not return 0 for a non-empty request; looping would spin.
+                raise OSError(5, f"{os.strerror(5)} ({operation} at offset {offset})", path)
+            # EOF: the file ends before this run (see csrc/file_io.cpp for `actual`).
+            size = os.fstat(fd).st_size
+            raise TruncatedFileError(path, required, min(offset, size))
+        nbytes -= done
+        offset += done
+        if nbytes == 0:
+            return
+        # Drop what was transferred, possibly ending inside a buffer.
+        i = 0
+        while done >= len(buffers[i]):
+            done -= len(buffers[i])
+            i += 1
+        buffers = [buffers[i][done:], *buffers[i + 1 :]] if done else buffers[i:]
