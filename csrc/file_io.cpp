@@ -18,10 +18,14 @@ int64_t short_io_cap_from_env() {
   if (value == nullptr || value[0] == '\0') {
     return 0;
   }
-  char* end = nullptr;
+  // Digits only: strtoll alone would also take signs, spaces and trailing junk.
+  bool digits = true;
+  for (const char* c = value; *c != '\0'; ++c) {
+    digits = digits && *c >= '0' && *c <= '9';
+  }
   errno = 0;
-  long long cap = std::strtoll(value, &end, 10);
-  if (errno != 0 || end == value || *end != '\0' || cap < 0) {
+  const long long cap = digits ? std::strtoll(value, nullptr, 10) : -1;
+  if (!digits || errno != 0) {
     throw PlanError(std::string(kShortIoEnv) + "=" + value + " is not a non-negative integer");
   }
   return static_cast<int64_t>(cap);
