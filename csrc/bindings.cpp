@@ -72,9 +72,11 @@ BufferView int64_view(py::handle object, const char* what) {
   if (*format == '@' || *format == '=' || *format == '<') {
     ++format;
   }
-  const bool int64 = view.itemsize == 8 && (std::strcmp(format, "q") == 0 || std::strcmp(format, "l") == 0);
+  const bool int64 =
+      view.itemsize == 8 && (std::strcmp(format, "q") == 0 || std::strcmp(format, "l") == 0);
   if (!int64 || view.ndim != 1) {
-    throw PlanError(std::string(what) + " must be a 1-D int64 buffer such as array('q'), got format '" +
+    throw PlanError(std::string(what) +
+                    " must be a 1-D int64 buffer such as array('q'), got format '" +
                     (view.format != nullptr ? view.format : "B") + "' with itemsize " +
                     std::to_string(view.itemsize));
   }
@@ -96,7 +98,8 @@ std::string encode_path(py::handle path) {
 }
 
 py::object decode_path(const std::string& path) {
-  PyObject* decoded = PyUnicode_DecodeFSDefaultAndSize(path.data(), static_cast<Py_ssize_t>(path.size()));
+  PyObject* decoded =
+      PyUnicode_DecodeFSDefaultAndSize(path.data(), static_cast<Py_ssize_t>(path.size()));
   if (decoded == nullptr) {
     throw py::error_already_set();
   }

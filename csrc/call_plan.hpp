@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "file_io.hpp"
@@ -70,7 +71,8 @@ class CallBuilder {
   // open call when it ends at `offset` and has room, splitting at the limits.
   void add(int64_t offset, char* memory, int64_t length) {
     while (length > 0) {
-      if (open_ && (call_.iov_count == kMaxIovecs || call_.bytes == chunk_bytes_ || end() != offset)) {
+      if (open_ &&
+          (call_.iov_count == kMaxIovecs || call_.bytes == chunk_bytes_ || end() != offset)) {
         flush();
       }
       if (!open_) {
@@ -103,5 +105,20 @@ class CallBuilder {
   bool open_ = false;
   IoCall call_{0, 0, 0, 0, 0};
 };
+
+// One SharedFile per file of a plan, each expecting as many pieces as the
+// plan has calls for it.
+inline std::unique_ptr<SharedFile[]> share_files(size_t file_count,
+                                                 const std::vector<IoCall>& calls) {
+  std::unique_ptr<SharedFile[]> files(new SharedFile[file_count]);
+  std::vector<int64_t> pieces(file_count, 0);
+  for (const IoCall& call : calls) {
+    ++pieces[call.file];
+  }
+  for (size_t f = 0; f < file_count; ++f) {
+    files[f].set_pieces(pieces[f]);
+  }
+  return files;
+}
 
 }  // namespace dcp_native

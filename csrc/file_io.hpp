@@ -56,7 +56,9 @@ class SharedFile {
   SharedFile& operator=(const SharedFile&) = delete;
   ~SharedFile() { close_quietly(fd_); }
 
-  void set_pieces(int64_t pieces) noexcept { pieces_left_.store(pieces, std::memory_order_relaxed); }
+  void set_pieces(int64_t pieces) noexcept {
+    pieces_left_.store(pieces, std::memory_order_relaxed);
+  }
 
   // The descriptor, calling open() (which returns a descriptor or throws) on
   // first use; concurrent callers wait for that one open.

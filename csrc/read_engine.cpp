@@ -94,7 +94,8 @@ int64_t collect_runs(const ReadFileSpec& file, std::vector<Run>& runs) {
     const int64_t ndim = copies[pos + 3];
     if (ndim < 0 || ndim > kMaxNdim) {
       bad_record(file.path, record,
-                 "ndim " + std::to_string(ndim) + " is outside [0, " + std::to_string(kMaxNdim) + "]");
+                 "ndim " + std::to_string(ndim) + " is outside [0, " +
+                     std::to_string(kMaxNdim) + "]");
     }
     const size_t dims = static_cast<size_t>(ndim);
     if ((length - pos - 4) / 3 < dims) {
@@ -175,7 +176,8 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
     for (const Run& run : runs) {
       if (!builder.empty()) {
         const int64_t gap = run.offset - builder.end();
-        if (should_merge(prev_length, gap, run.length, options.max_gap) && builder.can_extend(gap)) {
+        if (should_merge(prev_length, gap, run.length, options.max_gap) &&
+            builder.can_extend(gap)) {
           if (gap > 0) {
             builder.add_gap(gap);
             plan.largest_gap = std::max(plan.largest_gap, gap);
@@ -222,16 +224,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
   }
   const ReadPlan plan = plan_reads(files, options);
 
-  std::unique_ptr<SharedFile[]> shared(new SharedFile[files.size()]);
-  {
-    std::vector<int64_t> pieces(files.size(), 0);
-    for (const IoCall& call : plan.calls) {
-      ++pieces[call.file];
-    }
-    for (size_t f = 0; f < files.size(); ++f) {
-      shared[f].set_pieces(pieces[f]);
-    }
-  }
+  std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
 
   WorkQueue queue(plan.calls.size());
   const size_t scratch_bytes = static_cast<size_t>(plan.largest_gap);

@@ -109,7 +109,8 @@ WritePlan plan_writes(const std::vector<WriteFileSpec>& files, const WriteOption
 
 }  // namespace
 
-std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files, const WriteOptions& options) {
+std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files,
+                                 const WriteOptions& options) {
   if (options.threads < 1) {
     throw PlanError("threads must be at least 1, got " + std::to_string(options.threads));
   }
@@ -118,16 +119,7 @@ std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files, const 
   }
   WritePlan plan = plan_writes(files, options);
 
-  std::unique_ptr<SharedFile[]> shared(new SharedFile[files.size()]);
-  {
-    std::vector<int64_t> pieces(files.size(), 0);
-    for (const IoCall& call : plan.calls) {
-      ++pieces[call.file];
-    }
-    for (size_t f = 0; f < files.size(); ++f) {
-      shared[f].set_pieces(pieces[f]);
-    }
-  }
+  std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
 
   WorkQueue queue(plan.calls.size());
   auto worker = [&]() {
@@ -139,8 +131,8 @@ std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files, const 
       const int fd = shared_file.acquire([&file]() { return open_for_write(file.path); });
       if (call.iov_count > 0) {
         // Each call runs once, on one thread, so it may consume its own iovecs.
-        write_fully(fd, plan.iovs.data() + call.first_iov, call.iov_count, call.offset, call.bytes, file.path,
-                    options.short_io_cap);
+        write_fully(fd, plan.iovs.data() + call.first_iov, call.iov_count, call.offset,
+                    call.bytes, file.path, options.short_io_cap);
       }
       if (shared_file.finish_piece()) {
         // The last piece's worker syncs and closes, so files finish in

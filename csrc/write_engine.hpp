@@ -33,6 +33,7 @@ struct WriteOptions {
 
 // Validates the whole plan (throws PlanError before creating any file), then
 // writes it; returns the bytes written per file. Call without the GIL.
-std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files, const WriteOptions& options);
+std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files,
+                                 const WriteOptions& options);
 
 }  // namespace dcp_native
