@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from . import _C
+# Importing names (not `from . import _C`) goes through sys.modules even when
+# the package already has a _C attribute, so a blocked or missing extension
+# always raises ImportError here.
+from ._C import read_files, write_files
 from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, ReadFile, ReadStats, WriteFile
 
 
@@ -28,7 +31,7 @@ class NativeEngine:
         sync: bool,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> list[int]:
-        return _C.write_files(
+        return write_files(
             [os.fsencode(f.path) for f in files],
             [f.blob for f in files],
             [f.segments for f in files],
@@ -45,7 +48,7 @@ class NativeEngine:
         max_gap: int = DEFAULT_MAX_GAP,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> ReadStats:
-        bytes_read, calls = _C.read_files(
+        bytes_read, calls = read_files(
             [os.fsencode(f.path) for f in files],
             [f.min_size for f in files],
             [f.copies for f in files],
