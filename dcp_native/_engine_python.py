@@ -10,6 +10,7 @@ is reached through ctypes views, one per box or segment, never per byte.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import threading
 from itertools import repeat
@@ -421,9 +422,14 @@ def _execute(
                 fds[index] = open_file(index)
             return fds[index]
 
+    def fail(exc: BaseException) -> None:
+        with lock:
+            if state["error"] is None:
+                state["error"] = exc
+
     def worker() -> None:
-        scratch = memoryview(bytearray(scratch_bytes)) if scratch_bytes else None
         try:
+            scratch = memoryview(bytearray(scratch_bytes)) if scratch_bytes else None
             while True:
                 with lock:
                     i = state["next"]
@@ -442,9 +448,7 @@ def _execute(
                 if last:
                     finish_file(call.file, fd)
         except BaseException as exc:  # noqa: BLE001 - rethrown by the caller
-            with lock:
-                if state["error"] is None:
-                    state["error"] = exc
+            fail(exc)
 
     helpers = []
     try:
@@ -457,8 +461,14 @@ def _execute(
             helpers.append(thread)
         worker()
     finally:
+        # Descriptors are closed only once no thread can use them, so a
+        # Ctrl-C during the wait stops the workers instead of abandoning them.
         for thread in helpers:
-            thread.join()
+            while thread.is_alive():
+                try:
+                    thread.join()
+                except BaseException as exc:  # noqa: BLE001 - rethrown below
+                    fail(exc)
         for fd in fds:
             if fd is not None:
                 try:
@@ -515,11 +525,15 @@ def _transfer(
         try:
             done = syscall(fd, request, offset)
         except OSError as exc:
-            raise _os_error(exc, operation, path, offset) from None
+            # Named as csrc names it: one buffer goes through pread/pwrite there.
+            name = operation[:-1] if len(request) == 1 else operation
+            raise _os_error(exc, name, path, offset) from None
         if done == 0:
             if syscall is os.pwritev:
                 # pwritev may not return 0 for a non-empty request; looping would spin.
-                raise OSError(5, f"{os.strerror(5)} ({operation} at offset {offset})", path)
+                name = operation[:-1] if len(request) == 1 else operation
+                message = f"{os.strerror(errno.EIO)} ({name} at offset {offset})"
+                raise OSError(errno.EIO, message, path)
             # EOF: the file ends before this run (see csrc/file_io.cpp for `actual`).
             size = os.fstat(fd).st_size
             raise TruncatedFileError(path, required, min(offset, size))

@@ -8,6 +8,7 @@ byte and stat for stat.
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import math
 import os
@@ -465,7 +466,7 @@ def test_read_missing_file(engine, tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         engine.read([ReadFile(path, 0, copies(box(0, dest.addr, 10)))], threads=1)
     assert info.value.filename == path
-    assert "open" in str(info.value)
+    assert info.value.strerror == f"{os.strerror(errno.ENOENT)} (open)"
 
 
 def test_error_in_one_file_closes_everything(engine, tmp_path):
@@ -543,7 +544,7 @@ def test_read_error_names_operation_and_offset(engine, tmp_path):
     with pytest.raises(IsADirectoryError) as info:
         engine.read([ReadFile(path, 0, copies(box(0, dest.addr, 1)))], threads=1)
     assert info.value.filename == path
-    assert "pread" in str(info.value) and "offset 0" in str(info.value)
+    assert info.value.strerror == f"{os.strerror(errno.EISDIR)} (pread at offset 0)"
 
 
 def test_truncated_below_min_size(engine, tmp_path):
