@@ -48,7 +48,7 @@ def _rebuild_error(cls, message, filename, key, offset, state):
     return err
 
 
-class IncompleteCheckpointError(CheckpointError):
+class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
     """The directory holds no complete checkpoint (no committed metadata)."""
 
     default_errno = _errno.ENOENT

@@ -1,0 +1,153 @@
+"""The item framing: generated archives agree with torch.save/torch.load; stock archives parse."""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import struct
+import zipfile
+
+import pytest
+import torch
+
+from dcp_native import layout
+from dtypes import DTYPES, bits, make_tensor, tensor_bytes
+
+SID = layout.new_serialization_id()
+
+
+def _torch_save_bytes(t: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
+
+
+def _frame(t: torch.Tensor, item_offset: int = 0) -> tuple[bytes, layout.TensorFrame]:
+    fr = layout.frame_tensor(t.dtype, tuple(t.shape), item_offset, SID)
+    payload = tensor_bytes(t)
+    raw = fr.header + payload + fr.trailer
+    assert len(raw) == fr.length
+    return raw, fr
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_data_pkl_is_byte_identical_to_torch_save(dtype):
+    for shape in [(), (0,), (7,), (3, 5), (2, 1, 4)]:
+        t = make_tensor(dtype, shape)
+        ref = zipfile.ZipFile(io.BytesIO(_torch_save_bytes(t))).read("archive/data.pkl")
+        assert layout.tensor_pickle(dtype, shape) == ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("item_offset", [0, 1, 63, 4095, 4096, 123457])
+def test_generated_archive_loads_with_torch_load(dtype, item_offset):
+    for shape in [(), (0,), (5, 3), (70000,)]:
+        t = make_tensor(dtype, shape, seed=item_offset)
+        raw, fr = _frame(t, item_offset)
+        loaded = torch.load(io.BytesIO(raw), weights_only=True)
+        assert loaded.dtype == dtype and loaded.shape == t.shape
+        assert torch.equal(bits(loaded), bits(t))
+        align = layout.payload_alignment(t.nbytes)
+        assert (item_offset + fr.payload_offset) % align == 0
+        # A well-formed zip by Python's own reader too (CRC of the payload is 0 by design).
+        with zipfile.ZipFile(io.BytesIO(raw)) as z:
+            assert z.testzip() in (None, "archive/data/0")
+            assert z.read("archive/byteorder") == b"little"
+
+
+def test_large_payloads_are_page_aligned_in_the_file():
+    t = torch.zeros(1 << 16)
+    for off in (0, 17, 4000, 1 << 33):
+        fr = layout.frame_tensor(t.dtype, tuple(t.shape), off, SID)
+        assert (off + fr.payload_offset) % 4096 == 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(4, 6),
+        lambda: torch.randn(4, 6).T,  # non-contiguous storage of exact size: stride kept
+        lambda: torch.randn(3, 4, 5).permute(2, 0, 1),
+        lambda: torch.tensor(3.5),
+        lambda: torch.empty(0, 3),
+        lambda: torch.arange(10, dtype=torch.int16),
+        lambda: make_tensor(torch.float8_e5m2, (8,)),
+    ],
+)
+def test_parse_stock_archive(make):
+    t = make()
+    raw = _torch_save_bytes(t)
+    index = layout.parse_archive_tail(raw[-layout.PROBE_BYTES :], len(raw))
+    pkl_off, pkl_size = index.records["data.pkl"]
+    start = layout.local_data_offset(raw[pkl_off:], pkl_off)
+    saved = layout.parse_tensor_pickle(raw[start : start + pkl_size])
+    assert saved.dtype == t.dtype and saved.size == tuple(t.shape) and saved.stride == t.stride()
+    hdr, size = index.records["data/0"]
+    payload = layout.local_data_offset(raw[hdr:], hdr)
+    assert size == t.untyped_storage().nbytes()
+    stored = torch.frombuffer(bytearray(raw[payload : payload + size]) or bytearray(1), dtype=torch.uint8)[:size]
+    rebuilt = stored.view(t.dtype).as_strided(t.shape, t.stride(), saved.storage_offset)
+    assert torch.equal(rebuilt, t)
+
+
+def test_parse_rejects_what_a_strided_copy_cannot_express():
+    # A tensor inside a container, and a pickle that names an arbitrary global.
+    with pytest.raises(layout.UnsupportedLayout):
+        layout.parse_tensor_pickle(
+            zipfile.ZipFile(io.BytesIO(_torch_save_bytes([torch.ones(2)]))).read("archive/data.pkl")
+        )
+    evil = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85q\x01Rq\x02."
+    with pytest.raises(layout.UnsupportedLayout):
+        layout.parse_tensor_pickle(evil)
+
+
+def test_parse_tail_needs_whole_central_directory():
+    raw = _torch_save_bytes(torch.ones(3))
+    with pytest.raises(layout.ArchiveError):
+        layout.parse_archive_tail(raw[-100:], len(raw))
+    with pytest.raises(layout.ArchiveError):
+        layout.parse_archive_tail(b"\0" * 200, 200)
+
+
+def test_zip64_archive_for_a_storage_over_4_gib(tmp_path):
+    """A 5 GiB payload: ZIP64 local extra, descriptor, central entries and end records.
+
+    The file is sparse (the payload is a hole), and torch.load maps it rather
+    than reading it, so this checks the format, not the disk.
+    """
+    numel = (5 << 30) // 2
+    dtype = torch.bfloat16
+    item_offset = 12345
+    fr = layout.frame_tensor(dtype, (numel,), item_offset, SID)
+    path = tmp_path / "big.pt"
+    with open(path, "wb") as f:
+        f.truncate(item_offset + fr.length)
+        f.seek(item_offset)
+        f.write(fr.header)
+        f.seek(item_offset + fr.payload_offset + numel * 2 - 2)
+        f.write(struct.pack("<H", 0x3F80))  # bf16 1.0 as the last element
+        f.write(fr.trailer)
+    assert (item_offset + fr.payload_offset) % 4096 == 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        tail = m[item_offset + fr.length - layout.PROBE_BYTES : item_offset + fr.length]
+        index = layout.parse_archive_tail(tail, fr.length)
+        assert index.records["data/0"][1] == numel * 2
+        head = m[item_offset : item_offset + layout.PROBE_BYTES]
+        assert layout.local_data_offset(head[index.records["data/0"][0] :], index.records["data/0"][0]) == fr.payload_offset
+    # torch.load reads an archive from its first byte: copy the item into its own sparse file.
+    single = tmp_path / "single.pt"
+    fr0 = layout.frame_tensor(dtype, (numel,), 0, SID)
+    with open(single, "wb") as f:
+        f.truncate(fr0.length)
+        f.write(fr0.header)
+        f.seek(fr0.payload_offset + numel * 2 - 2)
+        f.write(struct.pack("<H", 0x3F80))
+        f.write(fr0.trailer)
+    loaded = torch.load(single, mmap=True, weights_only=True)
+    assert loaded.shape == (numel,) and loaded.dtype == dtype
+    assert loaded[-1].item() == 1.0 and loaded[0].item() == 0.0
+    with zipfile.ZipFile(single) as z:
+        assert z.getinfo("archive/data/0").file_size == numel * 2
+    del loaded
+    os.remove(single)
