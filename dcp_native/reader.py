@@ -107,6 +107,7 @@ class FileSystemReader(_stock.FileSystemReader):
         self.memory_budget = memory_budget
         self._payloads: dict[str, dict[int, int]] = {}
         self._metadata: Metadata | None = None
+        self._missing_metadata: IncompleteCheckpointError | None = None
         #: Statistics of the last read_data call (bytes read, calls).
         self.last_read_stats = ReadStats()
 
@@ -126,15 +127,23 @@ class FileSystemReader(_stock.FileSystemReader):
                 metadata = pickle.load(f)
         except FileNotFoundError:
             if not os.path.isdir(self.path):
-                raise IncompleteCheckpointError(
+                err = IncompleteCheckpointError(
                     f"{self.path} holds no checkpoint: the directory does not exist",
                     filename=str(self.path),
-                ) from None
-            raise IncompleteCheckpointError(
-                f"{self.path} holds no complete checkpoint: {name} is missing "
-                "(it is written last, when every rank has finished its data files)",
-                filename=path,
-            ) from None
+                )
+            else:
+                err = IncompleteCheckpointError(
+                    f"{self.path} holds no complete checkpoint: {_METADATA_NAME} is missing "
+                    "(it is written last, when every rank has finished its data files)",
+                    filename=os.path.join(self.path, _METADATA_NAME),
+                )
+            if rank is None or os.path.exists(os.path.join(self.path, _METADATA_NAME)):
+                raise err from None
+            # DCP asks for the global metadata, then for this rank's, and when both
+            # fail it discards both errors ("metadata is None"). Hand it an empty
+            # placeholder instead, so that set_up_storage_reader raises the real error.
+            self._missing_metadata = err
+            return Metadata(state_dict_metadata={})
         if not isinstance(metadata, Metadata):
             raise CorruptCheckpointError(
                 f"{path} does not hold DCP metadata (found {type(metadata).__name__})",
@@ -172,6 +181,9 @@ class FileSystemReader(_stock.FileSystemReader):
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
+        missing, self._missing_metadata = self._missing_metadata, None
+        if missing is not None:
+            raise missing
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
         self._metadata = metadata
 
