@@ -242,7 +242,7 @@ def test_torch_destination(engine, tmp_path):
     rows, cols = 37, 11
     matrix = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
     path = tmp_path / "m.distcp"
-    write_file(path, matrix.numpy().tobytes())
+    write_file(path, ctypes.string_at(matrix.data_ptr(), matrix.nbytes))
     out = torch.zeros(rows, 4, dtype=torch.float32)
     item = 4
     plan = copies(box(3 * item, out.data_ptr(), 4 * item, (rows,), (cols * item,), (4 * item,)))
