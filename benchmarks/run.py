@@ -23,7 +23,9 @@ nothing else, so its state is clean and its peak RSS can be read. The timed
 region is only the ``dcp.save``/``dcp.load`` call (or the raw I/O); creating
 the state dict, allocating and touching destinations and checking the loaded
 values are outside it. One warm-up round, then repetitions interleaved across
-systems (round 1: stock, python, native, raw; round 2: ...); median, min, max.
+systems (round 1: stock, python, native, raw; round 2: python, native, raw,
+stock; ...: each round starts one system later, so no system always follows
+the same one); median, min, max.
 Data is a seeded, position-dependent pattern; every load checks every loaded
 value and fails loudly otherwise. Reads are warm (files in the page cache)
 unless ``--cache cold`` (pages evicted with posix_fadvise(DONTNEED) before
@@ -915,12 +917,40 @@ def rank_reshard_load(spec: dict, rank: int, world: int) -> dict:
 RANK_FUNCS = {"reshard_save": rank_reshard_save, "reshard_load": rank_reshard_load}
 
 
+def _numpy_free_object_collectives() -> bool:
+    """Let torch's object collectives work without numpy; True if a shim was needed.
+
+    torch 2.13's ``distributed_c10d._tensor_to_object`` (used by DCP's
+    gather/scatter of plans) calls ``tensor.numpy()``, and torch does not depend
+    on numpy. Where numpy is absent, decode the same bytes without it. This only
+    touches how plans travel between ranks, identically for every system.
+    """
+    try:
+        import numpy  # noqa: F401
+
+        return False
+    except ImportError:
+        pass
+    import ctypes
+
+    import torch.distributed.distributed_c10d as c10d
+
+    def _tensor_to_object(tensor, tensor_size, group):
+        t = tensor.detach().cpu().contiguous()
+        n = min(int(tensor_size), t.numel() * t.element_size())
+        return c10d._unpickler(io.BytesIO(ctypes.string_at(t.data_ptr(), n))).load()
+
+    c10d._tensor_to_object = _tensor_to_object
+    return True
+
+
 def _rank_main(spec: dict, rank: int, world: int) -> dict:
     import datetime as _dt
 
     import torch
     import torch.distributed as dist
 
+    shimmed = _numpy_free_object_collectives()
     _rank_env(rank, world)
     # Several ranks share few cores: intra-op threads would only oversubscribe them.
     torch.set_num_threads(1)
@@ -932,7 +962,9 @@ def _rank_main(spec: dict, rank: int, world: int) -> dict:
         timeout=_dt.timedelta(seconds=120),
     )
     try:
-        return RANK_FUNCS[spec["rank_op"]](spec, rank, world)
+        out = RANK_FUNCS[spec["rank_op"]](spec, rank, world)
+        out["numpy_shim"] = shimmed
+        return out
     finally:
         dist.destroy_process_group()
 
@@ -1047,6 +1079,7 @@ def op_reshard_load(spec: dict) -> dict:
         "rchar": sum(r["rchar"] for r in ranks),
         "peak_bytes": max(r["peak_bytes"] for r in ranks),
         "per_rank": ranks,
+        "numpy_shim": any(r.get("numpy_shim") for r in ranks),
     }
     if all("bytes_read" in r for r in ranks):
         out["bytes_read"] = sum(r["bytes_read"] for r in ranks)
@@ -1278,7 +1311,10 @@ class Bench:
         total = self.args.warmup + self.args.reps
         for rnd in range(total):
             warm = rnd < self.args.warmup
-            for name, spec in systems:
+            # Each round starts one system later (stock, python, native, raw; python,
+            # native, raw, stock; ...) so no system always runs right after the same one.
+            shift = rnd % len(systems)
+            for name, spec in systems[shift:] + systems[:shift]:
                 if name in failed:
                     continue
                 full = dict(self.base_spec(), **spec)
@@ -1371,15 +1407,16 @@ class Bench:
         save = self.rounds("small_save", save_systems, cleanup=rm)
         load = self.rounds("small_load", load_systems)
 
-        # Where the time goes: `reps` more rounds with every phase timed (medians per phase;
+        # Where the time goes: up to 3 more rounds with every phase timed (medians per phase;
         # kept apart from the figures above so the wrappers do not touch them), and with
         # --profile one more cProfiled run per system (profilers distort phase times).
         phase_runs: dict[str, dict[str, list[dict]]] = {"save": {}, "load": {}}
         failed: set[tuple[str, str]] = set()
-        rounds = [("phases", r) for r in range(a.reps)] + ([("profile", 0)] if a.profile else [])
+        rounds = [("phases", r) for r in range(min(a.reps, 3))] + ([("profile", 0)] if a.profile else [])
         for what, rnd in rounds:
             for kind, systems in (("save", save_systems), ("load", load_systems)):
-                for name, spec in systems:
+                shift = rnd % len(systems)
+                for name, spec in systems[shift:] + systems[:shift]:
                     if name == "raw" or (kind, name) in failed:
                         continue
                     full = dict(self.base_spec(), **spec, phases=what == "phases")
@@ -1493,6 +1530,9 @@ class Bench:
                 entry["bytes_read"] = summarize([r["bytes_read"] for r in runs])
                 entry["read_over_needed"] = summarize([r["bytes_read"] / r["needed"] for r in runs])
             out["systems"][name] = entry
+            if any(r.get("numpy_shim") for r in runs):
+                out["params"]["numpy_shim"] = ("numpy is not installed: torch's object collectives "
+                                               "(DCP's plan exchange) decoded without it, see _numpy_free_object_collectives")
         self.cases["reshard"] = out
 
     # ------------------------------------------------------------------ aggregation
@@ -1550,8 +1590,13 @@ class Bench:
                  f"reps {a.reps} (+{a.warmup} warm-up), page cache {a.cache}")
         try:
             for w in a.workload:
-                {"load": self.case_load, "small": self.case_small, "save": self.case_save,
-                 "reshard": self.case_reshard}[w]()
+                case = {"load": self.case_load, "small": self.case_small, "save": self.case_save,
+                        "reshard": self.case_reshard}[w]
+                try:
+                    case()
+                except ChildFailed as exc:  # a setup step failed: report it, run the other cases
+                    self.errors.append(f"{w} (setup): FAILED\n{exc}")
+                    print(self.errors[-1], file=sys.stderr, flush=True)
         finally:
             self.runner.close()
             shutil.rmtree(self.root, ignore_errors=True)
@@ -1569,7 +1614,7 @@ class Bench:
                                    else "one fresh interpreter per figure"),
                 "warmup_rounds": a.warmup,
                 "reps": a.reps,
-                "order": "rounds interleaved across systems, same order every round",
+                "order": "rounds interleaved across systems; each round starts one system later than the previous",
                 "timed_region": "the dcp.save / dcp.load call (or the raw I/O) only",
                 "page_cache": self.page_cache_label(),
                 "check": "every load compares every loaded value with the seeded pattern that was saved",
@@ -1752,7 +1797,11 @@ def render_tables(doc: dict) -> str:
     if c:
         lines.append(f"## {c['title']}")
         lines.append("")
-        lines.append(f"Each needed run is {fmt_bytes(c['params']['run_bytes'])}; bytes needed = both ranks' destinations.")
+        lines.append(f"Each needed run is {fmt_bytes(c['params']['run_bytes'])}; bytes needed = both ranks' destinations; "
+                     "time = slowest rank's dcp.load.")
+        if c["params"].get("numpy_shim"):
+            lines.append("")
+            lines.append(f"Note: {c['params']['numpy_shim']}.")
         lines.append("")
         lines.append("| system | ms (median) | min–max | speed-up vs stock | bytes read / needed (engine) | rchar / needed | peak MiB |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
@@ -1826,7 +1875,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=parse_size, default=None,
                    help="bytes of the load and save cases, in 64 fp32 tensors (default 1G; --quick 16M)")
     p.add_argument("--threads", type=int, default=4, help="writer thread_count and reader thread_count")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per system (default 3; --quick 1)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per system (default 5; --quick 1)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds before the timed ones")
     p.add_argument("--small-count", type=int, default=None, help="tensors in the small case (default 4000; --quick 200)")
     p.add_argument("--small-bytes", type=parse_size, default=16 * KiB, help="bytes per tensor in the small case")
@@ -1861,7 +1910,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size is None:
         args.size = 16 * MiB if q else GiB
     if args.reps is None:
-        args.reps = 1 if q else 3
+        args.reps = 1 if q else 5
     if args.small_count is None:
         args.small_count = 200 if q else 4000
     if args.reshard_shape is None:
