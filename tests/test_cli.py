@@ -1,0 +1,396 @@
+"""The dcp-native command line, run in a subprocess as a user runs it, on both engines.
+
+Each command is a fresh interpreter that imports torch (about two seconds), so
+a test starts the commands it needs at once and then waits for all of them.
+Checkpoints come from dcp_native's writer and from stock DCP's, with a tensor
+saved as two row chunks (as two ranks of a row-sharded tensor save it), in
+two data files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+import dcp_native
+
+WRITERS = ("native", "stock")
+# torch warns at import when numpy is absent (our venvs have none); a user would silence
+# it the same way. Everything else on stderr is the command's own.
+QUIET = "ignore:Failed to initialize NumPy"
+
+
+def state() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model": {
+            "w": torch.randn(6, 5, generator=g),  # saved as two row chunks
+            "b": torch.randn(5, generator=g).to(torch.bfloat16),
+            "steps": torch.arange(4, dtype=torch.int64),
+            "scale": torch.tensor(2.5),
+            "empty": torch.zeros(0, 3),
+        },
+        "opt": {"lr": 0.1, "betas": (0.9, 0.99), "names": ["a", "b"]},
+        "blob": b"\x00\x01raw",
+        "step": 7,
+    }
+
+
+TENSORS = {"model.w", "model.b", "model.steps", "model.scale", "model.empty"}
+OBJECTS = {"opt.lr", "opt.betas", "opt.names", "blob", "step"}
+
+
+def flat(sd: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def assert_same(got: dict, want: dict) -> None:
+    got, want = flat(got), flat(want)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert isinstance(got[k], torch.Tensor), k
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+            assert torch.equal(got[k], v), f"{k} differs"
+        else:
+            assert got[k] == v, k
+
+
+class RowChunkPlanner(DefaultSavePlanner):
+    """Saves the tensors named in ``split`` as two row chunks, as two ranks would."""
+
+    def __init__(self, split: set[str]) -> None:
+        super().__init__()
+        self.split = split
+
+    def create_local_plan(self):
+        plan = super().create_local_plan()
+        items = []
+        for wi in plan.items:
+            if wi.index.fqn not in self.split:
+                items.append(wi)
+                continue
+            size = wi.tensor_data.size
+            half = size[0] // 2
+            for start, n in ((0, half), (half, size[0] - half)):
+                offsets = torch.Size([start] + [0] * (len(size) - 1))
+                sizes = torch.Size([n, *size[1:]])
+                items.append(WriteItem(
+                    index=MetadataIndex(wi.index.fqn, offsets),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        ChunkStorageMetadata(offsets, sizes), wi.tensor_data.properties, size
+                    ),
+                ))
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
+
+    def resolve_data(self, wi):
+        if wi.index.fqn in self.split:
+            chunk = wi.tensor_data.chunk
+            return self.state_dict[wi.index.fqn].narrow(0, chunk.offsets[0], chunk.sizes[0])
+        return super().resolve_data(wi)
+
+
+def save(path: Path, writer: str) -> Path:
+    cls = dcp_native.FileSystemWriter if writer == "native" else dcp.FileSystemWriter
+    dcp.save(
+        state(), storage_writer=cls(path, thread_count=2),
+        planner=RowChunkPlanner({"model.w"}), no_dist=True,
+    )
+    return path
+
+
+def storage(path: Path) -> dict:
+    with open(path / ".metadata", "rb") as f:
+        return pickle.load(f).storage_data
+
+
+@dataclasses.dataclass
+class Result:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def __str__(self) -> str:
+        return f"$ {' '.join(self.args)}\n-> {self.returncode}\n{self.stdout}\n{self.stderr}"
+
+
+def run_all(
+    commands: list[list[str]], engine: str = "python", script: bool = False
+) -> list[Result]:
+    """Run ``dcp-native ARGS`` for each ARGS at once; wait for all."""
+    env = {**os.environ, "DCP_NATIVE_BACKEND": engine, "PYTHONWARNINGS": QUIET}
+    if script:
+        exe = Path(sys.executable).with_name("dcp-native")
+        assert exe.exists(), f"{exe} is missing: reinstall with `pip install -e .`"
+        prefix = [str(exe)]
+    else:
+        prefix = [sys.executable, "-m", "dcp_native"]
+    procs = [
+        (args, subprocess.Popen(
+            prefix + [str(a) for a in args], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        ))
+        for args in commands
+    ]
+    results = []
+    for args, proc in procs:
+        out, err = proc.communicate(timeout=300)
+        results.append(Result([str(a) for a in args], proc.returncode, out, err))
+    return results
+
+
+def assert_user_error(res: Result, code: int = 2, *fragments: str) -> None:
+    assert res.returncode == code, res
+    assert "Traceback" not in res.stderr, res
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dcp-native: "), res
+    for fragment in fragments:
+        assert fragment in lines[0], res
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One intact checkpoint per writer, shared read-only by the tests that do not damage it."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {w: save(root / w, w) for w in WRITERS}
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect(engine_name, checkpoints, tmp_path):
+    text, as_json = run_all(
+        [["inspect", checkpoints["native"]], ["inspect", "--json", checkpoints["stock"]]],
+        engine_name,
+    )
+    assert text.returncode == 0 and as_json.returncode == 0, (text, as_json)
+    assert text.stderr == "" and as_json.stderr == ""
+
+    out = text.stdout
+    assert "written by dcp_native" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ")}
+    assert rows["model.w"][1:5] == ["float32", "[6,", "5]", "120"]  # shape [6, 5], 120 B
+    assert rows["model.w"][-2:] == ["2", "2"]  # 2 chunks in 2 files
+    assert rows["model.b"][1:3] == ["bfloat16", "[5]"]
+    assert rows["model.scale"][1:3] == ["float32", "[]"]
+    assert rows["step"][1] == "int" and rows["step"][-1] == "7"
+    assert rows["opt.betas"][1] == "tuple" and rows["blob"][1] == "bytes"
+    assert "totals: 5 tensors (40 elements, 166 B), 5 objects" in out
+    assert "2 data files" in out
+
+    doc = json.loads(as_json.stdout)
+    assert doc["written_by"] == "stock DCP" and doc["sidecar"] == "absent"
+    tensors = {t["key"]: t for t in doc["tensors"]}
+    objects = {o["key"]: o for o in doc["objects"]}
+    assert set(tensors) == TENSORS and set(objects) == OBJECTS
+    w = tensors["model.w"]
+    assert (w["dtype"], w["shape"], w["numel"], w["bytes"]) == ("float32", [6, 5], 30, 120)
+    assert w["chunks"] == 2
+    assert sorted(w["files"]) == ["__0_0.distcp", "__0_1.distcp"]
+    assert tensors["model.empty"]["shape"] == [0, 3] and tensors["model.empty"]["bytes"] == 0
+    assert tensors["model.steps"]["dtype"] == "int64"
+    assert objects["step"]["type"] == "int" and objects["step"]["value"] == 7
+    assert objects["opt.lr"]["type"] == "float" and objects["opt.lr"]["value"] == 0.1
+    assert objects["opt.names"]["type"] == "list" and "value" not in objects["opt.names"]
+    assert all(o["bytes"] > 0 for o in objects.values())
+    totals = doc["totals"]
+    assert totals["tensors"] == 5 and totals["tensor_bytes"] == 120 + 10 + 32 + 4 + 0
+    assert totals["files"] == 2
+    assert totals["file_bytes"] == sum(
+        os.path.getsize(checkpoints["stock"] / f) for f in ("__0_0.distcp", "__0_1.distcp")
+    )
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def test_verify_intact(engine_name, checkpoints):
+    plain, full = run_all(
+        [["verify", checkpoints["native"]],
+         ["verify", "--read-all", "--json", checkpoints["stock"]]],
+        engine_name,
+    )
+    assert plain.returncode == 0 and plain.stderr == "", plain
+    assert "OK: intact" in plain.stdout
+    assert "framing parsed for 6 tensor items and 5 object items" in plain.stdout
+    assert full.returncode == 0, full
+    doc = json.loads(full.stdout)
+    assert doc["ok"] and doc["problems"] == [] and doc["read_all"]
+
+
+def damage(path: Path) -> dict[str, tuple[str, str, int]]:
+    """Three independent faults in one checkpoint; returns what each should be reported as."""
+    items = storage(path)
+    in_file = {
+        f: sorted(
+            ((info.offset, idx.fqn, info.length) for idx, info in items.items()
+             if info.relative_path == f),
+        )
+        for f in ("__0_0.distcp", "__0_1.distcp")
+    }
+    # 1. Truncate the second file inside its last item.
+    off, key, length = in_file["__0_1.distcp"][-1]
+    os.truncate(path / "__0_1.distcp", off + length - 10)
+    faults = {"truncated": ("__0_1.distcp", key, off)}
+    # 2. Garbage over the first local header of one item, 3. over the end records of another.
+    (head_off, head_key, _), (tail_off, tail_key, tail_len) = in_file["__0_0.distcp"][-2:]
+    with open(path / "__0_0.distcp", "r+b") as f:
+        f.seek(head_off)
+        f.write(b"\xa5" * 40)
+        f.seek(tail_off + tail_len - 30)
+        f.write(b"\xa5" * 30)
+    faults["header"] = ("__0_0.distcp", head_key, head_off)
+    faults["tail"] = ("__0_0.distcp", tail_key, tail_off)
+    return faults
+
+
+def test_verify_damaged(engine_name, tmp_path):
+    several = {w: save(tmp_path / f"several-{w}", w) for w in WRITERS}
+    faults = {w: damage(p) for w, p in several.items()}
+    missing_file = save(tmp_path / "missing-file", "native")
+    os.remove(missing_file / "__0_1.distcp")
+
+    results = run_all(
+        [["verify", "--progress", "always", several["native"]],
+         ["verify", "--json", several["stock"]],
+         ["verify", missing_file]],
+        engine_name,
+    )
+    for res in results:
+        assert res.returncode == 1, res
+        assert "Traceback" not in res.stderr, res
+    native, stock, no_file = results
+
+    # Every fault is listed, each with its file, offset and key.
+    assert "FAILED: 3 problems" in native.stdout, native
+    for file, key, offset in faults["native"].values():
+        assert f"{file}, offset {offset}, key {key!r}: " in native.stdout, (key, native)
+    assert "is truncated" in native.stdout and "no local header" in native.stdout
+    assert "no end of central directory record" in native.stdout
+    assert "verify [" in native.stderr and "100%" in native.stderr  # the progress bar
+
+    doc = json.loads(stock.stdout)
+    assert not doc["ok"]
+    found = {(p["file"], p["key"], p["offset"]) for p in doc["problems"]}
+    assert found == set(faults["stock"].values()), doc["problems"]
+
+    assert "__0_1.distcp: the data file is missing" in no_file.stdout, no_file
+    key = min(idx.fqn for idx, info in storage(missing_file).items()
+              if info.relative_path == "__0_1.distcp")
+    assert repr(key) in no_file.stdout
+
+
+def test_verify_without_metadata(checkpoints, tmp_path):
+    """Data files without a readable .metadata: damaged (exit 1), not a wrong path (exit 2)."""
+    missing_md = save(tmp_path / "missing-metadata", "stock")
+    os.remove(missing_md / ".metadata")
+    bad_md = save(tmp_path / "bad-metadata", "native")
+    (bad_md / ".metadata").write_bytes(b"\x80\x04garbage")
+    no_md, garbled = run_all([["verify", missing_md], ["verify", bad_md]])
+    for res in (no_md, garbled):
+        assert res.returncode == 1 and res.stderr == "", res
+    assert ".metadata: missing" in no_md.stdout and "__0_0.distcp" in no_md.stdout, no_md
+    assert ".metadata: cannot be read as DCP metadata" in garbled.stdout, garbled
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def test_convert_to_file(engine_name, checkpoints, tmp_path):
+    whole, some = run_all(
+        [["convert", checkpoints["native"], tmp_path / "all.pt"],
+         ["convert", checkpoints["stock"], tmp_path / "some.pt", "--keys", "model.w", "opt"]],
+        engine_name,
+    )
+    assert whole.returncode == 0 and some.returncode == 0, (whole, some)
+    assert whole.stdout.startswith(f"wrote {tmp_path / 'all.pt'}: 5 tensors, 5 objects")
+    assert_same(torch.load(tmp_path / "all.pt", weights_only=True), state())
+    got = torch.load(tmp_path / "some.pt", weights_only=True)
+    want = state()
+    assert_same(got, {"model": {"w": want["model"]["w"]}, "opt": want["opt"]})
+
+
+def test_convert_to_dcp(engine_name, tmp_path):
+    src = tmp_path / "model.pt"
+    torch.save(state(), src)
+    whole, some = run_all(
+        [["convert", src, tmp_path / "all"],
+         ["convert", src, tmp_path / "some", "--keys", "model.", "step", "--flat"]],
+        engine_name,
+    )
+    assert whole.returncode == 0 and some.returncode == 0, (whole, some)
+    assert (tmp_path / "all" / ".metadata.dcp_native").exists()  # written by dcp_native
+    # Read back with stock DCP, an independent reader.
+    want = state()
+    out = {
+        "model": {k: torch.full_like(v, 9) for k, v in want["model"].items()},
+        "opt": {"lr": None, "betas": None, "names": None},
+        "blob": None,
+        "step": None,
+    }
+    dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path / "all"), no_dist=True)
+    assert_same(out, want)
+
+    with open(tmp_path / "some" / ".metadata", "rb") as f:
+        keys = set(pickle.load(f).state_dict_metadata)
+    assert keys == TENSORS | {"step"}
+    out = {k: torch.full_like(flat(want)[k], 9) for k in TENSORS}
+    out["step"] = None
+    dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path / "some"), no_dist=True)
+    assert_same(out, {k: flat(want)[k] for k in out})
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_user_errors(checkpoints, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "exists.pt").write_bytes(b"")
+    torch.save([1, 2], tmp_path / "list.pt")
+    ck = checkpoints["native"]
+    cases = [
+        (["inspect", tmp_path / "nope"], 2, "no such file or directory"),
+        (["verify", tmp_path / "empty"], 2, "is not a DCP checkpoint: it has no .metadata"),
+        (["inspect", tmp_path / "notes.txt"], 2, "is a file, not a DCP checkpoint"),
+        (["convert", ck, tmp_path / "x.pt", "--keys", "model.nope"], 2, "'model.nope'"),
+        (["convert", ck, tmp_path / "exists.pt"], 2, "exists (--force overwrites it)"),
+        (["convert", tmp_path / "notes.txt", tmp_path / "out"], 2, "is not a torch.save file"),
+        (["convert", tmp_path / "list.pt", tmp_path / "out"], 2, "holds a list, not a state dict"),
+        (["inspect", "--bogus", ck], 2, "unrecognized arguments: --bogus"),
+    ]
+    results = run_all([args for args, _, _ in cases])
+    for (args, code, fragment), res in zip(cases, results):
+        assert_user_error(res, code, fragment)
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "out").exists()
+
+
+def test_help_documents_commands_and_exit_codes():
+    """Through the installed console script, once."""
+    (res,) = run_all([["--help"]], script=True)
+    assert res.returncode == 0, res
+    for word in ("inspect", "verify", "convert", "exit codes:", "DCP_NATIVE_BACKEND"):
+        assert word in res.stdout
+    for code in range(5):
+        assert f"\n  {code}  " in res.stdout
