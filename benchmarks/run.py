@@ -1592,11 +1592,16 @@ class Bench:
             for w in a.workload:
                 case = {"load": self.case_load, "small": self.case_small, "save": self.case_save,
                         "reshard": self.case_reshard}[w]
+                before = set(self.cases)
+                load_before = loadavg()
                 try:
                     case()
                 except ChildFailed as exc:  # a setup step failed: report it, run the other cases
                     self.errors.append(f"{w} (setup): FAILED\n{exc}")
                     print(self.errors[-1], file=sys.stderr, flush=True)
+                # Other work on the machine skews figures: keep the load average next to them.
+                for key in set(self.cases) - before:
+                    self.cases[key]["loadavg_before_after"] = [load_before, loadavg()]
         finally:
             self.runner.close()
             shutil.rmtree(self.root, ignore_errors=True)
@@ -1716,12 +1721,19 @@ def render_tables(doc: dict) -> str:
     lines.append(f"Page cache: {doc['method']['page_cache']}.")
     lines.append("")
 
+    def header(c: dict) -> None:
+        lines.append(f"## {c['title']}")
+        lines.append("")
+        la = c.get("loadavg_before_after")
+        if la and la[0] and la[1]:
+            lines.append(f"Load average (1 min) {la[0][0]:.2f} before, {la[1][0]:.2f} after.")
+            lines.append("")
+
     def tp_table(key: str) -> None:
         c = cases.get(key)
         if not c:
             return
-        lines.append(f"## {c['title']}")
-        lines.append("")
+        header(c)
         lines.append("| system | GB/s (median) | min–max | ratio vs stock | % of raw | peak MiB |")
         lines.append("|---|---:|---:|---:|---:|---:|")
         stock = c["systems"].get("stock", {}).get("gbps", {}).get("median")
@@ -1738,8 +1750,7 @@ def render_tables(doc: dict) -> str:
         c = cases.get(key)
         if not c:
             return
-        lines.append(f"## {c['title']}")
-        lines.append("")
+        header(c)
         lines.append("| system | ms (median) | min–max | µs/tensor | speed-up vs stock | % of raw | peak MiB |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
         stock = c["systems"].get("stock", {}).get("seconds", {}).get("median")
@@ -1756,8 +1767,7 @@ def render_tables(doc: dict) -> str:
     tp_table("load")
     if "peak" in cases:
         c = cases["peak"]
-        lines.append(f"## {c['title']}")
-        lines.append("")
+        header(c)
         lines.append("| system | MiB above destination (median) | min–max |")
         lines.append("|---|---:|---:|")
         for name, e in c["systems"].items():
@@ -1795,8 +1805,7 @@ def render_tables(doc: dict) -> str:
     tp_table("save_sync")
     c = cases.get("reshard")
     if c:
-        lines.append(f"## {c['title']}")
-        lines.append("")
+        header(c)
         lines.append(f"Each needed run is {fmt_bytes(c['params']['run_bytes'])}; bytes needed = both ranks' destinations; "
                      "time = slowest rank's dcp.load.")
         if c["params"].get("numpy_shim"):
