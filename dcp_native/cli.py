@@ -155,6 +155,28 @@ def _threads() -> int:
     return default_thread_count()
 
 
+def _json(doc: Any) -> str:
+    """Indented JSON with lists of scalars (shapes, file names) kept on one line."""
+    nonce = os.urandom(6).hex()
+    inline: dict[str, str] = {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            if any(isinstance(v, (dict, list)) for v in x):
+                return [walk(v) for v in x]
+            token = f"{nonce}:{len(inline)}"
+            inline[json.dumps(token)] = json.dumps(x)
+            return token
+        return x
+
+    text = json.dumps(walk(doc), indent=2)
+    for token, value in inline.items():
+        text = text.replace(token, value, 1)
+    return text
+
+
 def _keys_match(key: str, pattern: str) -> bool:
     prefix = pattern if pattern.endswith(".") else pattern + "."
     return key == pattern or key.startswith(prefix)
@@ -807,7 +829,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ) from None
     doc = _inspect_doc(ck)
     if args.json:
-        print(json.dumps(doc, indent=2))
+        print(_json(doc))
     else:
         print(_inspect_text(doc, ck))
     return EXIT_OK
@@ -1220,7 +1242,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         verifier.check_framing()
         if args.read_all:
             verifier.read_all()
-        problems = verifier.problems
+        problems = sorted(
+            verifier.problems,
+            key=lambda p: (p.file or "", -1 if p.offset is None else p.offset, p.key or ""),
+        )
 
     checksums = "no payload checksums recorded"
     if args.json:
@@ -1233,7 +1258,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "read_all": bool(args.read_all),
             "checksums": None,
         }
-        print(json.dumps(doc, indent=2))
+        print(_json(doc))
     else:
         head = os.path.abspath(directory)
         if verifier is not None:
