@@ -11,7 +11,9 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.dcp_native-installed
 TORCH_PIN := torch==2.13.0
 BUILD_TOOLS := setuptools pybind11 cmake ninja
-TEST_TOOLS := pytest hypothesis zstandard
+# numpy: torch.distributed's object collectives (DCP's plan exchange between ranks)
+# call tensor.numpy(), though torch does not depend on numpy.
+TEST_TOOLS := pytest hypothesis zstandard numpy
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 

@@ -23,12 +23,6 @@ warning filters of the running test), so ``fn`` may be a local function or
 closure. ``DCP_NATIVE_TEST_START_METHOD=spawn`` switches to spawn, which needs
 ``fn`` and its arguments to be picklable and importable.
 
-Where numpy is not installed (the project's venvs have none), torch 2.13's
-object collectives, which DCP uses to exchange plans and results, fail with
-"Numpy is not available": ``distributed_c10d._tensor_to_object`` calls
-``tensor.numpy()`` although torch does not depend on numpy. The ranks then
-decode the same bytes without numpy (:func:`_numpy_free_object_collectives`);
-nothing else changes.
 """
 
 from __future__ import annotations
@@ -64,27 +58,6 @@ class RankTimeout(RankError):
     """The ranks did not all finish within the timeout and were killed."""
 
 
-def _numpy_free_object_collectives() -> None:
-    """Without numpy, decode the pickled objects of torch's object collectives from raw bytes."""
-    try:
-        import numpy  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    import ctypes
-    import io
-
-    import torch.distributed.distributed_c10d as c10d
-
-    def _tensor_to_object(tensor, tensor_size, group):
-        t = tensor.detach().cpu().contiguous()
-        n = min(int(tensor_size), t.numel() * t.element_size())
-        return c10d._unpickler(io.BytesIO(ctypes.string_at(t.data_ptr(), n))).load()
-
-    c10d._tensor_to_object = _tensor_to_object
-
-
 def _worker(
     rank: int,
     world_size: int,
@@ -107,7 +80,6 @@ def _worker(
     os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
     # Several ranks share few cores: intra-op threads would only oversubscribe them.
     torch.set_num_threads(1)
-    _numpy_free_object_collectives()
     message: tuple
     try:
         dist.init_process_group(
