@@ -7,8 +7,9 @@ import sys
 
 def main() -> int:
     """Entry point of the ``dcp-native`` console script."""
-    from .cli import main as cli_main
+    from .cli import main as cli_main, quiet_warnings
 
+    quiet_warnings()
     return cli_main()
 
 

@@ -1157,7 +1157,10 @@ class _Verifier:
         """Read every byte of every item, in rounds within _READ_BUDGET, through the engine.
 
         This is where payload checksums go: once the sidecar records a CRC32C
-        per payload, compute it over ``buf`` for each item here and compare.
+        per payload, ``_read_batch`` updates a running checksum per item from the
+        buffers ``_read_ranges`` returns (pieces come in file order, so an item
+        larger than the budget arrives in consecutive pieces) and compares it
+        with the sidecar's after the item's last piece.
         """
         items = sorted(self.readable, key=lambda it: (it.file, it.offset))
         total = sum(it.length for it in items)
@@ -1170,14 +1173,15 @@ class _Verifier:
             ]
             batch: list[tuple[_Item, int, int]] = []
             used = 0
-            for piece in pieces + [None]:  # type: ignore[list-item]
-                if piece is not None and (not batch or used + piece[2] <= _READ_BUDGET):
-                    batch.append(piece)
-                    used += piece[2]
-                    continue
-                self._read_batch(batch)
-                progress.update(used)
-                batch, used = ([piece], piece[2]) if piece is not None else ([], 0)
+            for piece in pieces:
+                if batch and used + piece[2] > _READ_BUDGET:
+                    self._read_batch(batch)
+                    progress.update(used)
+                    batch, used = [], 0
+                batch.append(piece)
+                used += piece[2]
+            self._read_batch(batch)
+            progress.update(used)
         finally:
             progress.close()
 
@@ -1603,7 +1607,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- main
 
 
-def _quiet_warnings() -> None:
+def quiet_warnings() -> None:
     # DCP warns about its own normal use (no process group, deprecations); a user of
     # the command cannot act on those. Others are printed on one line.
     for pattern in (
@@ -1623,8 +1627,12 @@ def _quiet_warnings() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (see EXIT_CODES_HELP)."""
-    _quiet_warnings()
+    """Run the command line; returns the exit code (see EXIT_CODES_HELP).
+
+    The entry points (``dcp-native``, ``python -m dcp_native``) call
+    :func:`quiet_warnings` first; this function leaves the process's warning
+    filters alone, so that it can be called in-process.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -124,39 +124,41 @@ def storage(path: Path) -> dict:
         return pickle.load(f).storage_data
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class Result:
     args: list[str]
     returncode: int
     stdout: str
     stderr: str
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:  # what a failed assertion shows
         return f"$ {' '.join(self.args)}\n-> {self.returncode}\n{self.stdout}\n{self.stderr}"
 
 
-def run_all(
-    commands: list[list[str]], engine: str = "python", script: bool = False
-) -> list[Result]:
-    """Run ``dcp-native ARGS`` for each ARGS at once; wait for all."""
-    env = {**os.environ, "DCP_NATIVE_BACKEND": engine, "PYTHONWARNINGS": QUIET}
-    if script:
+#: First word of a command that runs the installed console script, not `python -m`.
+SCRIPT = object()
+
+
+def command_line(args: list) -> list[str]:
+    if args and args[0] is SCRIPT:
         exe = Path(sys.executable).with_name("dcp-native")
         assert exe.exists(), f"{exe} is missing: reinstall with `pip install -e .`"
-        prefix = [str(exe)]
-    else:
-        prefix = [sys.executable, "-m", "dcp_native"]
+        return [str(exe)] + [str(a) for a in args[1:]]
+    return [sys.executable, "-m", "dcp_native"] + [str(a) for a in args]
+
+
+def run_all(commands: list[list], engine: str = "python") -> list[Result]:
+    """Run ``dcp-native ARGS`` for each ARGS at once; wait for all."""
+    env = {**os.environ, "DCP_NATIVE_BACKEND": engine, "PYTHONWARNINGS": QUIET}
+    lines = [command_line(args) for args in commands]
     procs = [
-        (args, subprocess.Popen(
-            prefix + [str(a) for a in args], env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        ))
-        for args in commands
+        subprocess.Popen(line, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for line in lines
     ]
     results = []
-    for args, proc in procs:
+    for line, proc in zip(lines, procs):
         out, err = proc.communicate(timeout=300)
-        results.append(Result([str(a) for a in args], proc.returncode, out, err))
+        results.append(Result(line, proc.returncode, out, err))
     return results
 
 
@@ -239,20 +241,24 @@ def test_verify_intact(engine_name, checkpoints):
     assert doc["ok"] and doc["problems"] == [] and doc["read_all"]
 
 
-def damage(path: Path) -> dict[str, tuple[str, str, int]]:
-    """Three independent faults in one checkpoint; returns what each should be reported as."""
+def damage(path: Path, lose_file: bool) -> set[tuple]:
+    """Three independent faults in one checkpoint; returns (file, key, offset) of each."""
     items = storage(path)
     in_file = {
         f: sorted(
-            ((info.offset, idx.fqn, info.length) for idx, info in items.items()
-             if info.relative_path == f),
+            (info.offset, idx.fqn, info.length) for idx, info in items.items()
+            if info.relative_path == f
         )
         for f in ("__0_0.distcp", "__0_1.distcp")
     }
-    # 1. Truncate the second file inside its last item.
-    off, key, length = in_file["__0_1.distcp"][-1]
-    os.truncate(path / "__0_1.distcp", off + length - 10)
-    faults = {"truncated": ("__0_1.distcp", key, off)}
+    # 1. Lose the second file, or truncate it inside its last item.
+    if lose_file:
+        os.remove(path / "__0_1.distcp")
+        faults = {("__0_1.distcp", None, None)}
+    else:
+        off, key, length = in_file["__0_1.distcp"][-1]
+        os.truncate(path / "__0_1.distcp", off + length - 10)
+        faults = {("__0_1.distcp", key, off)}
     # 2. Garbage over the first local header of one item, 3. over the end records of another.
     (head_off, head_key, _), (tail_off, tail_key, tail_len) = in_file["__0_0.distcp"][-2:]
     with open(path / "__0_0.distcp", "r+b") as f:
@@ -260,58 +266,40 @@ def damage(path: Path) -> dict[str, tuple[str, str, int]]:
         f.write(b"\xa5" * 40)
         f.seek(tail_off + tail_len - 30)
         f.write(b"\xa5" * 30)
-    faults["header"] = ("__0_0.distcp", head_key, head_off)
-    faults["tail"] = ("__0_0.distcp", tail_key, tail_off)
-    return faults
+    return faults | {("__0_0.distcp", head_key, head_off), ("__0_0.distcp", tail_key, tail_off)}
 
 
 def test_verify_damaged(engine_name, tmp_path):
-    several = {w: save(tmp_path / f"several-{w}", w) for w in WRITERS}
-    faults = {w: damage(p) for w, p in several.items()}
-    missing_file = save(tmp_path / "missing-file", "native")
-    os.remove(missing_file / "__0_1.distcp")
+    truncated = save(tmp_path / "truncated", "native")
+    truncated_faults = damage(truncated, lose_file=False)
+    lost = save(tmp_path / "lost-file", "stock")
+    lost_keys = sorted({idx.fqn for idx, info in storage(lost).items()
+                        if info.relative_path == "__0_1.distcp"})
+    lost_faults = damage(lost, lose_file=True)
 
-    results = run_all(
-        [["verify", "--progress", "always", several["native"]],
-         ["verify", "--json", several["stock"]],
-         ["verify", missing_file]],
+    text, as_json = run_all(
+        [["verify", "--progress", "always", truncated], ["verify", "--json", lost]],
         engine_name,
     )
-    for res in results:
+    for res in (text, as_json):
         assert res.returncode == 1, res
         assert "Traceback" not in res.stderr, res
-    native, stock, no_file = results
 
     # Every fault is listed, each with its file, offset and key.
-    assert "FAILED: 3 problems" in native.stdout, native
-    for file, key, offset in faults["native"].values():
-        assert f"{file}, offset {offset}, key {key!r}: " in native.stdout, (key, native)
-    assert "is truncated" in native.stdout and "no local header" in native.stdout
-    assert "no end of central directory record" in native.stdout
-    assert "verify [" in native.stderr and "100%" in native.stderr  # the progress bar
+    assert "FAILED: 3 problems" in text.stdout, text
+    for file, key, offset in truncated_faults:
+        assert f"{file}, offset {offset}, key {key!r}: " in text.stdout, (key, text)
+    assert "is truncated" in text.stdout and "no local header" in text.stdout
+    assert "no end of central directory record" in text.stdout
+    assert "verify [" in text.stderr and "100%" in text.stderr  # the progress bar
 
-    doc = json.loads(stock.stdout)
+    doc = json.loads(as_json.stdout)
     assert not doc["ok"]
     found = {(p["file"], p["key"], p["offset"]) for p in doc["problems"]}
-    assert found == set(faults["stock"].values()), doc["problems"]
-
-    assert "__0_1.distcp: the data file is missing" in no_file.stdout, no_file
-    key = min(idx.fqn for idx, info in storage(missing_file).items()
-              if info.relative_path == "__0_1.distcp")
-    assert repr(key) in no_file.stdout
-
-
-def test_verify_without_metadata(checkpoints, tmp_path):
-    """Data files without a readable .metadata: damaged (exit 1), not a wrong path (exit 2)."""
-    missing_md = save(tmp_path / "missing-metadata", "stock")
-    os.remove(missing_md / ".metadata")
-    bad_md = save(tmp_path / "bad-metadata", "native")
-    (bad_md / ".metadata").write_bytes(b"\x80\x04garbage")
-    no_md, garbled = run_all([["verify", missing_md], ["verify", bad_md]])
-    for res in (no_md, garbled):
-        assert res.returncode == 1 and res.stderr == "", res
-    assert ".metadata: missing" in no_md.stdout and "__0_0.distcp" in no_md.stdout, no_md
-    assert ".metadata: cannot be read as DCP metadata" in garbled.stdout, garbled
+    assert found == lost_faults, doc["problems"]
+    (missing,) = [p for p in doc["problems"] if p["key"] is None]
+    assert missing["message"].startswith("the data file is missing")
+    assert repr(lost_keys[0]) in missing["message"]
 
 
 # --------------------------------------------------------------------------- convert
@@ -364,33 +352,62 @@ def test_convert_to_dcp(engine_name, tmp_path):
 # --------------------------------------------------------------------------- user errors
 
 
-def test_user_errors(checkpoints, tmp_path):
+def test_errors_and_help(checkpoints, tmp_path):
+    """Exit codes and one-line messages of whole processes (no engine I/O: one engine)."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    missing_md = save(tmp_path / "missing-metadata", "stock")
+    os.remove(missing_md / ".metadata")
+    bad_md = save(tmp_path / "bad-metadata", "native")
+    (bad_md / ".metadata").write_bytes(b"\x80\x04garbage")
+    no_path, bad_arg, not_torch, no_md, garbled, helped = run_all([
+        ["inspect", tmp_path / "nope"],
+        ["inspect", "--bogus", checkpoints["native"]],
+        ["convert", tmp_path / "notes.txt", tmp_path / "out"],
+        ["verify", missing_md],
+        ["verify", bad_md],
+        [SCRIPT, "--help"],  # the installed console script, once
+    ])
+    assert_user_error(no_path, 2, "no such file or directory")
+    assert_user_error(bad_arg, 2, "unrecognized arguments: --bogus")
+    assert_user_error(not_torch, 2, "is not a torch.save file")
+    assert not (tmp_path / "out").exists()
+
+    # Data files without a readable .metadata: damaged (exit 1), not a wrong path (exit 2).
+    for res in (no_md, garbled):
+        assert res.returncode == 1 and res.stderr == "", res
+    assert ".metadata: missing" in no_md.stdout and "__0_0.distcp" in no_md.stdout, no_md
+    assert ".metadata: cannot be read as DCP metadata" in garbled.stdout, garbled
+
+    assert helped.returncode == 0, helped
+    for word in ("inspect", "verify", "convert", "exit codes:", "DCP_NATIVE_BACKEND"):
+        assert word in helped.stdout
+    for code in range(5):
+        assert f"\n  {code}  " in helped.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["verify", "{tmp}/empty"], "is not a DCP checkpoint: it has no .metadata"),
+        (["inspect", "{tmp}/notes.txt"], "is a file, not a DCP checkpoint"),
+        (["convert", "{ck}", "{tmp}/x.pt", "--keys", "model.nope"], "'model.nope'"),
+        (["convert", "{ck}", "{tmp}/exists.pt"], "exists (--force overwrites it)"),
+        (["convert", "{tmp}/list.pt", "{tmp}/out"], "holds a list, not a state dict"),
+        (["convert", "{ck}", "{tmp}/empty"], "is a directory"),
+    ],
+)
+def test_user_errors_in_process(checkpoints, tmp_path, capsys, args, fragment):
+    """More user errors, through cli.main in this process (the same code, no interpreter start)."""
+    from dcp_native import cli
+
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     (tmp_path / "exists.pt").write_bytes(b"")
     torch.save([1, 2], tmp_path / "list.pt")
-    ck = checkpoints["native"]
-    cases = [
-        (["inspect", tmp_path / "nope"], 2, "no such file or directory"),
-        (["verify", tmp_path / "empty"], 2, "is not a DCP checkpoint: it has no .metadata"),
-        (["inspect", tmp_path / "notes.txt"], 2, "is a file, not a DCP checkpoint"),
-        (["convert", ck, tmp_path / "x.pt", "--keys", "model.nope"], 2, "'model.nope'"),
-        (["convert", ck, tmp_path / "exists.pt"], 2, "exists (--force overwrites it)"),
-        (["convert", tmp_path / "notes.txt", tmp_path / "out"], 2, "is not a torch.save file"),
-        (["convert", tmp_path / "list.pt", tmp_path / "out"], 2, "holds a list, not a state dict"),
-        (["inspect", "--bogus", ck], 2, "unrecognized arguments: --bogus"),
-    ]
-    results = run_all([args for args, _, _ in cases])
-    for (args, code, fragment), res in zip(cases, results):
-        assert_user_error(res, code, fragment)
+    argv = [a.format(tmp=tmp_path, ck=checkpoints["native"]) for a in args]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dcp-native: error: ") and fragment in lines[0]
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "out").exists()
-
-
-def test_help_documents_commands_and_exit_codes():
-    """Through the installed console script, once."""
-    (res,) = run_all([["--help"]], script=True)
-    assert res.returncode == 0, res
-    for word in ("inspect", "verify", "convert", "exit codes:", "DCP_NATIVE_BACKEND"):
-        assert word in res.stdout
-    for code in range(5):
-        assert f"\n  {code}  " in res.stdout
