@@ -10,7 +10,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.dcp_native-installed
 TORCH_PIN := torch==2.13.0
-BUILD_TOOLS := setuptools pybind11 cmake ninja
+BUILD_TOOLS := setuptools wheel pybind11 cmake ninja
 # numpy: torch.distributed's object collectives (DCP's plan exchange between ranks)
 # call tensor.numpy(), though torch does not depend on numpy.
 TEST_TOOLS := pytest hypothesis zstandard numpy
