@@ -32,8 +32,9 @@ unless ``--cache cold`` (pages evicted with posix_fadvise(DONTNEED) before
 each load).
 
 Process isolation (``--isolation``): ``fork`` (default) starts one server
-process (``--child-server``: a fresh interpreter that imports torch, DCP and
-dcp_native and runs nothing) and forks one child per figure from it; ``exec``
+process per round (``--child-server``: a fresh interpreter that imports torch,
+DCP and dcp_native and runs nothing) and forks one child per figure from it, so
+state that differs between processes is drawn anew each round; ``exec``
 starts a fresh interpreter per figure (``--child``), which is the same
 measurement plus about two seconds of ``import torch`` per figure (too slow for
 the 5-minute default, fine with ``--quick`` or fewer cases).
@@ -49,6 +50,7 @@ import json
 import os
 import platform
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -1180,50 +1182,69 @@ class ChildFailed(RuntimeError):
     pass
 
 
-class Runner:
-    """Runs one figure per fresh process, by fork server (default) or by exec."""
+class _Server:
+    """One ``--child-server`` process and the unread part of its output."""
 
-    def __init__(self, isolation: str, verbose: bool) -> None:
-        self.isolation = isolation
-        self.verbose = verbose
-        self.server: subprocess.Popen | None = None
-
-    def _start_server(self) -> None:
-        self.server = subprocess.Popen(
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--child-server"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            start_new_session=True,
+            start_new_session=True,  # its own process group: it and its children die together
         )
+        self.pending = b""
 
-    def _stop_server(self, kill: bool = False) -> None:
-        srv, self.server = self.server, None
-        if srv is None:
-            return
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, kill: bool = False) -> None:
+        proc = self.proc
         if kill:
-            try:  # the server and the children it forked share its process group
-                os.killpg(srv.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         else:
             try:
-                srv.stdin.close()
+                proc.stdin.close()
             except OSError:
                 pass
         try:
-            srv.wait(timeout=30)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(srv.pid, signal.SIGKILL)
-            srv.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class Runner:
+    """Runs one figure per fresh process, forked from a server (default) or by exec.
+
+    With fork isolation there is one server per round (``slot``): a process's
+    own state that differs from process to process (glibc malloc's, for one,
+    which decides whether stock's 16 MiB temporaries are recycled or fresh,
+    page-faulting memory: 0.32 s or 0.6 s for the same 1 GiB load) is then
+    drawn once per round, as a fresh interpreter per figure would draw it,
+    rather than once for the whole run.
+    """
+
+    def __init__(self, isolation: str, verbose: bool) -> None:
+        self.isolation = isolation
+        self.verbose = verbose
+        self.servers: dict[int, _Server] = {}
 
     def close(self) -> None:
-        self._stop_server()
+        servers, self.servers = self.servers, {}
+        for srv in servers.values():
+            srv.stop()
 
-    def run(self, spec: dict) -> dict:
+    def run(self, spec: dict, slot: int = 0) -> dict:
         spec = dict(spec, isolation=self.isolation)
-        res = self._run_fork(spec) if self.isolation == "fork" else self._run_exec(spec)
+        res = self._run_fork(spec, slot) if self.isolation == "fork" else self._run_exec(spec)
         if "error" in res:
             raise ChildFailed(res["error"])
         return res["ok"]
@@ -1240,31 +1261,40 @@ class Runner:
             return {"error": f"child timed out after {CHILD_TIMEOUT_S} s"}
         return _parse_result(proc.stdout, proc.returncode)
 
-    def _run_fork(self, spec: dict) -> dict:
-        if self.server is None or self.server.poll() is not None:
-            self._start_server()
-        srv = self.server
-        srv.stdin.write(json.dumps(spec) + "\n")
-        srv.stdin.flush()
-        deadline = time.monotonic() + CHILD_TIMEOUT_S + 30
-        sel = selectors.DefaultSelector()
-        sel.register(srv.stdout, selectors.EVENT_READ)
+    def _run_fork(self, spec: dict, slot: int) -> dict:
+        srv = self.servers.get(slot)
+        if srv is None or not srv.alive():
+            srv = self.servers[slot] = _Server()
         try:
-            while time.monotonic() < deadline:
-                if not sel.select(max(0.0, deadline - time.monotonic())):
-                    continue
-                line = srv.stdout.readline()
-                if not line:
-                    self._stop_server(kill=True)
-                    return {"error": "the child server exited unexpectedly"}
-                if line.startswith(RESULT_MARK):
-                    return json.loads(line[len(RESULT_MARK) :])
+            srv.proc.stdin.write((json.dumps(spec) + "\n").encode())
+            srv.proc.stdin.flush()
+        except BrokenPipeError:
+            self.servers.pop(slot).stop(kill=True)
+            return {"error": "the child server exited unexpectedly"}
+        fd = srv.proc.stdout.fileno()
+        deadline = time.monotonic() + CHILD_TIMEOUT_S + 30
+        # Raw reads and our own line splitting: a buffered reader could hold the
+        # result line while select() waits on an empty pipe.
+        while True:
+            while b"\n" in srv.pending:
+                line, srv.pending = srv.pending.split(b"\n", 1)
+                text = line.decode(errors="replace")
+                if text.startswith(RESULT_MARK):
+                    return json.loads(text[len(RESULT_MARK) :])
                 if self.verbose:
-                    sys.stderr.write(line)
-        finally:
-            sel.close()
-        self._stop_server(kill=True)
-        return {"error": "timed out waiting for the child server"}
+                    sys.stderr.write(text + "\n")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.servers.pop(slot).stop(kill=True)
+                return {"error": "timed out waiting for the child server"}
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                self.servers.pop(slot).stop(kill=True)
+                return {"error": "the child server exited unexpectedly"}
+            srv.pending += chunk
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
@@ -1321,7 +1351,7 @@ class Bench:
                 if "dir_template" in full:
                     full["dir"] = full.pop("dir_template").format(round=rnd)
                 try:
-                    res = self.runner.run(full)
+                    res = self.runner.run(full, slot=rnd)
                 except ChildFailed as exc:
                     failed.add(name)
                     msg = f"{case}/{name}: FAILED\n{exc}"
@@ -1426,7 +1456,7 @@ class Bench:
                         os.makedirs(a.out, exist_ok=True)
                         full["profile_to"] = os.path.join(a.out, f"profile_small_{kind}_{name}.txt")
                     try:
-                        res = self.runner.run(full)
+                        res = self.runner.run(full, slot=self.args.warmup + rnd)
                         if what == "phases":
                             phase_runs[kind].setdefault(name, []).append(res["phases"])
                     except ChildFailed as exc:
@@ -1615,7 +1645,7 @@ class Bench:
             "method": {
                 "isolation": a.isolation,
                 "isolation_note": ("one fresh process per figure, forked from a server that imported torch, DCP and "
-                                   "dcp_native and ran nothing else" if a.isolation == "fork"
+                                   "dcp_native and ran nothing else; one server per round" if a.isolation == "fork"
                                    else "one fresh interpreter per figure"),
                 "warmup_rounds": a.warmup,
                 "reps": a.reps,
