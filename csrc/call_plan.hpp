@@ -106,6 +106,42 @@ class CallBuilder {
   IoCall call_{0, 0, 0, 0, 0};
 };
 
+// Reorders calls (grouped by file, in file order) so that workers spread over
+// files: files are taken in waves of `wave`, and within a wave the files'
+// calls alternate (first call of each, then second of each, ...). Threads
+// writing to one file contend for its inode lock, so handing them the same
+// file's chunks serialises them; waves keep the number of open files near the
+// thread count for plans of thousands of files.
+inline std::vector<IoCall> interleave_files(const std::vector<IoCall>& calls, size_t file_count,
+                                            size_t wave) {
+  std::vector<size_t> first(file_count + 1, 0);
+  for (const IoCall& call : calls) {
+    ++first[call.file + 1];
+  }
+  for (size_t f = 0; f < file_count; ++f) {
+    first[f + 1] += first[f];
+  }
+  std::vector<IoCall> out;
+  out.reserve(calls.size());
+  wave = std::max<size_t>(wave, 1);
+  for (size_t start = 0; start < file_count; start += wave) {
+    const size_t stop = std::min(file_count, start + wave);
+    for (size_t round = 0;; ++round) {
+      bool any = false;
+      for (size_t f = start; f < stop; ++f) {
+        if (first[f] + round < first[f + 1]) {
+          out.push_back(calls[first[f] + round]);
+          any = true;
+        }
+      }
+      if (!any) {
+        break;
+      }
+    }
+  }
+  return out;
+}
+
 // One SharedFile per file of a plan, each expecting as many pieces as the
 // plan has calls for it.
 inline std::unique_ptr<SharedFile[]> share_files(size_t file_count,

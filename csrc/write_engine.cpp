@@ -118,6 +118,7 @@ std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files,
     throw PlanError("chunk_bytes must be at least 1, got " + std::to_string(options.chunk_bytes));
   }
   WritePlan plan = plan_writes(files, options);
+  plan.calls = interleave_files(plan.calls, files.size(), static_cast<size_t>(options.threads));
 
   std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
 

@@ -84,6 +84,7 @@ class PythonEngine:
             finally:
                 _os_call(os.close, "close", paths[index], -1, fd)
 
+        calls = _interleave_files(calls, len(files), threads)
         _execute(calls, len(files), threads, 0, open_file, run_call, finish_file)
         return written
 
@@ -171,6 +172,24 @@ class _Call:
             views[v][s : s + n] if v >= 0 else scratch[:n]
             for v, s, n in zip(p[0::3], p[1::3], p[2::3])
         ]
+
+
+def _interleave_files(calls: list, file_count: int, wave: int) -> list:
+    """Spread workers over files, as csrc's interleave_files (see call_plan.hpp).
+
+    Threads writing one file contend for its inode lock; files go in waves of
+    ``wave`` and within a wave their calls alternate.
+    """
+    per_file: list[list] = [[] for _ in range(file_count)]
+    for call in calls:
+        per_file[call.file].append(call)
+    out = []
+    wave = max(wave, 1)
+    for start in range(0, file_count, wave):
+        group = per_file[start : start + wave]
+        for round_ in range(max((len(g) for g in group), default=0)):
+            out.extend(g[round_] for g in group if round_ < len(g))
+    return out
 
 
 def _pack(runs: list, file: int, chunk_bytes: int, max_gap: int, calls: list) -> int:
