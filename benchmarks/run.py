@@ -919,40 +919,12 @@ def rank_reshard_load(spec: dict, rank: int, world: int) -> dict:
 RANK_FUNCS = {"reshard_save": rank_reshard_save, "reshard_load": rank_reshard_load}
 
 
-def _numpy_free_object_collectives() -> bool:
-    """Let torch's object collectives work without numpy; True if a shim was needed.
-
-    torch 2.13's ``distributed_c10d._tensor_to_object`` (used by DCP's
-    gather/scatter of plans) calls ``tensor.numpy()``, and torch does not depend
-    on numpy. Where numpy is absent, decode the same bytes without it. This only
-    touches how plans travel between ranks, identically for every system.
-    """
-    try:
-        import numpy  # noqa: F401
-
-        return False
-    except ImportError:
-        pass
-    import ctypes
-
-    import torch.distributed.distributed_c10d as c10d
-
-    def _tensor_to_object(tensor, tensor_size, group):
-        t = tensor.detach().cpu().contiguous()
-        n = min(int(tensor_size), t.numel() * t.element_size())
-        return c10d._unpickler(io.BytesIO(ctypes.string_at(t.data_ptr(), n))).load()
-
-    c10d._tensor_to_object = _tensor_to_object
-    return True
-
-
 def _rank_main(spec: dict, rank: int, world: int) -> dict:
     import datetime as _dt
 
     import torch
     import torch.distributed as dist
 
-    shimmed = _numpy_free_object_collectives()
     _rank_env(rank, world)
     # Several ranks share few cores: intra-op threads would only oversubscribe them.
     torch.set_num_threads(1)
@@ -965,7 +937,6 @@ def _rank_main(spec: dict, rank: int, world: int) -> dict:
     )
     try:
         out = RANK_FUNCS[spec["rank_op"]](spec, rank, world)
-        out["numpy_shim"] = shimmed
         return out
     finally:
         dist.destroy_process_group()
@@ -1081,7 +1052,6 @@ def op_reshard_load(spec: dict) -> dict:
         "rchar": sum(r["rchar"] for r in ranks),
         "peak_bytes": max(r["peak_bytes"] for r in ranks),
         "per_rank": ranks,
-        "numpy_shim": any(r.get("numpy_shim") for r in ranks),
     }
     if all("bytes_read" in r for r in ranks):
         out["bytes_read"] = sum(r["bytes_read"] for r in ranks)
@@ -1560,9 +1530,6 @@ class Bench:
                 entry["bytes_read"] = summarize([r["bytes_read"] for r in runs])
                 entry["read_over_needed"] = summarize([r["bytes_read"] / r["needed"] for r in runs])
             out["systems"][name] = entry
-            if any(r.get("numpy_shim") for r in runs):
-                out["params"]["numpy_shim"] = ("numpy is not installed: torch's object collectives "
-                                               "(DCP's plan exchange) decoded without it, see _numpy_free_object_collectives")
         self.cases["reshard"] = out
 
     # ------------------------------------------------------------------ aggregation
@@ -1838,9 +1805,6 @@ def render_tables(doc: dict) -> str:
         header(c)
         lines.append(f"Each needed run is {fmt_bytes(c['params']['run_bytes'])}; bytes needed = both ranks' destinations; "
                      "time = slowest rank's dcp.load.")
-        if c["params"].get("numpy_shim"):
-            lines.append("")
-            lines.append(f"Note: {c['params']['numpy_shim']}.")
         lines.append("")
         lines.append("| system | ms (median) | min–max | speed-up vs stock | bytes read / needed (engine) | rchar / needed | peak MiB |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
