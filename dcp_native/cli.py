@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.metadata import (
 from . import layout
 from ._backend import get_engine
 from ._errors import BackendUnavailableError, CheckpointError
+from ._safe_pickle import MetadataUnpickler
 from .engine import ReadFile
 from .plan import Box, encode_boxes
 from .reader import FileSystemReader, default_thread_count
@@ -201,46 +202,6 @@ def _select_keys(keys: Sequence[str], patterns: Sequence[str] | None, where: str
 # --------------------------------------------------------------------------- .metadata
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata only: DCP's classes, torch dtypes/layouts/sizes, paths.
-
-    ``.metadata`` is a pickle; stock DCP loads it with ``pickle.load``. inspect and
-    verify must be safe on checkpoints of unknown origin, so anything outside
-    what DCP writes there is refused instead of imported.
-    """
-
-    _EXTRA = {
-        ("torch.serialization", "_get_layout"),
-        ("collections", "OrderedDict"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("builtins", "slice"),
-        ("builtins", "complex"),
-        ("builtins", "object"),
-        ("copyreg", "_reconstructor"),
-        ("pathlib", "Path"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "PurePath"),
-        ("pathlib", "PurePosixPath"),
-        ("pathlib", "PureWindowsPath"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint") or (module, name) in self._EXTRA:
-            obj = super().find_class(module, name)
-            if (module, name) in self._EXTRA or isinstance(obj, type):
-                return obj
-        elif module == "torch":
-            obj = getattr(torch, name, None)
-            if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
-                return obj
-        raise pickle.UnpicklingError(
-            f"it refers to {module}.{name}, which DCP metadata does not hold; "
-            "refusing to import it"
-        )
-
-
 class _BadMetadata(Exception):
     """``.metadata`` exists but does not load (the message says why, without the path)."""
 
@@ -248,7 +209,7 @@ class _BadMetadata(Exception):
 def _load_metadata(path: str) -> Any:
     try:
         with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+            metadata = MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise
     except OSError as exc:

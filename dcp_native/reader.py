@@ -32,6 +32,7 @@ from torch.futures import Future
 from . import layout
 from ._backend import get_engine
 from ._errors import CorruptCheckpointError, IncompleteCheckpointError, TruncatedFileError
+from ._safe_pickle import load_metadata
 from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, ReadFile, ReadStats
 from .plan import Box, encode_boxes, read_box
 from .writer import SIDECAR_FORMAT_VERSION, SIDECAR_SUFFIX
@@ -124,7 +125,7 @@ class FileSystemReader(_stock.FileSystemReader):
         path = os.path.join(self.path, name)
         try:
             with open(path, "rb") as f:
-                metadata = pickle.load(f)
+                metadata = load_metadata(f, path)
         except FileNotFoundError:
             if not os.path.isdir(self.path):
                 err = IncompleteCheckpointError(
@@ -144,11 +145,6 @@ class FileSystemReader(_stock.FileSystemReader):
             # placeholder instead, so that set_up_storage_reader raises the real error.
             self._missing_metadata = err
             return Metadata(state_dict_metadata={})
-        if not isinstance(metadata, Metadata):
-            raise CorruptCheckpointError(
-                f"{path} does not hold DCP metadata (found {type(metadata).__name__})",
-                filename=path,
-            )
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -185,6 +181,7 @@ class FileSystemReader(_stock.FileSystemReader):
         if missing is not None:
             raise missing
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        _validate_storage_data(str(self.path), self.storage_data)
         self._metadata = metadata
 
     # ------------------------------------------------------------------ reading
@@ -196,6 +193,64 @@ class FileSystemReader(_stock.FileSystemReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+
+def _validate_storage_data(directory: str, storage_data: Any) -> None:
+    """Refuse item locations that leave the directory or cannot be file ranges.
+
+    Every path must be a plain relative path inside the checkpoint directory
+    (no ``..``, not absolute, no NUL, no symlink that leads out), and every
+    offset and length non-negative integers whose sum fits in 63 bits.
+    """
+    if not isinstance(storage_data, dict):
+        raise CorruptCheckpointError(
+            f"{directory}: the metadata's storage_data is a {type(storage_data).__name__}, not a dict",
+            filename=directory,
+        )
+    root = os.path.realpath(directory)
+    checked: set[str] = set()
+    for index, info in storage_data.items():
+        key = getattr(index, "fqn", str(index))
+        rel = getattr(info, "relative_path", None)
+        offset = getattr(info, "offset", None)
+        length = getattr(info, "length", None)
+        if rel not in checked:
+            _check_relative_path(directory, root, rel, key)
+            checked.add(rel)
+        if (
+            not isinstance(offset, int)
+            or not isinstance(length, int)
+            or offset < 0
+            or length < 0
+            or offset + length >= 1 << 63
+        ):
+            raise CorruptCheckpointError(
+                f"{directory}: item {key!r} in {rel} has offset {offset!r} and length {length!r}, "
+                "which are not a valid file range",
+                filename=os.path.join(directory, rel),
+                key=key,
+            )
+
+
+def _check_relative_path(directory: str, root: str, rel: Any, key: str) -> None:
+    def refuse(why: str) -> None:
+        raise CorruptCheckpointError(
+            f"{directory}: item {key!r} names the data file {rel!r}, which {why}; refusing to read it",
+            filename=directory,
+            key=key,
+        )
+
+    if not isinstance(rel, str) or not rel:
+        refuse("is not a file name")
+    if "\0" in rel:
+        refuse("contains a NUL byte")
+    if os.path.isabs(rel):
+        refuse("is an absolute path")
+    if any(part == ".." for part in rel.replace("\\", "/").split("/")):
+        refuse("leaves the checkpoint directory through '..'")
+    resolved = os.path.realpath(os.path.join(directory, rel))
+    if os.path.commonpath([root, resolved]) != root or resolved == root:
+        refuse("resolves (through a symbolic link) outside the checkpoint directory")
 
 
 class _ReadRun:
@@ -275,6 +330,14 @@ class _ReadRun:
             end = info.offset + info.length
             if end > self.min_sizes.get(info.relative_path, 0):
                 self.min_sizes[info.relative_path] = end
+
+        # Sizes are checked before anything is allocated or read: a metadata
+        # file declaring absurd items fails here, naming file and item.
+        for rel, needed in self.min_sizes.items():
+            path = self._path(rel)
+            actual = os.stat(path).st_size
+            if actual < needed:
+                raise self._explain_truncation(TruncatedFileError(path, needed, actual))
 
         direct: dict[str, list[Box]] = {}
         commits: list[tuple[ReadItem, torch.Tensor]] = []
