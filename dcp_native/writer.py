@@ -16,6 +16,7 @@ import json
 import operator
 import os
 import pickle
+import re
 from typing import Any, Sequence
 
 import torch
@@ -35,6 +36,10 @@ from .plan import FileLayout
 SIDECAR_SUFFIX = ".dcp_native"
 SIDECAR_FORMAT_VERSION = 1
 _METADATA_NAME = ".metadata"
+#: Data files as stock and dcp_native name them (dcp_native adds a tag when
+#: saving over a committed checkpoint), and temporary files of the commit.
+_DATA_FILE_RE = re.compile(r"^__\d+_\d+(\.[0-9a-f]{8})?\.distcp$")
+_TMP_RE = re.compile(r"^(__\d+)?\.metadata(\.dcp_native)?\.tmp$")
 
 
 @dataclasses.dataclass
@@ -194,9 +199,18 @@ class FileSystemWriter(_stock.FileSystemWriter):
 
     def _uses_stock_path(self) -> bool:
         fmt = getattr(self, "serialization_format", None)
-        if fmt is not None and fmt != _stock.SerializationFormat.TORCH_SAVE:
-            return True
-        return bool(self.transforms.extensions)
+        return fmt is not None and fmt != _stock.SerializationFormat.TORCH_SAVE
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        plan = super().prepare_local_plan(plan)
+        # Saving over a committed checkpoint: write data files under new names,
+        # so the old checkpoint stays intact (and loadable) until the new
+        # .metadata replaces it; finish() then removes the old files.
+        self._file_tag = f".{self.save_id[:8]}" if self._metadata_exists() else ""
+        return plan
+
+    def _data_file_name(self, prefix: str, n: int) -> str:
+        return f"{prefix}{n}{getattr(self, '_file_tag', '')}{_stock.DEFAULT_SUFFIX}"
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         if self._uses_stock_path():
@@ -212,18 +226,25 @@ class FileSystemWriter(_stock.FileSystemWriter):
         files: list[WriteFile] = []
         results: list[WriteResult] = []
         for n, items in enumerate(groups):
-            name = f"{prefix}{n}{_stock.DEFAULT_SUFFIX}"
+            name = self._data_file_name(prefix, n)
             fl = FileLayout(os.path.join(self.path, name), name)
             # Byte items first, then tensors: stock's order within a file.
             for item in items:
                 if item.type == WriteItemType.BYTE_IO:
-                    results.append(self._add_bytes_item(fl, item, planner.resolve_data(item)))
+                    data = planner.resolve_data(item)
+                    if self.transforms.extensions:
+                        results.append(self._add_transformed_item(fl, item, data))
+                    else:
+                        results.append(self._add_bytes_item(fl, item, data))
             for item in items:
                 if item.type != WriteItemType.BYTE_IO:
                     data = planner.resolve_data(item)
-                    results.append(
-                        self._add_tensor_item(fl, item, data, serialization_id, keep_alive)
-                    )
+                    if self.transforms.extensions:
+                        results.append(self._add_transformed_item(fl, item, data))
+                    else:
+                        results.append(
+                            self._add_tensor_item(fl, item, data, serialization_id, keep_alive)
+                        )
             files.append(WriteFile(fl.path, fl.blob, fl.segments))
 
         get_engine().write(
@@ -233,6 +254,26 @@ class FileSystemWriter(_stock.FileSystemWriter):
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _add_transformed_item(self, fl: FileLayout, item: WriteItem, data: Any) -> WriteResult:
+        """An item through the stream transforms: stock's own framing, written by the engine."""
+        if isinstance(data, torch.Tensor):
+            data = data.detach().cpu()
+            if data.untyped_storage().size() != data.nbytes:
+                data = data.clone()
+        buf = io.BytesIO()
+        framed = _stock._write_item(
+            self.transforms, buf, data, item, fl.relative_path, _stock.SerializationFormat.TORCH_SAVE
+        )
+        offset = fl.add_bytes(buf.getbuffer())
+        info = framed.storage_data
+        return WriteResult(
+            index=item.index,
+            size_in_bytes=framed.size_in_bytes,
+            storage_data=_stock._StorageInfo(
+                fl.relative_path, offset, info.length, info.transform_descriptors
+            ),
+        )
 
     @staticmethod
     def _add_bytes_item(fl: FileLayout, item: WriteItem, data: Any) -> WriteResult:
@@ -317,3 +358,30 @@ class FileSystemWriter(_stock.FileSystemWriter):
         )
         if self.sync_files:
             _fsync_path(directory, directory=True)
+        self._remove_leftovers(directory, storage_md)
+
+    def _remove_leftovers(self, directory: str, storage_md: dict) -> None:
+        """After a commit: remove data files the new metadata does not name, and temp files.
+
+        These are the previous checkpoint's files when saving over it, and what an
+        interrupted save left behind. Only names this writer (or stock) produces
+        are touched; in rank-local mode (no collectives) only this rank's.
+        """
+        referenced = {info.relative_path for info in storage_md.values()}
+        rank_local = not getattr(self, "use_collectives", True) and self.rank is not None
+        pattern = _DATA_FILE_RE if not rank_local else re.compile(
+            rf"^__{self.rank}_\d+(\.[0-9a-f]{{8}})?{re.escape(_stock.DEFAULT_SUFFIX)}$"
+        )
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return
+        for name in names:
+            stale = (pattern.match(name) and name not in referenced) or (
+                not rank_local and _TMP_RE.match(name)
+            )
+            if stale:
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except FileNotFoundError:
+                    pass
