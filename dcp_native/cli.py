@@ -1300,10 +1300,31 @@ def _convert_to_file(args: argparse.Namespace) -> int:
     _engine()  # a bad DCP_NATIVE_BACKEND is a usage error, reported before any work
 
     # Preallocated outputs for the chosen keys only: the load reads nothing else.
+    # A tensor cannot hold more bytes than the items on disk that store it; a
+    # metadata file declaring more is refused before anything is allocated.
+    stored: dict[str, int] = collections.defaultdict(int)
+    file_sizes: dict[str, int] = {}
+    for index, info in (ck.metadata.storage_data or {}).items():
+        rel = info.relative_path
+        if rel not in file_sizes:
+            try:
+                file_sizes[rel] = os.path.getsize(ck.file_path(rel))
+            except OSError:
+                file_sizes[rel] = 0
+        stored[index.fqn] += max(0, min(info.length, file_sizes[rel] - info.offset))
     flat: dict[str, Any] = {}
     for key in keys:
         md = sd_md[key]
         if isinstance(md, TensorStorageMetadata):
+            nbytes = md.properties.dtype.itemsize
+            for s in md.size:
+                nbytes *= s
+            if nbytes > stored[key]:
+                raise CommandFailed(
+                    f"{key!r}: the metadata declares a tensor of {nbytes} bytes, but its items "
+                    f"in the data files hold {stored[key]} bytes; refusing to allocate it "
+                    f"(run `{PROG} verify {args.src}`)"
+                )
             flat[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
         else:
             flat[key] = None

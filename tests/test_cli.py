@@ -411,3 +411,20 @@ def test_user_errors_in_process(checkpoints, tmp_path, capsys, args, fragment):
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("dcp-native: error: ") and fragment in lines[0]
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_absurd_declared_size(tmp_path, capsys):
+    """A metadata file declaring a petabyte tensor is refused before anything is allocated."""
+    from dcp_native import cli
+
+    ck = tmp_path / "ck"
+    dcp.save({"a": torch.ones(4)}, storage_writer=dcp_native.FileSystemWriter(ck), no_dist=True)
+    with open(ck / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    md.state_dict_metadata["a"].size = torch.Size([1 << 48])
+    md.state_dict_metadata["a"].chunks[0].sizes = torch.Size([1 << 48])
+    with open(ck / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    assert cli.main(["convert", str(ck), str(tmp_path / "out.pt")]) == 3
+    err = capsys.readouterr().err
+    assert "refusing to allocate" in err and "'a'" in err and len(err.splitlines()) == 1
