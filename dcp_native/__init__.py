@@ -20,6 +20,7 @@ from ._errors import (
     CheckpointError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
+    IntegrityError,
     TruncatedFileError,
 )
 from .reader import FileSystemReader
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
+    "IntegrityError",
     "TruncatedFileError",
     "BackendUnavailableError",
 ]

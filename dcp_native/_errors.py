@@ -58,6 +58,10 @@ class CorruptCheckpointError(CheckpointError):
     """An item's bytes cannot be what the metadata declares (bad framing, bad offsets)."""
 
 
+class IntegrityError(CorruptCheckpointError):
+    """Bytes read do not match the checksum recorded when they were written."""
+
+
 class TruncatedFileError(CorruptCheckpointError):
     """A data file is shorter than the checkpoint needs."""
 

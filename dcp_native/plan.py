@@ -15,6 +15,7 @@ and collects the segments (inline bytes or host memory) the engine writes.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from array import array
 from typing import Sequence
 
@@ -31,6 +32,8 @@ class Box:
     counts: tuple[int, ...] = ()
     file_strides: tuple[int, ...] = ()
     dest_strides: tuple[int, ...] = ()
+    #: The checkpoint key the box reads (to name it in errors); not part of the plan.
+    key: str | None = dataclasses.field(default=None, compare=False)
 
     @property
     def runs(self) -> int:
@@ -50,6 +53,18 @@ class Box:
         for c, s in zip(self.counts, self.file_strides):
             end += (c - 1) * s
         return self.file_offset, end
+
+    def runs_iter(self):
+        """Yield ``(file_offset, dest_addr)`` of every run, in index order."""
+        if not self.counts:
+            yield self.file_offset, self.dest_addr
+            return
+        for idx in itertools.product(*[range(c) for c in self.counts]):
+            f, d = self.file_offset, self.dest_addr
+            for i, fs, ds in zip(idx, self.file_strides, self.dest_strides):
+                f += i * fs
+                d += i * ds
+            yield f, d
 
     def encode(self, out: array) -> None:
         out.append(self.file_offset)

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pickle
+from array import array
 from typing import Any, Callable, Sequence
 
 import torch
@@ -29,9 +30,14 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from . import layout
+from . import integrity, layout
 from ._backend import get_engine
-from ._errors import CorruptCheckpointError, IncompleteCheckpointError, TruncatedFileError
+from ._errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    IntegrityError,
+    TruncatedFileError,
+)
 from ._safe_pickle import load_metadata
 from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, ReadFile, ReadStats
 from .plan import Box, encode_boxes, read_box
@@ -96,6 +102,7 @@ class FileSystemReader(_stock.FileSystemReader):
         max_gap: int = DEFAULT_MAX_GAP,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         memory_budget: int = 32 << 20,
+        verify: bool | None = None,
     ) -> None:
         super().__init__(path, _extension_registry=_extension_registry)
         self.thread_count = default_thread_count() if thread_count is None else int(thread_count)
@@ -106,7 +113,13 @@ class FileSystemReader(_stock.FileSystemReader):
         self.max_gap = max_gap
         self.chunk_bytes = chunk_bytes
         self.memory_budget = memory_budget
+        if verify is None:
+            verify = integrity.fast_crc32c()
+        #: Check every block read against the checksums the writer recorded.
+        self.verify = bool(verify)
         self._payloads: dict[str, dict[int, int]] = {}
+        #: data file -> its checksum table (from the sidecar)
+        self._crc_files: dict[str, str] = {}
         self._metadata: Metadata | None = None
         self._missing_metadata: IncompleteCheckpointError | None = None
         #: Statistics of the last read_data call (bytes read, calls).
@@ -115,6 +128,7 @@ class FileSystemReader(_stock.FileSystemReader):
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         super().reset(checkpoint_id)
         self._payloads = {}
+        self._crc_files = {}
         self._metadata = None
 
     # ------------------------------------------------------------------ metadata
@@ -160,6 +174,7 @@ class FileSystemReader(_stock.FileSystemReader):
             return {}
         except ValueError:
             return {}  # unreadable sidecar: fall back to parsing item headers
+        self._crc_files = {}
         save_id = getattr(metadata.storage_meta, "save_id", None)
         if (
             not isinstance(doc, dict)
@@ -172,6 +187,9 @@ class FileSystemReader(_stock.FileSystemReader):
         payloads: dict[str, dict[int, int]] = {}
         for rel, entries in doc.get("items", {}).items():
             payloads[rel] = {int(e[0]): (int(e[1]), int(e[2])) for e in entries}
+        self._crc_files = {
+            rel: str(entry["file"]) for rel, entry in (doc.get("checksums") or {}).items()
+        }
         return payloads
 
     def set_up_storage_reader(
@@ -265,6 +283,8 @@ class _ReadRun:
         self.min_sizes: dict[str, int] = {}
         self.stats = ReadStats()
         self._chunks: dict[str, dict[tuple, Any]] = {}
+        #: data file -> its checksum table window, for the files this read verifies
+        self.tables: dict[str, integrity.Table] = {}
 
     # -------------------------------------------------------------- helpers
 
@@ -285,11 +305,24 @@ class _ReadRun:
         return md.properties.dtype, tuple(chunk.sizes)
 
     def _run_engine(self, boxes_by_file: dict[str, list[Box]]) -> None:
-        files = [
-            ReadFile(self._path(rel), self.min_sizes.get(rel, 0), encode_boxes(boxes))
-            for rel, boxes in boxes_by_file.items()
-            if boxes
-        ]
+        files = []
+        checks: list[tuple[str, integrity.CheckPlan | None]] = []
+        for rel, boxes in boxes_by_file.items():
+            if not boxes:
+                continue
+            table = self.tables.get(rel)
+            plan = None
+            if table is not None:
+                plan = integrity.CheckPlan(table)
+                for box in boxes:
+                    for f, d in box.runs_iter():
+                        plan.add_run(f, d, box.inner_bytes, box.key)
+                boxes = boxes + plan.edge_boxes
+            rf = ReadFile(self._path(rel), self.min_sizes.get(rel, 0), encode_boxes(boxes))
+            if plan is not None:
+                rf.checks = plan.records
+            files.append(rf)
+            checks.append((rel, plan))
         if not files:
             return
         try:
@@ -303,6 +336,18 @@ class _ReadRun:
             raise self._explain_truncation(exc) from None
         self.stats.bytes_read += stats.bytes_read
         self.stats.calls += stats.calls
+        for file_index, record in getattr(stats, "failed_checks", ()) or ():
+            rel, plan = checks[file_index]
+            offset = plan.block_offsets[record]
+            key = plan.owner(record)
+            raise IntegrityError(
+                f"{self._path(rel)}: checksum mismatch in the {plan.table.block}-byte block at "
+                f"offset {offset}" + (f", read for {key!r}" if key else "")
+                + ": the data on disk is not what was written",
+                filename=self._path(rel),
+                key=key,
+                offset=offset,
+            )
 
     def _explain_truncation(self, exc: TruncatedFileError) -> TruncatedFileError:
         for rel, reqs in self._reqs_by_file.items():
@@ -377,9 +422,70 @@ class _ReadRun:
         if unknown:
             self._probe(unknown, direct, commits, buffered)
 
+        if self.reader.verify and self.reader._crc_files:
+            self._load_tables(direct, buffered)
         self._execute_rounds(direct, buffered)
         for req, target in commits:
             self.planner.commit_tensor(req, target)
+
+    def _load_tables(self, direct: dict[str, list[Box]], buffered: list[_Buffered]) -> None:
+        """Read the window of each checksum table that this read's blocks need."""
+        spans: dict[str, list[int]] = {}
+
+        def widen(rel: str, lo: int, hi: int) -> None:
+            if hi <= lo or rel not in self.reader._crc_files:
+                return
+            span = spans.setdefault(rel, [lo, hi])
+            span[0], span[1] = min(span[0], lo), max(span[1], hi)
+
+        for rel, boxes in direct.items():
+            for box in boxes:
+                widen(rel, *box.file_span)
+        for op in buffered:
+            widen(op.relative_path, op.file_offset, op.file_offset + op.nbytes)
+        if not spans:
+            return
+        header = integrity.HEADER.size
+        heads = {rel: bytearray(header) for rel in spans}
+        boxes = {}
+        for rel, buf in heads.items():
+            table_rel = self.reader._crc_files[rel]
+            _check_relative_path(str(self.reader.path), os.path.realpath(self.reader.path), table_rel, rel)
+            boxes[table_rel] = [Box(0, _bytearray_address(buf), header)]
+        self._read_plain(boxes)
+        windows = {}
+        boxes = {}
+        for rel, (lo, hi) in spans.items():
+            table_rel = self.reader._crc_files[rel]
+            try:
+                block, size, count = integrity.parse_header(bytes(heads[rel]), self._path(table_rel))
+            except ValueError as exc:
+                raise CorruptCheckpointError(str(exc), filename=self._path(table_rel)) from None
+            actual = os.stat(self._path(rel)).st_size
+            if size != actual:
+                raise IntegrityError(
+                    f"{self._path(rel)} has {actual} bytes, but its checksum table describes "
+                    f"{size}: the file changed after it was written",
+                    filename=self._path(rel),
+                )
+            first, last = lo // block, (hi - 1) // block
+            crcs = array("I", bytes(4 * (last - first + 1)))
+            windows[rel] = integrity.Table(block, size, first, crcs)
+            boxes[table_rel] = [
+                Box(header + 4 * first, crcs.buffer_info()[0], 4 * (last - first + 1))
+            ]
+        self._read_plain(boxes)
+        self.tables = windows
+
+    def _read_plain(self, boxes_by_file: dict[str, list[Box]]) -> None:
+        """Small reads of side files (checksum tables), sizes checked by the engine."""
+        files = []
+        for rel, boxes in boxes_by_file.items():
+            need = max(b.file_span[1] for b in boxes)
+            files.append(ReadFile(self._path(rel), need, encode_boxes(boxes)))
+        stats = self.engine.read(files, threads=self.reader.thread_count)
+        self.stats.bytes_read += stats.bytes_read
+        self.stats.calls += stats.calls
 
     def _execute_rounds(self, direct: dict[str, list[Box]], buffered: list[_Buffered]) -> None:
         """Direct copies go with the first round; buffered ones in rounds within the budget."""
@@ -400,7 +506,7 @@ class _ReadRun:
                 batch.append((op, buf))
                 if op.nbytes:
                     boxes.setdefault(op.relative_path, []).append(
-                        Box(op.file_offset, _bytearray_address(buf), op.nbytes)
+                        Box(op.file_offset, _bytearray_address(buf), op.nbytes, key=op.key)
                     )
                 used += op.nbytes
                 i += 1
@@ -478,7 +584,7 @@ class _ReadRun:
                 return
             overlapping = any(s == 0 for s in box.dest_strides)
             if not overlapping and not (box.inner_bytes < _SHORT_RUN and box.runs > _MANY_RUNS):
-                direct.setdefault(info.relative_path, []).append(box)
+                direct.setdefault(info.relative_path, []).append(dataclasses.replace(box, key=fqn))
                 commits.append((req, target))
                 return
         # Buffered: read the covering byte range of the box, let torch scatter/cast.

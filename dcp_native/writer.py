@@ -17,6 +17,7 @@ import operator
 import os
 import pickle
 import re
+from array import array
 from typing import Any, Sequence
 
 import torch
@@ -26,9 +27,9 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import layout
+from . import integrity, layout
 from ._backend import get_engine
-from .engine import WriteFile
+from .engine import SRC_BLOB, WriteFile
 from .plan import FileLayout
 
 #: The sidecar (what dcp_native adds to a stock checkpoint) is named after the
@@ -38,7 +39,7 @@ SIDECAR_FORMAT_VERSION = 1
 _METADATA_NAME = ".metadata"
 #: Data files as stock and dcp_native name them (dcp_native adds a tag when
 #: saving over a committed checkpoint), and temporary files of the commit.
-_DATA_FILE_RE = re.compile(r"^__\d+_\d+(\.[0-9a-f]{8})?\.distcp$")
+_DATA_FILE_RE = re.compile(r"^__\d+_\d+(\.[0-9a-f]{8})?\.distcp(\.crc32c)?$")
 _TMP_RE = re.compile(r"^(__\d+)?\.metadata(\.dcp_native)?\.tmp$")
 
 
@@ -48,6 +49,8 @@ class _NativeStorageInfo(_stock._StorageInfo):
 
     #: Offset of the tensor payload from the item's first byte (-1: not a fast-path tensor).
     payload_offset: int = -1
+    #: The data file's checksum table (relative path), if one was written.
+    crc_file: str | None = None
 
     def stock(self) -> _stock._StorageInfo:
         return _stock._StorageInfo(
@@ -174,6 +177,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         serialization_format: Any = None,
         *,
         chunk_bytes: int = 8 << 20,
+        checksums: bool | None = None,
     ) -> None:
         if thread_count < 1:
             raise ValueError(f"thread_count must be at least 1, got {thread_count}")
@@ -194,6 +198,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
             **kwargs,
         )
         self.chunk_bytes = chunk_bytes
+        self.checksums = checksums
 
     # ------------------------------------------------------------------ writing
 
@@ -209,6 +214,18 @@ class FileSystemWriter(_stock.FileSystemWriter):
         self._file_tag = f".{self.save_id[:8]}" if self._metadata_exists() else ""
         return plan
 
+    def _checksum_block(self) -> int:
+        """Block size of the CRC32C tables to write; 0 for none.
+
+        By default checksums are written when CRC32C is fast here (the native
+        extension is built); ``checksums=True`` forces them even with the
+        pure-Python CRC32C, ``False`` turns them off.
+        """
+        enabled = self.checksums
+        if enabled is None:
+            enabled = integrity.fast_crc32c()
+        return integrity.DEFAULT_BLOCK if enabled else 0
+
     def _data_file_name(self, prefix: str, n: int) -> str:
         return f"{prefix}{n}{getattr(self, '_file_tag', '')}{_stock.DEFAULT_SUFFIX}"
 
@@ -222,8 +239,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
             groups = [[item] for item in plan.items]
 
         serialization_id = layout.new_serialization_id()
+        crc_block = self._checksum_block()
         keep_alive: list[torch.Tensor] = []
         files: list[WriteFile] = []
+        layouts: list[FileLayout] = []
         results: list[WriteResult] = []
         for n, items in enumerate(groups):
             name = self._data_file_name(prefix, n)
@@ -245,15 +264,42 @@ class FileSystemWriter(_stock.FileSystemWriter):
                         results.append(
                             self._add_tensor_item(fl, item, data, serialization_id, keep_alive)
                         )
-            files.append(WriteFile(fl.path, fl.blob, fl.segments))
+            wf = WriteFile(fl.path, fl.blob, fl.segments)
+            if crc_block:
+                wf.crc_block = crc_block
+            files.append(wf)
+            layouts.append(fl)
 
-        get_engine().write(
+        engine = get_engine()
+        stats = engine.write(
             files, threads=self.thread_count, sync=self.sync_files, chunk_bytes=self.chunk_bytes
         )
         del keep_alive
+        if crc_block:
+            self._write_tables(engine, layouts, stats.block_crcs, crc_block, results)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _write_tables(self, engine, layouts, block_crcs, block, results) -> None:
+        """Write each data file's CRC32C table beside it and note it in the results."""
+        tables = []
+        names = {}
+        for fl, crcs in zip(layouts, block_crcs):
+            blob = integrity.encode_table(block, fl.size, crcs)
+            segments = array("q", (0, SRC_BLOB, 0, len(blob)))
+            tables.append(WriteFile(fl.path + integrity.SUFFIX, blob, segments))
+            names[fl.relative_path] = fl.relative_path + integrity.SUFFIX
+        engine.write(tables, threads=self.thread_count, sync=self.sync_files)
+        for i, wr in enumerate(results):
+            info = wr.storage_data
+            if info.relative_path in names:
+                if not isinstance(info, _NativeStorageInfo):
+                    info = _NativeStorageInfo(
+                        info.relative_path, info.offset, info.length, info.transform_descriptors
+                    )
+                info.crc_file = names[info.relative_path]
+                results[i] = WriteResult(index=wr.index, size_in_bytes=wr.size_in_bytes, storage_data=info)
 
     def _add_transformed_item(self, fl: FileLayout, item: WriteItem, data: Any) -> WriteResult:
         """An item through the stream transforms: stock's own framing, written by the engine."""
@@ -324,6 +370,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         metadata.version = getattr(_stock, "CURRENT_DCP_VERSION", getattr(metadata, "version", None))
         storage_md = {}
         sidecar: dict[str, list[list[int]]] = {}
+        checksums: dict[str, dict[str, Any]] = {}
         for wr_list in results:
             for wr in wr_list:
                 info = wr.storage_data
@@ -332,6 +379,8 @@ class FileSystemWriter(_stock.FileSystemWriter):
                         sidecar.setdefault(info.relative_path, []).append(
                             [info.offset, info.length, info.payload_offset]
                         )
+                    if info.crc_file:
+                        checksums[info.relative_path] = {"file": info.crc_file}
                     info = info.stock()
                 storage_md[wr.index] = info
         metadata.storage_data = storage_md
@@ -345,6 +394,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
             "save_id": self.save_id,
             "metadata": metadata_name,
             "items": {k: sorted(v, key=operator.itemgetter(0)) for k, v in sidecar.items()},
+            "checksums": checksums,
         }
         write_atomically(
             os.path.join(directory, f"{metadata_name}{SIDECAR_SUFFIX}"),
@@ -368,9 +418,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
         are touched; in rank-local mode (no collectives) only this rank's.
         """
         referenced = {info.relative_path for info in storage_md.values()}
+        referenced |= {rel + integrity.SUFFIX for rel in referenced}
         rank_local = not getattr(self, "use_collectives", True) and self.rank is not None
         pattern = _DATA_FILE_RE if not rank_local else re.compile(
-            rf"^__{self.rank}_\d+(\.[0-9a-f]{{8}})?{re.escape(_stock.DEFAULT_SUFFIX)}$"
+            rf"^__{self.rank}_\d+(\.[0-9a-f]{{8}})?{re.escape(_stock.DEFAULT_SUFFIX)}(\.crc32c)?$"
         )
         try:
             names = os.listdir(directory)
