@@ -1,8 +1,8 @@
 // dcp_native._C: the Python face of the native engine, and the only file that
 // includes pybind11. It turns Python buffers into (pointer, length) views held
-// for the whole call, releases the GIL for all planning and I/O, and maps the
-// engine's C++ exceptions to OSError subclasses, TruncatedFileError and
-// ValueError.
+// for the whole call, releases the GIL for all planning, I/O and checksums,
+// and maps the engine's C++ exceptions to OSError subclasses,
+// TruncatedFileError and ValueError.
 #include <Python.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "crc32c.hpp"
 #include "file_io.hpp"
 #include "io_error.hpp"
 #include "read_engine.hpp"
@@ -113,6 +114,19 @@ void check_lengths(size_t expected, size_t actual, const char* what) {
   }
 }
 
+// A CRC argument: an int in [0, 2**32).
+uint32_t crc_value(py::handle object) {
+  int overflow = 0;
+  const long long value = PyLong_AsLongLongAndOverflow(object.ptr(), &overflow);
+  if (value == -1 && PyErr_Occurred() != nullptr) {
+    throw py::error_already_set();
+  }
+  if (overflow != 0 || value < 0 || value > 0xFFFFFFFFLL) {
+    throw PlanError("crc must be in [0, 2**32), got " + std::string(py::str(py::repr(object))));
+  }
+  return static_cast<uint32_t>(value);
+}
+
 std::vector<int64_t> py_write_files(const py::sequence& paths, const py::sequence& blobs,
                                     const py::sequence& segments, int64_t threads, bool sync,
                                     int64_t chunk_bytes) {
@@ -172,6 +186,27 @@ std::pair<int64_t, int64_t> py_read_files(const py::sequence& paths, const py::s
   return {stats.bytes_read, stats.calls};
 }
 
+// Below this size a checksum takes less time than handing the GIL to another
+// thread and back, so the GIL is kept.
+constexpr size_t kCrcGilFreeBytes = 64 << 10;
+
+uint32_t py_crc32c(py::handle data, py::handle crc) {
+  const uint32_t initial = crc_value(crc);
+  const Crc32cFunction function = crc32c_from_env();
+  BufferView view = bytes_view(data, "data");
+  if (view.size() < kCrcGilFreeBytes) {
+    return function(view.data(), view.size(), initial);
+  }
+  py::gil_scoped_release release;
+  return function(view.data(), view.size(), initial);
+}
+
+std::string py_crc32c_impl() {
+  const char* name = nullptr;
+  crc32c_from_env(&name);
+  return name;
+}
+
 // Raises `exception` (an instance) as the current Python error.
 void set_error(const py::object& exception) {
   PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exception.ptr())), exception.ptr());
@@ -218,8 +253,14 @@ PYBIND11_MODULE(_C, m) {
         "Execute a read plan (flat int64 box records per file). Returns (bytes_read, calls).");
   m.def("should_merge", &should_merge, py::arg("prev_len"), py::arg("gap"), py::arg("next_len"),
         py::arg("max_gap"), "The coalescing rule as the native engine applies it.");
+  m.def("crc32c", &py_crc32c, py::arg("data"), py::arg("crc") = 0,
+        "CRC32C of a C-contiguous buffer, continuing crc (the CRC32C of the bytes before it).\n"
+        "DCP_NATIVE_CRC32C=portable forces the table-driven implementation.");
+  m.def("crc32c_impl", &py_crc32c_impl,
+        "The CRC32C implementation in use: 'sse4.2', 'armv8' or 'portable'.");
   m.attr("MAX_IOVECS") = kMaxIovecs;
   m.attr("TINY_SPAN") = kTinySpan;
   m.attr("MAX_NDIM") = kMaxNdim;
   m.attr("SHORT_IO_ENV") = kShortIoEnv;
+  m.attr("CRC32C_ENV") = kCrc32cEnv;
 }

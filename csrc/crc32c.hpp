@@ -1,0 +1,42 @@
+// CRC32C (Castagnoli; reflected, initial value and final xor 0xFFFFFFFF, so
+// crc32c("123456789") == 0xE3069283), the checksum of checkpoint payloads.
+// The hardware implementation (SSE4.2 on x86-64, the ARMv8 CRC instructions
+// on AArch64) is chosen at run time: the module is built for the baseline
+// ISA and must run on CPUs without these instructions, where a portable
+// slicing-by-8 implementation takes over.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dcp_native {
+
+// The checksum of `length` bytes at `data` continuing `crc`, the checksum of
+// the bytes before them (0 for none): crc32c(b, m, crc32c(a, n)) is the
+// checksum of a followed by b.
+using Crc32cFunction = uint32_t (*)(const void* data, size_t length, uint32_t crc) noexcept;
+
+// Environment variable that selects the implementation: unset, empty or
+// "auto" for the fastest this CPU has, "portable" for slicing-by-8 (tests and
+// benchmarks compare the two on machines with the instructions).
+constexpr const char* kCrc32cEnv = "DCP_NATIVE_CRC32C";
+
+// The fastest implementation this CPU supports, and its name ("sse4.2",
+// "armv8" or "portable").
+Crc32cFunction crc32c_best() noexcept;
+const char* crc32c_best_name() noexcept;
+
+// Slicing-by-8 with tables: any CPU, about 1-2 GB/s.
+uint32_t crc32c_portable(const void* data, size_t length, uint32_t crc) noexcept;
+
+// The implementation DCP_NATIVE_CRC32C selects now, and its name; throws
+// PlanError for a value other than auto or portable. Read on every call
+// (engine calls read it once) so tests can set it with monkeypatch.
+Crc32cFunction crc32c_from_env(const char** name = nullptr);
+
+// crc32c with the fastest implementation.
+inline uint32_t crc32c(const void* data, size_t length, uint32_t crc = 0) noexcept {
+  return crc32c_best()(data, length, crc);
+}
+
+}  // namespace dcp_native
