@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "crc32c.hpp"
+#include "fault_injection.hpp"
 #include "file_io.hpp"
 #include "io_error.hpp"
 #include "read_engine.hpp"
@@ -114,6 +115,11 @@ void check_lengths(size_t expected, size_t actual, const char* what) {
   }
 }
 
+std::vector<FaultSpec> fault_specs(py::handle faults) {
+  BufferView view = int64_view(faults, "faults");
+  return parse_fault_specs(int64_data(view), view.size() / 8);
+}
+
 // A CRC argument: an int in [0, 2**32).
 uint32_t crc_value(py::handle object) {
   int overflow = 0;
@@ -129,7 +135,7 @@ uint32_t crc_value(py::handle object) {
 
 std::vector<int64_t> py_write_files(const py::sequence& paths, const py::sequence& blobs,
                                     const py::sequence& segments, int64_t threads, bool sync,
-                                    int64_t chunk_bytes) {
+                                    int64_t chunk_bytes, py::handle faults) {
   const size_t count = py::len(paths);
   check_lengths(count, py::len(blobs), "blobs");
   check_lengths(count, py::len(segments), "segments");
@@ -152,13 +158,15 @@ std::vector<int64_t> py_write_files(const py::sequence& paths, const py::sequenc
   options.sync = sync;
   options.chunk_bytes = chunk_bytes;
   options.short_io_cap = short_io_cap_from_env();
+  options.faults = fault_specs(faults);
   py::gil_scoped_release release;
   return write_files(files, options);
 }
 
 std::pair<int64_t, int64_t> py_read_files(const py::sequence& paths, const py::sequence& min_sizes,
                                           const py::sequence& copies, int64_t threads,
-                                          int64_t max_gap, int64_t chunk_bytes) {
+                                          int64_t max_gap, int64_t chunk_bytes,
+                                          py::handle faults) {
   const size_t count = py::len(paths);
   check_lengths(count, py::len(min_sizes), "min_sizes");
   check_lengths(count, py::len(copies), "copies");
@@ -178,6 +186,7 @@ std::pair<int64_t, int64_t> py_read_files(const py::sequence& paths, const py::s
   options.max_gap = max_gap;
   options.chunk_bytes = chunk_bytes;
   options.short_io_cap = short_io_cap_from_env();
+  options.faults = fault_specs(faults);
   ReadStats stats;
   {
     py::gil_scoped_release release;
@@ -245,11 +254,11 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception_translator(&translate);
 
   m.def("write_files", &py_write_files, py::arg("paths"), py::arg("blobs"), py::arg("segments"),
-        py::arg("threads"), py::arg("sync"), py::arg("chunk_bytes"),
+        py::arg("threads"), py::arg("sync"), py::arg("chunk_bytes"), py::arg("faults"),
         "Create each file and write its segments (flat int64 4-tuples (file_offset, kind, source,\n"
         "length)). Returns the bytes written per file.");
   m.def("read_files", &py_read_files, py::arg("paths"), py::arg("min_sizes"), py::arg("copies"),
-        py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"),
+        py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"), py::arg("faults"),
         "Execute a read plan (flat int64 box records per file). Returns (bytes_read, calls).");
   m.def("should_merge", &should_merge, py::arg("prev_len"), py::arg("gap"), py::arg("next_len"),
         py::arg("max_gap"), "The coalescing rule as the native engine applies it.");

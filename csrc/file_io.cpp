@@ -33,7 +33,10 @@ int64_t short_io_cap_from_env() {
 
 namespace {
 
-int open_with(const std::string& path, int flags, mode_t mode) {
+int open_with(const std::string& path, int flags, mode_t mode, const IoHooks& hooks) {
+  if (const int injected = hooks.fault(FaultOp::kOpen)) {
+    throw IoError(injected, "open", path);
+  }
   for (;;) {
     int fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
     if (fd >= 0) {
@@ -66,7 +69,10 @@ const char* operation_name(Direction direction, int count) {
 }
 
 void transfer_fully(Direction direction, int fd, iovec* iov, int count, int64_t offset,
-                    int64_t bytes, const std::string& path, int64_t required, int64_t cap) {
+                    int64_t bytes, const std::string& path, int64_t required,
+                    const IoHooks& hooks) {
+  const int64_t cap = hooks.short_io_cap;
+  const FaultOp fault_op = direction == Direction::kRead ? FaultOp::kRead : FaultOp::kWrite;
   while (bytes > 0) {
     // The test hook trims the request to cap bytes by shortening one iovec
     // for the duration of the call.
@@ -86,15 +92,20 @@ void transfer_fully(Direction direction, int fd, iovec* iov, int count, int64_t 
       trimmed->iov_len = want - sum;
       use = i + 1;
     }
-    ssize_t done = transfer_once(direction, fd, iov, use, offset);
-    int error = errno;
+    // An injected fault stands for the whole call, EINTR retries included
+    // (as Python's os.preadv/os.pwritev retry EINTR inside one call).
+    int error = hooks.fault(fault_op);
+    ssize_t done = -1;
+    if (error == 0) {
+      do {
+        done = transfer_once(direction, fd, iov, use, offset);
+        error = done < 0 ? errno : 0;
+      } while (error == EINTR);
+    }
     if (trimmed != nullptr) {
       trimmed->iov_len = trimmed_len;
     }
     if (done < 0) {
-      if (error == EINTR) {
-        continue;
-      }
       throw IoError(error, operation_name(direction, use), path, offset);
     }
     if (done == 0) {
@@ -126,10 +137,12 @@ void transfer_fully(Direction direction, int fd, iovec* iov, int count, int64_t 
 
 }  // namespace
 
-int open_for_read(const std::string& path) { return open_with(path, O_RDONLY, 0); }
+int open_for_read(const std::string& path, const IoHooks& hooks) {
+  return open_with(path, O_RDONLY, 0, hooks);
+}
 
-int open_for_write(const std::string& path) {
-  return open_with(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+int open_for_write(const std::string& path, const IoHooks& hooks) {
+  return open_with(path, O_WRONLY | O_CREAT | O_TRUNC, 0644, hooks);
 }
 
 int64_t file_size(int fd, const std::string& path) {
@@ -140,7 +153,10 @@ int64_t file_size(int fd, const std::string& path) {
   return static_cast<int64_t>(info.st_size);
 }
 
-void sync_file(int fd, const std::string& path) {
+void sync_file(int fd, const std::string& path, const IoHooks& hooks) {
+  if (const int injected = hooks.fault(FaultOp::kFsync)) {
+    throw IoError(injected, "fsync", path);
+  }
   while (::fsync(fd) != 0) {
     if (errno != EINTR) {
       throw IoError(errno, "fsync", path);
@@ -148,12 +164,20 @@ void sync_file(int fd, const std::string& path) {
   }
 }
 
-void close_file(int fd, const std::string& path) {
+void close_file(int fd, const std::string& path, const IoHooks& hooks) {
   // Linux releases the descriptor even when close fails, so it is never
-  // retried; EINTR says nothing about the data and is not an error.
-  if (::close(fd) != 0 && errno != EINTR) {
-    throw IoError(errno, "close", path);
+  // retried; EINTR says nothing about the data and is not an error. An
+  // injected failure releases it too.
+  const int injected = hooks.fault(FaultOp::kClose);
+  const int error = ::close(fd) != 0 && errno != EINTR ? errno : 0;
+  if (injected != 0 || error != 0) {
+    throw IoError(injected != 0 ? injected : error, "close", path);
   }
+}
+
+void close_read_only(int fd, const IoHooks& hooks) noexcept {
+  hooks.fault(FaultOp::kClose);  // counted like any close, and ignored like a real failure
+  close_quietly(fd);
 }
 
 void close_quietly(int fd) noexcept {
@@ -163,13 +187,13 @@ void close_quietly(int fd) noexcept {
 }
 
 void read_fully(int fd, iovec* iov, int count, int64_t offset, int64_t bytes,
-                const std::string& path, int64_t required, int64_t cap) {
-  transfer_fully(Direction::kRead, fd, iov, count, offset, bytes, path, required, cap);
+                const std::string& path, int64_t required, const IoHooks& hooks) {
+  transfer_fully(Direction::kRead, fd, iov, count, offset, bytes, path, required, hooks);
 }
 
 void write_fully(int fd, iovec* iov, int count, int64_t offset, int64_t bytes,
-                 const std::string& path, int64_t cap) {
-  transfer_fully(Direction::kWrite, fd, iov, count, offset, bytes, path, 0, cap);
+                 const std::string& path, const IoHooks& hooks) {
+  transfer_fully(Direction::kWrite, fd, iov, count, offset, bytes, path, 0, hooks);
 }
 
 }  // namespace dcp_native

@@ -1,6 +1,8 @@
 // File primitives of the engine: open/fsync/close that throw IoError, and
 // pread/pwrite/preadv/pwritev loops that retry EINTR and resume short
 // transfers, so every caller moves exactly the bytes it asked for or throws.
+// Every system call here goes through the test hooks (short transfers,
+// injected faults) of its engine call.
 #pragma once
 
 #include <sys/uio.h>
@@ -9,6 +11,8 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+
+#include "fault_injection.hpp"
 
 namespace dcp_native {
 
@@ -23,26 +27,39 @@ constexpr const char* kShortIoEnv = "DCP_NATIVE_TEST_SHORT_IO";
 // every engine call so tests can set it with monkeypatch.
 int64_t short_io_cap_from_env();
 
+// The test hooks of one engine call.
+struct IoHooks {
+  // > 0: every pread/pwrite/preadv/pwritev moves at most this many bytes.
+  int64_t short_io_cap = 0;
+  // Injected failures (DCP_NATIVE_FAULT); null for none.
+  FaultInjector* faults = nullptr;
+
+  int fault(FaultOp op) const noexcept { return faults != nullptr ? faults->next(op) : 0; }
+};
+
 // O_RDONLY | O_CLOEXEC.
-int open_for_read(const std::string& path);
+int open_for_read(const std::string& path, const IoHooks& hooks);
 // O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode 0644.
-int open_for_write(const std::string& path);
+int open_for_write(const std::string& path, const IoHooks& hooks);
 int64_t file_size(int fd, const std::string& path);
-void sync_file(int fd, const std::string& path);
+void sync_file(int fd, const std::string& path, const IoHooks& hooks);
 // close() that reports errors: on NFS and some FUSE filesystems a failed
 // write only shows up here, so writers must check it.
-void close_file(int fd, const std::string& path);
+void close_file(int fd, const std::string& path, const IoHooks& hooks);
+// close() of a file that was only read: nothing can be lost, so a failure
+// (real or injected) is ignored.
+void close_read_only(int fd, const IoHooks& hooks) noexcept;
+// close() on error paths: not a hooked call, the descriptor must go.
 void close_quietly(int fd) noexcept;
 
 // Reads `bytes` bytes at `offset` into iov[0..count), which it consumes (the
 // entries are advanced past short transfers). EOF before the end throws
-// TruncatedError(path, required, size found). cap > 0 limits each syscall to
-// cap bytes (DCP_NATIVE_TEST_SHORT_IO).
+// TruncatedError(path, required, size found).
 void read_fully(int fd, iovec* iov, int count, int64_t offset, int64_t bytes,
-                const std::string& path, int64_t required, int64_t cap);
+                const std::string& path, int64_t required, const IoHooks& hooks);
 // Writes `bytes` bytes from iov[0..count) at `offset`; same conventions.
 void write_fully(int fd, iovec* iov, int count, int64_t offset, int64_t bytes,
-                 const std::string& path, int64_t cap);
+                 const std::string& path, const IoHooks& hooks);
 
 // A file of a plan that several workers share: the first worker that needs it
 // opens it, the worker that finishes its last piece closes it. Opening lazily

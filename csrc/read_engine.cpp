@@ -225,6 +225,8 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
   const ReadPlan plan = plan_reads(files, options);
 
   std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
+  FaultInjector faults(options.faults);
+  const IoHooks hooks{options.short_io_cap, &faults};
 
   WorkQueue queue(plan.calls.size());
   const size_t scratch_bytes = static_cast<size_t>(plan.largest_gap);
@@ -239,8 +241,8 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
       const ReadFileSpec& file = files[call.file];
       const int64_t required = plan.required[call.file];
       SharedFile& shared_file = shared[call.file];
-      const int fd = shared_file.acquire([&file, required]() {
-        FdGuard guard(open_for_read(file.path));
+      const int fd = shared_file.acquire([&file, &hooks, required]() {
+        FdGuard guard(open_for_read(file.path, hooks));
         // Checking the size up front fails fast, before reading anything,
         // with the size the plan needs rather than the first run that fails.
         const int64_t size = file_size(guard.get(), file.path);
@@ -257,11 +259,10 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
             local[i].iov_base = scratch.get();
           }
         }
-        read_fully(fd, local, call.iov_count, call.offset, call.bytes, file.path, required,
-                   options.short_io_cap);
+        read_fully(fd, local, call.iov_count, call.offset, call.bytes, file.path, required, hooks);
       }
       if (shared_file.finish_piece()) {
-        close_quietly(shared_file.release());
+        close_read_only(shared_file.release(), hooks);
       }
     }
   };

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "fault_injection.hpp"
+
 namespace dcp_native {
 
 // Runs this small are merged regardless of the 1/8 rule (see should_merge).
@@ -30,8 +32,9 @@ struct ReadOptions {
   int64_t threads = 1;
   int64_t max_gap = 0;
   int64_t chunk_bytes = 1;
-  // Test hook: cap on each syscall's transfer, 0 for none.
+  // Test hooks: cap on each syscall's transfer (0 for none), injected faults.
   int64_t short_io_cap = 0;
+  std::vector<FaultSpec> faults;
 };
 
 struct ReadStats {

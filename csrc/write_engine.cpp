@@ -121,6 +121,8 @@ std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files,
   plan.calls = interleave_files(plan.calls, files.size(), static_cast<size_t>(options.threads));
 
   std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
+  FaultInjector faults(options.faults);
+  const IoHooks hooks{options.short_io_cap, &faults};
 
   WorkQueue queue(plan.calls.size());
   auto worker = [&]() {
@@ -129,20 +131,21 @@ std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files,
       const IoCall& call = plan.calls[index];
       const WriteFileSpec& file = files[call.file];
       SharedFile& shared_file = shared[call.file];
-      const int fd = shared_file.acquire([&file]() { return open_for_write(file.path); });
+      const int fd =
+          shared_file.acquire([&file, &hooks]() { return open_for_write(file.path, hooks); });
       if (call.iov_count > 0) {
         // Each call runs once, on one thread, so it may consume its own iovecs.
         write_fully(fd, plan.iovs.data() + call.first_iov, call.iov_count, call.offset,
-                    call.bytes, file.path, options.short_io_cap);
+                    call.bytes, file.path, hooks);
       }
       if (shared_file.finish_piece()) {
         // The last piece's worker syncs and closes, so files finish in
         // parallel instead of in a serial pass at the end.
         FdGuard guard(shared_file.release());
         if (options.sync) {
-          sync_file(guard.get(), file.path);
+          sync_file(guard.get(), file.path, hooks);
         }
-        close_file(guard.release(), file.path);
+        close_file(guard.release(), file.path, hooks);
       }
     }
   };

@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "fault_injection.hpp"
+
 namespace dcp_native {
 
 constexpr int64_t kSourceBlob = 0;
@@ -27,8 +29,9 @@ struct WriteOptions {
   int64_t threads = 1;
   bool sync = false;
   int64_t chunk_bytes = 1;
-  // Test hook: cap on each syscall's transfer, 0 for none.
+  // Test hooks: cap on each syscall's transfer (0 for none), injected faults.
   int64_t short_io_cap = 0;
+  std::vector<FaultSpec> faults;
 };
 
 // Validates the whole plan (throws PlanError before creating any file), then

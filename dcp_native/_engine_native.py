@@ -2,8 +2,9 @@
 
 A thin adapter: plans cross into C++ as they are (flat int64 buffers, blobs,
 paths encoded with os.fsencode), and the C++ side validates them, releases
-the GIL and does all the I/O. Importing this module raises ImportError when
-the extension is not built, which dcp_native._backend turns into a fallback.
+the GIL and does all the I/O. DCP_NATIVE_FAULT is parsed here, by the parser
+both engines share. Importing this module raises ImportError when the
+extension is not built, which dcp_native._backend turns into a fallback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from typing import Sequence
 # the package already has a _C attribute, so a blocked or missing extension
 # always raises ImportError here.
 from ._C import read_files, write_files
-from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, ReadFile, ReadStats, WriteFile
+from .engine import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_GAP,
+    ReadFile,
+    ReadStats,
+    WriteFile,
+    faults_from_env,
+)
 
 
 class NativeEngine:
@@ -38,6 +46,7 @@ class NativeEngine:
             threads,
             bool(sync),
             chunk_bytes,
+            faults_from_env(),
         )
 
     def read(
@@ -55,5 +64,6 @@ class NativeEngine:
             threads,
             max_gap,
             chunk_bytes,
+            faults_from_env(),
         )
         return ReadStats(bytes_read=bytes_read, calls=calls)

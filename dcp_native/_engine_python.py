@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import threading
+from array import array
 from itertools import repeat
 from typing import Callable, Sequence
 
@@ -20,19 +22,22 @@ from ._errors import TruncatedFileError
 from .engine import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_GAP,
+    FAULT_OPS,
     MAX_IOVECS,
+    SHORT_IO_ENV,
     SRC_BLOB,
     SRC_HOST,
     ReadFile,
     ReadStats,
     WriteFile,
+    faults_from_env,
     should_merge,
 )
 
 #: Most dimensions of one box (as csrc/read_engine.hpp).
 MAX_NDIM = 64
-SHORT_IO_ENV = "DCP_NATIVE_TEST_SHORT_IO"
 _INT64_MAX = (1 << 63) - 1
+_OPEN, _READ, _WRITE, _FSYNC, _CLOSE = range(len(FAULT_OPS))
 
 
 class PythonEngine:
@@ -48,6 +53,7 @@ class PythonEngine:
         sync: bool,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> list[int]:
+        faults = _Faults(faults_from_env())
         _check_positive("threads", threads)
         _check_positive("chunk_bytes", chunk_bytes)
         cap = _short_io_cap()
@@ -63,6 +69,8 @@ class PythonEngine:
 
         def open_file(index: int) -> int:
             return _os_call(
+                faults,
+                _OPEN,
                 os.open,
                 "open",
                 paths[index],
@@ -75,14 +83,17 @@ class PythonEngine:
         def run_call(fd: int, call: _Call, scratch: memoryview | None) -> None:
             buffers = call.buffers(views[call.file], None)
             path = paths[call.file]
-            _transfer(os.pwritev, "pwritev", fd, buffers, call.offset, call.nbytes, path, 0, cap)
+            _transfer(os.pwritev, "pwritev", fd, buffers, call.offset, call.nbytes, path, 0, cap,
+                      faults)
 
         def finish_file(index: int, fd: int) -> None:
-            try:
-                if sync:
-                    _os_call(os.fsync, "fsync", paths[index], -1, fd)
-            finally:
-                _os_call(os.close, "close", paths[index], -1, fd)
+            if sync:
+                try:
+                    _os_call(faults, _FSYNC, os.fsync, "fsync", paths[index], -1, fd)
+                except BaseException:
+                    _close_quietly(fd)  # as csrc's FdGuard: an error path, not a hooked close
+                    raise
+            _os_call(faults, _CLOSE, os.close, "close", paths[index], -1, fd)
 
         calls = _interleave_files(calls, len(files), threads)
         _execute(calls, len(files), threads, 0, open_file, run_call, finish_file)
@@ -96,6 +107,7 @@ class PythonEngine:
         max_gap: int = DEFAULT_MAX_GAP,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> ReadStats:
+        faults = _Faults(faults_from_env())
         _check_positive("threads", threads)
         _check_positive("chunk_bytes", chunk_bytes)
         if max_gap < 0:
@@ -121,28 +133,57 @@ class PythonEngine:
 
         def open_file(index: int) -> int:
             path = paths[index]
-            fd = _os_call(os.open, "open", path, -1, path, os.O_RDONLY | os.O_CLOEXEC)
+            flags = os.O_RDONLY | os.O_CLOEXEC
+            fd = _os_call(faults, _OPEN, os.open, "open", path, -1, path, flags)
             try:
                 # Checking the size up front fails fast, with the size the
                 # plan needs rather than the first run that fails.
-                size = _os_call(os.fstat, "fstat", path, -1, fd).st_size
+                size = _os_call(None, 0, os.fstat, "fstat", path, -1, fd).st_size
                 if size < required[index]:
                     raise TruncatedFileError(path, required[index], size)
             except BaseException:
-                os.close(fd)
+                _close_quietly(fd)
                 raise
             return fd
 
         def run_call(fd: int, call: _Call, scratch: memoryview | None) -> None:
             buffers = call.buffers(views[call.file], scratch)
             path, needed = paths[call.file], required[call.file]
-            _transfer(os.preadv, "preadv", fd, buffers, call.offset, call.nbytes, path, needed, cap)
+            _transfer(os.preadv, "preadv", fd, buffers, call.offset, call.nbytes, path, needed, cap,
+                      faults)
 
         def finish_file(index: int, fd: int) -> None:
-            os.close(fd)
+            # Nothing read can be lost: a failed close (real or injected) is
+            # ignored, as in csrc's close_read_only.
+            faults.next(_CLOSE)
+            _close_quietly(fd)
 
         _execute(calls, len(files), threads, largest_gap, open_file, run_call, finish_file)
         return stats
+
+
+class _Faults:
+    """One engine call's DCP_NATIVE_FAULT counters (csrc/fault_injection.hpp).
+
+    ``next(op)`` is asked before each system call of ``op`` and returns the
+    errno it must fail with, or 0. itertools.count's next() is atomic under
+    the GIL, so exactly one call is the nth whatever the threads do.
+    """
+
+    __slots__ = ("_specs", "_counters")
+
+    def __init__(self, triples: array) -> None:
+        self._specs: dict[tuple[int, int], int] = {}
+        self._counters: list = [None] * len(FAULT_OPS)
+        for op, error, nth in zip(triples[0::3], triples[1::3], triples[2::3]):
+            self._specs[(op, nth)] = error
+            self._counters[op] = itertools.count(1)
+
+    def next(self, op: int) -> int:
+        counter = self._counters[op]
+        if counter is None:
+            return 0
+        return self._specs.get((op, next(counter)), 0)
 
 
 # --------------------------------------------------------------------------- planning
@@ -490,22 +531,38 @@ def _execute(
                     fail(exc)
         for fd in fds:
             if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+                _close_quietly(fd)
     error = state["error"]
     if error is not None:
         state["error"] = None  # no reference cycle through the traceback
         raise error
 
 
-def _os_call(function, operation: str, path: str, offset: int, *args):
-    """Calls an os function; an OSError gets the path, operation and offset (as in csrc/)."""
+def _os_call(faults: _Faults | None, op: int, function, operation: str, path: str, offset: int,
+             *args):
+    """Calls an os function; an OSError gets the path, operation and offset (as in csrc/).
+
+    With ``faults``, the call is system call ``op`` of DCP_NATIVE_FAULT's count
+    and fails instead of being made when its number comes up; an injected
+    close still closes the descriptor, as Linux does on a failed close.
+    """
+    injected = faults.next(op) if faults is not None else 0
     try:
+        if injected:
+            if op == _CLOSE:
+                _close_quietly(*args)
+            raise OSError(injected, os.strerror(injected))
         return function(*args)
     except OSError as exc:
         raise _os_error(exc, operation, path, offset) from None
+
+
+def _close_quietly(fd: int) -> None:
+    """close() on error paths (and of files only read): not a hooked call, errors ignored."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _os_error(exc: OSError, operation: str, path: str, offset: int) -> OSError:
@@ -524,12 +581,15 @@ def _transfer(
     path: str,
     required: int,
     cap: int,
+    faults: _Faults,
 ) -> None:
     """Moves exactly ``nbytes`` bytes with preadv/pwritev, resuming short transfers.
 
     EINTR is retried by Python itself (PEP 475). ``cap`` > 0 limits every call
-    to ``cap`` bytes (DCP_NATIVE_TEST_SHORT_IO).
+    to ``cap`` bytes (DCP_NATIVE_TEST_SHORT_IO); every call, resumed or not,
+    counts for DCP_NATIVE_FAULT.
     """
+    op = _WRITE if syscall is os.pwritev else _READ
     while nbytes > 0:
         request = buffers
         if cap and nbytes > cap:
@@ -542,6 +602,9 @@ def _transfer(
                 request.append(b)
                 want -= len(b)
         try:
+            injected = faults.next(op)
+            if injected:
+                raise OSError(injected, os.strerror(injected))
             done = syscall(fd, request, offset)
         except OSError as exc:
             # Named as csrc names it: one buffer goes through pread/pwrite there.
