@@ -133,12 +133,22 @@ uint32_t crc_value(py::handle object) {
   return static_cast<uint32_t>(value);
 }
 
-std::vector<int64_t> py_write_files(const py::sequence& paths, const py::sequence& blobs,
-                                    const py::sequence& segments, int64_t threads, bool sync,
-                                    int64_t chunk_bytes, py::handle faults) {
+// array('I') of the values; 'I' is 4 bytes on every platform torch runs on.
+py::object uint32_array(const std::vector<uint32_t>& values) {
+  static_assert(sizeof(unsigned int) == sizeof(uint32_t), "array('I') must hold uint32");
+  py::object array = py::module_::import("array").attr("array")("I");
+  array.attr("frombytes")(py::memoryview::from_memory(
+      values.data(), static_cast<py::ssize_t>(values.size() * sizeof(uint32_t))));
+  return array;
+}
+
+py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
+                         const py::sequence& segments, const py::sequence& crc_blocks,
+                         int64_t threads, bool sync, int64_t chunk_bytes, py::handle faults) {
   const size_t count = py::len(paths);
   check_lengths(count, py::len(blobs), "blobs");
   check_lengths(count, py::len(segments), "segments");
+  check_lengths(count, py::len(crc_blocks), "crc_blocks");
   std::vector<BufferView> held;
   held.reserve(2 * count);
   std::vector<WriteFileSpec> files;
@@ -151,6 +161,7 @@ std::vector<int64_t> py_write_files(const py::sequence& paths, const py::sequenc
     held.push_back(int64_view(segments[i], "segments"));
     spec.segments = int64_data(held.back());
     spec.segments_length = held.back().size() / 8;
+    spec.crc_block = crc_blocks[i].cast<int64_t>();
     files.push_back(std::move(spec));
   }
   WriteOptions options;
@@ -159,8 +170,17 @@ std::vector<int64_t> py_write_files(const py::sequence& paths, const py::sequenc
   options.chunk_bytes = chunk_bytes;
   options.short_io_cap = short_io_cap_from_env();
   options.faults = fault_specs(faults);
-  py::gil_scoped_release release;
-  return write_files(files, options);
+  options.crc32c = crc32c_from_env();
+  WriteResult result;
+  {
+    py::gil_scoped_release release;
+    result = write_files(files, options);
+  }
+  py::list crcs;
+  for (size_t i = 0; i < count; ++i) {
+    crcs.append(files[i].crc_block > 0 ? uint32_array(result.block_crcs[i]) : py::none());
+  }
+  return py::make_tuple(py::cast(result.bytes_per_file), crcs);
 }
 
 std::pair<int64_t, int64_t> py_read_files(const py::sequence& paths, const py::sequence& min_sizes,
@@ -254,9 +274,11 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception_translator(&translate);
 
   m.def("write_files", &py_write_files, py::arg("paths"), py::arg("blobs"), py::arg("segments"),
-        py::arg("threads"), py::arg("sync"), py::arg("chunk_bytes"), py::arg("faults"),
+        py::arg("crc_blocks"), py::arg("threads"), py::arg("sync"), py::arg("chunk_bytes"),
+        py::arg("faults"),
         "Create each file and write its segments (flat int64 4-tuples (file_offset, kind, source,\n"
-        "length)). Returns the bytes written per file.");
+        "length)). Returns (bytes written per file, per file array('I') of block CRC32Cs or\n"
+        "None).");
   m.def("read_files", &py_read_files, py::arg("paths"), py::arg("min_sizes"), py::arg("copies"),
         py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"), py::arg("faults"),
         "Execute a read plan (flat int64 box records per file). Returns (bytes_read, calls).");

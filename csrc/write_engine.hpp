@@ -1,7 +1,9 @@
 // Executes write plans: each file is created (or truncated) and its segments,
 // from a Python-owned blob or from raw host addresses, are written at their
 // offsets with pwritev calls spread over threads (the segment format is in
-// dcp_native/engine.py).
+// dcp_native/engine.py). Files that ask for it get the CRC32C of every block
+// of their content, computed from the segments' memory on the same threads,
+// as work items between the writes.
 #pragma once
 
 #include <cstddef>
@@ -9,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "crc32c.hpp"
 #include "fault_injection.hpp"
 
 namespace dcp_native {
@@ -23,6 +26,9 @@ struct WriteFileSpec {
   // Flat int64 4-tuples (file_offset, kind, source, length).
   const int64_t* segments;
   size_t segments_length;
+  // > 0: the segments must cover [0, size) without holes, and the result has
+  // the CRC32C of every crc_block bytes of the file (the last block shorter).
+  int64_t crc_block = 0;
 };
 
 struct WriteOptions {
@@ -32,11 +38,19 @@ struct WriteOptions {
   // Test hooks: cap on each syscall's transfer (0 for none), injected faults.
   int64_t short_io_cap = 0;
   std::vector<FaultSpec> faults;
+  // The CRC32C implementation; null for the fastest.
+  Crc32cFunction crc32c = nullptr;
+};
+
+struct WriteResult {
+  std::vector<int64_t> bytes_per_file;
+  // Per file: the block CRCs, empty for files without crc_block (and for
+  // empty files).
+  std::vector<std::vector<uint32_t>> block_crcs;
 };
 
 // Validates the whole plan (throws PlanError before creating any file), then
-// writes it; returns the bytes written per file. Call without the GIL.
-std::vector<int64_t> write_files(const std::vector<WriteFileSpec>& files,
-                                 const WriteOptions& options);
+// writes it. Call without the GIL.
+WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOptions& options);
 
 }  // namespace dcp_native

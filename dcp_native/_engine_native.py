@@ -2,9 +2,10 @@
 
 A thin adapter: plans cross into C++ as they are (flat int64 buffers, blobs,
 paths encoded with os.fsencode), and the C++ side validates them, releases
-the GIL and does all the I/O. DCP_NATIVE_FAULT is parsed here, by the parser
-both engines share. Importing this module raises ImportError when the
-extension is not built, which dcp_native._backend turns into a fallback.
+the GIL and does all the I/O and checksums. DCP_NATIVE_FAULT is parsed here,
+by the parser both engines share. Importing this module raises ImportError
+when the extension is not built, which dcp_native._backend turns into a
+fallback.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .engine import (
     ReadFile,
     ReadStats,
     WriteFile,
+    WriteStats,
     faults_from_env,
 )
 
@@ -38,16 +40,18 @@ class NativeEngine:
         threads: int,
         sync: bool,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    ) -> list[int]:
-        return write_files(
+    ) -> WriteStats:
+        written, crcs = write_files(
             [os.fsencode(f.path) for f in files],
             [f.blob for f in files],
             [f.segments for f in files],
+            [f.crc_block for f in files],
             threads,
             bool(sync),
             chunk_bytes,
             faults_from_env(),
         )
+        return WriteStats(bytes_written=written, block_crcs=crcs)
 
     def read(
         self,

@@ -5,6 +5,8 @@ native engine is tested against, so it plans exactly as csrc/ does (same
 validation, same call packing, hence the same read stats). The system calls
 release the GIL, so a few threads still overlap I/O; memory at raw addresses
 is reached through ctypes views, one per box or segment, never per byte.
+Checksums go through :mod:`dcp_native._crc32c` (native when the extension
+imports, which releases the GIL for large buffers).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from array import array
 from itertools import repeat
 from typing import Callable, Sequence
 
+from ._crc32c import crc32c
 from ._errors import TruncatedFileError
 from .engine import (
     DEFAULT_CHUNK_BYTES,
@@ -30,6 +33,7 @@ from .engine import (
     ReadFile,
     ReadStats,
     WriteFile,
+    WriteStats,
     faults_from_env,
     should_merge,
 )
@@ -52,7 +56,7 @@ class PythonEngine:
         threads: int,
         sync: bool,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    ) -> list[int]:
+    ) -> WriteStats:
         faults = _Faults(faults_from_env())
         _check_positive("threads", threads)
         _check_positive("chunk_bytes", chunk_bytes)
@@ -61,11 +65,23 @@ class PythonEngine:
         calls: list[_Call] = []
         views: list[list[memoryview]] = []
         written = []
+        crc_items: list[list] = []
+        block_crcs: list[array | None] = []
         for index, (path, f) in enumerate(zip(paths, files)):
-            runs, file_views, total = _collect_segments(path, f.blob, f.segments)
+            crc_block = f.crc_block
+            if crc_block < 0:
+                raise ValueError(f"write plan for {path}: negative crc_block {crc_block}")
+            runs, file_views, total = _collect_segments(path, f.blob, f.segments, crc_block > 0)
             views.append(file_views)
             written.append(total)
             _pack(runs, index, chunk_bytes, -1, calls)
+            if crc_block > 0:
+                out, items = _plan_block_crcs(runs, file_views, crc_block, chunk_bytes)
+                block_crcs.append(out)
+                crc_items.append(items)
+            else:
+                block_crcs.append(None)
+                crc_items.append([])
 
         def open_file(index: int) -> int:
             return _os_call(
@@ -96,8 +112,9 @@ class PythonEngine:
             _os_call(faults, _CLOSE, os.close, "close", paths[index], -1, fd)
 
         calls = _interleave_files(calls, len(files), threads)
-        _execute(calls, len(files), threads, 0, open_file, run_call, finish_file)
-        return written
+        work = _schedule(calls, crc_items)
+        _execute(work, len(files), threads, 0, open_file, run_call, finish_file)
+        return WriteStats(bytes_written=written, block_crcs=block_crcs)
 
     def read(
         self,
@@ -334,9 +351,10 @@ def _host_view(address: int, length: int) -> memoryview:
     return memoryview((ctypes.c_char * length).from_address(address)).cast("B")
 
 
-def _collect_segments(path: str, blob, segments) -> tuple[list, list, int]:
+def _collect_segments(path: str, blob, segments, contiguous: bool) -> tuple[list, list, int]:
     """Validates a file's segments; returns the non-empty ones as runs for :func:`_pack`, their
-    views, and the total length."""
+    views, and the total length. ``contiguous``: the runs must cover the file without holes
+    (files with block CRCs)."""
     values = _int64_values(segments, "segments")
     if len(values) % 4:
         raise ValueError(
@@ -374,11 +392,19 @@ def _collect_segments(path: str, blob, segments) -> tuple[list, list, int]:
         else:
             raise ValueError(f"write plan for {path}: segment {i // 4}: unknown source kind {kind}")
         total += length
-    # Overlapping segments would race between threads: the plan is wrong.
     runs.sort()
-    for prev, run in zip(runs, runs[1:]):
-        if run[0] < prev[0] + prev[1]:
+    covered = 0  # end of the previous run
+    for run in runs:
+        # Overlapping segments would race between threads: the plan is wrong.
+        if run[0] < covered:
             raise ValueError(f"write plan for {path}: segments overlap at file offset {run[0]}")
+        # A hole's bytes come from no memory, so no CRC could cover them.
+        if contiguous and run[0] > covered:
+            raise ValueError(
+                f"write plan for {path}: crc_block needs segments that cover the file, but "
+                f"nothing covers [{covered}, {run[0]})"
+            )
+        covered = run[0] + run[1]
     return runs, views, total
 
 
@@ -446,28 +472,107 @@ def _collect_runs(path: str, copies) -> tuple[list, list, int]:
     return runs, views, furthest
 
 
+class _CrcItem:
+    """The CRCs of ``count`` blocks of a file from block ``first`` (csrc's CrcItem).
+
+    ``runs`` are the file's sorted runs (``_pack``'s tuples), which cover it
+    without holes; ``run`` is the index of the one holding the first byte.
+    """
+
+    __slots__ = ("start", "first", "count", "run", "runs", "views", "block", "size", "out")
+
+    def __init__(self, first, count, run, runs, views, block, size, out) -> None:
+        self.start = first * block
+        self.first = first
+        self.count = count
+        self.run = run
+        self.runs = runs
+        self.views = views
+        self.block = block
+        self.size = size
+        self.out = out
+
+    def __call__(self) -> None:
+        runs, views, block, size, out = self.runs, self.views, self.block, self.size, self.out
+        r = self.run
+        offset, length, view, start = runs[r]
+        pos = self.start
+        for b in range(self.first, self.first + self.count):
+            end = min(pos + block, size)
+            crc = 0
+            while pos < end:
+                run_end = offset + length
+                take = min(end, run_end) - pos
+                s = start + pos - offset
+                crc = crc32c(views[view][s : s + take], crc)
+                pos += take
+                if pos == run_end and pos < size:
+                    r += 1
+                    offset, length, view, start = runs[r]
+            out[b] = crc
+
+
+def _plan_block_crcs(runs: list, views: list, block: int, chunk_bytes: int) -> tuple:
+    """A file's CRC output array and its items of whole blocks, about chunk_bytes each."""
+    size = runs[-1][0] + runs[-1][1] if runs else 0
+    blocks = -(-size // block)
+    out = array("I", bytes(4 * blocks))
+    per_item = max(1, chunk_bytes // block)
+    items = []
+    r = 0
+    for first in range(0, blocks, per_item):
+        start = first * block
+        while runs[r][0] + runs[r][1] <= start:
+            r += 1
+        count = min(per_item, blocks - first)
+        items.append(_CrcItem(first, count, r, runs, views, block, size, out))
+    return out, items
+
+
+def _schedule(calls: list, crc_items: list) -> list:
+    """Each file's CRC items right after the write call covering their first byte (csrc's
+    schedule), then whatever is left."""
+    if not any(crc_items):
+        return calls
+    nexts = [0] * len(crc_items)
+    work: list = []
+    for call in calls:
+        work.append(call)
+        items, i = crc_items[call.file], nexts[call.file]
+        end = call.offset + call.nbytes
+        while i < len(items) and items[i].start < end:
+            work.append(items[i])
+            i += 1
+        nexts[call.file] = i
+    for items, i in zip(crc_items, nexts):
+        work.extend(items[i:])
+    return work
+
+
 # --------------------------------------------------------------------------- execution
 
 
 def _execute(
-    calls: list[_Call],
+    work: list,
     file_count: int,
     threads: int,
     scratch_bytes: int,
-    open_file: Callable[[int], int],
-    run_call: Callable[[int, _Call, "memoryview | None"], None],
-    finish_file: Callable[[int, int], None],
+    open_file: Callable[[int], int] | None,
+    run_call: Callable[[int, _Call, "memoryview | None"], None] | None,
+    finish_file: Callable[[int, int], None] | None,
 ) -> None:
-    """Runs the calls on up to ``threads`` threads (the caller is one of them).
+    """Runs the work on up to ``threads`` threads (the caller is one of them).
 
-    A file is opened by the first call that needs it and finished (synced,
-    closed) by whichever thread completes its last call, so few descriptors are
-    open at once. The first error stops the other threads and is raised here,
-    after every descriptor is closed.
+    ``work`` holds calls and plain callables (checksum work), in the order
+    the threads take them. A file is opened by the first call that needs it
+    and finished (synced, closed) by whichever thread completes its last call,
+    so few descriptors are open at once. The first error stops the other
+    threads and is raised here, after every descriptor is closed.
     """
     pieces = [0] * file_count
-    for call in calls:
-        pieces[call.file] += 1
+    for call in work:
+        if type(call) is _Call:
+            pieces[call.file] += 1
     fds: list[int | None] = [None] * file_count
     file_locks = [threading.Lock() for _ in range(file_count)]
     lock = threading.Lock()
@@ -493,10 +598,13 @@ def _execute(
             while True:
                 with lock:
                     i = state["next"]
-                    if state["error"] is not None or i >= len(calls):
+                    if state["error"] is not None or i >= len(work):
                         return
                     state["next"] = i + 1
-                call = calls[i]
+                call = work[i]
+                if type(call) is not _Call:
+                    call()
+                    continue
                 fd = acquire(call.file)
                 if call.parts:
                     run_call(fd, call, scratch)
@@ -512,7 +620,7 @@ def _execute(
 
     helpers = []
     try:
-        for _ in range(min(threads, len(calls)) - 1):
+        for _ in range(min(threads, len(work)) - 1):
             thread = threading.Thread(target=worker, name="dcp_native-io", daemon=True)
             try:
                 thread.start()

@@ -5,6 +5,8 @@ Two implementations share this contract and every test:
 * ``native``: ``dcp_native._C`` (C++ threads, pread/pwrite loops), see csrc/.
 * ``python``: :mod:`dcp_native._engine_python` (os.pwritev/os.preadv on threads).
 
+Both return the same results and the same stats for the same plan.
+
 What crosses the seam is plain data: paths, byte offsets, lengths and raw
 addresses as integers (``tensor.data_ptr()``). The caller keeps the memory
 behind every address alive and unchanged until the call returns.
@@ -22,7 +24,20 @@ Write plan (one :class:`WriteFile` per data file)
     1024 iovecs and ``chunk_bytes`` bytes; longer segments are split into
     ``chunk_bytes`` pieces. The pieces of all files are spread over
     ``threads`` threads. With ``sync`` each file is fsynced before the call
-    returns. Returns the number of bytes written per file.
+    returns.
+
+    Block checksums: with ``crc_block > 0`` the file's non-empty segments must
+    cover ``[0, size)`` without holes (``ValueError`` before any I/O
+    otherwise), and the result holds the CRC32C (Castagnoli, as
+    :func:`dcp_native._crc32c.crc32c`) of every block
+    ``[k * crc_block, min((k + 1) * crc_block, size))`` of the file's content,
+    headers and payloads alike, as ``array('I')``. They are computed from the
+    segments' memory during the call, on the same threads, in work items of
+    whole blocks (about ``chunk_bytes`` each) scheduled right after the write
+    that covers their first byte; a block may span several segments.
+
+    Returns :class:`WriteStats`: the bytes written per file and, per file, its
+    block CRCs (``None`` where ``crc_block`` is 0).
 
 Read plan (one :class:`ReadFile` per data file)
     ``copies`` is a flat ``array('q')`` of variable-length records
@@ -42,7 +57,9 @@ Read plan (one :class:`ReadFile` per data file)
     or ``a + g + b <= 4096``: so coalescing costs at most 1/8 extra bytes except
     for runs so small that a syscall each would cost more than the bytes. A
     call holds at most 1024 iovecs and ``chunk_bytes`` bytes; longer runs are
-    split. Returns :class:`ReadStats`.
+    split.
+
+    Returns :class:`ReadStats`.
 
 Errors
     I/O failures raise ``OSError`` (the subclass errno selects) with
@@ -72,6 +89,9 @@ Testing hooks (read at every engine call, so tests can set them with monkeypatch
     one is ignored, as a real failure is (nothing can be lost); closes on
     error paths are not counted. A malformed value raises ``ValueError``
     naming DCP_NATIVE_FAULT.
+
+    ``DCP_NATIVE_CRC32C=auto|portable`` selects the native CRC32C
+    implementation (see :mod:`dcp_native._crc32c`).
 """
 
 from __future__ import annotations
@@ -80,7 +100,7 @@ import dataclasses
 import errno
 import os
 from array import array
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 SRC_BLOB = 0
 SRC_HOST = 1
@@ -107,6 +127,8 @@ class WriteFile:
     path: str
     blob: bytes | bytearray | memoryview
     segments: array  # array('q'), 4 per segment
+    #: > 0: return the CRC32C of every block of this many bytes (see module docs).
+    crc_block: int = 0
 
 
 @dataclasses.dataclass
@@ -114,6 +136,14 @@ class ReadFile:
     path: str
     min_size: int
     copies: array  # array('q'), variable-length records
+
+
+@dataclasses.dataclass
+class WriteStats:
+    #: Bytes written per file (the sum of its segments' lengths).
+    bytes_written: list[int]
+    #: Per file: array('I') of its block CRC32Cs, or None where crc_block is 0.
+    block_crcs: list[Optional[array]]
 
 
 @dataclasses.dataclass
@@ -134,7 +164,7 @@ class Engine(Protocol):
         threads: int,
         sync: bool,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    ) -> list[int]: ...
+    ) -> WriteStats: ...
 
     def read(
         self,

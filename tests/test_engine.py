@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dcp_native._crc32c import _crc32c_python as ref_crc32c
 from dcp_native._errors import TruncatedFileError
 from dcp_native.engine import (
     MAX_IOVECS,
@@ -27,6 +28,7 @@ from dcp_native.engine import (
     ReadFile,
     ReadStats,
     WriteFile,
+    WriteStats,
     should_merge,
 )
 
@@ -122,7 +124,7 @@ def test_round_trip_sizes(engine, tmp_path, size, threads):
         sync=True,
         chunk_bytes=4096,
     )
-    assert written == [size + 3]
+    assert written == WriteStats([size + 3], [None])
     assert path.read_bytes() == header + data
 
     dest = Mem(size + 3)
@@ -148,9 +150,10 @@ def test_many_small_segments(engine, tmp_path):
         for i in range(n)
     ]
     path = tmp_path / "small.distcp"
-    assert engine.write(
+    written = engine.write(
         [WriteFile(str(path), blob, segments(*reversed(segs)))], threads=3, sync=False
-    ) == [n * length]
+    )
+    assert written.bytes_written == [n * length]
     assert path.read_bytes() == data
 
     # Each run to its own 8-byte slot: n runs, contiguous in the file, so
@@ -176,7 +179,8 @@ def test_write_holes_and_order(engine, tmp_path):
         blob_seg(1000, 0, 0),  # empty: writes nothing, does not extend the file
         host_seg(30, 0, 0),  # empty host segment: the address is not used
     )
-    assert engine.write([WriteFile(str(path), blob, plan)], threads=3, sync=True) == [20]
+    written = engine.write([WriteFile(str(path), blob, plan)], threads=3, sync=True)
+    assert written.bytes_written == [20]
     expected = bytearray(60)
     expected[5:15] = blob
     expected[50:60] = b"0123456789"
@@ -186,8 +190,10 @@ def test_write_holes_and_order(engine, tmp_path):
 def test_write_replaces_existing_file(engine, tmp_path):
     path = tmp_path / "old.distcp"
     write_file(path, b"x" * 1000)
-    assert engine.write([WriteFile(str(path), b"new", segments(blob_seg(0, 0, 3)))],
-                        threads=1, sync=False) == [3]
+    written = engine.write(
+        [WriteFile(str(path), b"new", segments(blob_seg(0, 0, 3)))], threads=1, sync=False
+    )
+    assert written.bytes_written == [3]
     assert path.read_bytes() == b"new"
 
 
@@ -202,7 +208,8 @@ def test_blob_buffer_types(engine, tmp_path, blob_type):
     }[blob_type]
     path = tmp_path / "b.distcp"
     plan = memoryview(segments(blob_seg(0, 8, 56), blob_seg(56, 0, 8)))  # segments as a view
-    assert engine.write([WriteFile(str(path), blob, plan)], threads=2, sync=False) == [64]
+    written = engine.write([WriteFile(str(path), blob, plan)], threads=2, sync=False)
+    assert written.bytes_written == [64]
     assert path.read_bytes() == raw[8:] + raw[:8]
 
 
@@ -221,7 +228,7 @@ def test_multiple_files(engine, tmp_path, threads):
         sync=True,
         chunk_bytes=1000,
     )
-    assert written == sizes
+    assert written.bytes_written == sizes
     for p, d in zip(paths, datas):
         with open(p, "rb") as f:
             assert f.read() == d
@@ -422,7 +429,7 @@ def test_short_io(engine, tmp_path, monkeypatch, cap):
     written = engine.write(
         [WriteFile(str(path), blob, plan)], threads=3, sync=False, chunk_bytes=900
     )
-    assert written == [3000]
+    assert written.bytes_written == [3000]
     assert path.read_bytes() == data
     stats = engine.read([ReadFile(str(path), 3000, copies(*boxes))], threads=3, chunk_bytes=900)
     monkeypatch.delenv(SHORT_IO_ENV)
@@ -453,7 +460,8 @@ def test_short_io_zero_means_off(engine, tmp_path, monkeypatch):
     monkeypatch.setenv(SHORT_IO_ENV, "0")
     path = tmp_path / "z.distcp"
     plan = segments(blob_seg(0, 0, 3))
-    assert engine.write([WriteFile(str(path), b"abc", plan)], threads=1, sync=False) == [3]
+    written = engine.write([WriteFile(str(path), b"abc", plan)], threads=1, sync=False)
+    assert written.bytes_written == [3]
     assert path.read_bytes() == b"abc"
 
 
@@ -804,14 +812,15 @@ def test_engines_agree(tmp_path, seed):
 
 
 def test_empty_plans(engine):
-    assert engine.write([], threads=4, sync=True) == []
+    assert engine.write([], threads=4, sync=True) == WriteStats([], [])
     assert engine.read([], threads=4) == ReadStats(0, 0)
 
 
 def test_pathlike_paths(engine, tmp_path):
     path = tmp_path / "p.distcp"
     plan = segments(blob_seg(0, 0, 3))
-    assert engine.write([WriteFile(path, b"xyz", plan)], threads=1, sync=False) == [3]
+    written = engine.write([WriteFile(path, b"xyz", plan)], threads=1, sync=False)
+    assert written.bytes_written == [3]
     dest = Mem(3)
     stats = engine.read([ReadFile(path, 3, copies(box(0, dest.addr, 3)))], threads=1)
     assert stats == ReadStats(3, 1)
@@ -819,6 +828,159 @@ def test_pathlike_paths(engine, tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         engine.read([ReadFile(tmp_path / "nope", 0, copies())], threads=1)
     assert info.value.filename == str(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------- block CRCs
+
+
+def block_crcs(content: bytes, block: int) -> array:
+    """Reference: the CRC32C of every block, by the pure-Python implementation."""
+    return array("I", (ref_crc32c(content[k : k + block]) for k in range(0, len(content), block)))
+
+
+def contiguous_plan(rng: random.Random, lengths, host: Mem, blob: bytes) -> tuple[array, bytes]:
+    """Segments of the given lengths covering [0, sum) without holes, blob and host
+    alternating at random, listed in random order; returns them and the file content."""
+    segs, content, offset = [], bytearray(), 0
+    for length in lengths:
+        if rng.random() < 0.5:
+            source = rng.randrange(0, len(blob) - length + 1)
+            segs.append(blob_seg(offset, source, length))
+            content += blob[source : source + length]
+        else:
+            source = rng.randrange(0, host.size - length + 1)
+            segs.append(host_seg(offset, host.addr + source, length))
+            content += host.buf[source : source + length]
+        offset += length
+    rng.shuffle(segs)
+    return segments(*segs), bytes(content)
+
+
+# name: segment lengths
+CRC_LAYOUTS = {
+    "one_segment": [10_000],
+    "exact_blocks": None,  # two segments, of 2 and 3 blocks: the file ends on a block
+    "header_payload_trailer": [3, 12_000, 1, 57],
+    "many_segments": [(i * 37) % 301 for i in range(300)],  # zero-length ones too
+    "empty": [],
+}
+
+
+@pytest.mark.parametrize("block", [1, 4096, 4097, 1 << 20])
+@pytest.mark.parametrize("layout", CRC_LAYOUTS)
+def test_block_crcs(engine, tmp_path, block, layout):
+    lengths = CRC_LAYOUTS[layout]
+    if lengths is None:
+        lengths = [2 * block, 3 * block]
+    if block == 1 and sum(lengths) > 20_000:
+        pytest.skip("a CRC per byte of a large file only costs time")
+    rng = random.Random(block)
+    host = Mem(data=pattern(max(lengths, default=0) + 100, 5))
+    blob = pattern(max(lengths, default=0) + 100, 6)
+    plan, content = contiguous_plan(rng, lengths, host, blob)
+    path = tmp_path / "crc.distcp"
+    stats = engine.write(
+        [WriteFile(str(path), blob, plan, crc_block=block)], threads=3, sync=False,
+        chunk_bytes=5000,
+    )
+    assert path.read_bytes() == content
+    assert stats == WriteStats([len(content)], [block_crcs(content, block)])
+    assert stats.block_crcs[0].typecode == "I"
+
+
+def test_block_crcs_per_file(engine, tmp_path):
+    """Files with and without CRCs, of different blocks, in one call on many threads."""
+    rng = random.Random(9)
+    host = Mem(data=pattern(50_000, 7))
+    blob = pattern(50_000, 8)
+    files, contents, blocks = [], [], [4096, 0, 1000, 0, 8192, 333]
+    for i, block in enumerate(blocks):
+        lengths = [rng.randrange(0, 9000) for _ in range(rng.randrange(0, 12))]
+        plan, content = contiguous_plan(rng, lengths, host, blob)
+        files.append(WriteFile(str(tmp_path / f"{i}.distcp"), blob, plan, crc_block=block))
+        contents.append(content)
+    stats = engine.write(files, threads=16, sync=True, chunk_bytes=3000)
+    assert stats.bytes_written == [len(c) for c in contents]
+    assert stats.block_crcs == [block_crcs(c, b) if b else None for c, b in zip(contents, blocks)]
+
+
+def test_block_crcs_portable(engine, tmp_path, monkeypatch):
+    """The table-driven native implementation gives the same CRCs as the hardware one."""
+    monkeypatch.setenv("DCP_NATIVE_CRC32C", "portable")
+    host = Mem(data=pattern(70_001, 10))
+    path = tmp_path / "p.distcp"
+    stats = engine.write(
+        [WriteFile(str(path), b"HD", segments(blob_seg(0, 0, 2), host_seg(2, host.addr, 70_001)),
+                   crc_block=4096)],
+        threads=3, sync=False, chunk_bytes=10_000,
+    )
+    assert stats.block_crcs == [block_crcs(b"HD" + host.bytes(), 4096)]
+
+
+def test_block_crcs_with_short_io(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv(SHORT_IO_ENV, "333")
+    host = Mem(data=pattern(20_000, 11))
+    path = tmp_path / "s.distcp"
+    stats = engine.write(
+        [WriteFile(str(path), b"", segments(host_seg(0, host.addr, 20_000)), crc_block=4096)],
+        threads=2, sync=False, chunk_bytes=3000,
+    )
+    assert path.read_bytes() == host.bytes()
+    assert stats.block_crcs == [block_crcs(host.bytes(), 4096)]
+
+
+BAD_CRC_PLANS = {
+    "hole_at_start": [blob_seg(5, 0, 4)],
+    "hole_in_middle": [blob_seg(0, 0, 4), blob_seg(5, 0, 4)],
+    "hole_unsorted": [blob_seg(6, 0, 4), blob_seg(0, 0, 4), blob_seg(4, 0, 1)],
+    "overlap": [blob_seg(0, 0, 4), blob_seg(3, 0, 4)],
+}
+
+
+@pytest.mark.parametrize("name", BAD_CRC_PLANS)
+def test_block_crcs_need_contiguous_segments(engine, tmp_path, name):
+    good = tmp_path / "good.distcp"
+    bad = tmp_path / "bad.distcp"
+    with pytest.raises(ValueError, match="overlap" if name == "overlap" else "nothing covers"):
+        engine.write(
+            [
+                WriteFile(str(good), b"abcd", segments(blob_seg(0, 0, 4)), crc_block=2),
+                WriteFile(str(bad), b"abcd", segments(*BAD_CRC_PLANS[name]), crc_block=4096),
+            ],
+            threads=2,
+            sync=False,
+        )
+    # Rejected before any file is created.
+    assert not good.exists() and not bad.exists()
+
+
+def test_holes_allowed_without_crcs(engine, tmp_path):
+    path = tmp_path / "h.distcp"
+    stats = engine.write(
+        [WriteFile(str(path), b"abcd", segments(blob_seg(5, 0, 4)), crc_block=0)],
+        threads=1, sync=False,
+    )
+    assert stats == WriteStats([4], [None])
+
+
+def test_negative_crc_block(engine, tmp_path):
+    with pytest.raises(ValueError, match="crc_block"):
+        engine.write(
+            [WriteFile(str(tmp_path / "x"), b"ab", segments(blob_seg(0, 0, 2)), crc_block=-1)],
+            threads=1, sync=False,
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_empty_segments_are_not_holes(engine, tmp_path):
+    """Zero-length segments anywhere (even past the end) neither leave nor fill holes."""
+    path = tmp_path / "z.distcp"
+    plan = segments(blob_seg(0, 0, 3), blob_seg(100, 0, 0), blob_seg(3, 3, 3), blob_seg(3, 0, 0))
+    stats = engine.write(
+        [WriteFile(str(path), b"abcdef", plan, crc_block=4)], threads=2, sync=False
+    )
+    assert path.read_bytes() == b"abcdef"
+    assert stats == WriteStats([6], [block_crcs(b"abcdef", 4)])
 
 
 # --------------------------------------------------------------------------- fault injection
@@ -851,7 +1013,8 @@ def test_fault_write_many_threads(engine, tmp_path, monkeypatch, threads):
     """Exactly one write fails whatever the interleaving; the call returns and closes all."""
     hosts = [Mem(data=pattern(20_000, i)) for i in range(8)]
     paths = [str(tmp_path / f"{i}.distcp") for i in range(8)]
-    files = [WriteFile(p, b"", segments(host_seg(0, h.addr, 20_000))) for p, h in zip(paths, hosts)]
+    files = [WriteFile(p, b"", segments(host_seg(0, h.addr, 20_000)), crc_block=4096)
+             for p, h in zip(paths, hosts)]
     monkeypatch.setenv(FAULT_ENV, "write:EFBIG:7")
     before = open_fds()
     with pytest.raises(OSError) as info:
@@ -902,7 +1065,7 @@ def test_fault_fsync_with_sync(engine, tmp_path, monkeypatch):
     assert (info.value.errno, info.value.filename) == (errno.EIO, path)
     assert info.value.strerror == f"{os.strerror(errno.EIO)} (fsync)"
     # Without sync there is no fsync to fail.
-    assert engine.write([wf], threads=2, sync=False)== [10_000]
+    assert engine.write([wf], threads=2, sync=False).bytes_written == [10_000]
 
 
 def test_fault_eio_on_read(engine, tmp_path, monkeypatch):
@@ -964,7 +1127,7 @@ def test_fault_counts_short_transfers(engine, tmp_path, monkeypatch):
 def test_fault_past_the_last_call(engine, tmp_path, monkeypatch):
     host, path, wf = one_file_plan(tmp_path)
     monkeypatch.setenv(FAULT_ENV, "write:EIO:11,open:EIO:2,fsync:EIO:2,close:EIO:2,read:EIO:1")
-    assert engine.write([wf], threads=3, sync=True, chunk_bytes=1000)== [10_000]
+    assert engine.write([wf], threads=3, sync=True, chunk_bytes=1000).bytes_written == [10_000]
     with open(path, "rb") as f:
         assert f.read() == host.bytes()
 
@@ -1013,4 +1176,41 @@ def test_fault_malformed(engine, tmp_path, monkeypatch, value):
 def test_fault_empty_means_off(engine, tmp_path, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "")
     _, path, wf = one_file_plan(tmp_path)
-    assert engine.write([wf], threads=1, sync=False)== [10_000]
+    assert engine.write([wf], threads=1, sync=False).bytes_written == [10_000]
+
+
+# --------------------------------------------------------------------------- both engines, CRCs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_engines_agree_on_checksums(tmp_path, seed):
+    """Random contiguous plans with random blocks: identical WriteStats, equal to the
+    reference."""
+    native, python = both_engines()
+    rng = random.Random(seed)
+    host = Mem(data=pattern(40_000, seed))
+    blob = pattern(40_000, seed + 50)
+    plans, contents, blocks = [], [], []
+    for _ in range(3):
+        lengths = [rng.choice([0, 1, 7, 4096, rng.randrange(1, 20_000)])
+                   for _ in range(rng.randrange(0, 40))]
+        plan, content = contiguous_plan(rng, lengths, host, blob)
+        plans.append(plan)
+        contents.append(content)
+        blocks.append(rng.choice([0, 1, 100, 4096, 4097, 1 << 16]) if len(content) < 50_000 or
+                      rng.random() < 0.5 else 4096)
+    threads = rng.choice(THREADS)
+    chunk = rng.choice([1000, 4096, 1 << 20])
+    results = {}
+    for eng in (native, python):
+        paths = [str(tmp_path / f"{eng.name}_{i}.distcp") for i in range(3)]
+        stats = eng.write(
+            [WriteFile(p, blob, plan, crc_block=b) for p, plan, b in zip(paths, plans, blocks)],
+            threads=threads, sync=False, chunk_bytes=chunk,
+        )
+        results[eng.name] = stats
+    assert results["native"] == results["python"]
+    assert results["native"] == WriteStats(
+        [len(c) for c in contents],
+        [block_crcs(c, b) if b else None for c, b in zip(contents, blocks)],
+    )
