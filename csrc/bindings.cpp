@@ -183,15 +183,15 @@ py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
   return py::make_tuple(py::cast(result.bytes_per_file), crcs);
 }
 
-std::pair<int64_t, int64_t> py_read_files(const py::sequence& paths, const py::sequence& min_sizes,
-                                          const py::sequence& copies, int64_t threads,
-                                          int64_t max_gap, int64_t chunk_bytes,
-                                          py::handle faults) {
+py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes,
+                        const py::sequence& copies, const py::sequence& checks, int64_t threads,
+                        int64_t max_gap, int64_t chunk_bytes, py::handle faults) {
   const size_t count = py::len(paths);
   check_lengths(count, py::len(min_sizes), "min_sizes");
   check_lengths(count, py::len(copies), "copies");
+  check_lengths(count, py::len(checks), "checks");
   std::vector<BufferView> held;
-  held.reserve(count);
+  held.reserve(2 * count);
   std::vector<ReadFileSpec> files;
   files.reserve(count);
   for (size_t i = 0; i < count; ++i) {
@@ -199,6 +199,11 @@ std::pair<int64_t, int64_t> py_read_files(const py::sequence& paths, const py::s
     held.push_back(int64_view(copies[i], "copies"));
     spec.copies = int64_data(held.back());
     spec.copies_length = held.back().size() / 8;
+    if (!checks[i].is_none()) {
+      held.push_back(int64_view(checks[i], "checks"));
+      spec.checks = int64_data(held.back());
+      spec.checks_length = held.back().size() / 8;
+    }
     files.push_back(std::move(spec));
   }
   ReadOptions options;
@@ -207,12 +212,13 @@ std::pair<int64_t, int64_t> py_read_files(const py::sequence& paths, const py::s
   options.chunk_bytes = chunk_bytes;
   options.short_io_cap = short_io_cap_from_env();
   options.faults = fault_specs(faults);
+  options.crc32c = crc32c_from_env();
   ReadStats stats;
   {
     py::gil_scoped_release release;
     stats = read_files(files, options);
   }
-  return {stats.bytes_read, stats.calls};
+  return py::make_tuple(stats.bytes_read, stats.calls, py::cast(stats.failed_checks));
 }
 
 // Below this size a checksum takes less time than handing the GIL to another
@@ -280,8 +286,10 @@ PYBIND11_MODULE(_C, m) {
         "length)). Returns (bytes written per file, per file array('I') of block CRC32Cs or\n"
         "None).");
   m.def("read_files", &py_read_files, py::arg("paths"), py::arg("min_sizes"), py::arg("copies"),
-        py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"), py::arg("faults"),
-        "Execute a read plan (flat int64 box records per file). Returns (bytes_read, calls).");
+        py::arg("checks"), py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"),
+        py::arg("faults"),
+        "Execute a read plan (flat int64 box records per file), then its checks. Returns\n"
+        "(bytes_read, calls, failed_checks).");
   m.def("should_merge", &should_merge, py::arg("prev_len"), py::arg("gap"), py::arg("next_len"),
         py::arg("max_gap"), "The coalescing rule as the native engine applies it.");
   m.def("crc32c", &py_crc32c, py::arg("data"), py::arg("crc") = 0,

@@ -144,6 +144,108 @@ int64_t collect_runs(const ReadFileSpec& file, std::vector<Run>& runs) {
   return furthest;
 }
 
+// Checks run in items of consecutive records of one file, closed once they
+// hold kCheckItemBytes bytes or kCheckItemRecords records: big enough that
+// taking an item costs nothing next to its CRCs, small enough to spread a
+// large read's checks over every thread.
+constexpr int64_t kCheckItemBytes = int64_t{1} << 20;
+constexpr size_t kCheckItemRecords = 1024;
+
+struct CheckItem {
+  size_t file;
+  // Index in the file's checks of the first record's first value.
+  size_t position;
+  // Number of the first record among all the plan's records.
+  size_t first_record;
+  size_t records;
+};
+
+[[noreturn]] void bad_check(const std::string& path, size_t index, const std::string& why) {
+  throw PlanError("read plan for " + path + ": check record at index " + std::to_string(index) +
+                  ": " + why);
+}
+
+// Validates a file's check records and appends their items, numbering the
+// records from first_record; returns the number of records.
+size_t collect_checks(const ReadFileSpec& file, size_t f, size_t first_record,
+                      std::vector<CheckItem>& items) {
+  const int64_t* values = file.checks;
+  const size_t length = file.checks_length;
+  CheckItem item{f, 0, first_record, 0};
+  int64_t item_bytes = 0;
+  size_t records = 0;
+  size_t pos = 0;
+  while (pos < length) {
+    const size_t record = pos;
+    if (length - pos < 2) {
+      bad_check(file.path, record, "truncated header (need 2 values, " +
+                                       std::to_string(length - pos) + " left)");
+    }
+    const int64_t expected = values[pos];
+    const int64_t pieces = values[pos + 1];
+    if (expected < 0 || expected > int64_t{0xFFFFFFFF}) {
+      bad_check(file.path, record,
+                "expected CRC " + std::to_string(expected) + " is outside [0, 2**32)");
+    }
+    if (pieces < 0) {
+      bad_check(file.path, record, "negative piece count " + std::to_string(pieces));
+    }
+    if ((length - pos - 2) / 2 < static_cast<uint64_t>(pieces)) {
+      bad_check(file.path, record, "truncated: " + std::to_string(pieces) + " pieces need " +
+                                       std::to_string(2 * static_cast<uint64_t>(pieces)) +
+                                       " more values");
+    }
+    for (int64_t i = 0; i < pieces; ++i) {
+      const int64_t address = values[pos + 2 + 2 * i];
+      const int64_t bytes = values[pos + 3 + 2 * i];
+      int64_t end = 0;
+      if (address < 0 || bytes < 0 || __builtin_add_overflow(address, bytes, &end)) {
+        bad_check(file.path, record, "piece " + std::to_string(i) +
+                                         " has a negative or overflowing memory range");
+      }
+      if (address == 0 && bytes > 0) {
+        bad_check(file.path, record, "piece " + std::to_string(i) + " has a null address");
+      }
+      if (__builtin_add_overflow(item_bytes, bytes, &item_bytes)) {
+        item_bytes = kCheckItemBytes;
+      }
+    }
+    pos += 2 + 2 * static_cast<size_t>(pieces);
+    if (item.records == 0) {
+      item.position = record;
+    }
+    ++item.records;
+    ++records;
+    if (item_bytes >= kCheckItemBytes || item.records == kCheckItemRecords) {
+      items.push_back(item);
+      item.first_record += item.records;
+      item.records = 0;
+      item_bytes = 0;
+    }
+  }
+  if (item.records > 0) {
+    items.push_back(item);
+  }
+  return records;
+}
+
+// Runs one item's checks; failed[record] says whether each one failed.
+void run_checks(const CheckItem& item, const ReadFileSpec& file, Crc32cFunction crc32c,
+                uint8_t* failed) {
+  const int64_t* values = file.checks + item.position;
+  for (size_t r = 0; r < item.records; ++r) {
+    const int64_t pieces = values[1];
+    uint32_t crc = 0;
+    for (int64_t i = 0; i < pieces; ++i) {
+      const int64_t address = values[2 + 2 * i];
+      const char* memory = reinterpret_cast<const char*>(static_cast<uintptr_t>(address));
+      crc = crc32c(memory, static_cast<size_t>(values[3 + 2 * i]), crc);
+    }
+    failed[item.first_record + r] = crc != static_cast<uint32_t>(values[0]) ? 1 : 0;
+    values += 2 + 2 * pieces;
+  }
+}
+
 struct ReadPlan {
   std::vector<iovec> iovs;
   std::vector<IoCall> calls;
@@ -151,6 +253,9 @@ struct ReadPlan {
   std::vector<int64_t> required;
   int64_t largest_gap = 0;
   ReadStats stats;
+  std::vector<CheckItem> check_items;
+  // Per file, the number of its first check record; one more entry for the total.
+  std::vector<size_t> first_check;
 };
 
 ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& options) {
@@ -158,6 +263,7 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
   plan.required.reserve(files.size());
   CallBuilder builder(plan.iovs, plan.calls, options.chunk_bytes);
   std::vector<Run> runs;  // reused across files
+  size_t total_checks = 0;
   for (size_t f = 0; f < files.size(); ++f) {
     const ReadFileSpec& file = files[f];
     if (file.min_size < 0) {
@@ -166,6 +272,8 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
     }
     runs.clear();
     plan.required.push_back(std::max(file.min_size, collect_runs(file, runs)));
+    plan.first_check.push_back(total_checks);
+    total_checks += collect_checks(file, f, total_checks, plan.check_items);
     // Planners emit runs in file order almost always; checking is cheaper
     // than sorting.
     if (!std::is_sorted(runs.begin(), runs.end(), run_before)) {
@@ -191,6 +299,7 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
     }
     builder.end_file();
   }
+  plan.first_check.push_back(total_checks);
   for (const IoCall& call : plan.calls) {
     plan.stats.bytes_read += call.bytes;
     plan.stats.calls += call.iov_count > 0 ? 1 : 0;
@@ -222,7 +331,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
   if (options.max_gap < 0) {
     throw PlanError("max_gap must be non-negative, got " + std::to_string(options.max_gap));
   }
-  const ReadPlan plan = plan_reads(files, options);
+  ReadPlan plan = plan_reads(files, options);
 
   std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
   FaultInjector faults(options.faults);
@@ -267,7 +376,31 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
     }
   };
   run_workers(queue, std::min(static_cast<size_t>(options.threads), queue.size()), worker);
-  return plan.stats;
+
+  // Checks start once every read is done: a check may cover memory that
+  // reads of several files fill.
+  if (!plan.check_items.empty()) {
+    const Crc32cFunction crc32c = options.crc32c != nullptr ? options.crc32c : crc32c_best();
+    std::vector<uint8_t> failed(plan.first_check.back(), 0);
+    WorkQueue checks(plan.check_items.size());
+    auto checker = [&]() {
+      size_t index = 0;
+      while (checks.next(index)) {
+        const CheckItem& item = plan.check_items[index];
+        run_checks(item, files[item.file], crc32c, failed.data());
+      }
+    };
+    run_workers(checks, std::min(static_cast<size_t>(options.threads), checks.size()), checker);
+    for (size_t f = 0; f < files.size(); ++f) {
+      for (size_t r = plan.first_check[f]; r < plan.first_check[f + 1]; ++r) {
+        if (failed[r] != 0) {
+          plan.stats.failed_checks.emplace_back(static_cast<int64_t>(f),
+                                                static_cast<int64_t>(r - plan.first_check[f]));
+        }
+      }
+    }
+  }
+  return std::move(plan.stats);
 }
 
 }  // namespace dcp_native

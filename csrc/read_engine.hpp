@@ -2,14 +2,17 @@
 // addresses (the record format is in dcp_native/engine.py). Runs are sorted
 // and coalesced per file, packed into preadv calls and spread over threads;
 // coalescing gaps land in a per-thread scratch buffer, never in the caller's
-// memory.
+// memory. Once every read is done, the plan's checks (CRC32Cs expected of
+// pieces of memory) run on the same threads.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "crc32c.hpp"
 #include "fault_injection.hpp"
 
 namespace dcp_native {
@@ -26,6 +29,10 @@ struct ReadFileSpec {
   // counts[ndim], file_strides[ndim], dest_strides[ndim]).
   const int64_t* copies;
   size_t copies_length;
+  // Flat int64 records (expected_crc, npieces, addr_0, len_0, ...); may be
+  // null with length 0.
+  const int64_t* checks = nullptr;
+  size_t checks_length = 0;
 };
 
 struct ReadOptions {
@@ -35,6 +42,8 @@ struct ReadOptions {
   // Test hooks: cap on each syscall's transfer (0 for none), injected faults.
   int64_t short_io_cap = 0;
   std::vector<FaultSpec> faults;
+  // The CRC32C implementation for checks; null for the fastest.
+  Crc32cFunction crc32c = nullptr;
 };
 
 struct ReadStats {
@@ -42,6 +51,9 @@ struct ReadStats {
   int64_t bytes_read = 0;
   // preadv calls planned; resuming a short transfer does not count.
   int64_t calls = 0;
+  // (file index, record ordinal within the file's checks) of every check
+  // whose CRC differs from the expected one, sorted.
+  std::vector<std::pair<int64_t, int64_t>> failed_checks;
 };
 
 // Whether two neighbouring runs of lengths prev_len and next_len separated by

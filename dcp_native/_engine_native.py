@@ -61,13 +61,14 @@ class NativeEngine:
         max_gap: int = DEFAULT_MAX_GAP,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> ReadStats:
-        bytes_read, calls = read_files(
+        bytes_read, calls, failed = read_files(
             [os.fsencode(f.path) for f in files],
             [f.min_size for f in files],
             [f.copies for f in files],
+            [f.checks for f in files],
             threads,
             max_gap,
             chunk_bytes,
             faults_from_env(),
         )
-        return ReadStats(bytes_read=bytes_read, calls=calls)
+        return ReadStats(bytes_read=bytes_read, calls=calls, failed_checks=failed)

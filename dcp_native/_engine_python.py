@@ -11,9 +11,11 @@ imports, which releases the GIL for large buffers).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import itertools
+import operator
 import os
 import threading
 from array import array
@@ -42,6 +44,9 @@ from .engine import (
 MAX_NDIM = 64
 _INT64_MAX = (1 << 63) - 1
 _OPEN, _READ, _WRITE, _FSYNC, _CLOSE = range(len(FAULT_OPS))
+# Check items close at this many bytes or records (as csrc/read_engine.cpp).
+_CHECK_ITEM_BYTES = 1 << 20
+_CHECK_ITEM_RECORDS = 1024
 
 
 class PythonEngine:
@@ -135,6 +140,8 @@ class PythonEngine:
         views: list[list[memoryview]] = []
         required = []
         largest_gap = 0
+        check_items: list = []
+        check_count = 0
         for index, (path, f) in enumerate(zip(paths, files)):
             if f.min_size < 0:
                 raise ValueError(f"read plan for {path}: negative min_size {f.min_size}")
@@ -142,6 +149,8 @@ class PythonEngine:
             views.append(file_views)
             required.append(max(f.min_size, furthest))
             largest_gap = max(largest_gap, _pack(runs, index, chunk_bytes, max_gap, calls))
+            if f.checks is not None:
+                check_count += _collect_checks(path, f.checks, index, check_items)
 
         stats = ReadStats(
             bytes_read=sum(c.nbytes for c in calls),
@@ -176,6 +185,18 @@ class PythonEngine:
             _close_quietly(fd)
 
         _execute(calls, len(files), threads, largest_gap, open_file, run_call, finish_file)
+        # Checks start once every read is done: a check may cover memory that
+        # reads of several files fill.
+        if check_items:
+            failed = bytearray(check_count)
+            tasks = [_check_task(item, failed) for item in check_items]
+            _execute(tasks, 0, threads, 0, None, None, None)
+            stats.failed_checks = [
+                (item[0], item[2] + r)
+                for item in check_items
+                for r in range(len(item[3]))
+                if failed[item[1] + r]
+            ]
         return stats
 
 
@@ -547,6 +568,122 @@ def _schedule(calls: list, crc_items: list) -> list:
     for items, i in zip(crc_items, nexts):
         work.extend(items[i:])
     return work
+
+
+def _collect_checks(path: str, checks, file: int, items: list) -> int:
+    """Validates a file's check records and appends their items (csrc's CheckItem) as
+    ``(file, number of the first record in the call, its ordinal in the file, records)``,
+    each record ``(expected_crc, [address, length, ...])``; returns the number of records."""
+
+    def bad(at: int, why: str):
+        raise ValueError(f"read plan for {path}: check record at index {at}: {why}")
+
+    values = _int64_values(checks, "checks")
+    n = len(values)
+    first = sum(len(item[3]) for item in items)  # records so far in the call
+    if _single_pieces_valid(values):
+        # Every record checks one piece (blocks read whole): no loop per record.
+        pieces = list(zip(values[2::4], values[3::4]))
+        records = list(zip(values[0::4], pieces))
+        count = len(records)
+        ends = list(itertools.accumulate(values[3::4]))
+        start = 0
+        while start < count:
+            # Up to the record that brings the item to _CHECK_ITEM_BYTES, or _CHECK_ITEM_RECORDS.
+            base = ends[start - 1] if start else 0
+            stop = min(bisect.bisect_left(ends, base + _CHECK_ITEM_BYTES, start) + 1,
+                       start + _CHECK_ITEM_RECORDS, count)
+            items.append((file, first + start, start, records[start:stop]))
+            start = stop
+        return count
+    records = []
+    item_bytes = 0
+    ordinal = 0
+    pos = 0
+    while pos < n:
+        if n - pos < 2:
+            bad(pos, f"truncated header (need 2 values, {n - pos} left)")
+        expected, pieces = values[pos], values[pos + 1]
+        if not 0 <= expected <= 0xFFFFFFFF:
+            bad(pos, f"expected CRC {expected} is outside [0, 2**32)")
+        if pieces < 0:
+            bad(pos, f"negative piece count {pieces}")
+        end = pos + 2 + 2 * pieces
+        if end > n:
+            bad(pos, f"truncated: {pieces} pieces need {2 * pieces} more values")
+        flat = values[pos + 2 : end]
+        for i in range(0, 2 * pieces, 2):
+            address, length = flat[i], flat[i + 1]
+            if address < 0 or length < 0 or address + length > _INT64_MAX:
+                bad(pos, f"piece {i // 2} has a negative or overflowing memory range")
+            if address == 0 and length > 0:
+                bad(pos, f"piece {i // 2} has a null address")
+            item_bytes += length
+        pos = end
+        records.append((expected, flat))
+        if item_bytes >= _CHECK_ITEM_BYTES or len(records) == _CHECK_ITEM_RECORDS:
+            items.append((file, first, ordinal, records))
+            first += len(records)
+            ordinal += len(records)
+            records, item_bytes = [], 0
+    if records:
+        items.append((file, first, ordinal, records))
+    return ordinal + len(records)
+
+
+def _single_pieces_valid(values: list) -> bool:
+    """Whether ``values`` are valid records of one piece each, checked with C-level scans."""
+    n = len(values)
+    if n == 0 or n % 4 or values[1::4].count(1) != n // 4:
+        return False
+    expected, addresses, lengths = values[0::4], values[2::4], values[3::4]
+    return (
+        min(expected) >= 0
+        and max(expected) <= 0xFFFFFFFF
+        and min(addresses) > 0  # null addresses (allowed for empty pieces) take the slow path
+        and min(lengths) >= 0
+        and max(map(operator.add, addresses, lengths)) <= _INT64_MAX
+    )
+
+
+def _check_task(item: tuple, failed: bytearray) -> Callable[[], None]:
+    """Runs one item's checks, setting failed[record] for each mismatch."""
+
+    def run() -> None:
+        first, records = item[1], item[3]
+        # Pieces that follow each other in memory (a tensor checked block by
+        # block) share one view [low, high): a ctypes view costs far more than
+        # a slice.
+        low = high = -1
+        view = None
+        for r, (expected, flat) in enumerate(records):
+            crc = 0
+            for i in range(0, len(flat), 2):
+                address, length = flat[i], flat[i + 1]
+                if not length:
+                    continue
+                if address < low or address + length > high:
+                    (low, high), view = _contiguous_span(flat, i, records, r)
+                crc = crc32c(view[address - low : address - low + length], crc)
+            if crc != expected:
+                failed[first + r] = 1
+
+    return run
+
+
+def _contiguous_span(flat: list, i: int, records: list, r: int) -> tuple:
+    """The memory from piece ``i`` of record ``r`` through every later piece that starts
+    where the one before it ends, and a view of it."""
+    start = end = flat[i]
+    for _, pieces in itertools.chain([(None, flat[i:])], records[r + 1 :]):
+        for k in range(0, len(pieces), 2):
+            address, length = pieces[k], pieces[k + 1]
+            if not length:
+                continue
+            if address != end:
+                return (start, end), _host_view(start, end - start)
+            end += length
+    return (start, end), _host_view(start, end - start)
 
 
 # --------------------------------------------------------------------------- execution

@@ -59,6 +59,18 @@ Read plan (one :class:`ReadFile` per data file)
     call holds at most 1024 iovecs and ``chunk_bytes`` bytes; longer runs are
     split.
 
+    Checks: ``checks`` (optional) is a flat ``array('q')`` of variable-length
+    records ``(expected_crc, npieces, addr_0, len_0, ..., addr_{n-1},
+    len_{n-1})`` with ``0 <= expected_crc < 2**32`` and pieces of memory
+    (usually destinations of the copies; zero-length pieces are allowed, a
+    null address only for them). After every read of the call has completed,
+    the engine computes the CRC32C of each record's pieces, streamed in order,
+    and compares it with ``expected_crc``, on the worker threads in parallel.
+    A mismatch does not raise: :attr:`ReadStats.failed_checks` lists
+    ``(file index in the call, record ordinal within that file's checks)``,
+    sorted. Checks never count towards ``bytes_read`` or ``calls``. Malformed
+    records raise ``ValueError`` before any file is opened.
+
     Returns :class:`ReadStats`.
 
 Errors
@@ -136,6 +148,8 @@ class ReadFile:
     path: str
     min_size: int
     copies: array  # array('q'), variable-length records
+    #: array('q') of check records (see module docs), or None for none.
+    checks: Optional[array] = None
 
 
 @dataclasses.dataclass
@@ -152,6 +166,8 @@ class ReadStats:
     bytes_read: int = 0
     #: Number of preadv calls issued.
     calls: int = 0
+    #: (file index, check ordinal within the file) of every failed check, sorted.
+    failed_checks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 class Engine(Protocol):

@@ -983,6 +983,150 @@ def test_empty_segments_are_not_holes(engine, tmp_path):
     assert stats == WriteStats([6], [block_crcs(b"abcdef", 4)])
 
 
+# --------------------------------------------------------------------------- checks
+
+
+def check(expected: int, *pieces: tuple[int, int]) -> list[int]:
+    return [expected, len(pieces), *(v for piece in pieces for v in piece)]
+
+
+def checks(*records: list[int]) -> array:
+    return array("q", [v for r in records for v in r])
+
+
+def test_checks_pass_and_fail(engine, tmp_path):
+    data = pattern(10_000, 20)
+    path = tmp_path / "c.distcp"
+    write_file(path, data)
+    a, b = Mem(6000), Mem(4000)
+    plan = copies(box(0, a.addr, 6000), box(6000, b.addr, 4000))
+    good = ref_crc32c(data)
+    records = checks(
+        check(good, (a.addr, 6000), (b.addr, 4000)),  # 0: spans both buffers
+        check(good ^ 1, (a.addr, 6000), (b.addr, 4000)),  # 1: wrong CRC
+        check(ref_crc32c(data[5990:6010]), (a.addr + 5990, 10), (b.addr, 10)),  # 2
+        check(0),  # 3: no pieces: the CRC of nothing is 0
+        check(5),  # 4: ... so 5 fails
+        check(ref_crc32c(data[:7]), (0, 0), (a.addr, 3), (a.addr, 0), (a.addr + 3, 4), (0, 0)),
+        check(ref_crc32c(data[:7]), (a.addr, 7), (b.addr, 1)),  # 6: one byte too many
+        check(0xFFFFFFFF, (a.addr, 1)),  # 7: the largest expected value
+    )
+    plain = engine.read([ReadFile(str(path), 0, plan)], threads=3)
+    stats = engine.read([ReadFile(str(path), 0, plan, checks=records)], threads=3)
+    assert a.bytes() + b.bytes() == data
+    # Checks never count as reads.
+    assert stats == ReadStats(plain.bytes_read, plain.calls, [(0, 1), (0, 4), (0, 6)] + (
+        [] if ref_crc32c(data[:1]) == 0xFFFFFFFF else [(0, 7)]))
+
+
+def test_checks_after_every_read(engine, tmp_path):
+    """A check may cover memory that another file's reads fill: it runs after all of them."""
+    datas = [pattern(300_000, i) for i in range(4)]
+    paths = [tmp_path / f"{i}.distcp" for i in range(4)]
+    for p, d in zip(paths, datas):
+        write_file(p, d)
+    dest = Mem(4 * 300_000)
+    whole = ref_crc32c(b"".join(datas))
+    files = [
+        ReadFile(
+            str(p), 0, copies(box(0, dest.addr + i * 300_000, 300_000)),
+            # The first file checks everything; the last one checks a piece of
+            # each file, listed backwards.
+            checks=checks(check(whole, (dest.addr, 4 * 300_000))) if i == 0
+            else checks(check(ref_crc32c(b"".join(d[:10] for d in reversed(datas))),
+                              *((dest.addr + k * 300_000, 10) for k in reversed(range(4)))))
+            if i == 3 else None,
+        )
+        for i, p in enumerate(paths)
+    ]
+    stats = engine.read(files, threads=4, chunk_bytes=50_000)
+    assert stats.failed_checks == []
+
+
+def test_many_checks(engine, tmp_path):
+    """Thousands of records and records over 1 MiB (several check items per file), failures
+    at known ordinals in two files, reported sorted."""
+    size = (3 << 20) + 5
+    data = pattern(size, 21)
+    paths = [tmp_path / "a.distcp", tmp_path / "b.distcp"]
+    for p in paths:
+        write_file(p, data)
+    dests = [Mem(size), Mem(size)]
+    bad = [{0, 17, 1500, 3000}, {2, 2999}]
+    files = []
+    for f, (p, dest) in enumerate(zip(paths, dests)):
+        records = []
+        for k, start in enumerate(range(0, size, 1024)):
+            piece = data[start : start + 1024]
+            expected = ref_crc32c(piece) ^ (k in bad[f])
+            records.append(check(expected, (dest.addr + start, len(piece))))
+        # Three big records after the small ones.
+        for k, start in enumerate(range(0, size, 1 << 20), start=len(records)):
+            piece = data[start : start + (1 << 20) + 7]
+            records.append(check(ref_crc32c(piece), (dest.addr + start, len(piece))))
+        plan = copies(box(0, dest.addr, size))
+        files.append(ReadFile(str(p), size, plan, checks=checks(*records)))
+    stats = engine.read(files, threads=3)
+    assert stats.failed_checks == [(f, k) for f in range(2) for k in sorted(bad[f])]
+
+
+def test_empty_checks(engine, tmp_path):
+    path = tmp_path / "e.distcp"
+    write_file(path, b"abc")
+    dest = Mem(3)
+    plan = copies(box(0, dest.addr, 3))
+    for value in (None, checks()):
+        assert engine.read([ReadFile(str(path), 3, plan, checks=value)], threads=2) == ReadStats(
+            3, 1, []
+        )
+
+
+def test_checks_detect_a_flipped_bit(engine, tmp_path):
+    data = bytearray(pattern(50_000, 22))
+    crcs = block_crcs(bytes(data), 4096)
+    data[20_000] ^= 0x10
+    path = tmp_path / "f.distcp"
+    write_file(path, bytes(data))
+    dest = Mem(50_000)
+    blocks = zip(range(0, 50_000, 4096), crcs)
+    records = checks(*(check(c, (dest.addr + k, min(4096, 50_000 - k))) for k, c in blocks))
+    plan = copies(box(0, dest.addr, 50_000))
+    stats = engine.read([ReadFile(str(path), 0, plan, records)], threads=3)
+    assert stats.failed_checks == [(0, 20_000 // 4096)]
+
+
+BAD_CHECKS = {
+    "truncated_header": [0],
+    "negative_pieces": [0, -1],
+    "truncated_pieces": [0, 2, NULL, 4, NULL],
+    "negative_expected": [-1, 0],
+    "expected_too_large": [1 << 32, 0],
+    "negative_address": [0, 1, -8, 4],
+    "negative_length": [0, 1, NULL, -4],
+    "overflow": [0, 1, NULL, (1 << 63) - 8],
+    "null_address": [0, 1, 0, 4],
+    "second_record_bad": [0, 1, NULL, 4, 0, 1, NULL],
+}
+
+
+@pytest.mark.parametrize("name", BAD_CHECKS)
+def test_malformed_checks(engine, tmp_path, name):
+    path = tmp_path / "f.distcp"
+    write_file(path, pattern(64, 23))
+    dest = Mem(64, fill=0xEE)
+    records = array("q", [dest.addr if v is NULL else v for v in BAD_CHECKS[name]])
+    with pytest.raises(ValueError, match="check record"):
+        engine.read([ReadFile(str(path), 0, copies(box(0, dest.addr, 64)), records)], threads=2)
+    assert dest.bytes() == b"\xee" * 64  # validation comes before any read
+
+
+def test_checks_must_be_int64(engine, tmp_path):
+    path = tmp_path / "f.distcp"
+    write_file(path, b"")
+    with pytest.raises(ValueError):
+        engine.read([ReadFile(str(path), 0, copies(), array("i", [0, 0]))], threads=1)
+
+
 # --------------------------------------------------------------------------- fault injection
 
 FAULT_ENV = "DCP_NATIVE_FAULT"
@@ -1184,8 +1328,8 @@ def test_fault_empty_means_off(engine, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_engines_agree_on_checksums(tmp_path, seed):
-    """Random contiguous plans with random blocks: identical WriteStats, equal to the
-    reference."""
+    """Random contiguous plans with random blocks, then random checks (some wrong) over the
+    data read back: identical WriteStats and ReadStats, equal to the reference."""
     native, python = both_engines()
     rng = random.Random(seed)
     host = Mem(data=pattern(40_000, seed))
@@ -1214,3 +1358,34 @@ def test_engines_agree_on_checksums(tmp_path, seed):
         [len(c) for c in contents],
         [block_crcs(c, b) if b else None for c, b in zip(contents, blocks)],
     )
+
+    # Read everything back and check random pieces of it.
+    reads = {}
+    expected_failures = []
+    for eng in (native, python):
+        check_rng = random.Random(seed + 1000)
+        dests = [Mem(len(c)) for c in contents]
+        files = []
+        failures = []
+        for f, (content, dest) in enumerate(zip(contents, dests)):
+            records = []
+            for k in range(check_rng.randrange(0, 30)):
+                pieces, expected = [], b""
+                for _ in range(check_rng.randrange(0, 4)):
+                    start = check_rng.randrange(0, len(content) + 1)
+                    length = check_rng.randrange(0, len(content) - start + 1)
+                    pieces.append((dest.addr + start if length else 0, length))
+                    expected += content[start : start + length]
+                crc = ref_crc32c(expected)
+                if check_rng.random() < 0.2:
+                    crc ^= 1 << check_rng.randrange(32)
+                    failures.append((f, k))
+                records.append(check(crc, *pieces))
+            files.append(ReadFile(str(tmp_path / f"native_{f}.distcp"), len(content),
+                                  copies(box(0, dest.addr, len(content))), checks=checks(*records)))
+        stats = eng.read(files, threads=threads, chunk_bytes=chunk)
+        reads[eng.name] = (stats, [d.bytes() for d in dests])
+        expected_failures = failures
+    assert reads["native"] == reads["python"]
+    assert reads["native"][0].failed_checks == expected_failures
+    assert reads["native"][1] == contents
