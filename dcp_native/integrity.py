@@ -20,6 +20,7 @@ Table file layout (little-endian)::
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import dataclasses
 import struct
@@ -84,7 +85,15 @@ def parse_header(data: bytes, path: str) -> tuple[int, int, int]:
 
 
 class CheckPlan:
-    """Collects the checks (and the edge reads they need) for one data file's reads."""
+    """Builds the checks (and the gap reads they need) for one data file's reads.
+
+    Runs are collected with :meth:`add_run`; :meth:`finish` then checks every
+    block they touch. A block inside one run is checked in that run's
+    destination; a block several runs share (neighbouring small items) or a run
+    only partly covers is checked piece by piece: each run's bytes where they
+    landed, the bytes between them (item framing, usually read anyway by
+    coalescing) through small scratch reads.
+    """
 
     def __init__(self, table: Table) -> None:
         self.table = table
@@ -92,83 +101,98 @@ class CheckPlan:
         self.records = array("q")
         #: For each record: the file offset of its block (to name it in errors).
         self.block_offsets: list[int] = []
-        #: Extra reads that fetch the parts of edge blocks a read does not cover.
-        self.edge_boxes: list[Box] = []
+        #: Extra reads of the bytes no run reads in the blocks the runs touch.
+        self.gap_boxes: list[Box] = []
         self._keep: list[object] = []  # scratch memory, alive until the read is done
-        #: (first record index, record count, key) for naming failures.
-        self.owners: list[tuple[int, int, str]] = []
+        self._runs: list[tuple[int, int, int, str | None]] = []
+        #: (file offset, key) of each run, sorted, for naming failures.
+        self._owners: list[tuple[int, int, str | None]] = []
 
-    def _scratch(self, n: int) -> int:
-        buf = (ctypes.c_char * n)()
-        self._keep.append(buf)
-        return ctypes.addressof(buf)
+    def add_run(self, file_offset: int, dest_addr: int, length: int, key: str | None) -> None:
+        if length > 0:
+            self._runs.append((file_offset, length, dest_addr, key))
 
-    def add_run(self, file_offset: int, dest_addr: int, length: int, key: str) -> None:
-        """Check every block that ``[file_offset, +length)`` (read to ``dest_addr``) touches."""
-        if length <= 0:
-            return
+    def finish(self) -> None:
         t = self.table
-        start_record = len(self.block_offsets)
-        a, b = file_offset, file_offset + length
-        k0, k1 = a // t.block, (b - 1) // t.block
-        # Blocks covered whole: one piece each, straight from the destination.
-        first_full = k0 if a == k0 * t.block else k0 + 1
-        last_full = k1 if b == t.block_end(k1) else k1 - 1
-        if k0 < first_full:
-            self._edge(k0, a, b, dest_addr)
-        if first_full <= last_full:
-            if last_full - first_full < 16:
-                for k in range(first_full, last_full + 1):
-                    n = t.block_end(k) - k * t.block
-                    self.records.extend((t.crc(k), 1, dest_addr + (k * t.block - a), n))
-                    self.block_offsets.append(k * t.block)
-            else:
-                self._full_blocks(first_full, last_full, a, dest_addr)
-        if last_full < k1 and k1 != k0:
-            self._edge(k1, a, b, dest_addr)
-        self.owners.append((start_record, len(self.block_offsets) - start_record, key))
+        runs = sorted(self._runs)
+        # Keep the first of overlapping runs (the same bytes read to two places):
+        # its destination is what the checks look at.
+        kept: list[tuple[int, int, int, str | None]] = []
+        end = -1
+        for run in runs:
+            if run[0] >= end:
+                kept.append(run)
+                end = run[0] + run[1]
+        self._owners = [(a, a + n, key) for a, n, _, key in kept]
+        starts = [a for a, _, _, _ in kept]
+        edge_blocks: list[int] = []
+        for a, n, d, _ in kept:
+            b = a + n
+            k0, k1 = a // t.block, (b - 1) // t.block
+            first_full = k0 if a == k0 * t.block else k0 + 1
+            last_full = k1 if b == t.block_end(k1) else k1 - 1
+            if first_full <= last_full:
+                self._full_blocks(first_full, last_full, a, d)
+            if k0 < first_full:
+                edge_blocks.append(k0)
+            if last_full < k1 and (k1 != k0 or k0 >= first_full):
+                edge_blocks.append(k1)
+        for k in sorted(set(edge_blocks)):
+            self._edge(k, kept, starts)
 
     def _full_blocks(self, first: int, last: int, a: int, dest_addr: int) -> None:
         t = self.table
+        if last - first < 16:
+            for k in range(first, last + 1):
+                n = t.block_end(k) - k * t.block
+                self.records.extend((t.crc(k), 1, dest_addr + (k * t.block - a), n))
+                self.block_offsets.append(k * t.block)
+            return
         n = last - first + 1
         rows = torch.empty((n, 4), dtype=torch.int64)
         crc = torch.frombuffer(t.crcs, dtype=torch.int32)[first - t.first : last - t.first + 1]
         rows[:, 0] = crc.to(torch.int64) & 0xFFFFFFFF
         rows[:, 1] = 1
-        offsets = torch.arange(first, last + 1, dtype=torch.int64) * t.block
-        rows[:, 2] = offsets - a + dest_addr
+        rows[:, 2] = torch.arange(first, last + 1, dtype=torch.int64) * t.block - a + dest_addr
         rows[:, 3] = t.block
         if t.block_end(last) != (last + 1) * t.block:  # a short last block of the file
             rows[-1, 3] = t.block_end(last) - last * t.block
         self.records.frombytes(ctypes.string_at(rows.data_ptr(), rows.nbytes))
         self.block_offsets.extend(range(first * t.block, (last + 1) * t.block, t.block))
 
-    def _edge(self, k: int, a: int, b: int, dest_addr: int) -> None:
+    def _edge(self, k: int, runs: list, starts: list[int]) -> None:
         t = self.table
-        bs, be = k * t.block, t.block_end(k)
+        pos, be = k * t.block, t.block_end(k)
+        i = max(0, bisect.bisect_right(starts, pos) - 1)
         pieces: list[tuple[int, int]] = []
-        if a > bs:
-            pieces.append(self._read_scratch(bs, a - bs))
-        lo, hi = max(a, bs), min(b, be)
-        pieces.append((dest_addr + (lo - a), hi - lo))
-        if b < be:
-            pieces.append(self._read_scratch(b, be - b))
+        while pos < be:
+            while i < len(runs) and runs[i][0] + runs[i][1] <= pos:
+                i += 1
+            if i < len(runs) and runs[i][0] <= pos:
+                a, n, d, _ = runs[i]
+                stop = min(a + n, be)
+                pieces.append((d + (pos - a), stop - pos))
+            else:
+                stop = min(runs[i][0], be) if i < len(runs) else be
+                pieces.append(self._read_scratch(pos, stop - pos))
+            pos = stop
         self.records.extend((t.crc(k), len(pieces)))
         for addr, n in pieces:
             self.records.extend((addr, n))
-        self.block_offsets.append(bs)
+        self.block_offsets.append(k * t.block)
 
     def _read_scratch(self, file_offset: int, n: int) -> tuple[int, int]:
-        addr = self._scratch(n)
-        self.edge_boxes.append(Box(file_offset, addr, n))
+        buf = (ctypes.c_char * n)()
+        self._keep.append(buf)
+        addr = ctypes.addressof(buf)
+        self.gap_boxes.append(Box(file_offset, addr, n))
         return addr, n
 
-    def blocks_needed(self, file_offset: int, length: int) -> tuple[int, int]:
-        t = self.table
-        return file_offset // t.block, (file_offset + length - 1) // t.block
-
     def owner(self, record: int) -> str | None:
-        for first, count, key in self.owners:
-            if first <= record < first + count:
+        """The key of a run inside the block of check ``record`` (None: framing only)."""
+        lo = self.block_offsets[record]
+        hi = min(lo + self.table.block, self.table.size)
+        for a, b, key in self._owners:
+            if a < hi and b > lo and key is not None:
                 return key
         return None

@@ -317,7 +317,8 @@ class _ReadRun:
                 for box in boxes:
                     for f, d in box.runs_iter():
                         plan.add_run(f, d, box.inner_bytes, box.key)
-                boxes = boxes + plan.edge_boxes
+                plan.finish()
+                boxes = boxes + plan.gap_boxes
             rf = ReadFile(self._path(rel), self.min_sizes.get(rel, 0), encode_boxes(boxes))
             if plan is not None:
                 rf.checks = plan.records

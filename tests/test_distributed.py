@@ -579,7 +579,9 @@ def test_interop_native_save_stock_load(engine_name, dtensor_checkpoints, load_r
 def _rank_load_row_colwise(path: str) -> tuple[int, int, int, list[str]]:
     failures: list[str] = []
     targets, want = _targets({"row": ((dist.get_world_size(),), (Shard(1),))})
-    reader = dcp_native.FileSystemReader(path)
+    # The read plan itself; checksum verification, which completes the 4 KiB
+    # blocks these unaligned runs touch, is covered in test_reliability.py.
+    reader = dcp_native.FileSystemReader(path, verify=False)
     dcp.load(targets, storage_reader=reader)
     _check(failures, "row as Shard(1)", targets["row"].to_local(), want["row"])
     needed = want["row"].numel() * want["row"].element_size()

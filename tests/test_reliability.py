@@ -308,3 +308,171 @@ def test_kill_points_hit_both_phases():
         pytest.skip("runs after test_sigkill_during_overwrite")
     for engine, outcomes in _OUTCOMES.items():
         assert "old" in outcomes, (engine, outcomes)
+
+
+# ----------------------------------------------------------------------------- injected I/O faults
+
+
+def test_enospc_mid_write_keeps_old_checkpoint(engine_name, tmp_path, monkeypatch):
+    old, new = state(1.0), state(2.0)
+    save(old, tmp_path, thread_count=2)
+    monkeypatch.setenv("DCP_NATIVE_FAULT", "write:ENOSPC:3")
+    with pytest.raises(CheckpointException) as ei:
+        save(new, tmp_path, thread_count=2, chunk_bytes=65536)  # many write calls
+    err = failure(ei)
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC
+    assert err.filename and str(tmp_path) in err.filename
+    monkeypatch.delenv("DCP_NATIVE_FAULT")
+    assert same(load(tmp_path, old), old)
+    save(new, tmp_path)
+    assert same(load(tmp_path, new), new)
+
+
+def test_fsync_failure_commits_nothing(engine_name, tmp_path, monkeypatch):
+    new = state(2.0)
+    monkeypatch.setenv("DCP_NATIVE_FAULT", "fsync:EIO:1")
+    with pytest.raises(CheckpointException) as ei:
+        save(new, tmp_path, sync_files=True)
+    assert failure(ei).errno == errno.EIO
+    assert not (tmp_path / ".metadata").exists()
+
+
+def test_efbig_from_file_size_limit(engine_name, tmp_path):
+    """RLIMIT_FSIZE in a forked child: EFBIG mid-write, the old checkpoint survives."""
+    import resource
+
+    old, new = state(1.0), state(2.0)
+    save(old, tmp_path)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+            try:
+                save(new, tmp_path)
+            except CheckpointException as exc:
+                err = next(iter(exc.failures.values()))[0]
+                os.write(w, f"{getattr(err, 'errno', None)}".encode())
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    got = os.read(r, 100)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0 and got == str(errno.EFBIG).encode()
+    assert same(load(tmp_path, old), old)
+
+
+def test_eio_on_read(engine_name, tmp_path, monkeypatch):
+    sd = state(1.0)
+    save(sd, tmp_path)
+    monkeypatch.setenv("DCP_NATIVE_FAULT", "read:EIO:3")
+    reader = dcp_native.FileSystemReader(tmp_path, verify=False, chunk_bytes=65536)
+    with pytest.raises(CheckpointException) as ei:
+        load(tmp_path, sd, reader)
+    err = failure(ei)
+    assert isinstance(err, OSError) and err.errno == errno.EIO
+    assert err.filename == str(tmp_path / "__0_0.distcp")
+
+
+@pytest.mark.parametrize("short", ["1", "7", "4096"])
+def test_short_transfers_round_trip(engine_name, tmp_path, monkeypatch, short):
+    sd = state(1.5, n=3, rows=8)
+    monkeypatch.setenv("DCP_NATIVE_TEST_SHORT_IO", short)
+    save(sd, tmp_path, thread_count=3, checksums=True)
+    assert same(load(tmp_path, sd, dcp_native.FileSystemReader(tmp_path, verify=True)), sd)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _flip(path, offset, bit=0x10):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ bit]))
+
+
+def _item(path, key):
+    with open(path / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    for idx, info in md.storage_data.items():
+        if idx.fqn == key:
+            return info
+
+
+@pytest.mark.parametrize("where", ["payload", "header", "trailer"])
+def test_flipped_bit_is_caught(engine_name, tmp_path, where):
+    sd = state(1.0)
+    save(sd, tmp_path, checksums=True)
+    info = _item(tmp_path, "w3")
+    offset = {
+        "payload": info.offset + info.length // 2,
+        "header": info.offset + 100,
+        "trailer": info.offset + info.length - 30,
+    }[where]
+    _flip(tmp_path / info.relative_path, offset)
+    with pytest.raises(CheckpointException) as ei:
+        load(tmp_path, sd, dcp_native.FileSystemReader(tmp_path, verify=True))
+    err = failure(ei)
+    assert isinstance(err, dcp_native.IntegrityError)
+    assert err.filename == str(tmp_path / info.relative_path)
+    assert err.offset == offset // 4096 * 4096
+    if where == "payload":
+        assert err.key == "w3"
+
+
+def _reshard_verify(path, flip):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = torch.arange(256 * 4096, dtype=torch.float32).reshape(256, 4096)
+    if not flip:
+        dcp.save({"t": distribute_tensor(full, mesh, [Shard(0)])},
+                 storage_writer=dcp_native.FileSystemWriter(path, checksums=True))
+    dist.barrier()
+    dest = distribute_tensor(torch.zeros(256, 4096), mesh, [Shard(1)])
+    reader = dcp_native.FileSystemReader(path, verify=True)
+    try:
+        dcp.load({"t": dest}, storage_reader=reader)
+    except CheckpointException as exc:
+        return ("error", type(next(iter(exc.failures.values()))[0]).__name__, sorted(exc.failures))
+    assert torch.equal(dest.to_local(), full[:, rank * 2048 : (rank + 1) * 2048])
+    return ("ok", reader.last_read_stats.bytes_read, dest.to_local().nbytes)
+
+
+def test_resharded_read_verifies_exactly_what_it_reads(engine_name, tmp_path):
+    """Shard(0) -> Shard(1) with verification: 16 KiB runs on 4 KiB blocks, no extra bytes."""
+    results = run_ranks(2, _reshard_verify, str(tmp_path), False, engine=engine_name, timeout=120)
+    for status, read, needed in results:
+        assert status == "ok" and read <= 1.1 * needed + 8192, results
+    # A flipped bit in the right half of the rows: rank 1 reads it and fails; DCP fails both.
+    info = next(i for i in _items_of(tmp_path) if i.offset >= 0)
+    path = tmp_path / info.relative_path
+    with open(path, "rb") as f:
+        data = f.read()
+    needle = torch.arange(4096, dtype=torch.float32)[:16]
+    start = data.index(ctypes_bytes(needle))
+    _flip(path, start + 3000 * 4)
+    results = run_ranks(2, _reshard_verify, str(tmp_path), True, engine=engine_name, timeout=120)
+    assert all(r[0] == "error" and r[1] == "IntegrityError" and r[2] == [1] for r in results), results
+
+
+def _items_of(path):
+    with open(path / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    return list(md.storage_data.values())
+
+
+def ctypes_bytes(t):
+    import ctypes
+
+    return ctypes.string_at(t.data_ptr(), t.nbytes)

@@ -179,11 +179,12 @@ print("ok")
 
 def test_sidecar_and_files(engine_name, tmp_path):
     sd = {"a": torch.randn(100), "b": torch.randn(5, 5)}
-    save_native(sd, tmp_path)
+    save_native(sd, tmp_path, checksums=True)
     names = sorted(os.listdir(tmp_path))
-    assert names == [".metadata", ".metadata.dcp_native", "__0_0.distcp"]
+    assert names == [".metadata", ".metadata.dcp_native", "__0_0.distcp", "__0_0.distcp.crc32c"]
     doc = json.loads((tmp_path / ".metadata.dcp_native").read_text())
     assert doc["format"] == "dcp_native" and len(doc["items"]["__0_0.distcp"]) == 2
+    assert doc["checksums"] == {"__0_0.distcp": {"file": "__0_0.distcp.crc32c"}}
     # The metadata is stock's: no dcp_native class is pickled into it.
     assert b"dcp_native" not in (tmp_path / ".metadata").read_bytes()
 
@@ -356,9 +357,14 @@ def test_reads_only_needed_bytes_for_partial_load(engine_name, tmp_path):
     sd = {f"big{i}": torch.randn(256, 256) for i in range(8)}
     save_native(sd, tmp_path)
     out = {"big3": torch.zeros(256, 256)}
-    reader = load_native(out, tmp_path)
+    reader = load_native(out, tmp_path, verify=False)
     assert torch.equal(out["big3"], sd["big3"])
     assert reader.last_read_stats.bytes_read == 256 * 256 * 4
+    # Verifying adds only the window of the checksum table it needs (header + 64 CRCs).
+    out = {"big3": torch.zeros(256, 256)}
+    reader = load_native(out, tmp_path, verify=True)
+    assert torch.equal(out["big3"], sd["big3"])
+    assert reader.last_read_stats.bytes_read == 256 * 256 * 4 + 32 + 64 * 4
 
 
 def test_async_save(engine_name, tmp_path):
