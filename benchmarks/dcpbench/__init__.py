@@ -1,0 +1,1 @@
+"""dcp_native benchmark suite (driven by benchmarks/run.py)."""
