@@ -1,0 +1,568 @@
+"""Targets, the markdown tables and the chart of a run (no torch)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+SYSTEM_LABELS = {
+    "stock": "stock DCP",
+    "python": "dcp_native python",
+    "native": "dcp_native native",
+    "python_on_stock_ckpt": "dcp_native python, stock-written ckpt",
+    "native_on_stock_ckpt": "dcp_native native, stock-written ckpt",
+    "noio": "DCP floor (no-I/O storage)",
+    "raw": "raw pread/pwrite",
+    "raw_direct": "raw pread, O_DIRECT",
+    "torch_pinned": "torch pinned copy",
+    "torch_pinned_d2h": "torch pinned D2H copy (no file)",
+    "torch_pinned_h2d": "torch pinned H2D copy (no file)",
+}
+
+#: Case order in the tables and the chart; cases not listed follow in run order.
+CASE_ORDER = ("model_save", "model_load", "model_load_cold", "many_save", "many_load", "load", "peak",
+              "small_save", "small_load", "save_nosync", "save_sync", "reshard", "reshard_3", "async", "stage")
+
+#: The system each case's "% of" column refers to.
+def reference_of(key: str, case: dict) -> str:
+    return "torch_pinned" if case.get("workload") == "stage" else "raw"
+
+
+def ordered_cases(cases: dict) -> list[str]:
+    keys = [k for k in CASE_ORDER if k in cases]
+    sweep = sorted((k for k in cases if k not in keys and "_t" in k), key=lambda k: (k.split("_t")[0], int(k.split("_t")[-1])))
+    return keys + [k for k in cases if k not in keys and k not in sweep] + sweep
+
+
+def is_sweep(key: str) -> bool:
+    return key.startswith(("model_save_t", "model_load_t"))
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _med(cases: dict, case: str, system: str, field: str) -> float | None:
+    try:
+        return cases[case]["systems"][system][field]["median"]
+    except KeyError:
+        return None
+
+
+def evaluate_targets(cases: dict) -> list[dict]:
+    """The core issue's targets, and the GPU / async-save issues' where their figures exist."""
+    out: list[dict] = []
+
+    def add(name: str, value: float | None, op: str, limit: float, unit: str, source: str = "core") -> None:
+        if value is None:
+            return
+        ok = value >= limit if op == ">=" else value <= limit
+        out.append({"target": name, "value": value, "op": op, "limit": limit, "unit": unit, "met": ok,
+                    "source": source})
+
+    def ratio_tp(case, a, b):
+        x, y = _med(cases, case, a, "gbps"), _med(cases, case, b, "gbps")
+        return None if x is None or y is None else x / y
+
+    def ratio_time(case, a, b, field="seconds"):  # speed-up of a over b
+        x, y = _med(cases, case, a, field), _med(cases, case, b, field)
+        return None if x is None or y is None else y / x
+
+    add("load: native vs stock", ratio_tp("load", "native", "stock"), ">=", 5.0, "x")
+    add("load: native vs raw", ratio_tp("load", "native", "raw"), ">=", 0.70, "of raw")
+    add("load: python vs stock", ratio_tp("load", "python", "stock"), ">=", 1.0, "x")
+    for e in ("python", "native"):
+        add(f"small save: {e} vs stock", ratio_time("small_save", e, "stock"), ">=", 3.0 if e == "native" else 1.0, "x")
+        add(f"small load: {e} vs stock", ratio_time("small_load", e, "stock"), ">=", 3.0 if e == "native" else 1.0, "x")
+    add("save sync off: native vs stock", ratio_tp("save_nosync", "native", "stock"), ">=", 1.3, "x")
+    add("save sync off: python vs stock", ratio_tp("save_nosync", "python", "stock"), ">=", 1.0, "x")
+    add("save sync on: native vs raw", ratio_tp("save_sync", "native", "raw"), ">=", 0.90, "of raw")
+    add("save sync on: python vs stock", ratio_tp("save_sync", "python", "stock"), ">=", 1.0, "x")
+    for e in ("python", "native", "native_on_stock_ckpt"):
+        add(f"reshard: {e} bytes read / needed", _med(cases, "reshard", e, "read_over_needed"), "<=", 1.1, "x")
+    add("reshard: python vs stock (time)", ratio_time("reshard", "python", "stock"), ">=", 1.0, "x")
+    for e in ("python", "native"):
+        add(f"peak: {e} above destination", _med(cases, "peak", e, "peak_mib"), "<=", 64.0, "MiB")
+    # GPU issue: D2H staging.
+    stage = _med(cases, "stage", "native", "gbps")
+    if stage is not None:
+        add("GPU: D2H staging (native stage())", stage, ">=", 45.0, "GB/s", "gpu")
+        add("GPU: D2H staging vs torch pinned copy", ratio_tp("stage", "native", "torch_pinned"), ">=", 0.85,
+            "of torch", "gpu")
+    if cases.get("model_save", {}).get("device") == "cuda":
+        add("GPU: save (CUDA) native vs stock", ratio_tp("model_save", "native", "stock"), ">=", 1.0, "x", "gpu")
+        add("GPU: load (CUDA) native vs stock", ratio_tp("model_load", "native", "stock"), ">=", 1.0, "x", "gpu")
+    # Async-save issue: blocking time.
+    for e in ("python", "native"):
+        raw = _med(cases, "async", "raw", "blocking_s")
+        mine = _med(cases, "async", e, "blocking_s")
+        if raw and mine:
+            add(f"async_save: {e} blocking vs plain copy", mine / raw, "<=", 1.2, "x", "async")
+        add(f"async_save: {e} blocking vs stock", ratio_time("async", e, "stock", "blocking_s"), ">=", 1.0, "x", "async")
+    return out
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def _fmt_num(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if v == 0:
+        return "0"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.{digits - 1}f}" if abs(v) >= 1 else f"{v:.{digits}f}"
+
+
+def _spread(s: dict, scale: float = 1.0) -> tuple[str, str]:
+    return _fmt_num(s["median"] * scale), f"{_fmt_num(s['min'] * scale)}–{_fmt_num(s['max'] * scale)}"
+
+
+def _label(name: str) -> str:
+    return SYSTEM_LABELS.get(name, name)
+
+
+def _ratio(case: dict, name: str, other: str, field: str = "gbps") -> float | None:
+    """How much better ``name`` is than ``other``: throughput ratio, or speed-up for times."""
+    s = case["systems"]
+    if name not in s or other not in s:
+        return None
+    if field == "gbps":
+        return s[name]["gbps"]["median"] / s[other]["gbps"]["median"]
+    return s[other][field]["median"] / s[name][field]["median"]
+
+
+def _cache_short(case: dict) -> str:
+    pc = case.get("page_cache", "")
+    if pc.startswith("cold"):
+        return "cold"
+    if pc.startswith("warm"):
+        return "warm"
+    if "fsync" in pc:
+        return "fsync"
+    if pc.startswith("save"):
+        return "writeback"
+    return "–"
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def render_summary(doc: dict) -> list[str]:
+    """One row per case: the medians of the four main systems, native vs stock and % of raw."""
+    cases = doc["cases"]
+    lines = [
+        "| case | page cache | stock DCP | dcp_native python | dcp_native native | raw | native vs stock | native % of raw |",
+        "|---|:-:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key in ordered_cases(cases):
+        c = cases[key]
+        if c.get("kind") not in ("throughput", "time") or is_sweep(key) or c.get("workload") == "stage":
+            continue
+        field = "blocking_s" if c.get("op") == "async_save" else ("gbps" if c["kind"] == "throughput" else "seconds")
+        cells = []
+        for name in ("stock", "python", "native", "raw"):
+            e = c["systems"].get(name)
+            if e is None or field not in e:
+                cells.append("–")
+            elif field == "gbps":
+                cells.append(f"{_fmt_num(e['gbps']['median'])} GB/s")
+            else:
+                cells.append(f"{_fmt_num(e[field]['median'] * 1e3)} ms")
+        vs = _ratio(c, "native", "stock", field)
+        pct = _ratio(c, "native", "raw", field)
+        title = c["title"].replace("|", "/")
+        lines.append(f"| {title} | {_cache_short(c)} | " + " | ".join(cells)
+                     + f" | {_fmt_num(vs) + 'x' if vs else '–'} | {f'{100 * pct:.0f}%' if pct else '–'} |")
+    return lines
+
+
+def render_tables(doc: dict) -> str:
+    cases = doc["cases"]
+    lines: list[str] = []
+    m = doc["machine"]
+    v = doc["versions"]
+    meth = doc["method"]
+    lines.append("# dcp_native benchmark")
+    lines.append("")
+    gpu = m.get("gpu")
+    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM, kernel {m['kernel']}, "
+                 f"bench dir on {m['filesystem']} ({m['filesystem_device']})"
+                 + (f", GPU {gpu['name']}" if gpu else "") + ".  ")
+    lines.append(f"torch {v['torch']}, dcp_native {v['dcp_native']}"
+                 + (f" (git {v['git'].get('commit', '')[:10]})" if v.get("git") else "")
+                 + f"; native engine {'available' if v.get('native_engine') else 'NOT available'}; "
+                 f"device {doc.get('device', 'cpu')}.  ")
+    lines.append(f"{meth['reps']} reps after {meth['warmup_rounds']} warm-up round(s), interleaved across systems; "
+                 f"median with min–max; one fresh process per figure ({meth['isolation']}); "
+                 f"run took {doc['duration_s']} s; load average {m.get('loadavg_1_5_15')} at start, "
+                 f"{m.get('loadavg_at_end')} at end.  ")
+    lines.append(f"Thread counts: {meth['main_threads']} for every case; the model's save and load also at "
+                 f"{', '.join(str(t) for t in meth['sweep_threads'] if t != meth['main_threads']) or '–'}.  ")
+    if meth.get("reduced"):
+        lines.append("Reduced to fit the time budget: " + "; ".join(meth["reduced"]) + ".  ")
+    lines.append(f"Checks: {meth['check']}.")
+    for note in doc.get("notes", []):
+        lines.append(f"Note: {note}.")
+    lines.append("")
+    lines.append("## summary")
+    lines.append("")
+    lines.append("Medians; GB/s = the state dict's tensor bytes (bytes needed, for resharded loads) per second; "
+                 "ms for cases of many small tensors and resharded loads (for `async_save`: the time it blocks). "
+                 "Page cache: `warm` = files in the page cache, `cold` = evicted before each load, `writeback` = "
+                 "saved into the page cache (sync_files off), `fsync` = sync_files on. Every figure's spread, peak "
+                 "memory and page-cache residency are in the tables below.")
+    lines.append("")
+    lines += render_summary(doc)
+    lines.append("")
+    if any(is_sweep(k) for k in cases):
+        lines += render_sweep(doc)
+    for key in ordered_cases(cases):
+        if is_sweep(key):
+            continue
+        c = cases[key]
+        lines.append(f"## {c['title']}")
+        lines.append("")
+        lines.append(f"`{key}`; page cache: {c.get('page_cache', '–')}; {c.get('reps')} reps after "
+                     f"{c.get('warmup')} warm-up round(s).")
+        la = c.get("loadavg_before_after")
+        if la and la[0] and la[1]:
+            lines[-1] += f" Load average (1 min) {la[0][0]:.2f} before, {la[1][0]:.2f} after."
+        lines.append("")
+        kind, op = c.get("kind"), c.get("op")
+        if kind == "memory":
+            lines += _memory_table(c)
+        elif c.get("workload") == "reshard":
+            lines += _reshard_table(c)
+        elif op == "async_save":
+            lines += _async_table(c)
+        elif kind == "time":
+            lines += _time_table(c)
+        else:
+            lines += _throughput_table(key, c)
+        for name, why in c.get("unsupported", {}).items():
+            lines.append(f"{_label(name)}: not run here: {why}.")
+            lines.append("")
+        if any("phases_s" in e for e in c["systems"].values()):
+            lines += _phase_table(c)
+    if doc.get("targets"):
+        lines.append("## targets")
+        lines.append("")
+        lines.append("| target | measured | required | met |")
+        lines.append("|---|---:|---:|:-:|")
+        for t in doc["targets"]:
+            if t["unit"] in ("of raw", "of torch"):
+                val, lim = f"{100 * t['value']:.0f}% {t['unit']}", f"{t['op']} {100 * t['limit']:.0f}%"
+            elif t["unit"] == "MiB":
+                val, lim = f"{t['value']:.1f} MiB", f"{t['op']} {t['limit']:.0f} MiB"
+            elif t["unit"] == "GB/s":
+                val, lim = f"{t['value']:.1f} GB/s", f"{t['op']} {t['limit']:.0f} GB/s"
+            else:
+                val, lim = f"{t['value']:.2f}x", f"{t['op']} {t['limit']:.2f}x"
+            lines.append(f"| {t['target']} | {val} | {lim} | {'yes' if t['met'] else '**no**'} |")
+        lines.append("")
+    if doc.get("errors"):
+        lines.append("## errors")
+        lines.append("")
+        for e in doc["errors"]:
+            lines.append("```")
+            lines.append(e.strip())
+            lines.append("```")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _extra_cols(c: dict) -> list[tuple[str, str, float]]:
+    """Optional columns: (header, field, scale) present for at least one system."""
+    cols = []
+    systems = c["systems"].values()
+    if any("gpu_peak_mib" in e for e in systems):
+        cols.append(("GPU peak MiB", "gpu_peak_mib", 1.0))
+    if any("resident_before" in e for e in systems):
+        cols.append(("cached before", "resident_before", 100.0))
+    if c.get("op") == "load" and any("read_over_needed" in e for e in systems):
+        cols.append(("bytes read / needed", "read_over_needed", 1.0))
+    return cols
+
+
+def _extra_cells(e: dict, cols: list[tuple[str, str, float]]) -> str:
+    out = []
+    for header, field, scale in cols:
+        if field not in e:
+            out.append("–")
+        elif field == "resident_before":
+            out.append(f"{e[field]['median'] * scale:.0f}%")
+        elif field == "read_over_needed":
+            out.append(f"{e[field]['median']:.3f}")
+        else:
+            out.append(_fmt_num(e[field]["median"] * scale))
+    return "".join(f" {x} |" for x in out)
+
+
+def _throughput_table(key: str, c: dict) -> list[str]:
+    ref = reference_of(key, c)
+    cols = _extra_cols(c)
+    ref_label = "raw" if ref == "raw" else "torch pinned"
+    lines = ["| system | GB/s (median) | min–max | ratio vs stock | % of " + ref_label + " | peak MiB |"
+             + "".join(f" {h} |" for h, _, _ in cols),
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
+    for name, e in c["systems"].items():
+        med, rng = _spread(e["gbps"])
+        vs = _ratio(c, name, "stock")
+        pct = _ratio(c, name, ref)
+        lines.append(f"| {_label(name)} | {med} | {rng} | {_fmt_num(vs) + 'x' if vs else '–'} | "
+                     f"{f'{100 * pct:.0f}%' if pct else '–'} | {_fmt_num(e['peak_mib']['median'])} |"
+                     + _extra_cells(e, cols))
+    lines.append("")
+    return lines
+
+
+def _time_table(c: dict) -> list[str]:
+    cols = _extra_cols(c)
+    lines = ["| system | ms (median) | min–max | µs/tensor | speed-up vs stock | % of raw | peak MiB |"
+             + "".join(f" {h} |" for h, _, _ in cols),
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
+    for name, e in c["systems"].items():
+        med, rng = _spread(e["seconds"], 1e3)
+        vs = _ratio(c, name, "stock", "seconds")
+        pct = _ratio(c, name, "raw", "seconds")
+        us = _fmt_num(e["us_per_tensor"]["median"]) if "us_per_tensor" in e else "–"
+        lines.append(f"| {_label(name)} | {med} | {rng} | {us} | {_fmt_num(vs) + 'x' if vs else '–'} | "
+                     f"{f'{100 * pct:.0f}%' if pct else '–'} | {_fmt_num(e['peak_mib']['median'])} |"
+                     + _extra_cells(e, cols))
+    lines.append("")
+    return lines
+
+
+def _memory_table(c: dict) -> list[str]:
+    lines = ["| system | MiB above destination (median) | min–max |", "|---|---:|---:|"]
+    for name, e in c["systems"].items():
+        med, rng = _spread(e["peak_mib"])
+        lines.append(f"| {_label(name)} | {med} | {rng} |")
+    lines.append("")
+    return lines
+
+
+def _reshard_table(c: dict) -> list[str]:
+    p = c["params"]
+    lines = [f"Columns per rank: {p.get('columns_per_rank')}; each needed run is {p.get('run_bytes')} bytes or more; "
+             "bytes needed = all ranks' destinations; time = slowest rank's dcp.load.", "",
+             "| system | ms (median) | min–max | GB/s needed | speed-up vs stock | % of raw | bytes read / needed (engine) "
+             "| rchar / needed | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, e in c["systems"].items():
+        med, rng = _spread(e["seconds"], 1e3)
+        vs = _ratio(c, name, "stock", "seconds")
+        pct = _ratio(c, name, "raw", "seconds")
+        br = f"{e['read_over_needed']['median']:.3f}" if "read_over_needed" in e else "–"
+        rc = f"{e['rchar_over_needed']['median']:.3f}" if "rchar_over_needed" in e else "–"
+        lines.append(f"| {_label(name)} | {med} | {rng} | {_fmt_num(e['gbps']['median'])} | "
+                     f"{_fmt_num(vs) + 'x' if vs else '–'} | {f'{100 * pct:.0f}%' if pct else '–'} | {br} | {rc} | "
+                     f"{_fmt_num(e['peak_mib']['median'])} |")
+    lines.append("")
+    return lines
+
+
+def _async_table(c: dict) -> list[str]:
+    lines = [f"Blocking: {c['params'].get('blocking')}; total: {c['params'].get('total')}; raw: {c['params'].get('raw')}; "
+             f"{c['params'].get('writer')}.", "",
+             "| system | blocking ms (median) | min–max | total ms | blocking vs stock | blocking / raw copy "
+             "| first save blocking ms | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    raw = c["systems"].get("raw", {}).get("blocking_s", {}).get("median")
+    for name, e in c["systems"].items():
+        med, rng = _spread(e["blocking_s"], 1e3)
+        vs = _ratio(c, name, "stock", "blocking_s")
+        over = e["blocking_s"]["median"] / raw if raw else None
+        first = _fmt_num(e["first_blocking_s"]["median"] * 1e3) if "first_blocking_s" in e else "–"
+        lines.append(f"| {_label(name)} | {med} | {rng} | {_fmt_num(e['total_s']['median'] * 1e3)} | "
+                     f"{_fmt_num(vs) + 'x' if vs else '–'} | {_fmt_num(over) + 'x' if over else '–'} | {first} | "
+                     f"{_fmt_num(e['peak_mib']['median'])} |")
+    lines.append("")
+    return lines
+
+
+PHASE_NOTE = (
+    "Phases: `dcp.planner` = the planner's set_up/create_local/create_global(/finish) plan calls; "
+    "`dcp.other` = the rest of dcp.save/load outside the storage layer and the planner "
+    "(metadata assembly, dedup, no_dist collectives); `storage.plan` = the storage layer's "
+    "set_up/prepare_local/prepare_global; `write_data.resolve_data` and `read_data.resolve_tensor/"
+    "commit_tensor` are planner callbacks made from inside the storage layer; `*.engine` = "
+    "dcp_native's engine call, or for stock the sum of its per-item `_write_item` (torch.save + write) "
+    "or `torch.load` calls (summed over threads where stock uses threads); `*.other` = the rest of "
+    "write_data/read_data (framing, read planning, probing, bookkeeping); `storage.finish` = metadata "
+    "(and sidecar) pickling, writing and fsync. Stock's writer runs `_write_item` on its "
+    "`thread_count` threads, so its write_data split is in thread-seconds and has no `other`."
+)
+
+
+def _phase_table(c: dict) -> list[str]:
+    names = [n for n in c["systems"] if "phases_s" in c["systems"][n]]
+    labels: list[str] = []
+    for n in names:
+        for k in c["systems"][n]["phases_s"]:
+            if k not in labels:
+                labels.append(k)
+    rounds = c.get("params", {}).get("phase_rounds")
+    lines = [f"### where the time goes: {c['title']} (ms, median of {rounds or 'the'} instrumented run(s))", "",
+             "| phase | " + " | ".join(_label(n) for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for k in labels:
+        row = []
+        for n in names:
+            val = c["systems"][n]["phases_s"].get(k, 0.0)
+            row.append("n/a (threads)" if val is None else _fmt_num(val * 1e3))
+        lines.append(f"| {k} | " + " | ".join(row) + " |")
+    lines += ["", PHASE_NOTE, ""]
+    return lines
+
+
+def sweep_points(cases: dict, op: str) -> dict[str, dict[int, dict]]:
+    """system -> threads -> gbps summary, for the model's save or load, main thread count included."""
+    out: dict[str, dict[int, dict]] = {}
+    for key, c in cases.items():
+        if key == f"model_{op}" or key.startswith(f"model_{op}_t"):
+            for name, e in c["systems"].items():
+                if name.startswith("torch_pinned"):
+                    continue
+                out.setdefault(name, {})[c["threads"]] = e["gbps"]
+    return out
+
+
+def render_sweep(doc: dict) -> list[str]:
+    cases = doc["cases"]
+    meth = doc["method"]
+    threads = sorted(set(meth["sweep_threads"]) | {meth["main_threads"]})
+    lines = ["## thread counts: the model's save and load", "",
+             f"GB/s (median); {meth['main_threads']} threads: {meth['reps']} reps (the cases below); other thread "
+             f"counts: {meth['sweep_reps']} rep(s). Stock's reader reads on one thread whatever `thread_count`, so "
+             "its load is measured at one setting only. Raw: as many threads, one file (save) or one contiguous "
+             "range of the files (load) per thread.", ""]
+    for op in ("save", "load"):
+        pts = sweep_points(cases, op)
+        if not pts:
+            continue
+        lines.append(f"| {op} | " + " | ".join(f"{t} threads" for t in threads) + " |")
+        lines.append("|---|" + "---:|" * len(threads))
+        for name, by_t in pts.items():
+            lines.append(f"| {_label(name)} | " + " | ".join(
+                _fmt_num(by_t[t]["median"]) if t in by_t else "–" for t in threads) + " |")
+        lines.append("")
+    return lines
+
+
+# ----------------------------------------------------------------------------- chart
+
+
+COLORS = {
+    "stock": "#7f7f7f", "python": "#ff7f0e", "native": "#2ca02c", "noio": "#9467bd",
+    "python_on_stock_ckpt": "#ffbb78", "native_on_stock_ckpt": "#98df8a", "raw_direct": "#1f77b4",
+    "torch_pinned": "#17becf", "torch_pinned_d2h": "#17becf", "torch_pinned_h2d": "#17becf", "raw": "#d62728",
+}
+
+
+def chart_panels(doc: dict) -> list[dict]:
+    """What the chart shows: one panel per throughput/time case, plus the thread sweep."""
+    panels = []
+    for key in ordered_cases(doc["cases"]):
+        c = doc["cases"][key]
+        if c.get("kind") not in ("throughput", "time") or is_sweep(key):
+            continue
+        ref = reference_of(key, c)
+        field = "blocking_s" if c.get("op") == "async_save" else "gbps"
+        bars = [n for n in c["systems"] if n != ref]
+        panels.append({"case": key, "title": c["title"], "systems": bars, "reference": ref
+                       if ref in c["systems"] else None, "field": field})
+    if any(is_sweep(k) for k in doc["cases"]):
+        panels.append({"case": "thread_sweep", "title": "model: GB/s by thread count",
+                       "systems": sorted(set(sweep_points(doc["cases"], "save")) | set(sweep_points(doc["cases"], "load"))),
+                       "reference": "raw", "field": "gbps"})
+    return panels
+
+
+def _wrap(text: str, width: int = 42) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:3])
+
+
+def render_chart(doc: dict, path: str) -> dict[str, Any]:
+    """Draw the chart (matplotlib, Agg) to ``path``; returns what it shows, or why it was not drawn."""
+    panels = chart_panels(doc)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return {"path": None, "panels": panels,
+                "skipped": f"matplotlib is not installed ({exc}); `make bench` installs it (pip install matplotlib)"}
+    cases = doc["cases"]
+    n = len(panels)
+    if n == 0:
+        return {"path": None, "panels": [], "skipped": "no figures to draw"}
+    cols = 4 if n > 6 else min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.9 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        if panel["case"] == "thread_sweep":
+            _draw_sweep(ax, doc)
+            continue
+        c = cases[panel["case"]]
+        field = panel["field"]
+        names = panel["systems"]
+        if field == "blocking_s":
+            vals = [1e3 * c["systems"][s][field]["median"] for s in names]
+            lo = [v - 1e3 * c["systems"][s][field]["min"] for v, s in zip(vals, names)]
+            hi = [1e3 * c["systems"][s][field]["max"] - v for v, s in zip(vals, names)]
+            ax.set_ylabel("blocking ms (lower is better)")
+        else:
+            vals = [c["systems"][s]["gbps"]["median"] for s in names]
+            lo = [v - c["systems"][s]["gbps"]["min"] for v, s in zip(vals, names)]
+            hi = [c["systems"][s]["gbps"]["max"] - v for v, s in zip(vals, names)]
+            ax.set_ylabel("GB/s")
+        x = list(range(len(names)))
+        ax.bar(x, vals, color=[COLORS.get(s, "#8c564b") for s in names], yerr=[lo, hi], capsize=3)
+        ax.set_xticks(x)
+        ax.set_xticklabels([_label(s).replace("dcp_native ", "").replace(", stock-written ckpt", "\n(stock ckpt)")
+                            for s in names], rotation=30, ha="right", fontsize=7)
+        ref = panel["reference"]
+        if ref:
+            rv = c["systems"][ref][field]["median"] * (1e3 if field == "blocking_s" else 1.0)
+            ax.axhline(rv, color=COLORS["raw"], linestyle="--", linewidth=1.5)
+            ref_name = "raw" if ref == "raw" else _label(ref)
+            ax.text(len(names) - 0.5, rv, f"{ref_name} {_fmt_num(rv)}", color=COLORS["raw"], ha="right",
+                    va="bottom", fontsize=7)
+        ax.set_title(_wrap(f"{c['title']} [{_cache_short(c)}]"), fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_ylim(0, max(vals + [rv if ref else 0]) * 1.18 or 1)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    m = doc["machine"]
+    fig.suptitle(f"dcp_native benchmark — {m['cpu']}, {m['cores']} cores, {m['ram']} RAM, {m['filesystem']}, "
+                 f"device {doc.get('device', 'cpu')}; torch {doc['versions']['torch']}; median of "
+                 f"{doc['method']['reps']} reps, min–max bars; dashed red line: raw baseline", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"path": os.path.basename(path), "panels": panels}
+
+
+def _draw_sweep(ax, doc: dict) -> None:
+    cases = doc["cases"]
+    for op, style in (("save", "-"), ("load", "--")):
+        for name, by_t in sweep_points(cases, op).items():
+            ts = sorted(by_t)
+            ax.plot(ts, [by_t[t]["median"] for t in ts], style, marker="o", markersize=3,
+                    color=COLORS.get(name, "#8c564b"), label=f"{op}: {_label(name).replace('dcp_native ', '')}")
+    ax.set_xscale("log", base=2)
+    ts = sorted(set(doc["method"]["sweep_threads"]) | {doc["method"]["main_threads"]})
+    ax.set_xticks(ts)
+    ax.set_xticklabels([str(t) for t in ts])
+    ax.set_xlabel("threads", fontsize=8)
+    ax.set_ylabel("GB/s")
+    ax.set_title("model state: save (solid) and load (dashed)\nby thread count [writeback / warm]", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    ax.tick_params(labelsize=7)
