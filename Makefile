@@ -51,7 +51,18 @@ build: $(STAMP)
 test: build
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+# matplotlib draws benchmarks/results/latest.png (the [bench] extra); installed into the
+# venv when missing. Offline, the run goes on and only the chart is skipped.
+BENCH_TOOLS := matplotlib
+
 bench: build
+	@missing=""; \
+	for mod in $(BENCH_TOOLS); do \
+	  $(VPY) -c "import $$mod" >/dev/null 2>&1 || missing="$$missing $$mod"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  $(VPY) -m pip install -q $$missing || echo "could not install$$missing: latest.png will not be drawn"; \
+	fi
 	$(VPY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
