@@ -217,13 +217,15 @@ class FileSystemWriter(_stock.FileSystemWriter):
     def _checksum_block(self) -> int:
         """Block size of the CRC32C tables to write; 0 for none.
 
-        By default checksums are written when CRC32C is fast here (the native
-        extension is built); ``checksums=True`` forces them even with the
-        pure-Python CRC32C, ``False`` turns them off.
+        By default checksums are written by the native engine, which computes
+        them on its I/O threads at hardware speed (about +35% on a 1 GiB save
+        into the page cache here); the Python engine computes them a block at a
+        time, so it writes them only when asked. ``checksums=True`` forces them,
+        ``False`` turns them off.
         """
         enabled = self.checksums
         if enabled is None:
-            enabled = integrity.fast_crc32c()
+            enabled = get_engine().name == "native" and integrity.fast_crc32c()
         return integrity.DEFAULT_BLOCK if enabled else 0
 
     def _data_file_name(self, prefix: str, n: int) -> str:
