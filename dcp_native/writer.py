@@ -152,6 +152,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         _extensions: stream transforms (e.g. ``ZStandard()``); such saves use stock's path.
         serialization_format: ``TORCH_SAVE`` uses dcp_native's path, others stock's.
         chunk_bytes: most bytes one write call moves; the unit of work of the threads.
+        checksums: write a CRC32C table of every data file (4 KiB blocks) beside
+            it, for verified loads and `dcp-native verify`; default: with the
+            native engine.
 
     Example:
         >>> import tempfile, torch, torch.distributed.checkpoint as dcp, dcp_native
