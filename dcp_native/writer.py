@@ -149,7 +149,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         per_thread_copy_ahead: bytes staged from the GPU ahead of writing (as stock).
         cache_staged_state_dict: keep the staged copy between async saves (as stock).
         overwrite: allow saving over an existing checkpoint (as stock).
-        _extensions: stream transforms (e.g. ``ZStandard()``); such saves use stock's path.
+        _extensions: stream transforms (e.g. ``ZStandard()``); such items are framed by stock's code.
         serialization_format: ``TORCH_SAVE`` uses dcp_native's path, others stock's.
         chunk_bytes: most bytes one write call moves; the unit of work of the threads.
         checksums: write a CRC32C table of every data file (4 KiB blocks) beside

@@ -111,9 +111,14 @@ class RowChunkPlanner(DefaultSavePlanner):
 
 
 def save(path: Path, writer: str) -> Path:
-    cls = dcp_native.FileSystemWriter if writer == "native" else dcp.FileSystemWriter
+    # Without checksum tables: these tests are about the framing checks, and
+    # test_verify_checks_crc32c_tables covers the checksums.
+    if writer == "native":
+        w = dcp_native.FileSystemWriter(path, thread_count=2, checksums=False)
+    else:
+        w = dcp.FileSystemWriter(path, thread_count=2)
     dcp.save(
-        state(), storage_writer=cls(path, thread_count=2),
+        state(), storage_writer=w,
         planner=RowChunkPlanner({"model.w"}), no_dist=True,
     )
     return path
@@ -428,3 +433,24 @@ def test_convert_refuses_absurd_declared_size(tmp_path, capsys):
     assert cli.main(["convert", str(ck), str(tmp_path / "out.pt")]) == 3
     err = capsys.readouterr().err
     assert "refusing to allocate" in err and "'a'" in err and len(err.splitlines()) == 1
+
+
+def test_verify_checks_crc32c_tables(engine_name, tmp_path, capsys):
+    """verify reads every byte of files with checksum tables and names a flipped bit's block."""
+    from dcp_native import cli
+
+    ck = tmp_path / "ck"
+    sd = {"a": torch.randn(100000), "b": torch.randn(300), "o": "x"}
+    dcp.save(sd, storage_writer=dcp_native.FileSystemWriter(ck, checksums=True), no_dist=True)
+    assert cli.main(["verify", str(ck)]) == 0
+    assert "CRC32C of every 4 KiB block checked" in capsys.readouterr().out
+    with open(ck / "__0_0.distcp", "r+b") as f:
+        f.seek(200000)
+        b = f.read(1)
+        f.seek(200000)
+        f.write(bytes([b[0] ^ 1]))
+    assert cli.main(["verify", str(ck), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    (problem,) = doc["problems"]
+    assert problem["file"] == "__0_0.distcp" and problem["offset"] == 200000 // 4096 * 4096
+    assert problem["key"] == "a" and "checksum mismatch" in problem["message"]
