@@ -73,7 +73,8 @@ from dcpbench.report import evaluate_targets, render_chart, render_tables  # noq
 from dcpbench.runner import ChildFailed, Runner  # noqa: E402
 
 #: Every workload, in the order they run.
-WORKLOADS = ("model", "cold", "many", "load", "small", "save", "reshard", "async", "stage")
+#: (GPU-only stage and CUDA-default async right after model: a GPU check cut short keeps them.)
+WORKLOADS = ("model", "stage", "async", "cold", "many", "load", "small", "save", "reshard")
 #: Workloads that only mean something on a GPU.
 CUDA_ONLY = ("stage",)
 #: Workloads not run by default on a CPU-only machine (opt in with --workload).

@@ -652,9 +652,11 @@ def op_async_save(spec: dict) -> dict:
     # with pin_memory=True, which fails on a machine without an accelerator.
     writer = make_writer(system, os.path.join(base, "0"), threads, False, cache_staged_state_dict=cuda)
 
+    kwargs = _single_process_kwargs(dcp.async_save, spec)
+
     def one(path: str) -> tuple[float, float]:
         t0 = time.perf_counter()
-        resp = dcp.async_save(work.state_dict, checkpoint_id=path, storage_writer=writer, no_dist=True)
+        resp = dcp.async_save(work.state_dict, checkpoint_id=path, storage_writer=writer, **kwargs)
         staging = getattr(resp, "staging_completion", None)
         if staging is not None:
             staging.result()
@@ -679,6 +681,20 @@ def op_async_save(spec: dict) -> dict:
             "first_total_s": first_total, "bytes": work.nbytes, "peak_bytes": peak}
 
 
+def _single_process_kwargs(fn: Callable[..., Any], spec: dict) -> dict:
+    """``no_dist=True`` where ``fn`` takes it; else a one-rank gloo group (older torch's async_save)."""
+    import inspect
+
+    if "no_dist" in inspect.signature(fn).parameters:
+        return {"no_dist": True}
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        store = os.path.join(spec["bench"], f"store_{os.getpid()}_{time.monotonic_ns()}")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    return {}
+
+
 def op_transfer(spec: dict) -> dict:
     """GPU only: D2H staging or H2D copy bandwidth of the workload's CUDA tensors.
 
@@ -699,8 +715,10 @@ def op_transfer(spec: dict) -> dict:
     if system == "torch_pinned":
         hosts = [pinned_like(t, True) for t in dev]
         if direction == "h2d":
+            # The pinned copies hold the pattern; the device tensors get garbage the copy must replace.
             for h, t in zip(hosts, dev):
                 h.copy_(t)
+                wl.fill_garbage(t)
         torch.cuda.synchronize()
         rss0 = reset_peak_rss()
         t0 = time.perf_counter()

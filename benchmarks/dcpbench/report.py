@@ -187,6 +187,10 @@ def render_tables(doc: dict) -> str:
     meth = doc["method"]
     lines.append("# dcp_native benchmark")
     lines.append("")
+    if doc.get("partial"):
+        lines.append("**Partial results**: the run has not finished (or was cut short); the workloads below are "
+                     "those done so far.")
+        lines.append("")
     gpu = m.get("gpu")
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM, kernel {m['kernel']}, "
                  f"bench dir on {m['filesystem']} ({m['filesystem_device']})"
@@ -377,7 +381,8 @@ def _async_table(c: dict) -> list[str]:
         vs = _ratio(c, name, "stock", "blocking_s")
         over = e["blocking_s"]["median"] / raw if raw else None
         first = _fmt_num(e["first_blocking_s"]["median"] * 1e3) if "first_blocking_s" in e else "–"
-        lines.append(f"| {_label(name)} | {med} | {rng} | {_fmt_num(e['total_s']['median'] * 1e3)} | "
+        label = "raw copy into preallocated memory" if name == "raw" else _label(name)
+        lines.append(f"| {label} | {med} | {rng} | {_fmt_num(e['total_s']['median'] * 1e3)} | "
                      f"{_fmt_num(vs) + 'x' if vs else '–'} | {_fmt_num(over) + 'x' if over else '–'} | {first} | "
                      f"{_fmt_num(e['peak_mib']['median'])} |")
     lines.append("")
