@@ -53,7 +53,10 @@ from ._safe_pickle import MetadataUnpickler
 from .engine import ReadFile
 from .plan import Box, encode_boxes
 from .reader import FileSystemReader, default_thread_count
-from .writer import SIDECAR_FORMAT_VERSION, SIDECAR_SUFFIX, FileSystemWriter
+from .sidecar import SUFFIX as SIDECAR_SUFFIX
+from .sidecar import Sidecar
+from .sidecar import read as read_sidecar_file
+from .writer import FileSystemWriter
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -240,60 +243,25 @@ class _Item:
     chunk_sizes: tuple[int, ...] | None = None
 
 
-@dataclasses.dataclass
-class _Sidecar:
-    #: "absent", "matching", "stale" (another save's), "unreadable", "unknown version"
-    status: str
-    version: Any = None
-    #: relative path -> item offset -> the sidecar's entry (length, payload offset, ...)
-    entries: dict[str, dict[int, list]] = dataclasses.field(default_factory=dict)
-    #: data file -> its CRC32C table file
-    checksums: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def written_by(self) -> str:
-        return "dcp_native" if self.status == "matching" else "stock DCP"
-
-    def describe(self) -> str:
-        name = _METADATA + SIDECAR_SUFFIX
-        return {
-            "matching": f"written by dcp_native (sidecar {name}, format {self.version})",
-            "absent": f"written by stock DCP (no {name})",
-            "stale": f"written by stock DCP ({name} is from another save and is ignored)",
-            "unreadable": f"written by stock DCP? ({name} is unreadable and is ignored)",
-            "unknown version": (
-                f"written by dcp_native, sidecar format {self.version!r} unknown to this version"
-            ),
-        }[self.status]
+_SIDECAR_STATUS = {
+    "matching": "written by dcp_native (sidecar {name}, format {version})",
+    "absent": "written by stock DCP (no {name})",
+    "stale": "written by stock DCP ({name} is from another save and is ignored)",
+    "unreadable": "written by stock DCP? ({name} is unreadable and is ignored)",
+    "unknown version": "written by dcp_native, sidecar format {version!r} unknown to this version",
+}
 
 
-def _read_sidecar(directory: str, metadata: Any) -> _Sidecar:
-    # Same acceptance rule as FileSystemReader._read_sidecar; here we also need why.
-    try:
-        with open(os.path.join(directory, _METADATA + SIDECAR_SUFFIX), "rb") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        return _Sidecar("absent")
-    except (OSError, ValueError):
-        return _Sidecar("unreadable")
-    if not isinstance(doc, dict) or doc.get("format") != "dcp_native":
-        return _Sidecar("unreadable")
-    save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
-    if save_id is None or doc.get("save_id") != save_id:
-        return _Sidecar("stale", doc.get("version"))
-    if doc.get("version") != SIDECAR_FORMAT_VERSION:
-        return _Sidecar("unknown version", doc.get("version"))
-    entries: dict[str, dict[int, list]] = {}
-    try:
-        for rel, rows in doc.get("items", {}).items():
-            entries[rel] = {int(row[0]): [int(v) for v in row[1:]] for row in rows}
-    except (TypeError, ValueError, IndexError, AttributeError):
-        return _Sidecar("unreadable", doc.get("version"))
-    try:
-        checksums = {rel: str(e["file"]) for rel, e in (doc.get("checksums") or {}).items()}
-    except (TypeError, KeyError, AttributeError):
-        return _Sidecar("unreadable", doc.get("version"))
-    return _Sidecar("matching", doc.get("version"), entries, checksums)
+def _written_by(sc: Sidecar) -> str:
+    return "dcp_native" if sc.usable else "stock DCP"
+
+
+def _describe_sidecar(sc: Sidecar) -> str:
+    return _SIDECAR_STATUS[sc.status].format(name=_METADATA + SIDECAR_SUFFIX, version=sc.version)
+
+
+def _read_sidecar(directory: str, metadata: Any) -> Sidecar:
+    return read_sidecar_file(os.path.join(directory, _METADATA + SIDECAR_SUFFIX), metadata)
 
 
 @dataclasses.dataclass
@@ -301,7 +269,7 @@ class _Checkpoint:
     path: str
     metadata: Any
     items: list[_Item]
-    sidecar: _Sidecar
+    sidecar: Sidecar
 
     def file_path(self, rel: str) -> str:
         return os.path.join(self.path, rel)
@@ -726,7 +694,7 @@ def _inspect_doc(ck: _Checkpoint) -> dict[str, Any]:
     storage_meta = getattr(ck.metadata, "storage_meta", None)
     return {
         "path": os.path.abspath(ck.path),
-        "written_by": ck.sidecar.written_by,
+        "written_by": _written_by(ck.sidecar),
         "sidecar": ck.sidecar.status,
         "dcp_version": getattr(ck.metadata, "version", None),
         "save_id": getattr(storage_meta, "save_id", None),
@@ -758,7 +726,7 @@ def _table(rows: list[list[str]], right: Sequence[int] = ()) -> list[str]:
 
 def _inspect_text(doc: dict[str, Any], ck: _Checkpoint) -> str:
     t = doc["totals"]
-    lines = [f"{doc['path']}: DCP checkpoint, {ck.sidecar.describe()}"]
+    lines = [f"{doc['path']}: DCP checkpoint, {_describe_sidecar(ck.sidecar)}"]
     if doc["tensors"]:
         rows = [["tensor", "dtype", "shape", "bytes", "chunks", "files"]]
         for e in doc["tensors"]:
@@ -1293,7 +1261,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         doc = {
             "path": os.path.abspath(directory),
             "ok": not problems,
-            "written_by": verifier.ck.sidecar.written_by if verifier else None,
+            "written_by": _written_by(verifier.ck.sidecar) if verifier else None,
             "problems": [_problem_json(p) for p in problems],
             "notes": verifier.notes if verifier else [],
             "read_all": bool(args.read_all),
@@ -1303,7 +1271,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         head = os.path.abspath(directory)
         if verifier is not None:
-            print(f"{head}: DCP checkpoint, {verifier.ck.sidecar.describe()}")
+            print(f"{head}: DCP checkpoint, {_describe_sidecar(verifier.ck.sidecar)}")
         else:
             print(f"{head}:")
         if verifier is not None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import io
-import json
 import os
 import pickle
 from array import array
@@ -30,7 +29,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from . import integrity, layout
+from . import integrity, layout, sidecar
 from ._backend import get_engine
 from ._errors import (
     CorruptCheckpointError,
@@ -41,7 +40,6 @@ from ._errors import (
 from ._safe_pickle import load_metadata
 from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, ReadFile, ReadStats
 from .plan import Box, encode_boxes, read_box
-from .writer import SIDECAR_FORMAT_VERSION, SIDECAR_SUFFIX
 
 _METADATA_NAME = ".metadata"
 #: A box whose runs are shorter than this, with more runs than _MANY_RUNS, is read
@@ -168,32 +166,13 @@ class FileSystemReader(_stock.FileSystemReader):
         self._payloads = self._read_sidecar(path, metadata)
         return metadata
 
-    def _read_sidecar(self, metadata_path: str, metadata: Metadata) -> dict[str, dict[int, int]]:
-        """Payload offsets from the sidecar, if it belongs to this very save."""
-        try:
-            with open(metadata_path + SIDECAR_SUFFIX, "rb") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
+    def _read_sidecar(self, metadata_path: str, metadata: Metadata) -> dict[str, dict[int, tuple]]:
+        """Payload offsets (and checksum tables) from the sidecar, if it belongs to this save."""
+        sc = sidecar.read(metadata_path + sidecar.SUFFIX, metadata)
+        self._crc_files = sc.checksums if sc.usable else {}
+        if not sc.usable:
             return {}
-        except ValueError:
-            return {}  # unreadable sidecar: fall back to parsing item headers
-        self._crc_files = {}
-        save_id = getattr(metadata.storage_meta, "save_id", None)
-        if (
-            not isinstance(doc, dict)
-            or doc.get("format") != "dcp_native"
-            or doc.get("version") != SIDECAR_FORMAT_VERSION
-            or save_id is None
-            or doc.get("save_id") != save_id
-        ):
-            return {}
-        payloads: dict[str, dict[int, int]] = {}
-        for rel, entries in doc.get("items", {}).items():
-            payloads[rel] = {int(e[0]): (int(e[1]), int(e[2])) for e in entries}
-        self._crc_files = {
-            rel: str(entry["file"]) for rel, entry in (doc.get("checksums") or {}).items()
-        }
-        return payloads
+        return {rel: {off: tuple(rest[:2]) for off, rest in rows.items()} for rel, rows in sc.entries.items()}
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import operator
 import os
 import pickle
@@ -27,15 +26,11 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import integrity, layout
+from . import integrity, layout, sidecar
 from ._backend import get_engine
 from .engine import SRC_BLOB, WriteFile
 from .plan import FileLayout
 
-#: The sidecar (what dcp_native adds to a stock checkpoint) is named after the
-#: metadata file it belongs to: ``.metadata.dcp_native``.
-SIDECAR_SUFFIX = ".dcp_native"
-SIDECAR_FORMAT_VERSION = 1
 _METADATA_NAME = ".metadata"
 #: Data files as stock and dcp_native name them (dcp_native adds a tag when
 #: saving over a committed checkpoint), and temporary files of the commit.
@@ -374,14 +369,14 @@ class FileSystemWriter(_stock.FileSystemWriter):
         """Commit: sidecar, then ``.metadata``, each via fsynced temp file and rename."""
         metadata.version = getattr(_stock, "CURRENT_DCP_VERSION", getattr(metadata, "version", None))
         storage_md = {}
-        sidecar: dict[str, list[list[int]]] = {}
+        payloads: dict[str, list[list[int]]] = {}
         checksums: dict[str, dict[str, Any]] = {}
         for wr_list in results:
             for wr in wr_list:
                 info = wr.storage_data
                 if isinstance(info, _NativeStorageInfo):
                     if info.payload_offset >= 0:
-                        sidecar.setdefault(info.relative_path, []).append(
+                        payloads.setdefault(info.relative_path, []).append(
                             [info.offset, info.length, info.payload_offset]
                         )
                     if info.crc_file:
@@ -393,17 +388,14 @@ class FileSystemWriter(_stock.FileSystemWriter):
 
         directory = str(self.path)
         metadata_name = self._metadata_name()
-        sidecar_doc = {
-            "format": "dcp_native",
-            "version": SIDECAR_FORMAT_VERSION,
-            "save_id": self.save_id,
-            "metadata": metadata_name,
-            "items": {k: sorted(v, key=operator.itemgetter(0)) for k, v in sidecar.items()},
-            "checksums": checksums,
-        }
         write_atomically(
-            os.path.join(directory, f"{metadata_name}{SIDECAR_SUFFIX}"),
-            json.dumps(sidecar_doc, separators=(",", ":")).encode(),
+            os.path.join(directory, f"{metadata_name}{sidecar.SUFFIX}"),
+            sidecar.document(
+                self.save_id,
+                metadata_name,
+                {k: sorted(v, key=operator.itemgetter(0)) for k, v in payloads.items()},
+                checksums,
+            ),
             self.sync_files,
         )
         write_atomically(

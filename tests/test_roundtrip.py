@@ -200,6 +200,29 @@ def test_stock_overwrite_makes_sidecar_stale(engine_name, tmp_path):
     assert_same(out, new)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda doc: doc["items"].update({"__0_0.distcp": [[0, 5]]}),  # short entry
+        lambda doc: doc["items"].update({"__0_0.distcp": "not rows"}),
+        lambda doc: doc.update(version=999),
+        lambda doc: doc.update(save_id="another save"),
+    ],
+    ids=["short-entry", "not-rows", "unknown-version", "other-save"],
+)
+def test_damaged_sidecar_is_ignored(engine_name, tmp_path, damage):
+    """A sidecar the reader cannot trust is ignored: payloads are found from item headers."""
+    sd = {"a": torch.randn(300), "b": torch.arange(12.0).reshape(3, 4)}
+    save_native(sd, tmp_path)
+    side = tmp_path / ".metadata.dcp_native"
+    doc = json.loads(side.read_text())
+    damage(doc)
+    side.write_text(json.dumps(doc))
+    out = zeros_like_sd(sd)
+    load_native(out, tmp_path)
+    assert_same(out, sd)
+
+
 def test_overwrite_with_dcp_native(engine_name, tmp_path):
     for scale in (1.0, 3.0):
         sd = {"a": torch.arange(64.0) * scale}
