@@ -305,7 +305,7 @@ class Bench:
         save_systems = [
             (n, {"op": "save", "system": n, "data": d, "threads": t_main, "sync": False,
                  "dir_template": self.path(f"model_save_{n}_t{t_main}_{{round}}")})
-            for n in ("stock", "python", "native", "raw")
+            for n in ("stock", "python", "native", "native_nocrc", "raw")
         ]
         if cuda:
             save_systems.append(("torch_pinned_d2h", {"op": "transfer", "system": "torch_pinned", "direction": "d2h",
@@ -535,7 +535,7 @@ class Bench:
             systems = [
                 (n, {"op": "save", "system": n, "data": d, "threads": t, "sync": sync,
                      "dir_template": self.path(f"{key}_{n}_{{round}}")})
-                for n in ("stock", "python", "native", "raw")
+                for n in ("stock", "python", "native", "native_nocrc", "raw")
             ]
             samples, _ = self.rounds(key, systems, cleanup=self.rm_save)
             raw = f"pwrite into {t} files on {t} threads" + (" + fsync" if sync else "")

@@ -100,18 +100,29 @@ class timed_threads:
         torch.set_num_threads(1)
 
 
+#: dcp_native systems: name -> (engine, writer settings beyond the defaults).
+#: ``native_nocrc`` is the native engine without the CRC32C tables it writes by
+#: default, to show what the checksums cost.
+DCP_NATIVE_SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "python": ("python", {}),
+    "native": ("native", {}),
+    "native_nocrc": ("native", {"checksums": False}),
+}
+
+
 def set_engine(system: str) -> None:
-    """python / native select dcp_native's engine; checks the choice took effect."""
+    """Select the engine of a dcp_native system; checks the choice took effect."""
     import dcp_native
 
-    os.environ["DCP_NATIVE_BACKEND"] = system
-    if dcp_native.backend() != system:
-        raise RuntimeError(f"DCP_NATIVE_BACKEND={system} but dcp_native.backend() is {dcp_native.backend()}")
+    engine = engine_of(system)
+    os.environ["DCP_NATIVE_BACKEND"] = engine
+    if dcp_native.backend() != engine:
+        raise RuntimeError(f"DCP_NATIVE_BACKEND={engine} but dcp_native.backend() is {dcp_native.backend()}")
 
 
 def engine_of(system: str) -> str:
     """The dcp_native engine a system uses ('python'/'native'), or '' for the others."""
-    return system if system in ("python", "native") else ""
+    return DCP_NATIVE_SYSTEMS.get(system, ("", {}))[0]
 
 
 # ----------------------------------------------------------------------------- device
@@ -297,7 +308,7 @@ def _instrument(system: str, storage: Any, planner: Any, save: bool) -> PhaseTim
         pt.wrap(storage, "write_data", "storage.write_data")
         pt.wrap(storage, "finish", "storage.finish")
         pt.wrap(planner, "resolve_data", "write_data.resolve_data")
-        if system in ("python", "native"):
+        if engine_of(system):
             from dcp_native._backend import get_engine
 
             pt.wrap(get_engine(), "write", "write_data.engine")
@@ -313,7 +324,7 @@ def _instrument(system: str, storage: Any, planner: Any, save: bool) -> PhaseTim
         pt.wrap(storage, "read_data", "storage.read_data")
         for m in ("resolve_tensor", "commit_tensor", "load_bytes"):
             pt.wrap(planner, m, f"read_data.{m}")
-        if system in ("python", "native"):
+        if engine_of(system):
             from dcp_native._backend import get_engine
 
             pt.wrap(get_engine(), "read", "read_data.engine")
@@ -364,6 +375,7 @@ def make_writer(system: str, path: str, threads: int, sync: bool, **kwargs: Any)
     if system == "noio":
         return _noio_classes()[0]()
     set_engine(system)
+    kwargs = {**DCP_NATIVE_SYSTEMS[system][1], **kwargs}
     return dcp_native.FileSystemWriter(path, thread_count=threads, sync_files=sync, **kwargs)
 
 

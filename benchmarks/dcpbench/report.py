@@ -9,6 +9,7 @@ SYSTEM_LABELS = {
     "stock": "stock DCP",
     "python": "dcp_native python",
     "native": "dcp_native native",
+    "native_nocrc": "dcp_native native, checksums off",
     "python_on_stock_ckpt": "dcp_native python, stock-written ckpt",
     "native_on_stock_ckpt": "dcp_native native, stock-written ckpt",
     "noio": "DCP floor (no-I/O storage)",
@@ -74,8 +75,12 @@ def evaluate_targets(cases: dict) -> list[dict]:
         add(f"small save: {e} vs stock", ratio_time("small_save", e, "stock"), ">=", 3.0 if e == "native" else 1.0, "x")
         add(f"small load: {e} vs stock", ratio_time("small_load", e, "stock"), ">=", 3.0 if e == "native" else 1.0, "x")
     add("save sync off: native vs stock", ratio_tp("save_nosync", "native", "stock"), ">=", 1.3, "x")
+    add("save sync off: native (checksums off) vs stock", ratio_tp("save_nosync", "native_nocrc", "stock"), ">=", 1.3,
+        "x")
     add("save sync off: python vs stock", ratio_tp("save_nosync", "python", "stock"), ">=", 1.0, "x")
     add("save sync on: native vs raw", ratio_tp("save_sync", "native", "raw"), ">=", 0.90, "of raw")
+    add("save sync on: native (checksums off) vs raw", ratio_tp("save_sync", "native_nocrc", "raw"), ">=", 0.90,
+        "of raw")
     add("save sync on: python vs stock", ratio_tp("save_sync", "python", "stock"), ">=", 1.0, "x")
     for e in ("python", "native", "native_on_stock_ckpt"):
         add(f"reshard: {e} bytes read / needed", _med(cases, "reshard", e, "read_over_needed"), "<=", 1.1, "x")
