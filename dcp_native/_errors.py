@@ -98,3 +98,24 @@ def _rebuild_truncated(filename, expected, actual, key, offset):
 
 class BackendUnavailableError(ImportError):
     """DCP_NATIVE_BACKEND=native was asked for but the extension cannot be loaded."""
+
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call made by dcp_native failed, or the runtime is not usable.
+
+    ``operation`` is what dcp_native was doing (e.g. ``cudaMemcpyAsync D2H of
+    __0_0.distcp at offset 4096``), ``code`` the runtime's error code (None when
+    the runtime could not be used at all).
+    """
+
+    def __init__(self, message: str, *, operation: str = "", code: int | None = None) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.code = code
+
+    def __reduce__(self):
+        return (_rebuild_cuda_error, (str(self), self.operation, self.code))
+
+
+def _rebuild_cuda_error(message, operation, code):
+    return CudaError(message, operation=operation, code=code)

@@ -73,6 +73,48 @@ Read plan (one :class:`ReadFile` per data file)
 
     Returns :class:`ReadStats`.
 
+Device memory (CUDA; see "GPU path" in DESIGN.md)
+    Neither engine links the CUDA runtime. Each finds the runtime torch has
+    already loaded (``dlopen`` with ``RTLD_NOLOAD``: ``libcudart.so.13``, then
+    ``.12``, then any ``libcudart.so*`` mapped into the process), or the library
+    ``DCP_NATIVE_CUDART=/path/to/lib.so`` names (the fake runtime of the tests),
+    and resolves the functions it needs. :meth:`Engine.cuda_status` says whether
+    that worked and why not.
+
+    Writes: ``kind == SRC_DEVICE`` (2): ``source`` is a device address on
+    ``WriteFile.device``. Before its first copy the engine records an event on
+    ``WriteFile.stream`` (the producer's ``cudaStream_t`` as an integer; 0 is
+    the legacy default stream) and its own copy stream waits on it, so work
+    queued before the call that writes the memory completes first. Device
+    bytes are copied in pieces of at most ``pool.chunk_bytes`` into pinned
+    buffers of ``pool`` on a dedicated stream; each piece is written to the
+    file once its copy has completed, while later pieces are being copied.
+    Block CRCs (``crc_block``) cover device bytes too (computed from the
+    pinned copies), identical to those of the same content on the host.
+
+    Reads: ``ReadFile.device >= 0`` makes every ``dest_addr`` of ``copies`` a
+    device address on that device. Runs are read into pinned buffers and
+    copied to the device (``cudaMemcpy2DAsync`` for a box of equal runs at a
+    regular stride), overlapped with the reads of later pieces; the engine's
+    stream is synchronized before the call returns, so the memory is ready for
+    any stream. ``checks`` must be None for such files (``ValueError``): the
+    reader verifies through host memory instead.
+
+    ``pool`` (optional, from :meth:`Engine.pinned_pool`) bounds and reuses the
+    pinned memory across calls; without one a call with device memory uses a
+    temporary pool of ``DEFAULT_STAGING_BYTES``. A pool's buffers are
+    page-aligned, allocated on first use (never more than ``capacity``
+    bytes), reused by later calls, and freed by ``close()``; a call waits for
+    a free buffer rather than allocating beyond the bound.
+
+    ``direct_io=True`` lets the engine use ``O_DIRECT`` for the pieces that
+    go through pinned buffers when offsets and lengths are 4 KiB aligned and
+    the filesystem accepts it, and silently use buffered I/O otherwise.
+
+    CUDA failures raise :class:`~dcp_native.CudaError` naming the operation
+    and the runtime's error string; the other workers stop and the call
+    returns (no worker waits forever on a failed copy).
+
 Errors
     I/O failures raise ``OSError`` (the subclass errno selects) with
     ``filename`` set and the operation and offset in the message; malformed
@@ -116,6 +158,14 @@ from typing import Optional, Protocol, Sequence
 
 SRC_BLOB = 0
 SRC_HOST = 1
+SRC_DEVICE = 2
+
+#: Environment variable naming the CUDA runtime library to use instead of the loaded one.
+CUDART_ENV = "DCP_NATIVE_CUDART"
+#: Pinned staging memory of a pool made for one call (writer/reader default too).
+DEFAULT_STAGING_BYTES = 256 << 20
+#: Largest piece of device memory one pinned buffer holds.
+DEFAULT_DEVICE_CHUNK_BYTES = 32 << 20
 
 #: Default size of one unit of work (one pwritev/preadv call at most).
 DEFAULT_CHUNK_BYTES = 8 << 20
@@ -141,6 +191,10 @@ class WriteFile:
     segments: array  # array('q'), 4 per segment
     #: > 0: return the CRC32C of every block of this many bytes (see module docs).
     crc_block: int = 0
+    #: CUDA device of the SRC_DEVICE segments (-1: none).
+    device: int = -1
+    #: The producer's cudaStream_t as an integer (0: the legacy default stream).
+    stream: int = 0
 
 
 @dataclasses.dataclass
@@ -150,6 +204,8 @@ class ReadFile:
     copies: array  # array('q'), variable-length records
     #: array('q') of check records (see module docs), or None for none.
     checks: Optional[array] = None
+    #: >= 0: every destination address is device memory on this CUDA device.
+    device: int = -1
 
 
 @dataclasses.dataclass
@@ -170,6 +226,35 @@ class ReadStats:
     failed_checks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass(frozen=True)
+class CudaStatus:
+    #: The runtime was found and every function the engine needs resolved.
+    usable: bool
+    #: Why not (empty when usable).
+    reason: str = ""
+    #: The library in use (path or soname), when found.
+    library: str = ""
+
+
+class PinnedPool(Protocol):
+    """Page-aligned pinned host buffers for device staging, reused across calls."""
+
+    device: int
+    #: Most bytes the pool ever holds.
+    capacity: int
+    #: Size of one buffer (the largest device piece one copy moves).
+    chunk_bytes: int
+
+    @property
+    def bytes_held(self) -> int:
+        """Pinned bytes allocated now (grows on use up to ``capacity``, 0 after close)."""
+        ...
+
+    def close(self) -> None:
+        """Free every buffer (idempotent); the pool must not be in use by a call."""
+        ...
+
+
 class Engine(Protocol):
     name: str
 
@@ -180,6 +265,8 @@ class Engine(Protocol):
         threads: int,
         sync: bool,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        pool: Optional[PinnedPool] = None,
+        direct_io: bool = True,
     ) -> WriteStats: ...
 
     def read(
@@ -189,7 +276,22 @@ class Engine(Protocol):
         threads: int,
         max_gap: int = DEFAULT_MAX_GAP,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        pool: Optional[PinnedPool] = None,
+        direct_io: bool = True,
     ) -> ReadStats: ...
+
+    def cuda_status(self) -> CudaStatus: ...
+
+    def pinned_pool(
+        self,
+        device: int,
+        capacity: int = DEFAULT_STAGING_BYTES,
+        chunk_bytes: int = DEFAULT_DEVICE_CHUNK_BYTES,
+    ) -> PinnedPool:
+        """A pool of at most ``capacity`` bytes in buffers of ``min(chunk_bytes, capacity // 2)``
+        (page-rounded; at least two buffers); ``ValueError`` for a capacity under two pages,
+        ``CudaError`` when CUDA is not usable."""
+        ...
 
 
 def should_merge(prev_len: int, gap: int, next_len: int, max_gap: int) -> bool:
