@@ -38,7 +38,7 @@ from ._errors import (
     TruncatedFileError,
 )
 from ._safe_pickle import load_metadata
-from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, ReadFile, ReadStats
+from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, DEFAULT_STAGING_BYTES, ReadFile, ReadStats
 from .plan import Box, encode_boxes, read_box
 
 _METADATA_NAME = ".metadata"
@@ -82,6 +82,11 @@ class FileSystemReader(_stock.FileSystemReader):
             buffered paths; fast-path reads need none).
         verify: check every 4 KiB block read against the CRC32C the writer
             recorded, raising IntegrityError (key, file, offset) on a mismatch.
+        staging_bytes: pinned host memory for loads into CUDA tensors (per
+            device; allocated on first use, reused by later loads, freed by
+            :meth:`close`).
+        direct_io: let the engine read pinned staging buffers with O_DIRECT
+            where the filesystem allows it (silently buffered elsewhere).
 
     Example:
         >>> import tempfile, torch, torch.distributed.checkpoint as dcp, dcp_native
@@ -103,6 +108,8 @@ class FileSystemReader(_stock.FileSystemReader):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         memory_budget: int = 32 << 20,
         verify: bool = False,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        direct_io: bool = True,
     ) -> None:
         super().__init__(path, _extension_registry=_extension_registry)
         self.thread_count = default_thread_count() if thread_count is None else int(thread_count)
@@ -118,6 +125,12 @@ class FileSystemReader(_stock.FileSystemReader):
         #: (CRC32C over every byte read); `dcp-native verify` checks a whole
         #: checkpoint out of band.
         self.verify = bool(verify)
+        if staging_bytes < 2 * 4096:
+            raise ValueError(f"staging_bytes must be at least 8192, got {staging_bytes}")
+        self.staging_bytes = int(staging_bytes)
+        self.direct_io = bool(direct_io)
+        #: (engine, CUDA device) -> pinned staging pool, created by the first load into the device.
+        self._pools: dict[tuple[str, int], Any] = {}
         self._payloads: dict[str, dict[int, int]] = {}
         #: data file -> its checksum table (from the sidecar)
         self._crc_files: dict[str, str] = {}
@@ -125,6 +138,30 @@ class FileSystemReader(_stock.FileSystemReader):
         self._missing_metadata: IncompleteCheckpointError | None = None
         #: Statistics of the last read_data call (bytes read, calls).
         self.last_read_stats = ReadStats()
+
+    def staging_pool(self, engine: Any, device: int) -> Any:
+        """The pinned pool of ``device`` for ``engine``, created on first use."""
+        key = (engine.name, device)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = engine.pinned_pool(device, self.staging_bytes)
+        return pool
+
+    @property
+    def staging_bytes_held(self) -> int:
+        """Pinned bytes this reader holds now (0 before the first CUDA load and after close)."""
+        return sum(pool.bytes_held for pool in self._pools.values())
+
+    def close(self) -> None:
+        """Release the pinned staging memory (idempotent; a later load allocates it again)."""
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pools"] = {}  # pinned memory belongs to this process
+        return state
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         super().reset(checkpoint_id)
@@ -267,6 +304,9 @@ class _ReadRun:
         self._chunks: dict[str, dict[tuple, Any]] = {}
         #: data file -> its checksum table window, for the files this read verifies
         self.tables: dict[str, integrity.Table] = {}
+        #: (data file, CUDA device) -> boxes whose destinations are device memory
+        self.device_direct: dict[tuple[str, int], list[Box]] = {}
+        self._cuda_usable: bool | None = None
 
     # -------------------------------------------------------------- helpers
 
@@ -286,7 +326,11 @@ class _ReadRun:
         chunk = chunks[tuple(index.offset)]
         return md.properties.dtype, tuple(chunk.sizes)
 
-    def _run_engine(self, boxes_by_file: dict[str, list[Box]]) -> None:
+    def _run_engine(
+        self,
+        boxes_by_file: dict[str, list[Box]],
+        device_boxes: dict[tuple[str, int], list[Box]] | None = None,
+    ) -> None:
         files = []
         checks: list[tuple[str, integrity.CheckPlan | None]] = []
         for rel, boxes in boxes_by_file.items():
@@ -306,20 +350,18 @@ class _ReadRun:
                 rf.checks = plan.records
             files.append(rf)
             checks.append((rel, plan))
-        if not files:
+        by_device: dict[int, list[ReadFile]] = {}
+        for (rel, device), boxes in (device_boxes or {}).items():
+            if boxes:
+                rf = ReadFile(self._path(rel), self.min_sizes.get(rel, 0), encode_boxes(boxes), device=device)
+                by_device.setdefault(device, []).append(rf)
+        if not files and not by_device:
             return
-        try:
-            stats = self.engine.read(
-                files,
-                threads=self.reader.thread_count,
-                max_gap=self.reader.max_gap,
-                chunk_bytes=self.reader.chunk_bytes,
-            )
-        except TruncatedFileError as exc:
-            raise self._explain_truncation(exc) from None
-        self.stats.bytes_read += stats.bytes_read
-        self.stats.calls += stats.calls
-        for file_index, record in getattr(stats, "failed_checks", ()) or ():
+        failed = self._engine_read(files)
+        # Loads into CUDA memory: one engine call per device (a pool serves one device).
+        for device, device_files in by_device.items():
+            self._engine_read(device_files, device)
+        for file_index, record in failed:
             rel, plan = checks[file_index]
             offset = plan.block_offsets[record]
             key = plan.owner(record)
@@ -331,6 +373,27 @@ class _ReadRun:
                 key=key,
                 offset=offset,
             )
+
+    def _engine_read(self, files: list[ReadFile], device: int = -1) -> list[tuple[int, int]]:
+        """One engine call; returns its failed checks."""
+        if not files:
+            return []
+        kwargs: dict[str, Any] = {}
+        if device >= 0:
+            kwargs = {"pool": self.reader.staging_pool(self.engine, device), "direct_io": self.reader.direct_io}
+        try:
+            stats = self.engine.read(
+                files,
+                threads=self.reader.thread_count,
+                max_gap=self.reader.max_gap,
+                chunk_bytes=self.reader.chunk_bytes,
+                **kwargs,
+            )
+        except TruncatedFileError as exc:
+            raise self._explain_truncation(exc) from None
+        self.stats.bytes_read += stats.bytes_read
+        self.stats.calls += stats.calls
+        return list(getattr(stats, "failed_checks", ()) or ())
 
     def _explain_truncation(self, exc: TruncatedFileError) -> TruncatedFileError:
         for rel, reqs in self._reqs_by_file.items():
@@ -493,7 +556,7 @@ class _ReadRun:
                     )
                 used += op.nbytes
                 i += 1
-            self._run_engine(boxes)
+            self._run_engine(boxes, self.device_direct if first else None)
             for op, buf in batch:
                 try:
                     op.finish(memoryview(buf))
@@ -551,11 +614,11 @@ class _ReadRun:
         target = self._target(req)
         itemsize = saved.dtype.itemsize
         fast = (
-            target.device.type == "cpu"
-            and target.dtype == saved.dtype
+            target.dtype == saved.dtype
             and target.layout == torch.strided
             and not target.is_quantized
             and type(target) is torch.Tensor
+            and (target.device.type == "cpu" or self._device_fast(target, info.relative_path))
         )
         if fast:
             box = read_box(
@@ -567,7 +630,12 @@ class _ReadRun:
                 return
             overlapping = any(s == 0 for s in box.dest_strides)
             if not overlapping and not (box.inner_bytes < _SHORT_RUN and box.runs > _MANY_RUNS):
-                direct.setdefault(info.relative_path, []).append(dataclasses.replace(box, key=fqn))
+                box = dataclasses.replace(box, key=fqn)
+                if target.device.type == "cpu":
+                    direct.setdefault(info.relative_path, []).append(box)
+                else:
+                    where = (info.relative_path, target.device.index or 0)
+                    self.device_direct.setdefault(where, []).append(box)
                 commits.append((req, target))
                 return
         # Buffered: read the covering byte range of the box, let torch scatter/cast.
@@ -588,6 +656,21 @@ class _ReadRun:
             self.planner.commit_tensor(req, target)
 
         buffered.append(_Buffered(info.relative_path, lo, hi - lo, finish, fqn))
+
+    def _device_fast(self, target: torch.Tensor, rel: str) -> bool:
+        """Whether the engine reads straight into this CUDA destination (through pinned staging).
+
+        Not when the load verifies this file: checksums are computed on host
+        memory, so such items are read into a host buffer, checked, then copied.
+        """
+        if target.device.type != "cuda":
+            return False
+        if self.reader.verify and rel in self.reader._crc_files:
+            return False
+        if self._cuda_usable is None:
+            status = getattr(self.engine, "cuda_status", None)
+            self._cuda_usable = bool(status is not None and status().usable)
+        return self._cuda_usable
 
     # -------------------------------------------------------------- bytes / whole items
 
