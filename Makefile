@@ -66,4 +66,4 @@ bench: build
 	$(VPY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build dcp_native/_C*.so *.egg-info
+	rm -rf build dcp_native/_C*.so dcp_native/_testing_fake_cudart.so *.egg-info

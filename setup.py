@@ -3,10 +3,13 @@
 The extension does not link libtorch or the CUDA runtime, so it builds in
 seconds with a plain C++17 compiler. CMake arguments can be added through the
 CMAKE_ARGS environment variable; DCP_NATIVE_BUILD_TYPE picks the build type
-(Release by default).
+(Release by default). The build also makes dcp_native/_testing_fake_cudart.so,
+the fake CUDA runtime the fake_cuda tests load (CMAKE_ARGS=-DDCP_NATIVE_FAKE_CUDART=OFF
+skips it).
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# The fake CUDA runtime for the fake_cuda tests (CMake target dcp_native_fake_cudart).
+FAKE_CUDART = "_testing_fake_cudart.so"
 
 
 class CMakeExtension(Extension):
@@ -43,6 +48,14 @@ class CMakeBuild(build_ext):
         cmake = _tool("cmake")
         subprocess.run([cmake, str(ROOT), *cmake_args], cwd=build_dir, check=True)
         subprocess.run([cmake, "--build", "."], cwd=build_dir, check=True)
+
+    def copy_extensions_to_source(self) -> None:
+        # The fake CUDA runtime of the tests is built beside the extension; an
+        # in-place build copies only the extension itself into the package.
+        super().copy_extensions_to_source()
+        fake = Path(self.build_lib) / "dcp_native" / FAKE_CUDART
+        if fake.exists():
+            shutil.copy2(fake, ROOT / "dcp_native" / FAKE_CUDART)
 
 
 def _tool(name: str) -> str:

@@ -246,6 +246,13 @@ uint32_t crc32c_portable(const void* data, size_t length, uint32_t crc) noexcept
   return ~state;
 }
 
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) noexcept {
+  // The initial value and final xor are affine terms that cancel: appending
+  // b to a shifts a's finished CRC by b's length, and xoring b's CRC adds
+  // the rest (zlib's crc32_combine argument, unchanged by the polynomial).
+  return multiply_mod(zeros_operator(length_b), crc_a) ^ crc_b;
+}
+
 Crc32cFunction crc32c_best() noexcept { return best().function; }
 
 const char* crc32c_best_name() noexcept { return best().name; }

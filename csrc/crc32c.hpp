@@ -34,6 +34,11 @@ uint32_t crc32c_portable(const void* data, size_t length, uint32_t crc) noexcept
 // (engine calls read it once) so tests can set it with monkeypatch.
 Crc32cFunction crc32c_from_env(const char** name = nullptr);
 
+// The CRC32C of a followed by b, from crc_a = crc32c(a), crc_b = crc32c(b)
+// and the length of b (zlib's crc32_combine for the Castagnoli polynomial):
+// lets pieces of one block be checksummed apart, on different threads.
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) noexcept;
+
 // crc32c with the fastest implementation.
 inline uint32_t crc32c(const void* data, size_t length, uint32_t crc = 0) noexcept {
   return crc32c_best()(data, length, crc);

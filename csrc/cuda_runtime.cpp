@@ -1,0 +1,239 @@
+// Finding and resolving the CUDA runtime at run time (see cuda_runtime.hpp).
+#include "cuda_runtime.hpp"
+
+#include <dlfcn.h>
+#include <link.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <utility>
+
+namespace dcp_native {
+
+namespace {
+
+const char* const kNotLoaded =
+    "libcudart not loaded in this process (import torch and initialise CUDA first)";
+
+std::string describe_error(const std::string& operation, int code, const std::string& text) {
+  return operation + ": " + text + " (cudaError " + std::to_string(code) + ")";
+}
+
+// The path the dynamic loader opened for a handle (a soname alone says
+// little when several CUDA versions are installed).
+std::string handle_path(void* handle, const std::string& fallback) {
+  link_map* map = nullptr;
+  if (dlinfo(handle, RTLD_DI_LINKMAP, &map) == 0 && map != nullptr && map->l_name != nullptr &&
+      map->l_name[0] != '\0') {
+    return map->l_name;
+  }
+  return fallback;
+}
+
+// A libcudart mapped into the process under a name the sonames above miss
+// (a pip wheel's nvidia/cuda_runtime/lib/libcudart.so.13, a private copy).
+std::string mapped_cudart() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    const size_t slash = line.find('/');
+    if (slash == std::string::npos) {
+      continue;
+    }
+    const std::string path = line.substr(slash);
+    const size_t base = path.rfind('/');
+    if (path.compare(base + 1, 12, "libcudart.so") == 0) {
+      return path;
+    }
+  }
+  return "";
+}
+
+template <class Function>
+bool resolve(void* handle, const char* name, Function& out, const std::string& library,
+             std::string* reason) {
+  void* symbol = dlsym(handle, name);
+  if (symbol == nullptr) {
+    *reason = std::string("symbol ") + name + " missing in " + library;
+    return false;
+  }
+  out = reinterpret_cast<Function>(symbol);
+  return true;
+}
+
+bool resolve_all(void* handle, const std::string& library, cuda::Api& api, std::string* reason) {
+  return resolve(handle, "cudaGetErrorString", api.get_error_string, library, reason) &&
+         resolve(handle, "cudaGetDeviceCount", api.get_device_count, library, reason) &&
+         resolve(handle, "cudaGetDevice", api.get_device, library, reason) &&
+         resolve(handle, "cudaSetDevice", api.set_device, library, reason) &&
+         resolve(handle, "cudaStreamCreateWithFlags", api.stream_create_with_flags, library,
+                 reason) &&
+         resolve(handle, "cudaStreamDestroy", api.stream_destroy, library, reason) &&
+         resolve(handle, "cudaStreamSynchronize", api.stream_synchronize, library, reason) &&
+         resolve(handle, "cudaStreamWaitEvent", api.stream_wait_event, library, reason) &&
+         resolve(handle, "cudaEventCreateWithFlags", api.event_create_with_flags, library,
+                 reason) &&
+         resolve(handle, "cudaEventRecord", api.event_record, library, reason) &&
+         resolve(handle, "cudaEventSynchronize", api.event_synchronize, library, reason) &&
+         resolve(handle, "cudaEventDestroy", api.event_destroy, library, reason) &&
+         resolve(handle, "cudaMemcpyAsync", api.memcpy_async, library, reason) &&
+         resolve(handle, "cudaMemcpy2DAsync", api.memcpy_2d_async, library, reason) &&
+         resolve(handle, "cudaHostAlloc", api.host_alloc, library, reason) &&
+         resolve(handle, "cudaFreeHost", api.free_host, library, reason);
+}
+
+// Opens the library the environment selects: a handle, or null with the reason.
+void* open_library(const std::string& named, std::string* library, std::string* reason) {
+  if (!named.empty()) {
+    void* handle = dlopen(named.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (handle == nullptr) {
+      const char* error = dlerror();
+      *reason = std::string("cannot load ") + kCudartEnv + "=" + named + ": " +
+                (error != nullptr ? error : "dlopen failed");
+      return nullptr;
+    }
+    *library = handle_path(handle, named);
+    return handle;
+  }
+  for (const char* soname : {"libcudart.so.13", "libcudart.so.12"}) {
+    if (void* handle = dlopen(soname, RTLD_NOW | RTLD_NOLOAD)) {
+      *library = handle_path(handle, soname);
+      return handle;
+    }
+  }
+  const std::string mapped = mapped_cudart();
+  if (!mapped.empty()) {
+    if (void* handle = dlopen(mapped.c_str(), RTLD_NOW | RTLD_NOLOAD)) {
+      *library = handle_path(handle, mapped);
+      return handle;
+    }
+  }
+  *reason = kNotLoaded;
+  return nullptr;
+}
+
+struct Registry {
+  std::mutex mutex;
+  // By the value of DCP_NATIVE_CUDART ("" when unset).
+  std::map<std::string, std::shared_ptr<CudaRuntime>> runtimes;
+};
+
+Registry& registry() {
+  // Leaked on purpose: runtimes must outlive static destructors at exit,
+  // when other threads may still be finishing calls.
+  static Registry* instance = new Registry();
+  return *instance;
+}
+
+}  // namespace
+
+CudaCallError::CudaCallError(std::string operation, int code, const std::string& error_string)
+    : std::runtime_error(describe_error(operation, code, error_string)),
+      operation_(std::move(operation)),
+      code_(code) {}
+
+std::string CudaRuntime::error_string(cuda::Error code) const {
+  const char* text = api_.get_error_string(code);
+  return text != nullptr ? text : "unknown CUDA error";
+}
+
+void CudaRuntime::fail(cuda::Error code, const std::string& operation) const {
+  throw CudaCallError(operation, code, error_string(code));
+}
+
+cuda::Stream CudaRuntime::copy_stream(int device) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = streams_.find(device);
+  if (found != streams_.end()) {
+    return found->second;
+  }
+  cuda::Stream stream = nullptr;
+  check(api_.stream_create_with_flags(&stream, cuda::kStreamNonBlocking),
+        "cudaStreamCreateWithFlags for the copy stream of device " + std::to_string(device));
+  streams_.emplace(device, stream);
+  return stream;
+}
+
+std::shared_ptr<CudaRuntime> find_cuda_runtime(std::string* reason) {
+  const char* env = std::getenv(kCudartEnv);
+  const std::string named = env != nullptr ? env : "";
+  Registry& reg = registry();
+  std::lock_guard<std::mutex> lock(reg.mutex);
+  auto found = reg.runtimes.find(named);
+  if (found != reg.runtimes.end()) {
+    return found->second;
+  }
+  std::string library;
+  std::string why;
+  void* handle = open_library(named, &library, &why);
+  cuda::Api api{};
+  if (handle != nullptr && !resolve_all(handle, library, api, &why)) {
+    dlclose(handle);
+    handle = nullptr;
+  }
+  if (handle == nullptr) {
+    if (reason != nullptr) {
+      *reason = why;
+    }
+    return nullptr;
+  }
+  auto runtime = std::make_shared<CudaRuntime>(api, library);
+  reg.runtimes.emplace(named, runtime);
+  return runtime;
+}
+
+std::shared_ptr<CudaRuntime> require_cuda_runtime() {
+  std::string reason;
+  std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(&reason);
+  if (!runtime) {
+    throw CudaUnavailableError("CUDA is not usable: " + reason);
+  }
+  return runtime;
+}
+
+CudaStatusInfo cuda_status() {
+  CudaStatusInfo status;
+  std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(&status.reason);
+  if (!runtime) {
+    return status;
+  }
+  status.library = runtime->library();
+  int count = 0;
+  const cuda::Error code = runtime->api().get_device_count(&count);
+  if (code != cuda::kSuccess) {
+    status.reason = "no CUDA device: cudaGetDeviceCount returned cudaError " +
+                    std::to_string(code) + " (" + runtime->error_string(code) + ") in " +
+                    runtime->library();
+  } else if (count < 1) {
+    status.reason = "no CUDA device: cudaGetDeviceCount found none in " + runtime->library();
+  } else {
+    status.usable = true;
+  }
+  return status;
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ >= 0 && current_ != previous_) {
+    runtime_.api().set_device(previous_);  // best effort: nothing to report it to
+  }
+}
+
+void DeviceGuard::set(int device) {
+  if (device == current_) {
+    return;
+  }
+  if (previous_ < 0) {
+    int previous = 0;
+    runtime_.check(runtime_.api().get_device(&previous), "cudaGetDevice");
+    previous_ = previous;
+    current_ = previous;
+    if (device == previous) {
+      return;
+    }
+  }
+  runtime_.check(runtime_.api().set_device(device),
+                 "cudaSetDevice(" + std::to_string(device) + ")");
+  current_ = device;
+}
+
+}  // namespace dcp_native

@@ -1,0 +1,151 @@
+// The CUDA runtime, found at run time instead of linked: the module is built
+// without the toolkit and one binary serves CPU-only and GPU machines. It
+// uses the libcudart that torch has already loaded into the process (dlopen
+// with RTLD_NOLOAD: libcudart.so.13, .12, then any libcudart.so* mapped into
+// the process), or the library DCP_NATIVE_CUDART names (the fake runtime of
+// the tests), and resolves the few functions the GPU path calls. The types
+// below are the runtime's ABI, declared here so that no CUDA header is needed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+namespace dcp_native {
+
+// Environment variable naming the runtime library to load instead (tests).
+constexpr const char* kCudartEnv = "DCP_NATIVE_CUDART";
+
+namespace cuda {
+
+// cudaError_t is an enum, int-sized in the runtime's ABI.
+using Error = int;
+using Stream = void*;  // cudaStream_t
+using Event = void*;   // cudaEvent_t
+
+constexpr Error kSuccess = 0;
+// cudaMemcpyKind
+constexpr int kHostToDevice = 1;
+constexpr int kDeviceToHost = 2;
+// cudaStreamCreateWithFlags: no implicit synchronisation with the legacy stream.
+constexpr unsigned kStreamNonBlocking = 0x01;
+// cudaEventCreateWithFlags: a waiting host thread sleeps instead of spinning
+// (I/O threads have better uses for the CPU); no timing.
+constexpr unsigned kEventBlockingSync = 0x01;
+constexpr unsigned kEventDisableTiming = 0x02;
+// cudaHostAlloc: pinned for every device, not only the current one.
+constexpr unsigned kHostAllocPortable = 0x01;
+
+struct Api {
+  const char* (*get_error_string)(Error);
+  Error (*get_device_count)(int*);
+  Error (*get_device)(int*);
+  Error (*set_device)(int);
+  Error (*stream_create_with_flags)(Stream*, unsigned);
+  Error (*stream_destroy)(Stream);
+  Error (*stream_synchronize)(Stream);
+  Error (*stream_wait_event)(Stream, Event, unsigned);
+  Error (*event_create_with_flags)(Event*, unsigned);
+  Error (*event_record)(Event, Stream);
+  Error (*event_synchronize)(Event);
+  Error (*event_destroy)(Event);
+  Error (*memcpy_async)(void*, const void*, size_t, int, Stream);
+  Error (*memcpy_2d_async)(void*, size_t, const void*, size_t, size_t, size_t, int, Stream);
+  Error (*host_alloc)(void**, size_t, unsigned);
+  Error (*free_host)(void*);
+};
+
+}  // namespace cuda
+
+// A runtime call that failed: what dcp_native was doing, the runtime's code
+// and error string. bindings.cpp raises dcp_native.CudaError from it.
+class CudaCallError : public std::runtime_error {
+ public:
+  CudaCallError(std::string operation, int code, const std::string& error_string);
+  const std::string& operation() const noexcept { return operation_; }
+  int code() const noexcept { return code_; }
+
+ private:
+  std::string operation_;
+  int code_;
+};
+
+// The runtime cannot be used at all (not loaded, a symbol missing, no device).
+class CudaUnavailableError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// One loaded runtime with its resolved functions. Never unloaded: streams
+// and pinned memory outlive any one call, and unloading libcudart while
+// torch uses it would be fatal.
+class CudaRuntime {
+ public:
+  CudaRuntime(cuda::Api api, std::string library) : api_(api), library_(std::move(library)) {}
+  CudaRuntime(const CudaRuntime&) = delete;
+  CudaRuntime& operator=(const CudaRuntime&) = delete;
+
+  const cuda::Api& api() const noexcept { return api_; }
+  const std::string& library() const noexcept { return library_; }
+  std::string error_string(cuda::Error code) const;
+  // Throws CudaCallError(operation, code) unless code is success.
+  void check(cuda::Error code, const std::string& operation) const {
+    if (code != cuda::kSuccess) {
+      fail(code, operation);
+    }
+  }
+  [[noreturn]] void fail(cuda::Error code, const std::string& operation) const;
+
+  // The engine's copy stream on `device` (non-blocking), created on first
+  // use and kept: every call's copies go through it. The current thread's
+  // device must be `device`.
+  cuda::Stream copy_stream(int device);
+
+ private:
+  cuda::Api api_;
+  std::string library_;
+  std::mutex mutex_;
+  std::map<int, cuda::Stream> streams_;
+};
+
+struct CudaStatusInfo {
+  bool usable = false;
+  std::string reason;
+  std::string library;
+};
+
+// The runtime DCP_NATIVE_CUDART selects now (read at every call, so tests can
+// switch it): the named library, or the libcudart this process has loaded.
+// A runtime that resolved is kept for the process; a failure is retried at
+// the next call (torch may initialise CUDA in between). Null on failure, with
+// the reason.
+std::shared_ptr<CudaRuntime> find_cuda_runtime(std::string* reason);
+// find_cuda_runtime, throwing CudaUnavailableError with the reason.
+std::shared_ptr<CudaRuntime> require_cuda_runtime();
+// Whether the runtime is usable now: found, every symbol resolved, and at
+// least one device.
+CudaStatusInfo cuda_status();
+
+// Sets the calling thread's current device for a scope and restores the one
+// it had: worker threads must select the device before runtime calls, and
+// the caller's thread (a worker too) must get its device back, since torch
+// keeps using it.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const CudaRuntime& runtime) noexcept : runtime_(runtime) {}
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  ~DeviceGuard();
+  void set(int device);
+
+ private:
+  const CudaRuntime& runtime_;
+  int previous_ = -1;
+  int current_ = -1;
+};
+
+}  // namespace dcp_native

@@ -1,0 +1,146 @@
+// The pinned buffer pool (see pinned_pool.hpp).
+#include "pinned_pool.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+
+#include "io_error.hpp"
+
+namespace dcp_native {
+
+PinnedPool::PinnedPool(std::shared_ptr<CudaRuntime> runtime, int device, int64_t capacity,
+                       int64_t chunk_bytes)
+    : runtime_(std::move(runtime)), device_(device), capacity_(capacity) {
+  if (device < 0) {
+    throw PlanError("pinned pool: device must be >= 0, got " + std::to_string(device));
+  }
+  if (capacity < 2 * kPageBytes) {
+    throw PlanError("pinned pool: capacity must be at least two pages (" +
+                    std::to_string(2 * kPageBytes) + " bytes), got " + std::to_string(capacity));
+  }
+  if (chunk_bytes < 1) {
+    throw PlanError("pinned pool: chunk_bytes must be at least 1, got " +
+                    std::to_string(chunk_bytes));
+  }
+  const int64_t wanted = std::min(chunk_bytes, capacity / 2);
+  chunk_bytes_ = std::max(kPageBytes, wanted / kPageBytes * kPageBytes);
+  max_buffers_ = static_cast<size_t>(capacity / chunk_bytes_);
+}
+
+PinnedPool::~PinnedPool() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  free_all_locked();
+}
+
+int64_t PinnedPool::bytes_held() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return static_cast<int64_t>(all_.size()) * chunk_bytes_;
+}
+
+bool PinnedPool::closed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return closed_;
+}
+
+char* PinnedPool::take_locked(std::unique_lock<std::mutex>& lock) {
+  if (!free_.empty()) {
+    char* buffer = free_.back();
+    free_.pop_back();
+    return buffer;
+  }
+  if (all_.size() + allocating_ >= max_buffers_) {
+    return nullptr;
+  }
+  // Pinning takes milliseconds: others may take and release buffers meanwhile.
+  ++allocating_;
+  lock.unlock();
+  void* memory = nullptr;
+  const cuda::Error code =
+      runtime_->api().host_alloc(&memory, static_cast<size_t>(chunk_bytes_),
+                                 cuda::kHostAllocPortable);
+  lock.lock();
+  --allocating_;
+  if (code != cuda::kSuccess) {
+    released_.notify_all();  // the slot it reserved is free again
+    runtime_->fail(code, "cudaHostAlloc of " + std::to_string(chunk_bytes_) +
+                             " bytes for the pinned pool of device " + std::to_string(device_));
+  }
+  all_.push_back(static_cast<char*>(memory));
+  return static_cast<char*>(memory);
+}
+
+char* PinnedPool::acquire(const std::atomic<bool>& stop) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    if (stop.load(std::memory_order_relaxed)) {
+      return nullptr;
+    }
+    if (char* buffer = take_locked(lock)) {
+      return buffer;
+    }
+    // The timeout only bounds how late a stop is seen: whoever sets `stop`
+    // does not know which pools have waiters.
+    released_.wait_for(lock, std::chrono::milliseconds(20));
+  }
+}
+
+char* PinnedPool::try_acquire() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  return take_locked(lock);
+}
+
+void PinnedPool::release(char* buffer) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(buffer);
+  }
+  released_.notify_one();
+}
+
+void PinnedPool::free_all_locked() {
+  for (char* buffer : all_) {
+    runtime_->api().free_host(buffer);
+  }
+  all_.clear();
+  free_.clear();
+}
+
+void PinnedPool::close() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (users_ > 0) {
+    throw PlanError("the pinned pool is in use by an engine call and cannot be closed");
+  }
+  closed_ = true;
+  if (all_.empty()) {
+    return;
+  }
+  DeviceGuard device(*runtime_);
+  device.set(device_);
+  // Every buffer is freed even if one fails; the first failure is reported.
+  cuda::Error first = cuda::kSuccess;
+  for (char* buffer : all_) {
+    const cuda::Error code = runtime_->api().free_host(buffer);
+    if (first == cuda::kSuccess) {
+      first = code;
+    }
+  }
+  all_.clear();
+  free_.clear();
+  runtime_->check(first, "cudaFreeHost of the pinned pool of device " + std::to_string(device_));
+}
+
+PinnedPool::Use::Use(PinnedPool& pool) : pool_(pool) {
+  std::lock_guard<std::mutex> lock(pool.mutex_);
+  if (pool.closed_) {
+    throw PlanError("the pinned pool is closed");
+  }
+  ++pool.users_;
+}
+
+PinnedPool::Use::~Use() {
+  std::lock_guard<std::mutex> lock(pool_.mutex_);
+  --pool_.users_;
+}
+
+}  // namespace dcp_native
