@@ -209,3 +209,25 @@ def test_threads_share_the_native_function():
     for t in threads:
         t.join()
     assert results == [[e] * 20 for e in expected]
+
+
+@given(
+    a=st.binary(max_size=300),
+    b=st.binary(max_size=300),
+    zeros=st.sampled_from([0, 1, 4095, 4096, 1 << 20]),
+)
+@settings(max_examples=60, deadline=None)
+def test_combine_equals_crc_of_concatenation(a, b, zeros):
+    second = b + bytes(zeros)
+    combined = _crc32c.crc32c_combine(_crc32c.crc32c(a), _crc32c.crc32c(second), len(second))
+    assert combined == _crc32c_python(a + second)
+
+
+def test_combine_edge_cases():
+    crc = _crc32c.crc32c(b"abc")
+    assert _crc32c.crc32c_combine(crc, 0, 0) == crc
+    assert _crc32c.crc32c_combine(0, crc, 3) == crc  # an empty first part
+    with pytest.raises(ValueError):
+        _crc32c.crc32c_combine(crc, crc, -1)
+    with pytest.raises(ValueError):
+        _crc32c.crc32c_combine(1 << 32, crc, 3)
