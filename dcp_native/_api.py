@@ -73,15 +73,40 @@ def async_save(
 ):
     """``torch.distributed.checkpoint.async_save`` with dcp_native's writer for ``checkpoint_id``.
 
-    Returns what DCP returns on this torch version (a future, or a response
-    holding ``staging_completion`` and ``upload_completion``).
+    The call blocks while the writer stages the state dict (one copy into
+    memory it reuses across saves) and returns; the writes run in DCP's
+    background thread (default) or process (``async_checkpointer_type``).
+    Pass the same ``storage_writer`` to every call to reuse its staging
+    memory (a writer made here for ``checkpoint_id`` is closed after its save).
+    Returns what DCP returns: a future of the save, or, when staging is
+    asynchronous (the writer's ``async_staging``, or an ``async_stager`` that
+    returns a future), a response holding ``staging_completion`` and
+    ``upload_completion``. A failed write raises from the future.
+
+    Example:
+        >>> import tempfile, torch, dcp_native
+        >>> path = tempfile.mkdtemp()
+        >>> sd = {"w": torch.ones(2)}
+        >>> fut = dcp_native.async_save(sd, checkpoint_id=path, no_dist=True)
+        >>> sd["w"].zero_()  # training goes on; the checkpoint holds the ones
+        tensor([0., 0.])
+        >>> _ = fut.result()
     """
-    return dcp.async_save(
-        state_dict,
-        checkpoint_id=checkpoint_id,
-        storage_writer=_writer(checkpoint_id, storage_writer),
-        **kwargs,
-    )
+    writer = _writer(checkpoint_id, storage_writer)
+    staging = getattr(writer, "_staging", None)
+    before = staging.lease if staging is not None else None
+    result = dcp.async_save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)
+    # The writer's staging area is free again once the upload has completed,
+    # whichever way it ended (the writer also learns it from its own calls).
+    staging = getattr(writer, "_staging", None)
+    lease = staging.lease if staging is not None else None
+    upload = getattr(result, "upload_completion", result)
+    if lease is not None and lease is not before:
+        upload.add_done_callback(lambda _: lease.release())
+    if writer is not storage_writer:
+        # A writer made for this call: its staging memory is not reused; free it now.
+        upload.add_done_callback(lambda _: writer.close())
+    return result
 
 
 def save_state_dict(state_dict: dict[str, Any], storage_writer: Any, **kwargs: Any):

@@ -9,7 +9,7 @@ the fewest dimensions, so a contiguous item is one run and a column slice of
 a row-major chunk is one run per row.
 
 Write side: :class:`FileLayout` assigns every item of a data file its offset
-and collects the segments (inline bytes or host memory) the engine writes.
+and collects the segments (inline bytes, host or device memory) the engine writes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import itertools
 from array import array
 from typing import Sequence
 
-from .engine import SRC_BLOB, SRC_HOST
+from .engine import SRC_BLOB, SRC_DEVICE, SRC_HOST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +159,8 @@ class FileLayout:
         self.size = 0
         self._blob = bytearray()
         self.segments = array("q")
+        #: Bytes of the file that come from device memory (add_device).
+        self.device_bytes = 0
 
     def add_bytes(self, data: bytes | bytearray | memoryview) -> int:
         """Append inline bytes; return their file offset."""
@@ -176,6 +178,18 @@ class FileLayout:
         if nbytes:
             self.segments.extend((offset, SRC_HOST, address, nbytes))
             self.size += nbytes
+        return offset
+
+    def add_device(self, address: int, nbytes: int) -> int:
+        """Append ``nbytes`` from device memory at ``address``; return their file offset.
+
+        The device is the file's (``WriteFile.device``): one per file.
+        """
+        offset = self.size
+        if nbytes:
+            self.segments.extend((offset, SRC_DEVICE, address, nbytes))
+            self.size += nbytes
+            self.device_bytes += nbytes
         return offset
 
     @property

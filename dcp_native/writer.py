@@ -5,7 +5,14 @@ A drop-in subclass of stock ``FileSystemWriter``: same parameters, same files
 stock readers load what it writes. What differs is how the bytes get there:
 item headers are generated (:mod:`dcp_native.layout`) instead of running
 ``torch.save`` per item, and payloads are written straight from tensor memory
-with ``pwritev`` on ``thread_count`` threads.
+with ``pwritev`` on ``thread_count`` threads. CUDA tensors are written from
+device memory through a pinned pool the writer keeps (when the engine can use
+the CUDA runtime), instead of one ``.cpu()`` copy each.
+
+For ``async_save`` the writer is DCP's ``AsyncStager``: ``stage()`` copies the
+state dict into a staging area it keeps across saves
+(:mod:`dcp_native.staging`), so the call blocks for one memory copy and the
+writes run in the background.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import operator
 import os
 import pickle
 import re
+import threading
 from array import array
 from typing import Any, Sequence
 
@@ -28,8 +36,9 @@ from torch.futures import Future
 
 from . import integrity, layout, sidecar
 from ._backend import get_engine
-from .engine import SRC_BLOB, WriteFile
+from .engine import DEFAULT_STAGING_BYTES, SRC_BLOB, WriteFile
 from .plan import FileLayout
+from .staging import StagingArea
 
 _METADATA_NAME = ".metadata"
 #: Data files as stock and dcp_native name them (dcp_native adds a tag when
@@ -80,12 +89,13 @@ def _split_by_size_and_type(bins: int, items: Sequence[WriteItem]) -> list[list[
     return buckets
 
 
-def _fast_path_tensor(tensor: torch.Tensor) -> torch.Tensor | None:
-    """The dense CPU tensor whose memory can be written as the payload, or None.
+def _fast_path_tensor(tensor: torch.Tensor, on_device: bool = False) -> torch.Tensor | None:
+    """The dense tensor whose memory can be written as the payload, or None.
 
     Non-contiguous, expanded, conjugated and negated tensors are materialised
     (their logical values are saved, as stock does); device tensors are copied
-    to the host. Sparse, quantized and subclassed tensors return None and are
+    to the host unless ``on_device`` (then they are made contiguous on their
+    device). Sparse, quantized and subclassed tensors return None and are
     framed by ``torch.save`` instead.
     """
     if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
@@ -93,7 +103,7 @@ def _fast_path_tensor(tensor: torch.Tensor) -> torch.Tensor | None:
     if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
         return None
     tensor = tensor.detach()
-    if tensor.device.type != "cpu":
+    if tensor.device.type != "cpu" and not on_device:
         tensor = tensor.cpu()
     if tensor.is_conj():
         tensor = tensor.resolve_conj()
@@ -102,6 +112,32 @@ def _fast_path_tensor(tensor: torch.Tensor) -> torch.Tensor | None:
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     return tensor
+
+
+class _DeviceRoute:
+    """Which CUDA tensors of one write_data call are written from device memory.
+
+    All of them on one device (the first one met) when the engine can use the
+    CUDA runtime: an engine call stages device bytes through one pinned pool,
+    which belongs to one device. Tensors on other devices, and every CUDA
+    tensor when the runtime is not usable, are copied to the host first.
+    """
+
+    def __init__(self) -> None:
+        self.usable: bool | None = None
+        self.device = -1
+
+    def takes(self, tensor: torch.Tensor) -> bool:
+        if tensor.device.type != "cuda":
+            return False
+        if self.usable is None:
+            self.usable = get_engine().cuda_status().usable
+        if not self.usable:
+            return False
+        index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+        if self.device < 0:
+            self.device = index
+        return index == self.device
 
 
 def _torch_save_bytes(tensor: torch.Tensor) -> bytes:
@@ -150,6 +186,31 @@ class FileSystemWriter(_stock.FileSystemWriter):
         checksums: write a CRC32C table of every data file (4 KiB blocks) beside
             it, for verified loads and `dcp-native verify`; default: with the
             native engine.
+        staging_bytes: most bytes of host memory the writer holds for staging:
+            the async staging area (``stage()``; a state dict that needs more
+            raises ``ValueError``; default: no bound) and the pinned pool of
+            each device CUDA tensors are written through (default 256 MiB).
+        staging_timeout: seconds ``stage()`` waits for the previous
+            ``async_save`` of this writer to finish reading the staging area
+            before it raises :class:`~dcp_native.staging.StagingBusyError`
+            (None: no limit).
+        async_staging: ``stage()`` returns a future and copies on a background
+            thread, so ``async_save`` returns at once with DCP's
+            ``AsyncSaveResponse``; the caller must wait for its
+            ``staging_completion`` before changing the tensors.
+
+    Async saves: ``dcp.async_save(sd, storage_writer=writer)`` (or
+    :func:`dcp_native.async_save`) calls ``writer.stage(sd)``, which copies
+    the tensors into a staging area kept between saves (pinned memory when
+    some are on a GPU, see :mod:`dcp_native.staging`) and returns; the write
+    runs in DCP's background thread or process. A second ``async_save`` with
+    the same writer waits until the first has written the staged bytes.
+    The area is reused while the state dict keeps its layout (keys, shapes,
+    dtypes), whatever ``cache_staged_state_dict`` says (stock's False means a
+    fresh copy per save; dcp_native always keeps it, which is what makes the
+    copy the only cost); :attr:`bytes_held` reports it and :meth:`close`
+    frees it. The writer pickles (DCP's process executor sends it to its
+    checkpoint process) without its staging area and pools.
 
     Example:
         >>> import tempfile, torch, torch.distributed.checkpoint as dcp, dcp_native
@@ -176,6 +237,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         *,
         chunk_bytes: int = 8 << 20,
         checksums: bool | None = None,
+        staging_bytes: int | None = None,
+        staging_timeout: float | None = 1800.0,
+        async_staging: bool = False,
     ) -> None:
         if thread_count < 1:
             raise ValueError(f"thread_count must be at least 1, got {thread_count}")
@@ -195,8 +259,102 @@ class FileSystemWriter(_stock.FileSystemWriter):
             _extensions=_extensions,
             **kwargs,
         )
+        if staging_bytes is not None and staging_bytes < 0:
+            raise ValueError(f"staging_bytes must be non-negative or None, got {staging_bytes}")
         self.chunk_bytes = chunk_bytes
         self.checksums = checksums
+        self.staging_bytes = staging_bytes
+        self.staging_timeout = staging_timeout
+        self.async_staging = async_staging
+        self._init_runtime()
+
+    # ------------------------------------------------------------------ staging (AsyncStager)
+
+    #: Attributes that never pickle: staging memory, pinned pools, locks.
+    _RUNTIME = ("_staging", "_pools", "_pool_lock")
+
+    def _init_runtime(self) -> None:
+        self._staging: StagingArea | None = None
+        self._pools: dict[tuple[str, int], Any] = {}
+        self._pool_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DCP's process executor pickles the writer on the thread that waits for
+        # the checkpoint process: that thread's end marks the end of the save.
+        staging = self.__dict__.get("_staging")
+        if staging is not None:
+            staging.claim()
+        state = self.__dict__.copy()
+        for name in self._RUNTIME:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def _staging_area(self) -> StagingArea:
+        if self._staging is None:
+            self._staging = StagingArea(self.staging_bytes, self.staging_timeout)
+        return self._staging
+
+    def stage(self, state_dict: dict[str, Any]) -> Any:
+        """DCP's ``AsyncStager.stage``: the state dict copied into the staging area.
+
+        Returns the staged state dict (CPU tensors, values as of this call),
+        or with ``async_staging`` a future of it. Waits first until the
+        previous async save of this writer no longer reads the area.
+        """
+        area = self._staging_area()
+        if self.async_staging:
+            return area.stage_async(state_dict)
+        return area.stage(state_dict)
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: ``stage()`` has completed when it returns (or its future says when)."""
+
+    @property
+    def bytes_held(self) -> int:
+        """Host memory held for staging now: the async staging area plus the pinned pools."""
+        held = self._staging.bytes_held if self._staging is not None else 0
+        with self._pool_lock:
+            return held + sum(pool.bytes_held for pool in self._pools.values())
+
+    def close(self) -> None:
+        """Free the staging area and the pinned pools (idempotent); the writer stays usable."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.close()
+        with self._pool_lock:
+            pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
+
+    def _claim(self) -> None:
+        """Note the thread DCP runs this save on (see :mod:`dcp_native.staging`)."""
+        if self._staging is not None:
+            self._staging.claim()
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        self._claim()
+        super().reset(checkpoint_id)
+
+    def storage_meta(self):
+        self._claim()
+        return super().storage_meta()
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._claim()
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+
+    def _pool(self, engine: Any, device: int) -> Any:
+        """The pinned pool of ``engine`` for ``device``, made on first use and kept."""
+        key = (engine.name, device)
+        pool = self._pools.get(key)
+        if pool is None:
+            capacity = self.staging_bytes if self.staging_bytes is not None else DEFAULT_STAGING_BYTES
+            pool = self._pools[key] = engine.pinned_pool(device, capacity)
+        return pool
 
     # ------------------------------------------------------------------ writing
 
@@ -230,8 +388,17 @@ class FileSystemWriter(_stock.FileSystemWriter):
         return f"{prefix}{n}{getattr(self, '_file_tag', '')}{_stock.DEFAULT_SUFFIX}"
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        if self._uses_stock_path():
-            return super().write_data(plan, planner)
+        self._claim()
+        try:
+            if self._uses_stock_path():
+                return super().write_data(plan, planner)
+            return self._write_data(plan, planner)
+        finally:
+            # The staged bytes are written (or never will be): the next stage() may reuse them.
+            if self._staging is not None:
+                self._staging.release_claimed()
+
+    def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix = plan.storage_data.prefix
         if self.single_file_per_rank:
             groups = _split_by_size_and_type(self.thread_count, plan.items)
@@ -241,6 +408,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         serialization_id = layout.new_serialization_id()
         crc_block = self._checksum_block()
         keep_alive: list[torch.Tensor] = []
+        route = _DeviceRoute()
         files: list[WriteFile] = []
         layouts: list[FileLayout] = []
         results: list[WriteResult] = []
@@ -262,18 +430,38 @@ class FileSystemWriter(_stock.FileSystemWriter):
                         results.append(self._add_transformed_item(fl, item, data))
                     else:
                         results.append(
-                            self._add_tensor_item(fl, item, data, serialization_id, keep_alive)
+                            self._add_tensor_item(fl, item, data, serialization_id, keep_alive, route)
                         )
             wf = WriteFile(fl.path, fl.blob, fl.segments)
             if crc_block:
                 wf.crc_block = crc_block
+            if fl.device_bytes:
+                wf.device = route.device
             files.append(wf)
             layouts.append(fl)
 
         engine = get_engine()
-        stats = engine.write(
-            files, threads=self.thread_count, sync=self.sync_files, chunk_bytes=self.chunk_bytes
-        )
+        kwargs: dict[str, Any] = {}
+        if any(wf.device >= 0 for wf in files):
+            # The engine's copy stream waits for the work queued so far on the
+            # producer's stream (e.g. the .contiguous() copies above).
+            stream = torch.cuda.current_stream(route.device).cuda_stream
+            for wf in files:
+                if wf.device >= 0:
+                    wf.stream = stream
+            self._pool_lock.acquire()
+            kwargs["pool"] = self._pool(engine, route.device)
+        try:
+            stats = engine.write(
+                files,
+                threads=self.thread_count,
+                sync=self.sync_files,
+                chunk_bytes=self.chunk_bytes,
+                **kwargs,
+            )
+        finally:
+            if kwargs:
+                self._pool_lock.release()
         del keep_alive
         if crc_block:
             self._write_tables(engine, layouts, stats.block_crcs, crc_block, results)
@@ -342,8 +530,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         data: torch.Tensor,
         serialization_id: bytes,
         keep_alive: list[torch.Tensor],
+        route: _DeviceRoute,
     ) -> WriteResult:
-        tensor = _fast_path_tensor(data)
+        tensor = _fast_path_tensor(data, on_device=route.takes(data))
         if tensor is None:
             offset = fl.add_bytes(_torch_save_bytes(data))
             info = _NativeStorageInfo(fl.relative_path, offset, fl.size - offset)
@@ -351,7 +540,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
             keep_alive.append(tensor)
             frame = layout.frame_tensor(tensor.dtype, tuple(tensor.shape), fl.size, serialization_id)
             offset = fl.add_bytes(frame.header)
-            fl.add_host(tensor.data_ptr(), tensor.nbytes)
+            if tensor.device.type == "cuda":
+                fl.add_device(tensor.data_ptr(), tensor.nbytes)
+            else:
+                fl.add_host(tensor.data_ptr(), tensor.nbytes)
             fl.add_bytes(frame.trailer)
             info = _NativeStorageInfo(
                 fl.relative_path, offset, frame.length, payload_offset=frame.payload_offset

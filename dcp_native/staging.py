@@ -1,0 +1,473 @@
+"""Staging for async saves: a state dict copied into host memory that is reused across saves.
+
+``async_save`` blocks the training loop for as long as ``stage()`` takes. A
+:class:`StagingArea` makes that one memory copy: the first ``stage()`` lays the
+state dict's tensors out in one flat buffer (each tensor at an aligned offset),
+later calls with the same layout (same keys, shapes, dtypes and devices, in
+the same order) copy into the same buffer, and a different layout replaces
+the buffer. The staged state dict has the same structure as the one given;
+its tensors are views of the buffer; everything else is deep-copied.
+
+Memory: plain host memory when every tensor is on the CPU. When some tensor
+is on a CUDA device, page-locked memory: shared memory registered with
+``cudaHostRegister`` (so DCP's process executor can pass it to its
+checkpoint process without a copy and it stays pinned), or torch's pinned
+allocator where shared memory cannot be had. CUDA tensors are copied with
+``non_blocking=True`` on one side stream per device that first waits for the
+caller's current stream; the side streams are synchronized before staging
+completes. The buffer is bounded by ``capacity`` (``ValueError`` before any
+copy when a state dict needs more) and freed by :meth:`StagingArea.close`.
+
+Reuse is safe: the buffer of a staged state dict is not overwritten while a
+save may still read it. Every ``stage()`` takes a :class:`Lease` on the
+buffer; the next ``stage()`` waits until the previous lease is free, and
+raises :class:`StagingBusyError` if that takes longer than ``timeout``. A
+lease is free when
+
+* it was released: the writer's ``write_data`` finished in this process (the
+  staged bytes are on their way to disk; nothing reads them afterwards), or
+  :func:`dcp_native.async_save`'s upload future completed, or staging failed;
+* or the thread that runs the save in the background has ended (DCP starts
+  one per ``async_save`` and lets it end when the upload has completed,
+  successfully or not; the writer records it when DCP first calls it from
+  that thread, or when the process executor pickles it there);
+* or no background save ever took it up and the staged state dict itself has
+  been dropped (a ``stage()`` whose result was not saved).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+try:  # torch.distributed may be built without these
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    DTensor = None  # type: ignore[assignment,misc]
+try:
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    Shard = ShardedTensor = None  # type: ignore[assignment,misc]
+
+#: Offsets of tensors in the buffer: cache-line aligned, page aligned from _PAGE_FROM bytes on.
+_ALIGN = 64
+_PAGE = 4096
+_PAGE_FROM = 64 << 10
+#: Seconds between checks of a lease that is waited for.
+_POLL_S = 0.002
+
+_IMMUTABLE = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
+class StagingBusyError(RuntimeError):
+    """The previous save still uses the staging area and did not finish within the timeout."""
+
+
+class StagedStateDict(dict):
+    """The state dict ``stage()`` returns: a plain dict that can be weakly referenced."""
+
+    __slots__ = ("__weakref__",)
+
+
+class Lease:
+    """One staged state dict's claim on the staging buffer (see module docs)."""
+
+    def __init__(self, previous: "Lease | None" = None) -> None:
+        self.released = threading.Event()
+        #: The thread that called stage(); never taken for the background save.
+        self.stager = threading.current_thread()
+        #: The thread running the save in the background, once known.
+        self.owner: threading.Thread | None = None
+        self.staged: weakref.ref | None = None
+        #: The lease this one waits for before copying (asynchronous staging).
+        self.previous = previous
+
+    def release(self) -> None:
+        self.released.set()
+
+    def claim(self) -> None:
+        """Record the calling thread as the background save's, unless it is the stager's."""
+        thread = threading.current_thread()
+        if self.owner is None and thread is not self.stager and not self.released.is_set():
+            self.owner = thread
+
+    def free(self) -> bool:
+        if self.released.is_set():
+            return True
+        owner = self.owner
+        if owner is not None:
+            return not owner.is_alive()
+        staged = self.staged
+        return staged is not None and staged() is None
+
+    def wait(self, timeout: float | None) -> None:
+        """Wait until the lease is free; StagingBusyError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.free():
+            if deadline is not None and time.monotonic() >= deadline:
+                what = (
+                    f"the save running in thread {self.owner.name!r}"
+                    if self.owner is not None
+                    else "a staged state dict that is still referenced but not being saved"
+                )
+                raise StagingBusyError(
+                    f"dcp_native: cannot stage: the staging area is still used by {what} "
+                    f"after {timeout:g} s. Wait for the previous async_save's future before "
+                    "the next one, raise the writer's staging_timeout, or use one writer per "
+                    "concurrent save."
+                )
+            self.released.wait(_POLL_S)
+
+
+class _Slot:
+    """Where one staged tensor lives in the buffer."""
+
+    __slots__ = ("offset", "nbytes", "shape", "dtype")
+
+    def __init__(self, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.offset = offset
+        self.nbytes = nbytes
+        self.shape = shape
+        self.dtype = dtype
+
+
+def _stageable(t: torch.Tensor) -> bool:
+    """A dense tensor whose values can be copied into the buffer as they are."""
+    return (
+        (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
+        and t.layout == torch.strided
+        and not t.is_quantized
+        and t.device.type in ("cpu", "cuda")
+    )
+
+
+def _leaves(obj: Any, path: tuple, out: list) -> None:
+    """Collect ``(path, tensor)`` of every tensor :func:`_build` copies into the buffer, in its order."""
+    if isinstance(obj, torch.Tensor):
+        if DTensor is not None and isinstance(obj, DTensor):
+            local = obj._local_tensor
+            if _stageable(local):
+                out.append((path, local))
+        elif ShardedTensor is not None and isinstance(obj, ShardedTensor):
+            for i, shard in enumerate(obj.local_shards()):
+                if _stageable(shard.tensor):
+                    out.append((path + (i,), shard.tensor))
+        elif _stageable(obj):
+            out.append((path, obj))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _leaves(v, path + (k,), out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _leaves(v, path + (i,), out)
+
+
+def _register_host(ptr: int, nbytes: int) -> bool:
+    cudart = torch.cuda.cudart()
+    # 1: cudaHostRegisterPortable (pinned for every context), as torch's own stager.
+    return int(cudart.cudaHostRegister(ptr, nbytes, 1)) == 0
+
+
+def _unregister_host(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def _allocate(nbytes: int, pinned: bool) -> tuple[torch.Tensor, int]:
+    """A uint8 buffer of ``nbytes``; page-locked when ``pinned``. Returns it and its registered address (or 0)."""
+    if not pinned or nbytes == 0:
+        return torch.empty(nbytes, dtype=torch.uint8), 0
+    try:
+        new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+        if new_shared is not None:
+            buf = torch.empty(0, dtype=torch.uint8).set_(new_shared(nbytes))
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+        if _register_host(buf.data_ptr(), nbytes):
+            return buf, buf.data_ptr()
+    except RuntimeError:
+        pass  # no (or not enough) shared memory: torch's pinned allocator below
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), 0
+
+
+class StagingArea:
+    """Host memory that state dicts are staged into for async saves, reused across saves.
+
+    Args:
+        capacity: most bytes the buffer may hold (None: no bound).
+        timeout: seconds ``stage()`` waits for the previous save to release the
+            buffer before it raises :class:`StagingBusyError` (None: no limit).
+
+    Example:
+        >>> import torch
+        >>> area = StagingArea()
+        >>> sd = {"w": torch.ones(3), "step": 7}
+        >>> staged = area.stage(sd)
+        >>> sd["w"].add_(1)[0].item(), staged["w"][0].item(), staged["step"], area.bytes_held
+        (2.0, 1.0, 7, 12)
+        >>> area.close(); area.bytes_held
+        0
+    """
+
+    def __init__(self, capacity: int | None = None, timeout: float | None = 1800.0) -> None:
+        if capacity is not None and capacity < 0:
+            raise ValueError(f"staging capacity must be non-negative or None, got {capacity}")
+        self.capacity = capacity
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._layout: tuple | None = None
+        self._slots: list[_Slot] = []
+        self._buffer: torch.Tensor | None = None
+        self._registered = 0
+        self._pinned = False
+        self._lease: Lease | None = None
+        self._streams: dict[int, Any] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        #: How many times the buffer was (re)allocated, for tests and reports.
+        self.allocations = 0
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of host memory the staging buffer holds now (0 before the first stage and after close)."""
+        buf = self._buffer
+        return 0 if buf is None else buf.numel()
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease of the latest ``stage()``."""
+        return self._lease
+
+    def claim(self) -> None:
+        """Record the calling thread as the one saving the latest staged state dict (see module docs)."""
+        lease = self._lease
+        if lease is not None:
+            lease.claim()
+
+    def release_claimed(self) -> None:
+        """Release the latest lease if the calling thread is the one saving it."""
+        lease = self._lease
+        if lease is not None and lease.owner is threading.current_thread():
+            lease.release()
+
+    def close(self) -> None:
+        """Free the buffer (idempotent). Staged state dicts still referenced keep their memory alive."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        with self._lock:
+            self._free()
+            self._streams.clear()
+
+    def _free(self) -> None:
+        if self._registered:
+            _unregister_host(self._registered)
+            self._registered = 0
+        self._buffer = None
+        self._layout = None
+        self._slots = []
+
+    def __del__(self) -> None:
+        try:
+            if self._registered:
+                _unregister_host(self._registered)
+                self._registered = 0
+        except Exception:  # noqa: BLE001 - interpreter shutdown; nothing to report to
+            pass
+
+    # ------------------------------------------------------------------ staging
+
+    def stage(self, state_dict: dict[str, Any]) -> StagedStateDict:
+        """Copy ``state_dict`` into the buffer; return the staged state dict.
+
+        Waits first for the previous staged state dict's lease (module docs).
+        Tensors of the result are CPU views of the buffer with the values the
+        given tensors had when this call was made; when it returns, the caller
+        may change them.
+        """
+        with self._lock:
+            previous = self._lease
+            if previous is not None:
+                previous.wait(self.timeout)
+            lease = self._lease = Lease()
+            try:
+                staged = self._stage_locked(state_dict, None)
+            except BaseException:
+                lease.release()
+                raise
+            lease.staged = weakref.ref(staged)
+            return staged
+
+    def stage_async(self, state_dict: dict[str, Any]) -> "Future[StagedStateDict]":
+        """Like :meth:`stage`, on a background thread: the caller may change the tensors once the future is done.
+
+        Copies of CUDA tensors wait for the work queued on their devices' current
+        streams at this call. Stagings run one after the other, each after the
+        previous lease is free.
+        """
+        events = self._record_events(state_dict)
+        lease = Lease(previous=self._lease)
+        self._lease = lease
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="dcp_native-staging")
+
+        def run() -> StagedStateDict:
+            with self._lock:
+                try:
+                    if lease.previous is not None:
+                        lease.previous.wait(self.timeout)
+                        lease.previous = None
+                    staged = self._stage_locked(state_dict, events)
+                except BaseException:
+                    lease.release()
+                    raise
+                lease.staged = weakref.ref(staged)
+                return staged
+
+        try:
+            return self._executor.submit(run)
+        except BaseException:
+            lease.release()
+            raise
+
+    @staticmethod
+    def _record_events(state_dict: dict[str, Any]) -> dict[int, Any]:
+        leaves: list = []
+        _leaves(state_dict, (), leaves)
+        events = {}
+        for _, t in leaves:
+            if t.is_cuda and t.device.index not in events:
+                events[t.device.index] = torch.cuda.current_stream(t.device).record_event()
+        return events
+
+    def _stage_locked(self, state_dict: dict[str, Any], events: dict[int, Any] | None) -> StagedStateDict:
+        leaves: list = []
+        _leaves(state_dict, (), leaves)
+        pinned = any(t.is_cuda for _, t in leaves)
+        layout = (pinned,) + tuple(
+            (path, tuple(t.shape), t.dtype, t.device.type) for path, t in leaves
+        )
+        if layout != self._layout:
+            self._lay_out(leaves, pinned, layout)
+        buf = self._buffer
+        views = []
+        for slot in self._slots:
+            v = buf[slot.offset : slot.offset + slot.nbytes].view(slot.dtype)
+            views.append(v.view(slot.shape))
+        streams = self._copy(leaves, views, events)
+        memo: dict[int, Any] = {}
+        it = iter(views)
+        staged = _build(state_dict, it, memo)
+        for stream in streams:
+            stream.synchronize()
+        return StagedStateDict(staged)
+
+    def _lay_out(self, leaves: list, pinned: bool, layout: tuple) -> None:
+        slots = []
+        offset = 0
+        for _, t in leaves:
+            nbytes = t.numel() * t.element_size()
+            align = _PAGE if nbytes >= _PAGE_FROM else _ALIGN
+            offset = -(-offset // align) * align
+            slots.append(_Slot(offset, nbytes, tuple(t.shape), t.dtype))
+            offset += nbytes
+        if self.capacity is not None and offset > self.capacity:
+            raise ValueError(
+                f"dcp_native: the state dict needs {offset} bytes of staging memory "
+                f"({len(leaves)} tensors), more than the writer's staging_bytes={self.capacity}; "
+                "raise staging_bytes (None: no bound) or save it synchronously with dcp.save"
+            )
+        self._free()
+        self._buffer, self._registered = _allocate(offset, pinned)
+        self._slots = slots
+        self._layout = layout
+        self._pinned = pinned
+        self.allocations += 1
+
+    def _copy(self, leaves: list, views: list, events: dict[int, Any] | None) -> list:
+        """Copy every leaf into its view; return the side streams to synchronize."""
+        used: dict[int, Any] = {}
+        for (_, src), dst in zip(leaves, views):
+            if src.is_cuda:
+                index = src.device.index
+                stream = used.get(index)
+                if stream is None:
+                    stream = self._streams.get(index)
+                    if stream is None:
+                        stream = self._streams[index] = torch.cuda.Stream(src.device)
+                    if events is not None and index in events:
+                        stream.wait_event(events[index])
+                    else:
+                        stream.wait_stream(torch.cuda.current_stream(src.device))
+                    used[index] = stream
+                with torch.cuda.stream(stream):
+                    dst.copy_(src.detach(), non_blocking=True)
+            else:
+                dst.copy_(src.detach())
+        return list(used.values())
+
+
+def _build(obj: Any, views, memo: dict[int, Any]) -> Any:
+    """The staged copy of ``obj``; takes the views of :func:`_leaves`'s tensors in order."""
+    if isinstance(obj, torch.Tensor):
+        if DTensor is not None and isinstance(obj, DTensor):
+            local = obj._local_tensor
+            staged = next(views) if _stageable(local) else _copy_other(local)
+            return DTensor(staged, obj._spec, requires_grad=False)
+        if ShardedTensor is not None and isinstance(obj, ShardedTensor):
+            return _sharded(obj, views)
+        if _stageable(obj):
+            return next(views)
+        return _copy_other(obj)
+    if isinstance(obj, _IMMUTABLE):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _build(v, views, memo) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_build(v, views, memo) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_build(v, views, memo) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, io.BytesIO):
+        return io.BytesIO(obj.getvalue())
+    return copy.deepcopy(obj, memo)
+
+
+def _copy_other(t: torch.Tensor) -> torch.Tensor:
+    """Tensors the buffer does not take (sparse, quantized, meta, subclasses): a fresh CPU copy."""
+    t = t.detach()
+    return t.cpu() if t.device.type not in ("cpu", "meta") else t.clone()
+
+
+def _sharded(obj: Any, views) -> Any:
+    staged = []
+    for shard in obj.local_shards():
+        t = shard.tensor
+        if _stageable(t):
+            s = next(views)
+            if t.requires_grad:
+                s = s.detach().requires_grad_(True)
+        else:
+            s = _copy_other(t)
+        staged.append(s)
+    try:
+        shards = [Shard(s, shard.metadata) for s, shard in zip(staged, obj.local_shards())]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards,
+            obj.metadata(),
+            process_group=obj._process_group,
+            init_rrefs=getattr(obj, "_init_rrefs", False),
+            sharding_spec=obj.sharding_spec(),
+        )
+    except (ValueError, RuntimeError):
+        # The metadata does not accept host copies (shards on a device, pinned
+        # properties): torch's own way, a fresh CPU copy.
+        return obj.to(device="cpu") if obj.local_shards() and obj.local_shards()[0].tensor.is_cuda else copy.deepcopy(obj)
+
