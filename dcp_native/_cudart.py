@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 
 from ._errors import CudaError
@@ -177,15 +178,14 @@ class Runtime:
 
     # ------------------------------------------------------------------ pinned memory
 
-    def host_alloc(self, nbytes: int) -> int:
+    def host_alloc(self, nbytes: int, operation: str) -> int:
         pointer = ctypes.c_void_p()
         self._check(
-            self._cudaHostAlloc(ctypes.byref(pointer), nbytes, HOST_ALLOC_PORTABLE),
-            f"cudaHostAlloc of {nbytes} bytes",
+            self._cudaHostAlloc(ctypes.byref(pointer), nbytes, HOST_ALLOC_PORTABLE), operation
         )
         if not pointer.value:
-            raise CudaError(f"cudaHostAlloc of {nbytes} bytes returned a null pointer",
-                            operation=f"cudaHostAlloc of {nbytes} bytes")
+            raise CudaError(f"{operation}: the runtime returned a null pointer",
+                            operation=operation)
         return pointer.value
 
     def free_host(self, address: int) -> int:
@@ -322,15 +322,17 @@ class PinnedBuffer:
 
 
 class PinnedPool:
-    """The pure-Python engine's :class:`~dcp_native.engine.PinnedPool`.
+    """The pure-Python engine's :class:`~dcp_native.engine.PinnedPool` (as csrc/pinned_pool.hpp).
 
     Buffers are allocated with cudaHostAlloc on first use, never more than
     ``capacity // chunk_bytes`` of them, and reused by later calls. Engine
-    calls take them with :meth:`take_locked` under :attr:`condition` and wait
-    on it when none is free; :meth:`release` gives one back and wakes them.
+    calls mark the pool in use (:meth:`use`), take buffers with
+    :meth:`take_locked` under :attr:`condition` and wait on it when none is
+    free; :meth:`release` gives one back and wakes them.
     """
 
     def __init__(self, rt: Runtime, device: int, capacity: int, chunk_bytes: int) -> None:
+        check_pool_arguments(device, capacity, chunk_bytes)
         self.device = device
         self.capacity = capacity
         self.chunk_bytes = buffer_bytes(capacity, chunk_bytes)
@@ -340,6 +342,7 @@ class PinnedPool:
         self._free: list[PinnedBuffer] = []
         self._held: list[PinnedBuffer] = []  # every allocated buffer, free or not
         self._reserved = 0  # buffers being allocated
+        self._users = 0  # engine calls using the pool now
         self._closed = False
 
     def __repr__(self) -> str:
@@ -347,6 +350,15 @@ class PinnedPool:
             f"PinnedPool(device={self.device}, capacity={self.capacity}, "
             f"chunk_bytes={self.chunk_bytes}, bytes_held={self.bytes_held})"
         )
+
+    def __del__(self) -> None:
+        # A pool dropped without close() still gives its pinned memory back
+        # (as the native pool's destructor does), unless the interpreter is
+        # going away and the runtime with it.
+        if not getattr(self, "_closed", True) and self._held and not sys.is_finalizing():
+            for buffer in self._held:
+                self.runtime.free_host(buffer._base)
+            self._held.clear()
 
     @property
     def closed(self) -> bool:
@@ -357,12 +369,22 @@ class PinnedPool:
         with self.condition:
             return len(self._held) * self.chunk_bytes
 
+    def use(self) -> None:
+        """Marks the pool in use by an engine call (close() refuses then); ValueError when
+        closed. :meth:`unuse` ends it."""
+        with self.condition:
+            if self._closed:
+                raise ValueError("the pinned pool is closed")
+            self._users += 1
+
+    def unuse(self) -> None:
+        with self.condition:
+            self._users -= 1
+
     def take_locked(self):
         """A free buffer, :data:`ALLOCATE` when the caller may allocate one (then it must call
         :meth:`allocate`), or None when every buffer is in use. Call with :attr:`condition`
         held."""
-        if self._closed:
-            raise ValueError("the pinned pool is closed")
         if self._free:
             return self._free.pop()
         if len(self._held) + self._reserved < self._limit:
@@ -371,21 +393,22 @@ class PinnedPool:
         return None
 
     def allocate(self) -> PinnedBuffer:
-        """Allocates the buffer :meth:`take_locked` reserved (outside the lock: it takes a
-        while)."""
+        """Allocates the buffer :meth:`take_locked` reserved (outside the lock: pinning takes
+        milliseconds)."""
         size = self.chunk_bytes
+        what = f"cudaHostAlloc of {size} bytes for the pinned pool of device {self.device}"
         try:
-            base = self.runtime.host_alloc(size)
+            base = self.runtime.host_alloc(size, what)
             if base % PAGE:
                 # The runtime's allocations are page-aligned; this keeps the promise
                 # with any runtime, at the cost of one page.
                 self.runtime.free_host(base)
-                base = self.runtime.host_alloc(size + PAGE)
+                base = self.runtime.host_alloc(size + PAGE, what)
             buffer = PinnedBuffer(base, -(-base // PAGE) * PAGE, size)
         except BaseException:
             with self.condition:
                 self._reserved -= 1
-                self.condition.notify_all()
+                self.condition.notify_all()  # the slot it reserved is free again
             raise
         with self.condition:
             self._reserved -= 1
@@ -393,28 +416,29 @@ class PinnedPool:
         return buffer
 
     def release(self, buffer: PinnedBuffer) -> None:
-        """Gives a buffer back (its copies complete) and wakes the waiters."""
+        """Gives a buffer back (no copy uses it any more) and wakes the waiters."""
         with self.condition:
-            if self._closed:
-                # Closed while a call still held it: free it now.
-                self._held.remove(buffer)
-                self.runtime.free_host(buffer._base)
-            else:
-                self._free.append(buffer)
+            self._free.append(buffer)
             self.condition.notify_all()
 
     def close(self) -> None:
-        """Frees every buffer (idempotent)."""
+        """Frees every buffer (idempotent); ValueError while an engine call uses the pool."""
         with self.condition:
+            if self._users > 0:
+                raise ValueError("the pinned pool is in use by an engine call and cannot be closed")
             self._closed = True
-            free, self._free = self._free, []
-            for buffer in free:
-                self._held.remove(buffer)
-            self.condition.notify_all()
-        errors = [(b, self.runtime.free_host(b._base)) for b in free]
-        failed = next(((b, code) for b, code in errors if code), None)
-        if failed is not None:
-            raise self.runtime.error(failed[1], f"cudaFreeHost of {failed[0].size} pinned bytes")
+            held, self._held, self._free = self._held, [], []
+        if not held:
+            return
+        rt = self.runtime
+        # Every buffer is freed even if one fails; the first failure is reported.
+        previous = rt.get_device()
+        rt.set_device(self.device)
+        codes = [rt.free_host(b._base) for b in held]
+        rt.set_device(previous)
+        first = next((code for code in codes if code), 0)
+        if first:
+            raise rt.error(first, f"cudaFreeHost of the pinned pool of device {self.device}")
 
 
 #: take_locked's answer when the caller may allocate a new buffer.
@@ -422,9 +446,10 @@ ALLOCATE = object()
 
 
 def buffer_bytes(capacity: int, chunk_bytes: int) -> int:
-    """The buffer size of a pool: ``min(chunk_bytes, capacity // 2)`` in whole pages, so that a
-    pool holds at least two buffers (one filled while the other is emptied)."""
-    return min(-(-chunk_bytes // PAGE) * PAGE, capacity // 2 // PAGE * PAGE)
+    """The buffer size of a pool: ``min(chunk_bytes, capacity // 2)`` rounded down to whole pages
+    (at least one), so that a pool holds at least two buffers (one filled while the other is
+    emptied)."""
+    return max(PAGE, min(chunk_bytes, capacity // 2) // PAGE * PAGE)
 
 
 def check_pool_arguments(device: int, capacity: int, chunk_bytes: int) -> None:

@@ -910,16 +910,19 @@ class _Staging:
     def __init__(self, pool, device: int, paths: list, flags: int, direct_io: bool,
                  cap: int) -> None:
         chunk = _staging_chunk(pool)  # TypeError for a foreign pool before anything else
-        if pool is not None and pool.closed:
-            raise ValueError("the pinned pool is closed")
         self.rt = _cudart.runtime()
-        self.caller_device = self.rt.get_device()
         if pool is None:
             pool = _cudart.PinnedPool(self.rt, device, DEFAULT_STAGING_BYTES,
                                       DEFAULT_DEVICE_CHUNK_BYTES)
             self.temporary = True
         else:
             self.temporary = False
+        pool.use()  # ValueError for a closed pool; close() refuses until finish()
+        try:
+            self.caller_device = self.rt.get_device()
+        except BaseException:
+            pool.unuse()
+            raise
         self.pool = pool
         self.chunk = chunk
         self.paths = paths
@@ -1045,6 +1048,7 @@ class _Staging:
             except CudaError as exc:
                 error = error or exc
         finally:
+            self.pool.unuse()
             if self.temporary:
                 self.pool.close()
         if error is not None and not failed:
