@@ -2,7 +2,7 @@
 // includes pybind11. It turns Python buffers into (pointer, length) views held
 // for the whole call, releases the GIL for all planning, I/O and checksums,
 // and maps the engine's C++ exceptions to OSError subclasses,
-// TruncatedFileError and ValueError.
+// TruncatedFileError, CudaError and ValueError.
 #include <Python.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -14,9 +14,12 @@
 #include <vector>
 
 #include "crc32c.hpp"
+#include "cuda_runtime.hpp"
+#include "direct_io.hpp"
 #include "fault_injection.hpp"
 #include "file_io.hpp"
 #include "io_error.hpp"
+#include "pinned_pool.hpp"
 #include "read_engine.hpp"
 #include "write_engine.hpp"
 
@@ -142,13 +145,38 @@ py::object uint32_array(const std::vector<uint32_t>& values) {
   return array;
 }
 
+// The pool argument of a call: None or a PinnedPool.
+std::shared_ptr<PinnedPool> pool_argument(py::handle pool) {
+  if (pool.is_none()) {
+    return nullptr;
+  }
+  if (!py::isinstance<PinnedPool>(pool)) {
+    throw py::type_error("pool must be a pinned pool of the native engine "
+                         "(NativeEngine.pinned_pool()), got " +
+                         std::string(py::str(py::type::of(pool).attr("__name__"))));
+  }
+  return pool.cast<std::shared_ptr<PinnedPool>>();
+}
+
+int device_argument(py::handle value) {
+  const int64_t device = value.cast<int64_t>();
+  if (device < -1 || device > 1 << 20) {
+    throw PlanError("device must be -1 or a CUDA device index, got " + std::to_string(device));
+  }
+  return static_cast<int>(device);
+}
+
 py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
                          const py::sequence& segments, const py::sequence& crc_blocks,
-                         int64_t threads, bool sync, int64_t chunk_bytes, py::handle faults) {
+                         int64_t threads, bool sync, int64_t chunk_bytes, py::handle faults,
+                         const py::sequence& devices, const py::sequence& streams,
+                         py::handle pool, bool direct_io) {
   const size_t count = py::len(paths);
   check_lengths(count, py::len(blobs), "blobs");
   check_lengths(count, py::len(segments), "segments");
   check_lengths(count, py::len(crc_blocks), "crc_blocks");
+  check_lengths(count, py::len(devices), "devices");
+  check_lengths(count, py::len(streams), "streams");
   std::vector<BufferView> held;
   held.reserve(2 * count);
   std::vector<WriteFileSpec> files;
@@ -162,9 +190,14 @@ py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
     spec.segments = int64_data(held.back());
     spec.segments_length = held.back().size() / 8;
     spec.crc_block = crc_blocks[i].cast<int64_t>();
+    spec.device = device_argument(devices[i]);
+    spec.stream = streams[i].cast<int64_t>();
     files.push_back(std::move(spec));
   }
   WriteOptions options;
+  options.pool = pool_argument(pool);
+  options.direct_io = direct_io;
+  options.direct_refusal = direct_refusal_from_env();
   options.threads = threads;
   options.sync = sync;
   options.chunk_bytes = chunk_bytes;
@@ -185,9 +218,11 @@ py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
 
 py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes,
                         const py::sequence& copies, const py::sequence& checks, int64_t threads,
-                        int64_t max_gap, int64_t chunk_bytes, py::handle faults) {
+                        int64_t max_gap, int64_t chunk_bytes, py::handle faults,
+                        const py::sequence& devices, py::handle pool, bool direct_io) {
   const size_t count = py::len(paths);
   check_lengths(count, py::len(min_sizes), "min_sizes");
+  check_lengths(count, py::len(devices), "devices");
   check_lengths(count, py::len(copies), "copies");
   check_lengths(count, py::len(checks), "checks");
   std::vector<BufferView> held;
@@ -203,10 +238,15 @@ py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes
       held.push_back(int64_view(checks[i], "checks"));
       spec.checks = int64_data(held.back());
       spec.checks_length = held.back().size() / 8;
+      spec.has_checks = true;
     }
+    spec.device = device_argument(devices[i]);
     files.push_back(std::move(spec));
   }
   ReadOptions options;
+  options.pool = pool_argument(pool);
+  options.direct_io = direct_io;
+  options.direct_refusal = direct_refusal_from_env();
   options.threads = threads;
   options.max_gap = max_gap;
   options.chunk_bytes = chunk_bytes;
@@ -242,6 +282,35 @@ std::string py_crc32c_impl() {
   return name;
 }
 
+py::tuple py_cuda_status() {
+  CudaStatusInfo status;
+  {
+    py::gil_scoped_release release;
+    status = cuda_status();
+  }
+  return py::make_tuple(status.usable, status.reason, status.library);
+}
+
+std::shared_ptr<PinnedPool> make_pool(int64_t device, int64_t capacity, int64_t chunk_bytes) {
+  py::gil_scoped_release release;
+  const CudaStatusInfo status = cuda_status();
+  if (!status.usable) {
+    throw CudaUnavailableError("CUDA is not usable: " + status.reason);
+  }
+  if (device < 0 || device > 1 << 20) {
+    throw PlanError("pinned pool: device must be >= 0, got " + std::to_string(device));
+  }
+  return std::make_shared<PinnedPool>(require_cuda_runtime(), static_cast<int>(device), capacity,
+                                      chunk_bytes);
+}
+
+uint32_t py_crc32c_combine(py::handle crc_a, py::handle crc_b, int64_t length_b) {
+  if (length_b < 0) {
+    throw PlanError("length_b must be non-negative, got " + std::to_string(length_b));
+  }
+  return crc32c_combine(crc_value(crc_a), crc_value(crc_b), static_cast<uint64_t>(length_b));
+}
+
 // Raises `exception` (an instance) as the current Python error.
 void set_error(const py::object& exception) {
   PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exception.ptr())), exception.ptr());
@@ -255,6 +324,22 @@ void translate(std::exception_ptr error) {
       // OSError(errno, message, filename) picks the subclass (FileNotFoundError, ...) itself.
       py::object os_error = py::module_::import("builtins").attr("OSError");
       set_error(os_error(e.error_number(), e.detail(), decode_path(e.path())));
+    } catch (py::error_already_set& nested) {
+      nested.restore();
+    }
+  } catch (const CudaCallError& e) {
+    try {
+      py::object cuda_error = py::module_::import("dcp_native._errors").attr("CudaError");
+      set_error(cuda_error(e.what(), py::arg("operation") = e.operation(),
+                           py::arg("code") = e.code()));
+    } catch (py::error_already_set& nested) {
+      nested.restore();
+    }
+  } catch (const CudaUnavailableError& e) {
+    try {
+      py::object cuda_error = py::module_::import("dcp_native._errors").attr("CudaError");
+      set_error(cuda_error(e.what(), py::arg("operation") = "find the CUDA runtime",
+                           py::arg("code") = py::none()));
     } catch (py::error_already_set& nested) {
       nested.restore();
     }
@@ -279,17 +364,51 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "dcp_native's native I/O engine; use it through dcp_native.engine (see its docs).";
   py::register_exception_translator(&translate);
 
+  py::class_<PinnedPool, std::shared_ptr<PinnedPool>>(
+      m, "PinnedPool",
+      "Pinned host buffers for device staging, reused across calls (see dcp_native.engine).\n"
+      "PinnedPool(device, capacity, chunk_bytes): buffers of min(chunk_bytes, capacity // 2)\n"
+      "rounded down to 4096 bytes, allocated on first use, never more than capacity bytes.")
+      .def(py::init(&make_pool), py::arg("device"), py::arg("capacity"), py::arg("chunk_bytes"))
+      .def_property_readonly("device", &PinnedPool::device)
+      .def_property_readonly("capacity", &PinnedPool::capacity)
+      .def_property_readonly("chunk_bytes", &PinnedPool::chunk_bytes)
+      .def_property_readonly("bytes_held", &PinnedPool::bytes_held,
+                             "Pinned bytes allocated now (0 after close).")
+      .def_property_readonly("closed", &PinnedPool::closed)
+      .def("close", &PinnedPool::close, py::call_guard<py::gil_scoped_release>(),
+           "Free every buffer (idempotent); ValueError while a call uses the pool.")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](PinnedPool& self, py::args) {
+        py::gil_scoped_release release;
+        self.close();
+      })
+      .def("__repr__", [](const PinnedPool& self) {
+        return "<dcp_native._C.PinnedPool device=" + std::to_string(self.device()) +
+               " capacity=" + std::to_string(self.capacity()) +
+               " chunk_bytes=" + std::to_string(self.chunk_bytes()) +
+               " bytes_held=" + std::to_string(self.bytes_held()) +
+               (self.closed() ? " closed>" : ">");
+      });
+
   m.def("write_files", &py_write_files, py::arg("paths"), py::arg("blobs"), py::arg("segments"),
         py::arg("crc_blocks"), py::arg("threads"), py::arg("sync"), py::arg("chunk_bytes"),
-        py::arg("faults"),
+        py::arg("faults"), py::arg("devices"), py::arg("streams"), py::arg("pool"),
+        py::arg("direct_io"),
         "Create each file and write its segments (flat int64 4-tuples (file_offset, kind, source,\n"
-        "length)). Returns (bytes written per file, per file array('I') of block CRC32Cs or\n"
-        "None).");
+        "length)); device segments through the pool (None: one for the call). Returns (bytes\n"
+        "written per file, per file array('I') of block CRC32Cs or None).");
   m.def("read_files", &py_read_files, py::arg("paths"), py::arg("min_sizes"), py::arg("copies"),
         py::arg("checks"), py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"),
-        py::arg("faults"),
+        py::arg("faults"), py::arg("devices"), py::arg("pool"), py::arg("direct_io"),
         "Execute a read plan (flat int64 box records per file), then its checks. Returns\n"
         "(bytes_read, calls, failed_checks).");
+  m.def("cuda_status", &py_cuda_status,
+        "(usable, reason, library) of the CUDA runtime DCP_NATIVE_CUDART selects now.");
+  m.def("crc32c_combine", &py_crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
+        py::arg("length_b"), "The CRC32C of a + b from crc32c(a), crc32c(b) and len(b).");
+  m.def("_direct_io_bytes", &direct_io_bytes,
+        "Bytes this process moved with O_DIRECT so far (tests).");
   m.def("should_merge", &should_merge, py::arg("prev_len"), py::arg("gap"), py::arg("next_len"),
         py::arg("max_gap"), "The coalescing rule as the native engine applies it.");
   m.def("crc32c", &py_crc32c, py::arg("data"), py::arg("crc") = 0,
@@ -302,4 +421,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_NDIM") = kMaxNdim;
   m.attr("SHORT_IO_ENV") = kShortIoEnv;
   m.attr("CRC32C_ENV") = kCrc32cEnv;
+  m.attr("CUDART_ENV") = kCudartEnv;
+  m.attr("NO_DIRECT_ENV") = kNoDirectEnv;
+  m.attr("DEFAULT_STAGING_BYTES") = kDefaultStagingBytes;
+  m.attr("DEFAULT_DEVICE_CHUNK_BYTES") = kDefaultDeviceChunkBytes;
+  m.attr("PAGE_BYTES") = kPageBytes;
 }

@@ -20,6 +20,12 @@ namespace dcp_native {
 // are multiples of it.
 constexpr int64_t kPageBytes = 4096;
 
+// A call with device memory and no pool stages through a pool of this many
+// bytes in buffers of at most kDefaultDeviceChunkBytes, made for the call
+// (dcp_native.engine.DEFAULT_STAGING_BYTES and DEFAULT_DEVICE_CHUNK_BYTES).
+constexpr int64_t kDefaultStagingBytes = int64_t{256} << 20;
+constexpr int64_t kDefaultDeviceChunkBytes = int64_t{32} << 20;
+
 class PinnedPool {
  public:
   // Buffers of min(chunk_bytes, capacity / 2) rounded down to a page, so at

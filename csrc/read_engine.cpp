@@ -4,7 +4,10 @@
 #include <sys/uio.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
+#include <deque>
+#include <map>
 #include <memory>
 
 #include "call_plan.hpp"
@@ -258,10 +261,14 @@ struct ReadPlan {
   std::vector<size_t> first_check;
 };
 
-ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& options) {
+ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& options,
+                    int64_t device_chunk_bytes) {
   ReadPlan plan;
   plan.required.reserve(files.size());
-  CallBuilder builder(plan.iovs, plan.calls, options.chunk_bytes);
+  CallBuilder host_builder(plan.iovs, plan.calls, options.chunk_bytes);
+  // A device file's calls each fill one pinned buffer.
+  CallBuilder device_builder(plan.iovs, plan.calls,
+                             std::min(options.chunk_bytes, device_chunk_bytes));
   std::vector<Run> runs;  // reused across files
   size_t total_checks = 0;
   for (size_t f = 0; f < files.size(); ++f) {
@@ -270,6 +277,12 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
       throw PlanError("read plan for " + file.path + ": negative min_size " +
                       std::to_string(file.min_size));
     }
+    if (file.device >= 0 && file.has_checks) {
+      throw PlanError("read plan for " + file.path +
+                      ": checks must be None for a file read into device memory (device " +
+                      std::to_string(file.device) + ")");
+    }
+    CallBuilder& builder = file.device >= 0 ? device_builder : host_builder;
     runs.clear();
     plan.required.push_back(std::max(file.min_size, collect_runs(file, runs)));
     plan.first_check.push_back(total_checks);
@@ -307,6 +320,166 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
   return plan;
 }
 
+std::string hex_address(uintptr_t address) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "0x%llx", static_cast<unsigned long long>(address));
+  return text;
+}
+
+// A pinned buffer whose host-to-device copies were queued: it goes back to
+// the pool once they are done.
+struct PendingCopy {
+  char* buffer;
+  int device;
+  cuda::Stream stream;
+  cuda::Event event;  // null until recorded: then the whole stream is waited for
+  const std::string* path;
+};
+
+// A worker's buffers with copies in flight, oldest first. Whatever is left
+// when the worker stops (a failure) is waited for and released.
+class PendingCopies {
+ public:
+  PendingCopies(CudaRuntime& runtime, PinnedPool& pool, DeviceGuard& guard)
+      : runtime_(runtime), pool_(pool), guard_(guard) {}
+  PendingCopies(const PendingCopies&) = delete;
+  PendingCopies& operator=(const PendingCopies&) = delete;
+  ~PendingCopies() {
+    for (PendingCopy& pending : list_) {
+      try {
+        guard_.set(pending.device);
+      } catch (const CudaCallError&) {
+      }
+      if (pending.event != nullptr) {
+        runtime_.api().event_synchronize(pending.event);
+        runtime_.api().event_destroy(pending.event);
+      } else {
+        runtime_.api().stream_synchronize(pending.stream);
+      }
+      pool_.release(pending.buffer);
+    }
+  }
+
+  bool empty() const noexcept { return list_.empty(); }
+  PendingCopy& add(char* buffer, int device, cuda::Stream stream, const std::string& path) {
+    list_.push_back(PendingCopy{buffer, device, stream, nullptr, &path});
+    return list_.back();
+  }
+
+  // Waits for the oldest buffer's copies; returns the buffer, no longer pending.
+  char* take_oldest() {
+    PendingCopy pending = list_.front();
+    list_.pop_front();
+    // Released if the wait fails: the runtime reported the copies finished or dead.
+    struct Release {
+      PinnedPool& pool;
+      char* buffer;
+      bool keep = false;
+      ~Release() {
+        if (!keep) {
+          pool.release(buffer);
+        }
+      }
+    } release{pool_, pending.buffer};
+    guard_.set(pending.device);
+    const cuda::Error code = runtime_.api().event_synchronize(pending.event);
+    runtime_.api().event_destroy(pending.event);
+    runtime_.check(code, "cudaEventSynchronize after the H2D copies of " + *pending.path +
+                             " to device " +
+                             std::to_string(pending.device));
+    release.keep = true;
+    return pending.buffer;
+  }
+
+  void drain() {
+    while (!list_.empty()) {
+      pool_.release(take_oldest());
+    }
+  }
+
+ private:
+  CudaRuntime& runtime_;
+  PinnedPool& pool_;
+  DeviceGuard& guard_;
+  std::deque<PendingCopy> list_;
+};
+
+// Queues the copies of one call's runs from `buffer` (the call's bytes) to
+// the device: a run of equal runs at regular strides in the buffer and on
+// the device becomes one cudaMemcpy2DAsync (a column slice of a row-major
+// tensor: one copy instead of one per row).
+void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char* buffer,
+                    const iovec* iovs, int count, const IoCall& call, const std::string& path,
+                    int device) {
+  struct Piece {
+    int64_t at;  // offset in the buffer
+    uintptr_t dest;
+    int64_t length;
+  };
+  std::vector<Piece> pieces;
+  pieces.reserve(static_cast<size_t>(count));
+  int64_t at = 0;
+  for (int i = 0; i < count; ++i) {
+    const int64_t length = static_cast<int64_t>(iovs[i].iov_len);
+    if (iovs[i].iov_base != nullptr) {
+      pieces.push_back(Piece{at, reinterpret_cast<uintptr_t>(iovs[i].iov_base), length});
+    }
+    at += length;
+  }
+  const cuda::Api& api = runtime.api();
+  size_t i = 0;
+  while (i < pieces.size()) {
+    const Piece& first = pieces[i];
+    size_t j = i + 1;
+    int64_t source_pitch = 0;
+    uintptr_t dest_pitch = 0;
+    if (j < pieces.size() && pieces[j].length == first.length && pieces[j].dest > first.dest) {
+      source_pitch = pieces[j].at - first.at;
+      dest_pitch = pieces[j].dest - first.dest;
+      if (dest_pitch >= static_cast<uintptr_t>(first.length) && source_pitch >= first.length) {
+        while (j < pieces.size() && pieces[j].length == first.length &&
+               pieces[j].at - pieces[j - 1].at == source_pitch &&
+               pieces[j].dest > pieces[j - 1].dest && pieces[j].dest - pieces[j - 1].dest == dest_pitch) {
+          ++j;
+        }
+      } else {
+        j = i + 1;
+      }
+    }
+    const size_t rows = j - i;
+    const std::string where = " of " + path + " at offset " +
+                              std::to_string(call.offset + first.at) + " to device " +
+                              std::to_string(device) + " address " + hex_address(first.dest);
+    void* dest = reinterpret_cast<void*>(first.dest);
+    const char* source = buffer + first.at;
+    const bool dense = rows > 1 && source_pitch == first.length &&
+                       dest_pitch == static_cast<uintptr_t>(first.length);
+    if (rows == 1 || dense) {
+      const size_t bytes = static_cast<size_t>(first.length) * rows;
+      runtime.check(api.memcpy_async(dest, source, bytes, cuda::kHostToDevice, stream),
+                    "cudaMemcpyAsync H2D" + where + " (" + std::to_string(bytes) + " bytes)");
+    } else {
+      runtime.check(api.memcpy_2d_async(dest, static_cast<size_t>(dest_pitch), source,
+                                        static_cast<size_t>(source_pitch),
+                                        static_cast<size_t>(first.length), rows,
+                                        cuda::kHostToDevice, stream),
+                    "cudaMemcpy2DAsync H2D" + where + " (" + std::to_string(rows) + " rows of " +
+                        std::to_string(first.length) + " bytes)");
+    }
+    i = j;
+  }
+}
+
+bool has_device_files(const std::vector<ReadFileSpec>& files, int* device) {
+  for (const ReadFileSpec& file : files) {
+    if (file.device >= 0 && file.copies_length > 0) {
+      *device = file.device;
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 bool should_merge(int64_t prev_len, int64_t gap, int64_t next_len, int64_t max_gap) noexcept {
@@ -331,11 +504,44 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
   if (options.max_gap < 0) {
     throw PlanError("max_gap must be non-negative, got " + std::to_string(options.max_gap));
   }
-  ReadPlan plan = plan_reads(files, options);
+  int first_device = -1;
+  std::shared_ptr<PinnedPool> pool;
+  int64_t device_chunk_bytes = options.chunk_bytes;
+  const bool device = has_device_files(files, &first_device);
+  if (device) {
+    pool = options.pool;
+    if (!pool) {
+      pool = std::make_shared<PinnedPool>(require_cuda_runtime(), first_device,
+                                          kDefaultStagingBytes, kDefaultDeviceChunkBytes);
+    }
+    device_chunk_bytes = pool->chunk_bytes();
+  }
+  ReadPlan plan = plan_reads(files, options, device_chunk_bytes);
 
   std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
+  std::unique_ptr<DirectFile[]> direct(new DirectFile[files.size()]);
   FaultInjector faults(options.faults);
   const IoHooks hooks{options.short_io_cap, &faults};
+  const bool use_direct = direct_allowed(options.direct_io, hooks);
+  std::unique_ptr<PinnedPool::Use> pool_use;
+  CudaRuntime* runtime = nullptr;
+  if (device) {
+    pool_use.reset(new PinnedPool::Use(*pool));
+    runtime = pool->runtime().get();
+  }
+  // Copy streams by device, shared by the workers (created under a lock).
+  std::mutex streams_mutex;
+  std::map<int, cuda::Stream> streams;
+  auto copy_stream = [&](int dev) {
+    std::lock_guard<std::mutex> lock(streams_mutex);
+    auto found = streams.find(dev);
+    if (found != streams.end()) {
+      return found->second;
+    }
+    const cuda::Stream stream = runtime->copy_stream(dev);
+    streams.emplace(dev, stream);
+    return stream;
+  };
 
   WorkQueue queue(plan.calls.size());
   const size_t scratch_bytes = static_cast<size_t>(plan.largest_gap);
@@ -344,6 +550,12 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
     // reads gap bytes, so they may overwrite each other.
     std::unique_ptr<char[]> scratch(scratch_bytes > 0 ? new char[scratch_bytes] : nullptr);
     iovec local[kMaxIovecs];
+    std::unique_ptr<DeviceGuard> device_guard;
+    std::unique_ptr<PendingCopies> pending;
+    if (runtime != nullptr) {
+      device_guard.reset(new DeviceGuard(*runtime));
+      pending.reset(new PendingCopies(*runtime, *pool, *device_guard));
+    }
     size_t index = 0;
     while (queue.next(index)) {
       const IoCall& call = plan.calls[index];
@@ -360,7 +572,56 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
         }
         return guard.release();
       });
-      if (call.iov_count > 0) {
+      if (call.iov_count > 0 && file.device >= 0) {
+        // A buffer of the pool if one is free, else this worker's oldest
+        // (its copies done), else wait for another worker's.
+        char* buffer = pool->try_acquire();
+        if (buffer == nullptr && !pending->empty()) {
+          buffer = pending->take_oldest();
+        }
+        if (buffer == nullptr) {
+          buffer = pool->acquire(queue.failed_flag());
+          if (buffer == nullptr) {
+            return;  // the call failed; the error is recorded
+          }
+        }
+        device_guard->set(file.device);
+        const cuda::Stream stream = [&] {
+          try {
+            return copy_stream(file.device);
+          } catch (...) {
+            pool->release(buffer);
+            throw;
+          }
+        }();
+        PendingCopy& entry = pending->add(buffer, file.device, stream, file.path);
+        int64_t done = 0;
+        if (use_direct && call.offset % kPageBytes == 0) {
+          const int64_t aligned = call.bytes / kPageBytes * kPageBytes;
+          if (aligned > 0 && direct[call.file].read(file.path, buffer, aligned, call.offset,
+                                                    required, hooks, options.direct_refusal)) {
+            done = aligned;
+          }
+        }
+        if (done < call.bytes) {
+          iovec rest{buffer + done, static_cast<size_t>(call.bytes - done)};
+          read_fully(fd, &rest, 1, call.offset + done, call.bytes - done, file.path, required,
+                     hooks);
+        }
+        copy_to_device(*runtime, stream, buffer, plan.iovs.data() + call.first_iov,
+                       call.iov_count, call, file.path, file.device);
+        cuda::Event event = nullptr;
+        runtime->check(runtime->api().event_create_with_flags(
+                           &event, cuda::kEventBlockingSync | cuda::kEventDisableTiming),
+                       "cudaEventCreateWithFlags for the H2D copies of " + file.path);
+        const cuda::Error recorded = runtime->api().event_record(event, stream);
+        if (recorded != cuda::kSuccess) {
+          runtime->api().event_destroy(event);
+          runtime->fail(recorded, "cudaEventRecord after the H2D copies of " + file.path +
+                                      " at offset " + std::to_string(call.offset));
+        }
+        entry.event = event;
+      } else if (call.iov_count > 0) {
         const iovec* planned = plan.iovs.data() + call.first_iov;
         for (int i = 0; i < call.iov_count; ++i) {
           local[i] = planned[i];
@@ -371,11 +632,26 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
         read_fully(fd, local, call.iov_count, call.offset, call.bytes, file.path, required, hooks);
       }
       if (shared_file.finish_piece()) {
+        direct[call.file].close();
         close_read_only(shared_file.release(), hooks);
       }
     }
+    if (pending) {
+      pending->drain();
+    }
   };
   run_workers(queue, std::min(static_cast<size_t>(options.threads), queue.size()), worker);
+  if (runtime != nullptr) {
+    // Every worker waited for its own copies; the streams are synchronised
+    // too, so that nothing of this call is left on them when it returns.
+    DeviceGuard guard(*runtime);
+    for (const auto& used : streams) {
+      guard.set(used.first);
+      runtime->check(runtime->api().stream_synchronize(used.second),
+                     "cudaStreamSynchronize of the copy stream of device " +
+                         std::to_string(used.first));
+    }
+  }
 
   // Checks start once every read is done: a check may cover memory that
   // reads of several files fill.

@@ -3,17 +3,22 @@
 // and coalesced per file, packed into preadv calls and spread over threads;
 // coalescing gaps land in a per-thread scratch buffer, never in the caller's
 // memory. Once every read is done, the plan's checks (CRC32Cs expected of
-// pieces of memory) run on the same threads.
+// pieces of memory) run on the same threads. Files whose destinations are
+// device memory are read into pinned buffers and copied to the device on the
+// engine's copy stream while later pieces are read.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "crc32c.hpp"
+#include "direct_io.hpp"
 #include "fault_injection.hpp"
+#include "pinned_pool.hpp"
 
 namespace dcp_native {
 
@@ -33,6 +38,10 @@ struct ReadFileSpec {
   // null with length 0.
   const int64_t* checks = nullptr;
   size_t checks_length = 0;
+  // Whether checks were given at all (even empty): not allowed for device files.
+  bool has_checks = false;
+  // >= 0: every destination is device memory on this CUDA device.
+  int device = -1;
 };
 
 struct ReadOptions {
@@ -44,6 +53,11 @@ struct ReadOptions {
   std::vector<FaultSpec> faults;
   // The CRC32C implementation for checks; null for the fastest.
   Crc32cFunction crc32c = nullptr;
+  // Pinned staging for device files; null: a pool for the call.
+  std::shared_ptr<PinnedPool> pool;
+  // O_DIRECT for page-aligned pieces read into pinned buffers.
+  bool direct_io = true;
+  DirectRefusal direct_refusal = DirectRefusal::kNone;
 };
 
 struct ReadStats {

@@ -34,6 +34,10 @@ class WorkQueue {
     return index < items_;
   }
 
+  bool failed() const noexcept { return failed_.load(std::memory_order_relaxed); }
+  // Set once a worker failed: for waits that must give up then (pinned buffers).
+  const std::atomic<bool>& failed_flag() const noexcept { return failed_; }
+
   // Records an error (the first one wins) and stops the other workers.
   void fail(std::exception_ptr error) noexcept;
   void rethrow_if_failed();

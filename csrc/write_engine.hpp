@@ -1,23 +1,30 @@
 // Executes write plans: each file is created (or truncated) and its segments,
-// from a Python-owned blob or from raw host addresses, are written at their
-// offsets with pwritev calls spread over threads (the segment format is in
-// dcp_native/engine.py). Files that ask for it get the CRC32C of every block
-// of their content, computed from the segments' memory on the same threads,
-// as work items between the writes.
+// from a Python-owned blob, raw host addresses or device memory, are written
+// at their offsets with pwritev calls spread over threads (the segment format
+// is in dcp_native/engine.py). Device memory is copied in pieces into pinned
+// buffers on the engine's copy stream by one issuing thread that runs ahead
+// as far as the pool allows, and each piece is written by a worker once its
+// copy completed. Files that ask for it get the CRC32C of every block of
+// their content, computed on the same threads as work items between the
+// writes (device bytes from the pinned copies).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "crc32c.hpp"
+#include "direct_io.hpp"
 #include "fault_injection.hpp"
+#include "pinned_pool.hpp"
 
 namespace dcp_native {
 
 constexpr int64_t kSourceBlob = 0;
 constexpr int64_t kSourceHost = 1;
+constexpr int64_t kSourceDevice = 2;
 
 struct WriteFileSpec {
   std::string path;
@@ -29,6 +36,10 @@ struct WriteFileSpec {
   // > 0: the segments must cover [0, size) without holes, and the result has
   // the CRC32C of every crc_block bytes of the file (the last block shorter).
   int64_t crc_block = 0;
+  // CUDA device of the kSourceDevice segments (-1: none), and the producer's
+  // stream (cudaStream_t as an integer) the copies must wait for.
+  int device = -1;
+  int64_t stream = 0;
 };
 
 struct WriteOptions {
@@ -40,6 +51,11 @@ struct WriteOptions {
   std::vector<FaultSpec> faults;
   // The CRC32C implementation; null for the fastest.
   Crc32cFunction crc32c = nullptr;
+  // Pinned staging for device segments; null: a pool for the call.
+  std::shared_ptr<PinnedPool> pool;
+  // O_DIRECT for page-aligned pieces written from pinned buffers.
+  bool direct_io = true;
+  DirectRefusal direct_refusal = DirectRefusal::kNone;
 };
 
 struct WriteResult {

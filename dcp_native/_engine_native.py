@@ -6,20 +6,31 @@ the GIL and does all the I/O and checksums. DCP_NATIVE_FAULT is parsed here,
 by the parser both engines share. Importing this module raises ImportError
 when the extension is not built, which dcp_native._backend turns into a
 fallback.
+
+Device memory goes through ``_C.PinnedPool`` objects (what :meth:`NativeEngine.pinned_pool`
+returns; the C++ side allocates their buffers lazily and frees them on ``close()``), and the
+CUDA runtime is found by the C++ side at every call (``DCP_NATIVE_CUDART`` is honoured when it
+changes between calls).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 # Importing names (not `from . import _C`) goes through sys.modules even when
 # the package already has a _C attribute, so a blocked or missing extension
 # always raises ImportError here.
+from ._C import PinnedPool as _PinnedPool
+from ._C import cuda_status as _cuda_status
 from ._C import read_files, write_files
 from .engine import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_DEVICE_CHUNK_BYTES,
     DEFAULT_MAX_GAP,
+    DEFAULT_STAGING_BYTES,
+    CudaStatus,
+    PinnedPool,
     ReadFile,
     ReadStats,
     WriteFile,
@@ -40,6 +51,8 @@ class NativeEngine:
         threads: int,
         sync: bool,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        pool: Optional[PinnedPool] = None,
+        direct_io: bool = True,
     ) -> WriteStats:
         written, crcs = write_files(
             [os.fsencode(f.path) for f in files],
@@ -50,6 +63,10 @@ class NativeEngine:
             bool(sync),
             chunk_bytes,
             faults_from_env(),
+            [f.device for f in files],
+            [f.stream for f in files],
+            pool,
+            bool(direct_io),
         )
         return WriteStats(bytes_written=written, block_crcs=crcs)
 
@@ -60,6 +77,8 @@ class NativeEngine:
         threads: int,
         max_gap: int = DEFAULT_MAX_GAP,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        pool: Optional[PinnedPool] = None,
+        direct_io: bool = True,
     ) -> ReadStats:
         bytes_read, calls, failed = read_files(
             [os.fsencode(f.path) for f in files],
@@ -70,5 +89,22 @@ class NativeEngine:
             max_gap,
             chunk_bytes,
             faults_from_env(),
+            [f.device for f in files],
+            pool,
+            bool(direct_io),
         )
         return ReadStats(bytes_read=bytes_read, calls=calls, failed_checks=failed)
+
+    def cuda_status(self) -> CudaStatus:
+        usable, reason, library = _cuda_status()
+        return CudaStatus(usable=usable, reason=reason, library=library)
+
+    def pinned_pool(
+        self,
+        device: int,
+        capacity: int = DEFAULT_STAGING_BYTES,
+        chunk_bytes: int = DEFAULT_DEVICE_CHUNK_BYTES,
+    ) -> PinnedPool:
+        """A ``_C.PinnedPool``: ``ValueError`` for a capacity under two pages, ``CudaError``
+        when CUDA is not usable (see :meth:`cuda_status`)."""
+        return _PinnedPool(device, capacity, chunk_bytes)
