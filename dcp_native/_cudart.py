@@ -70,8 +70,9 @@ class Runtime:
     """The resolved runtime: checked wrappers of its functions, and one copy stream per device.
 
     Every wrapper raises :class:`CudaError` for a nonzero ``cudaError_t``,
-    named after ``operation`` (what dcp_native was doing) and carrying the
-    runtime's own error string and code.
+    named after ``operation`` (the call and what dcp_native was doing with it,
+    worded as the native engine words it) and carrying the runtime's own error
+    string and code.
     """
 
     def __init__(self, lib: ctypes.CDLL, library: str) -> None:
@@ -140,24 +141,24 @@ class Runtime:
         return stream
 
     def stream_synchronize(self, stream: int, operation: str) -> None:
-        self._check(self._cudaStreamSynchronize(stream), f"cudaStreamSynchronize ({operation})")
+        self._check(self._cudaStreamSynchronize(stream), operation)
 
     def stream_wait_event(self, stream: int, event: int, operation: str) -> None:
-        self._check(self._cudaStreamWaitEvent(stream, event, 0), f"cudaStreamWaitEvent ({operation})")
+        self._check(self._cudaStreamWaitEvent(stream, event, 0), operation)
 
     def event_create(self, operation: str) -> int:
         handle = ctypes.c_void_p()
         self._check(
             self._cudaEventCreateWithFlags(ctypes.byref(handle), EVENT_FLAGS),
-            f"cudaEventCreateWithFlags ({operation})",
+            operation,
         )
         return handle.value or 0
 
     def event_record(self, event: int, stream: int, operation: str) -> None:
-        self._check(self._cudaEventRecord(event, stream), f"cudaEventRecord ({operation})")
+        self._check(self._cudaEventRecord(event, stream), operation)
 
     def event_synchronize(self, event: int, operation: str) -> None:
-        self._check(self._cudaEventSynchronize(event), f"cudaEventSynchronize ({operation})")
+        self._check(self._cudaEventSynchronize(event), operation)
 
     def event_destroy(self, event: int) -> int:
         """Destroys an event; returns the error code (cleanup paths must go on regardless)."""
@@ -227,7 +228,7 @@ def runtime() -> Runtime:
     """The runtime DCP_NATIVE_CUDART selects now, or :class:`CudaError` saying why there is none."""
     rt, reason = find()
     if rt is None:
-        raise CudaError(f"CUDA is not usable: {reason}")
+        raise CudaError(f"CUDA is not usable: {reason}", operation="find the CUDA runtime")
     return rt
 
 
@@ -359,6 +360,12 @@ class PinnedPool:
             for buffer in self._held:
                 self.runtime.free_host(buffer._base)
             self._held.clear()
+
+    def __enter__(self) -> "PinnedPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     @property
     def closed(self) -> bool:

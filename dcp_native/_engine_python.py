@@ -74,6 +74,7 @@ class PythonEngine:
         _check_positive("threads", threads)
         _check_positive("chunk_bytes", chunk_bytes)
         cap = _short_io_cap()
+        refusal = _direct_refusal()
         paths = [os.fsdecode(f.path) for f in files]
         calls: list[_Call] = []
         views: list[list[memoryview]] = []
@@ -112,8 +113,8 @@ class PythonEngine:
         if device_files:
             # The runtime is looked up only now: plans without device memory never need it.
             staging = _DeviceWrites(
-                files, paths, pool, direct_io, cap, faults, device_files, views, chunk_bytes,
-                calls, crc_items, block_crcs,
+                files, paths, pool, direct_io, cap, refusal, faults, device_files, views,
+                chunk_bytes, calls, crc_items, block_crcs,
             )
 
         def open_file(index: int) -> int:
@@ -178,6 +179,7 @@ class PythonEngine:
         if max_gap < 0:
             raise ValueError(f"max_gap must be non-negative, got {max_gap}")
         cap = _short_io_cap()
+        refusal = _direct_refusal()
         paths = [os.fsdecode(f.path) for f in files]
         calls: list[_Call] = []
         views: list[list[memoryview]] = []
@@ -249,7 +251,8 @@ class PythonEngine:
             _execute(calls, len(files), threads, largest_gap, open_file, run_call, finish_file)
         else:
             # The runtime is looked up only now: plans without device memory never need it.
-            staging = _DeviceReads(files, paths, pool, direct_io, cap, faults, views, required)
+            staging = _DeviceReads(files, paths, pool, direct_io, cap, refusal, faults, views,
+                                   required)
             on_device = [f.device >= 0 for f in files]
 
             def run_any(fd: int, call: _Call, scratch: memoryview | None) -> None:
@@ -290,7 +293,10 @@ class PythonEngine:
         chunk_bytes: int = DEFAULT_DEVICE_CHUNK_BYTES,
     ) -> _cudart.PinnedPool:
         """A pool of pinned buffers for the device memory of later calls (engine.PinnedPool)."""
-        _cudart.check_pool_arguments(device, capacity, chunk_bytes)
+        status = _cudart.status()
+        if not status.usable:
+            raise CudaError(f"CUDA is not usable: {status.reason}",
+                            operation="find the CUDA runtime")
         return _cudart.PinnedPool(_cudart.runtime(), device, capacity, chunk_bytes)
 
 
@@ -823,49 +829,72 @@ def _staging_chunk(pool) -> int:
     return pool.chunk_bytes
 
 
-class _DirectFiles:
-    """O_DIRECT descriptors of one call's files, opened on first use, for the pieces that go
-    through pinned buffers (page-aligned, so they can move in place). A filesystem that
-    refuses O_DIRECT (EINVAL at open or at the first transfer) gets buffered I/O, silently."""
+#: Test hook: DCP_NATIVE_TEST_NO_DIRECT=open|transfer makes the O_DIRECT open, or the first
+#: O_DIRECT transfer of each file, fail with EINVAL as a filesystem without O_DIRECT does
+#: (as csrc/direct_io.hpp).
+NO_DIRECT_ENV = "DCP_NATIVE_TEST_NO_DIRECT"
+# Bytes this process moved with O_DIRECT (tests: evidence the direct path ran, or did not).
+_direct_bytes = [0]
+_direct_bytes_lock = threading.Lock()
 
-    def __init__(self, paths: list, flags: int, enabled: bool, cap: int) -> None:
+
+def _direct_io_bytes() -> int:
+    """Bytes the Python engine moved with O_DIRECT in this process so far (tests)."""
+    return _direct_bytes[0]
+
+
+def _direct_refusal() -> str:
+    value = os.environ.get(NO_DIRECT_ENV, "")
+    if value not in ("", "open", "transfer"):
+        raise ValueError(f"{NO_DIRECT_ENV}={value} is not one of open, transfer")
+    return value
+
+
+class _DirectFiles:
+    """O_DIRECT descriptors of one call's files, opened on first use beside the normal ones, for
+    the pieces that go through pinned buffers (page-aligned, so they can move in place). A
+    filesystem that refuses O_DIRECT (EINVAL at open or at the first transfer) gets buffered I/O,
+    silently. A refused descriptor stays open until the file is done: another thread may be
+    using it."""
+
+    def __init__(self, paths: list, flags: int, enabled: bool, cap: int, refusal: str) -> None:
         self.paths = paths
         self.flags = flags | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
         # DCP_NATIVE_TEST_SHORT_IO would resume transfers at unaligned offsets.
         self.enabled = enabled and hasattr(os, "O_DIRECT") and cap % _cudart.PAGE == 0
-        self.fds: list[int | None] = [None] * len(paths)  # None: not tried; -1: refused
-        self.proven = [False] * len(paths)  # a transfer succeeded: EINVAL is a real error
+        self.refusal = refusal
+        count = len(paths)
+        self.fds: list[int] = [-1] * count
+        self.state = [0] * count  # 0: not tried, 1: open, 2: unavailable
+        self.proven = [False] * count  # a transfer worked: a later EINVAL is a real error
+        self.refused_transfer = [False] * count
         self.lock = threading.Lock()
 
     def fd(self, index: int) -> int:
-        fd = self.fds[index]
-        if fd is not None:
-            return fd
-        with self.lock:
-            if self.fds[index] is None:
-                try:
-                    self.fds[index] = os.open(self.paths[index], self.flags)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise _os_error(exc, "open (O_DIRECT)", self.paths[index], -1) from None
-                    self.fds[index] = -1
-            return self.fds[index]
-
-    def refuse(self, index: int) -> None:
-        with self.lock:
-            fd, self.fds[index] = self.fds[index], -1
-        if fd is not None and fd >= 0:
-            _close_quietly(fd)
+        """The file's O_DIRECT descriptor, or -1 when it cannot use one."""
+        if self.state[index] == 0:
+            with self.lock:
+                if self.state[index] == 0:
+                    # Threads that find state 0 wait here for the outcome.
+                    state = 2
+                    if self.refusal != "open":
+                        try:
+                            self.fds[index] = os.open(self.paths[index], self.flags)
+                            state = 1
+                        except OSError as exc:
+                            if exc.errno != errno.EINVAL:
+                                raise _os_error(exc, "open (O_DIRECT)", self.paths[index],
+                                                -1) from None
+                    self.state[index] = state
+        return self.fds[index] if self.state[index] == 1 else -1
 
     def close(self, index: int) -> None:
-        if not self.enabled:
-            return
+        """Closes the file's O_DIRECT descriptor (its last piece is done)."""
         with self.lock:
-            fd = self.fds[index]
-            if fd is not None and fd >= 0:
-                self.fds[index] = None
-        if fd is not None and fd >= 0:
-            _close_quietly(fd)  # the data went to the file already; fsync goes through the other fd
+            fd, self.fds[index] = self.fds[index], -1
+            self.state[index] = 2
+        if fd >= 0:
+            _close_quietly(fd)  # its data is in the file; fsync goes through the other one
 
     def close_all(self) -> None:
         for index in range(len(self.fds)):
@@ -879,23 +908,39 @@ class _DirectFiles:
         direct = nbytes // _cudart.PAGE * _cudart.PAGE
         if direct and self.enabled and offset % _cudart.PAGE == 0:
             direct_fd = self.fd(index)
-            if direct_fd >= 0:
-                try:
-                    _transfer(syscall, operation, direct_fd, [view[:direct]], offset, direct, path,
-                              required, cap, faults)
-                    self.proven[index] = True
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL or self.proven[index]:
-                        raise
-                    self.refuse(index)
-                    direct = 0
-            else:
+            if direct_fd < 0 or not self._direct(syscall, operation, direct_fd, index, view,
+                                                  offset, direct, required, cap, faults):
                 direct = 0
         else:
             direct = 0
         if direct < nbytes:
             _transfer(syscall, operation, fd, [view[direct:nbytes]], offset + direct,
                       nbytes - direct, path, required, cap, faults)
+
+    def _direct(self, syscall, operation, fd, index, view, offset, nbytes, required, cap,
+                faults) -> bool:
+        first = not self.proven[index]
+        try:
+            if self.refusal == "transfer" and not self.refused_transfer[index]:
+                with self.lock:
+                    refuse = not self.refused_transfer[index]
+                    self.refused_transfer[index] = True
+                if refuse:
+                    name = "pwrite (O_DIRECT)" if syscall is os.pwritev else "pread (O_DIRECT)"
+                    raise _os_error(OSError(errno.EINVAL, os.strerror(errno.EINVAL)), name,
+                                    self.paths[index], offset)
+            _transfer(syscall, operation, fd, [view[:nbytes]], offset, nbytes,
+                      self.paths[index], required, cap, faults)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not first:
+                raise
+            with self.lock:
+                self.state[index] = 2
+            return False
+        self.proven[index] = True
+        with _direct_bytes_lock:
+            _direct_bytes[0] += nbytes
+        return True
 
 
 class _Staging:
@@ -908,7 +953,7 @@ class _Staging:
     """
 
     def __init__(self, pool, device: int, paths: list, flags: int, direct_io: bool,
-                 cap: int) -> None:
+                 cap: int, refusal: str) -> None:
         chunk = _staging_chunk(pool)  # TypeError for a foreign pool before anything else
         self.rt = _cudart.runtime()
         if pool is None:
@@ -926,7 +971,7 @@ class _Staging:
         self.pool = pool
         self.chunk = chunk
         self.paths = paths
-        self.direct = _DirectFiles(paths, flags, direct_io, cap)
+        self.direct = _DirectFiles(paths, flags, direct_io, cap, refusal)
         self.cancelled = False
         self.lock = threading.Lock()
         self.free_events: dict[int, list[int]] = {}
@@ -1034,7 +1079,9 @@ class _Staging:
             for device, stream in self.streams.items():
                 try:
                     rt.set_device(device)
-                    rt.stream_synchronize(stream, f"copies of device {device}")
+                    rt.stream_synchronize(
+                        stream, f"cudaStreamSynchronize of the copy stream of device {device}"
+                    )
                 except CudaError as exc:
                     error = error or exc
             for buffer in self.dirty:
@@ -1066,10 +1113,10 @@ class _DeviceWrites(_Staging):
     other buffer to finish it: so the workers always progress.
     """
 
-    def __init__(self, files, paths, pool, direct_io, cap, faults, device_files, views,
+    def __init__(self, files, paths, pool, direct_io, cap, refusal, faults, device_files, views,
                  chunk_bytes, calls, crc_items, block_crcs) -> None:
         super().__init__(pool, files[device_files[0][0]].device, paths, os.O_WRONLY, direct_io,
-                         cap)
+                         cap, refusal)
         self.faults = faults
         self.cap = cap
         self.devices = [f.device for f in files]
@@ -1115,12 +1162,15 @@ class _DeviceWrites(_Staging):
             waited.add((device, producer))
             # Work queued on the producer's stream before this call (the kernels
             # that wrote the memory) completes before the first copy.
-            what = f"the producer stream {producer:#x} of device {device}"
+            where = (f"the producer stream {producer:#x} of device {device} "
+                     f"(writing {self.paths[piece.file]})")
             rt.set_device(device)
             stream = self.stream(device)
-            event = self.event(device, what)  # not given back: the wait refers to it
-            rt.event_record(event, producer, what)
-            rt.stream_wait_event(stream, event, what)
+            # Not given back to the call's free events: the wait refers to it.
+            event = self.event(device, f"cudaEventCreateWithFlags for {where}")
+            rt.event_record(event, producer, f"cudaEventRecord on {where}")
+            rt.stream_wait_event(stream, event,
+                                 f"cudaStreamWaitEvent of the copy stream on {where}")
         self.pump()
 
     def _issue(self, buffer: _cudart.PinnedBuffer) -> None:
@@ -1128,19 +1178,22 @@ class _DeviceWrites(_Staging):
         i = self.next_issue
         piece = self.pieces[i]
         device = self.devices[piece.file]
-        what = f"cudaMemcpyAsync D2H of {self.paths[piece.file]} at offset {piece.offset}"
+        path = self.paths[piece.file]
         rt = self.rt
         try:
             rt.set_device(device)
             stream = self.stream(device)
-            event = self.event(device, what)
+            event = self.event(device, f"cudaEventCreateWithFlags for the D2H copy of {path}")
         except BaseException:
             self.pool.release(buffer)
             raise
         try:
             rt.memcpy_async(buffer.address, piece.source, piece.nbytes, _cudart.DEVICE_TO_HOST,
-                            stream, what)
-            rt.event_record(event, stream, what)
+                            stream, _d2h_operation(path, piece, device))
+            rt.event_record(
+                event, stream,
+                f"cudaEventRecord after the D2H copy of {path} at offset {piece.offset}",
+            )
         except BaseException:
             self.add_dirty(buffer)  # an earlier copy may still be running into it
             raise
@@ -1167,7 +1220,9 @@ class _DeviceWrites(_Staging):
         path = self.paths[piece.file]
         self.rt.set_device(device)
         # A failed copy leaves its buffer in the slot: finish() releases it after the streams.
-        self.rt.event_synchronize(event, f"D2H copy of {path} at offset {piece.offset}")
+        self.rt.event_synchronize(
+            event, f"cudaEventSynchronize after the {_d2h_operation(path, piece, device)}"
+        )
         self.slots[i] = None
         try:
             self.direct.transfer(os.pwritev, "pwritev", fd, piece.file, buffer.view,
@@ -1201,9 +1256,10 @@ class _DeviceReads(_Staging):
     a later read needs it, so the reads of later pieces overlap the copies of earlier ones.
     """
 
-    def __init__(self, files, paths, pool, direct_io, cap, faults, views, required) -> None:
+    def __init__(self, files, paths, pool, direct_io, cap, refusal, faults, views,
+                 required) -> None:
         first = next(f.device for f in files if f.device >= 0)
-        super().__init__(pool, first, paths, os.O_RDONLY, direct_io, cap)
+        super().__init__(pool, first, paths, os.O_RDONLY, direct_io, cap, refusal)
         self.faults = faults
         self.cap = cap
         self.devices = [f.device for f in files]
@@ -1223,10 +1279,13 @@ class _DeviceReads(_Staging):
             rt.set_device(device)
             stream = self.stream(device)
             queued = True
-            _copy_to_device(rt, stream, buffer.address, call, self.views[index], path)
-            what = f"H2D copy of {path} at offset {call.offset}"
-            event = self.event(device, what)
-            rt.event_record(event, stream, what)
+            _copy_to_device(rt, stream, buffer.address, call, self.views[index], path, device)
+            event = self.event(device, f"cudaEventCreateWithFlags for the H2D copies of {path}")
+            rt.event_record(
+                event, stream,
+                f"cudaEventRecord after the H2D copies of {path} at offset {call.offset}",
+            )
+            what = f"cudaEventSynchronize after the H2D copies of {path} to device {device}"
         except BaseException:
             if queued:
                 self.add_dirty(buffer)
@@ -1240,10 +1299,12 @@ class _DeviceReads(_Staging):
 _MAX_PITCH = (1 << 31) - 1
 
 
-def _copy_to_device(rt, stream: int, host: int, call: _Call, boxes: list, path: str) -> None:
+def _copy_to_device(rt, stream: int, host: int, call: _Call, boxes: list, path: str,
+                    device: int) -> None:
     """Queues the copies of one call's runs from its pinned buffer at ``host`` (the call's file
-    bytes from ``call.offset``) to their device destinations; a series of runs of one box with
-    equal lengths at constant strides in the buffer and on the device is one 2-D copy."""
+    bytes from ``call.offset``) to their device destinations. A series of runs of one box with
+    equal lengths at constant strides in the buffer and on the device is one copy: 2-D, or 1-D
+    when the runs are dense at both ends."""
     p = call.parts
     runs = []  # (buffer position, device address, length)
     pos = 0
@@ -1267,18 +1328,23 @@ def _copy_to_device(rt, stream: int, host: int, call: _Call, boxes: list, path: 
                     and runs[j][1] - runs[j - 1][1] == dpitch
                 ):
                     j += 1
-        if j - i >= 2:
-            rt.memcpy_2d_async(
-                dest, dpitch, host + pos, spitch, width, j - i, _cudart.HOST_TO_DEVICE, stream,
-                f"cudaMemcpy2DAsync H2D of {path} at offset {call.offset + pos}",
-            )
+        rows = j - i
+        where = f" of {path} at offset {call.offset + pos} to device {device} address {dest:#x}"
+        if rows == 1 or (spitch == width and dpitch == width):
+            rt.memcpy_async(dest, host + pos, width * rows, _cudart.HOST_TO_DEVICE, stream,
+                            f"cudaMemcpyAsync H2D{where} ({width * rows} bytes)")
         else:
-            j = i + 1
-            rt.memcpy_async(
-                dest, host + pos, width, _cudart.HOST_TO_DEVICE, stream,
-                f"cudaMemcpyAsync H2D of {path} at offset {call.offset + pos}",
-            )
+            rt.memcpy_2d_async(dest, dpitch, host + pos, spitch, width, rows,
+                               _cudart.HOST_TO_DEVICE, stream,
+                               f"cudaMemcpy2DAsync H2D{where} ({rows} rows of {width} bytes)")
         i = j
+
+
+def _d2h_operation(path: str, piece: _DevicePiece, device: int) -> str:
+    return (
+        f"cudaMemcpyAsync D2H of {path} at offset {piece.offset} ({piece.nbytes} bytes from "
+        f"device {device} address {piece.source:#x})"
+    )
 
 
 class _BlockCrcs:

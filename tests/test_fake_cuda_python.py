@@ -21,7 +21,7 @@ import pytest
 from dcp_native import CudaError
 from dcp_native import _cudart
 from dcp_native._crc32c import _crc32c_python as ref_crc32c
-from dcp_native._engine_python import PythonEngine
+from dcp_native._engine_python import PythonEngine, _direct_io_bytes
 from dcp_native.engine import (
     CUDART_ENV,
     SRC_BLOB,
@@ -83,6 +83,9 @@ def fake(monkeypatch) -> Fake:
     monkeypatch.delenv("DCP_NATIVE_FAKE_CUDA_FAIL", raising=False)
     result = Fake(path)
     result.lib.fake_cuda_reset()
+    # Live counters of what an earlier failed test may have left behind.
+    result.pinned0 = result.counter("pinned_bytes")
+    result.events0 = result.counter("events_live")
     yield result
     result.lib.fake_cuda_wait_idle()
     result.lib.fake_cuda_reset()
@@ -194,7 +197,7 @@ def test_pool_is_reused_bounded_and_freed(fake, engine, tmp_path):
     engine.write([WriteFile(path, b"", seg, device=0)], threads=3, sync=False, pool=pool)
     held = pool.bytes_held
     assert 0 < held <= pool.capacity
-    assert fake.counter("pinned_bytes") == held
+    assert fake.counter("pinned_bytes") - fake.pinned0 == held
     allocs = fake.counter("host_allocs")
     for _ in range(3):
         engine.write([WriteFile(path, b"", seg, device=0)], threads=3, sync=False, pool=pool)
@@ -203,11 +206,11 @@ def test_pool_is_reused_bounded_and_freed(fake, engine, tmp_path):
                     threads=3, pool=pool)
         assert out.bytes() == data.bytes()
     assert fake.counter("host_allocs") == allocs  # reused, not reallocated
-    assert fake.counter("pinned_peak") <= pool.capacity
+    assert fake.counter("pinned_peak") - fake.pinned0 <= pool.capacity
     assert Path(path).read_bytes() == data.bytes()
     pool.close()
     pool.close()  # idempotent
-    assert pool.bytes_held == 0 and fake.counter("pinned_bytes") == 0
+    assert pool.bytes_held == 0 and fake.counter("pinned_bytes") == fake.pinned0
     with pytest.raises(ValueError, match="closed"):
         engine.write([WriteFile(path, b"", seg, device=0)], threads=1, sync=False, pool=pool)
 
@@ -220,8 +223,8 @@ def test_temporary_pool_is_freed(fake, engine, tmp_path):
         threads=1, sync=False,
     )
     assert fake.counter("host_allocs") >= 1
-    assert fake.counter("pinned_bytes") == 0
-    assert fake.counter("events_live") == 0
+    assert fake.counter("pinned_bytes") == fake.pinned0
+    assert fake.counter("events_live") == fake.events0
 
 
 def test_foreign_pool_is_refused(fake, engine, tmp_path):
@@ -377,7 +380,8 @@ def test_device_and_host_files_in_one_read(fake, engine, tmp_path):
         threads=3,
     )
     assert da.bytes() == a and hb.bytes() == b and stats.failed_checks == []
-    assert fake.counter("pinned_bytes") == 0 and fake.counter("events_live") == 0
+    assert fake.counter("pinned_bytes") == fake.pinned0
+    assert fake.counter("events_live") == fake.events0
 
 
 def test_device_reads_refuse_checks(fake, engine, tmp_path):
@@ -421,6 +425,7 @@ def test_direct_io_for_aligned_pieces(fake, engine, tmp_path, open_flags, direct
     flat = array("q", [0, SRC_BLOB, 0, 4096, 4096, SRC_DEVICE, data.addr, data.size])
     path = str(tmp_path / "f")
     pool = engine.pinned_pool(0, 4 * 8192, 8192)
+    moved = _direct_io_bytes()
     stats = engine.write([WriteFile(path, header, flat, crc_block=4096, device=0)], threads=2,
                          sync=True, pool=pool, direct_io=direct_io)
     content = header + data.bytes()
@@ -431,8 +436,11 @@ def test_direct_io_for_aligned_pieces(fake, engine, tmp_path, open_flags, direct
                 threads=2, pool=pool, direct_io=direct_io)
     assert out.bytes() == content
     direct = [f for f in open_flags if f & os.O_DIRECT]
-    # One O_DIRECT descriptor for the write, one for the read, where the filesystem takes it.
-    assert len(direct) == (2 if direct_io and _takes_o_direct(tmp_path) else 0)
+    # One O_DIRECT descriptor for the write, one for the read, where the filesystem takes it;
+    # the device bytes' whole pages go through them, the header and the tail do not.
+    used = direct_io and _takes_o_direct(tmp_path)
+    assert len(direct) == (2 if used else 0)
+    assert _direct_io_bytes() - moved == (2 * 5 * 4096 + 4096 if used else 0)
     pool.close()
 
 
@@ -473,6 +481,28 @@ def test_direct_io_refused_falls_back(fake, engine, tmp_path, monkeypatch, where
     assert open_fds() == before
 
 
+@pytest.mark.parametrize("refusal", ["open", "transfer"])
+def test_no_direct_hook(fake, engine, tmp_path, monkeypatch, refusal):
+    monkeypatch.setenv("DCP_NATIVE_TEST_NO_DIRECT", refusal)
+    data = Mem(random.randbytes(6 * 4096))
+    path = str(tmp_path / "f")
+    moved = _direct_io_bytes()
+    engine.write([WriteFile(path, b"", array("q", [0, SRC_DEVICE, data.addr, data.size]),
+                            device=0)], threads=3, sync=False)
+    out = Mem(size=data.size)
+    engine.read([ReadFile(path, 0, array("q", [0, out.addr, data.size, 0]), device=0)],
+                threads=3)
+    assert Path(path).read_bytes() == data.bytes() and out.bytes() == data.bytes()
+    assert _direct_io_bytes() == moved
+
+
+def test_no_direct_hook_bad_value(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("DCP_NATIVE_TEST_NO_DIRECT", "always")
+    with pytest.raises(ValueError, match="DCP_NATIVE_TEST_NO_DIRECT"):
+        engine.write([WriteFile(str(tmp_path / "f"), b"x", array("q", [0, SRC_BLOB, 0, 1]))],
+                     threads=1, sync=False)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -493,13 +523,13 @@ def test_failed_d2h_copy(fake, engine, tmp_path, threads, nth):
     assert f"at offset {(nth - 1) * 4096}" in err.operation
     assert "an illegal memory access was encountered" in str(err)
     assert open_fds() == before
-    assert fake.counter("events_live") == 0
+    assert fake.counter("events_live") == fake.events0
     # The pool is usable after the failure.
     engine.write([WriteFile(path, b"", array("q", [0, SRC_DEVICE, data.addr, data.size]),
                             device=0)], threads=threads, sync=False, pool=pool)
     assert Path(path).read_bytes() == data.bytes()
     pool.close()
-    assert fake.counter("pinned_bytes") == 0
+    assert fake.counter("pinned_bytes") == fake.pinned0
 
 
 @pytest.mark.parametrize("function", ["cudaMemcpyAsync", "cudaEventSynchronize",
@@ -518,7 +548,7 @@ def test_failed_h2d_copy(fake, engine, tmp_path, function):
     assert info.value.code == 1 and str(path) in info.value.operation
     assert "H2D" in info.value.operation and "invalid argument" in str(info.value)
     assert open_fds() == before
-    assert fake.counter("events_live") == 0
+    assert fake.counter("events_live") == fake.events0
     engine.read([ReadFile(str(path), 0, copies, device=0)], threads=3, pool=pool)
     assert out.bytes() == content
     pool.close()
@@ -531,7 +561,7 @@ def test_failed_pinned_allocation(fake, engine, tmp_path):
         engine.write([WriteFile(str(tmp_path / "f"), b"",
                                 array("q", [0, SRC_DEVICE, data.addr, data.size]), device=0)],
                      threads=2, sync=False)
-    assert fake.counter("pinned_bytes") == 0
+    assert fake.counter("pinned_bytes") == fake.pinned0
 
 
 def test_io_error_during_device_write(fake, engine, tmp_path, monkeypatch):
@@ -545,7 +575,7 @@ def test_io_error_during_device_write(fake, engine, tmp_path, monkeypatch):
                      threads=3, sync=False, pool=pool)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "f")
     assert open_fds() == before
-    assert fake.counter("events_live") == 0
+    assert fake.counter("events_live") == fake.events0
     pool.close()
 
 
