@@ -19,14 +19,15 @@ completes. The buffer is bounded by ``capacity`` (``ValueError`` before any
 copy when a state dict needs more) and freed by :meth:`StagingArea.close`.
 
 Reuse is safe: the buffer of a staged state dict is not overwritten while a
-save may still read it. Every ``stage()`` takes a :class:`Lease` on the
+save may still read it, and one writer's saves do not overlap (two saves'
+collectives on one process group from two threads could interleave
+differently on different ranks). Every ``stage()`` takes a :class:`Lease` on the
 buffer; the next ``stage()`` waits until the previous lease is free, and
 raises :class:`StagingBusyError` if that takes longer than ``timeout``. A
 lease is free when
 
-* it was released: the writer's ``write_data`` finished in this process (the
-  staged bytes are on their way to disk; nothing reads them afterwards), or
-  :func:`dcp_native.async_save`'s upload future completed, or staging failed;
+* it was released: :func:`dcp_native.async_save`'s upload future completed,
+  or staging failed;
 * or the thread that runs the save in the background has ended (DCP starts
   one per ``async_save`` and lets it end when the upload has completed,
   successfully or not; the writer records it when DCP first calls it from
@@ -250,12 +251,6 @@ class StagingArea:
         lease = self._lease
         if lease is not None:
             lease.claim()
-
-    def release_claimed(self) -> None:
-        """Release the latest lease if the calling thread is the one saving it."""
-        lease = self._lease
-        if lease is not None and lease.owner is threading.current_thread():
-            lease.release()
 
     def close(self) -> None:
         """Free the buffer (idempotent). Staged state dicts still referenced keep their memory alive."""

@@ -204,7 +204,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
     the tensors into a staging area kept between saves (pinned memory when
     some are on a GPU, see :mod:`dcp_native.staging`) and returns; the write
     runs in DCP's background thread or process. A second ``async_save`` with
-    the same writer waits until the first has written the staged bytes.
+    the same writer waits until the first has completed (its collectives
+    must not interleave with the next save's, and its staged bytes must not
+    change under it).
     The area is reused while the state dict keeps its layout (keys, shapes,
     dtypes), whatever ``cache_staged_state_dict`` says (stock's False means a
     fresh copy per save; dcp_native always keeps it, which is what makes the
@@ -389,14 +391,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         self._claim()
-        try:
-            if self._uses_stock_path():
-                return super().write_data(plan, planner)
-            return self._write_data(plan, planner)
-        finally:
-            # The staged bytes are written (or never will be): the next stage() may reuse them.
-            if self._staging is not None:
-                self._staging.release_claimed()
+        if self._uses_stock_path():
+            return super().write_data(plan, planner)
+        return self._write_data(plan, planner)
 
     def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix = plan.storage_data.prefix

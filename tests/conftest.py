@@ -20,3 +20,35 @@ def engine(engine_name):
     from dcp_native._backend import get_engine
 
     return get_engine()
+
+
+# ------------------------------------------------------------------ CUDA tests
+
+#: Set to 1 on a machine that must have a GPU: a skipped ``cuda`` test is then a failure.
+REQUIRE_CUDA_ENV = "DCP_NATIVE_REQUIRE_CUDA"
+
+
+def _require_cuda() -> bool:
+    import os
+
+    return os.environ.get(REQUIRE_CUDA_ENV, "") not in ("", "0")
+
+
+def pytest_runtest_setup(item) -> None:
+    if item.get_closest_marker("cuda") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under DCP_NATIVE_REQUIRE_CUDA=1, a ``cuda`` test that skips (for any reason) fails."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("cuda") is not None and _require_cuda():
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_CUDA_ENV}=1 but this CUDA test was skipped: {reason}"
