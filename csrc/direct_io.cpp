@@ -66,7 +66,8 @@ bool DirectFile::run(const std::string& path, bool for_write, int64_t bytes,
   // filesystem's answer to O_DIRECT; a later EINVAL is a real error.
   const bool first = !succeeded_.load(std::memory_order_acquire);
   try {
-    if (refusal == DirectRefusal::kTransfer && !refused_transfer_.exchange(true)) {
+    // The hook stands for a filesystem that refuses every O_DIRECT transfer.
+    if (refusal == DirectRefusal::kTransfer) {
       throw IoError(EINVAL, for_write ? "pwrite (O_DIRECT)" : "pread (O_DIRECT)", path);
     }
     transfer(fd);

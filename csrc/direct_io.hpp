@@ -16,7 +16,7 @@
 namespace dcp_native {
 
 // Test hook: DCP_NATIVE_TEST_NO_DIRECT=open|transfer makes the O_DIRECT open,
-// or the first O_DIRECT transfer of each file, fail with EINVAL as a
+// or every O_DIRECT transfer, fail with EINVAL as a
 // filesystem without O_DIRECT support does (tmpfs accepts it on recent
 // kernels, so the fallback needs a hook to be tested). Read at every engine
 // call; PlanError for another value.
@@ -64,7 +64,6 @@ class DirectFile {
   int state_ = 0;  // 0: not tried, 1: open, 2: unavailable
   int fd_ = -1;
   std::atomic<bool> succeeded_{false};
-  std::atomic<bool> refused_transfer_{false};
 };
 
 }  // namespace dcp_native
