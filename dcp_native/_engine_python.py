@@ -1010,15 +1010,19 @@ class _Staging:
         with self.lock:
             self.free_events.setdefault(device, []).append(event)
 
-    def acquire(self) -> _cudart.PinnedBuffer:
+    def acquire(self, needless: Callable[[], bool] | None = None) -> _cudart.PinnedBuffer | None:
         """A pinned buffer: a free one, a new one while the pool has room, the oldest one whose
-        copy is in flight once that copy completes, or else the next one released."""
+        copy is in flight once that copy completes, or else the next one released. None once
+        ``needless()`` is true (checked under the pool's condition, which whoever makes it
+        true must notify)."""
         pool = self.pool
         while True:
             entry = None
             with pool.condition:
                 if self.cancelled:
                     raise _Cancelled
+                if needless is not None and needless():
+                    return None
                 buffer = pool.take_locked()
                 if buffer is None:
                     if not self.inflight:
@@ -1108,9 +1112,12 @@ class _DeviceWrites(_Staging):
     Copies are issued in the order workers take the pieces, as far ahead as the pool has
     buffers: a worker that takes piece k waits for its event, writes it and computes its
     block CRCs while the copies of the next pieces run, then gives the buffer back, which
-    issues the next copy. A worker blocks for a buffer only to issue the piece it took, and
-    then every issued piece is before it in the work order, taken by a worker that needs no
-    other buffer to finish it: so the workers always progress.
+    issues the next copy. A worker waits for a buffer only while the piece it took is not
+    issued, holding no lock, and stops waiting as soon as another worker issues it; then every
+    issued piece is before its own in the work order, taken by a worker that needs neither a
+    buffer nor a lock held by a waiter to finish it and give its buffer back: so the workers
+    always progress. (Issuing happens under a lock never held while waiting: a worker waiting
+    under it would block the worker of the piece it had just issued.)
     """
 
     def __init__(self, files, paths, pool, direct_io, cap, refusal, faults, device_files, views,
@@ -1198,7 +1205,10 @@ class _DeviceWrites(_Staging):
             self.add_dirty(buffer)  # an earlier copy may still be running into it
             raise
         self.slots[i] = (buffer, event)
-        self.next_issue = i + 1
+        with self.pool.condition:
+            self.next_issue = i + 1
+            # The worker of this piece may be waiting for a buffer to issue it.
+            self.pool.condition.notify_all()
 
     def pump(self) -> None:
         """Issues copies while the pool has a buffer free, without waiting."""
@@ -1211,10 +1221,17 @@ class _DeviceWrites(_Staging):
 
     def run_piece(self, fd: int, piece: _DevicePiece) -> None:
         i = piece.index
-        if self.next_issue <= i:
+        while self.next_issue <= i:
+            # Waiting for a buffer holds no lock, and ends when another worker has issued the
+            # piece: the workers of issued pieces must go on and release theirs (class docs).
+            buffer = self.acquire(lambda: self.next_issue > i)
+            if buffer is None:
+                break
             with self.issue_lock:
-                while self.next_issue <= i:
-                    self._issue(self.acquire())
+                if self.next_issue < len(self.pieces):
+                    self._issue(buffer)
+                    continue
+            self.pool.release(buffer)
         buffer, event = self.slots[i]
         device = self.devices[piece.file]
         path = self.paths[piece.file]

@@ -600,3 +600,30 @@ def test_close_refused_while_in_use(fake, engine, tmp_path, monkeypatch):
     assert Path(path).read_bytes() == data.bytes()
     pool.close()
     assert pool.bytes_held == 0
+
+
+def test_many_waiters_on_a_small_pool(fake, engine, tmp_path):
+    """Workers that wait for a buffer to issue their own piece stop waiting when another
+    worker issues it (a worker waiting while its piece held one of the two buffers used to
+    deadlock the call)."""
+    rng = random.Random(7)
+    pool = engine.pinned_pool(0, 2 * 4096, 4096)
+    for round_ in range(25):
+        fake.lib.fake_cuda_set_delay_us(rng.choice([0, 50]))
+        files, keep, contents = [], [], []
+        for i in range(4):
+            data = Mem(random.Random(i).randbytes(rng.randrange(1, 12 * 4096)))
+            keep.append(data)
+            flat = array("q", [0, SRC_BLOB, 0, 10, 10, SRC_DEVICE, data.addr, data.size])
+            files.append(WriteFile(str(tmp_path / f"f{i}"), b"h" * 10, flat, crc_block=4096,
+                                   device=0))
+            contents.append(b"h" * 10 + data.bytes())
+        stats = engine.write(files, threads=rng.choice([3, 4, 8]), sync=False, pool=pool)
+        for f, content, crcs in zip(files, contents, stats.block_crcs):
+            assert Path(f.path).read_bytes() == content, round_
+            assert crcs == block_crcs(content, 4096)
+        outs = [Mem(size=len(c)) for c in contents]
+        engine.read([ReadFile(f.path, 0, array("q", [0, o.addr, len(c), 0]), device=0)
+                     for f, o, c in zip(files, outs, contents)], threads=4, pool=pool)
+        assert [o.bytes() for o in outs] == contents
+    pool.close()
