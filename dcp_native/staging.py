@@ -61,8 +61,9 @@ except ImportError:  # pragma: no cover - depends on the torch build
 _ALIGN = 64
 _PAGE = 4096
 _PAGE_FROM = 64 << 10
-#: Seconds between checks of a lease that is waited for.
+#: Seconds between checks of a lease that is waited for, without and with a known save thread.
 _POLL_S = 0.002
+_JOIN_S = 0.05
 
 _IMMUTABLE = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device)
 
@@ -124,7 +125,12 @@ class Lease:
                     "the next one, raise the writer's staging_timeout, or use one writer per "
                     "concurrent save."
                 )
-            self.released.wait(_POLL_S)
+            owner = self.owner
+            if owner is not None:
+                # Returns the moment the save's thread ends (it releases, if at all, just before).
+                owner.join(_JOIN_S if deadline is None else max(0.0, min(_JOIN_S, deadline - time.monotonic())))
+            else:
+                self.released.wait(_POLL_S)
 
 
 class _Slot:

@@ -633,12 +633,18 @@ def op_load(spec: dict) -> dict:
 
 
 def op_async_save(spec: dict) -> dict:
-    """Two async_saves of the same state dict with one writer; the second is timed (staging cached).
+    """Two async_saves of the same state dict with one writer (and stager); the second is timed.
 
     ``blocking``: until ``dcp.async_save`` returns and staging has completed (the
     training loop may change the tensors from then on); ``total``: until the
-    upload (the write) has completed. ``raw``: a plain copy of every tensor into
-    preallocated memory (pinned on CUDA), the floor of any staging.
+    upload (the write) has completed. Systems: ``stock`` (stock's writer is its
+    own stager, as ``dcp.async_save(sd, storage_writer=FileSystemWriter(...))``
+    does: a fresh copy per save, or a cached pinned one on CUDA);
+    ``stock_pinned`` (stock's writer with ``async_stager=DefaultStager`` in
+    synchronous mode: storages cached across saves, pinned and copied
+    non-blocking where CUDA is present); ``python`` / ``native`` (dcp_native's
+    writer as the stager: its reused staging area); ``raw``: a plain copy of
+    every tensor into preallocated memory (pinned on CUDA), the floor of any staging.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -649,6 +655,8 @@ def op_async_save(spec: dict) -> dict:
     if system == "raw":
         tensors = [t for _, t, _ in work.tensors]
         hosts = [pinned_like(t, cuda) for t in tensors]
+        for h in hosts:
+            h.zero_()  # touched: the copy below does not pay for page faults
         rss0 = reset_peak_rss()
         with timed_threads():
             t0 = time.perf_counter()
@@ -660,11 +668,21 @@ def op_async_save(spec: dict) -> dict:
         return {"seconds": seconds, "blocking_s": seconds, "total_s": seconds, "first_blocking_s": seconds,
                 "bytes": work.nbytes, "peak_bytes": peak}
 
-    # Staging buffers reused across saves where that works: stock's stager allocates its cache
-    # with pin_memory=True, which fails on a machine without an accelerator.
-    writer = make_writer(system, os.path.join(base, "0"), threads, False, cache_staged_state_dict=cuda)
-
     kwargs = _single_process_kwargs(dcp.async_save, spec)
+    stager = None
+    if system == "stock_pinned":
+        import torch.distributed.checkpoint.staging as staging
+
+        if not hasattr(staging, "DefaultStager"):
+            return {"unsupported": "this torch has no DefaultStager"}
+        stager = staging.DefaultStager(staging.StagingOptions(
+            use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=cuda))
+        kwargs["async_stager"] = stager
+        writer = make_writer("stock", os.path.join(base, "0"), threads, False)
+    else:
+        # Stock's own stager caches only when asked, and its cache is pinned memory
+        # (which needs an accelerator); dcp_native's writer always reuses its area.
+        writer = make_writer(system, os.path.join(base, "0"), threads, False, cache_staged_state_dict=cuda)
 
     def one(path: str) -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -679,18 +697,26 @@ def op_async_save(spec: dict) -> dict:
 
     with timed_threads():
         first_blocking, first_total = one(os.path.join(base, "0"))
+    # The first save's dirty pages are flushed now, not by the kernel during the
+    # timed save: its copy would compete with writeback that the raw copy never sees.
+    os.sync()
     gc.collect()
     rss0 = reset_peak_rss()
     with timed_threads():
         blocking, total = one(os.path.join(base, "1"))
     peak = proc_status()["VmHWM"] - rss0
-    close = getattr(writer, "close", None)
-    if callable(close):
-        close()
+    extra: dict[str, Any] = {}
+    held = getattr(writer, "bytes_held", None)
+    if isinstance(held, int):
+        extra["staging_bytes_held"] = held
+    for obj in (writer, stager):
+        close = getattr(obj, "close", None)
+        if callable(close):
+            close()
     if spec.get("verify"):
         verify_checkpoint(dict(spec, dir=os.path.join(base, "1")))
     return {"seconds": blocking, "blocking_s": blocking, "total_s": total, "first_blocking_s": first_blocking,
-            "first_total_s": first_total, "bytes": work.nbytes, "peak_bytes": peak}
+            "first_total_s": first_total, "bytes": work.nbytes, "peak_bytes": peak, **extra}
 
 
 def _single_process_kwargs(fn: Callable[..., Any], spec: dict) -> dict:
