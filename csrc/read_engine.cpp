@@ -277,11 +277,6 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
       throw PlanError("read plan for " + file.path + ": negative min_size " +
                       std::to_string(file.min_size));
     }
-    if (file.device >= 0 && file.has_checks) {
-      throw PlanError("read plan for " + file.path +
-                      ": checks must be None for a file read into device memory (device " +
-                      std::to_string(file.device) + ")");
-    }
     CallBuilder& builder = file.device >= 0 ? device_builder : host_builder;
     runs.clear();
     plan.required.push_back(std::max(file.min_size, collect_runs(file, runs)));
@@ -470,7 +465,20 @@ void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char*
   }
 }
 
+void refuse_device_checks(const ReadFileSpec& file) {
+  if (file.device >= 0 && file.has_checks) {
+    throw PlanError("read plan for " + file.path +
+                    ": checks must be None for a file read into device memory (device " +
+                    std::to_string(file.device) + ")");
+  }
+}
+
+// Also refuses checks on device files, before the runtime is looked up: a
+// malformed plan is a ValueError whether or not CUDA is usable.
 bool has_device_files(const std::vector<ReadFileSpec>& files, int* device) {
+  for (const ReadFileSpec& file : files) {
+    refuse_device_checks(file);
+  }
   for (const ReadFileSpec& file : files) {
     if (file.device >= 0 && file.copies_length > 0) {
       *device = file.device;

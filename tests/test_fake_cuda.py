@@ -509,7 +509,10 @@ def test_host_and_device_files_in_one_read(engine, fake, tmp_path):
     pool.close()
 
 
-def test_checks_refused_for_device_files(engine, fake, tmp_path):
+@pytest.mark.parametrize("runtime", ["fake", "missing"])
+def test_checks_refused_for_device_files(engine, fake, tmp_path, monkeypatch, runtime):
+    if runtime == "missing":
+        monkeypatch.setenv(CUDART_ENV, str(tmp_path / "absent.so"))
     path = tmp_path / "f"
     path.write_bytes(b"x" * 100)
     dev = device_tensor(bytes(100))
