@@ -318,9 +318,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
     @property
     def bytes_held(self) -> int:
         """Host memory held for staging now: the async staging area plus the pinned pools."""
-        held = self._staging.bytes_held if self._staging is not None else 0
-        with self._pool_lock:
-            return held + sum(pool.bytes_held for pool in self._pools.values())
+        staging = self._staging
+        held = staging.bytes_held if staging is not None else 0
+        # No lock: a write in progress holds it, and this is a report, not a decision.
+        return held + sum(pool.bytes_held for pool in list(self._pools.values()))
 
     def close(self) -> None:
         """Free the staging area and the pinned pools (idempotent); the writer stays usable."""
