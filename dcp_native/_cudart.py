@@ -401,10 +401,13 @@ class PinnedPool:
 
     def allocate(self) -> PinnedBuffer:
         """Allocates the buffer :meth:`take_locked` reserved (outside the lock: pinning takes
-        milliseconds)."""
+        milliseconds). Leaves the calling thread on the pool's device."""
         size = self.chunk_bytes
         what = f"cudaHostAlloc of {size} bytes for the pinned pool of device {self.device}"
         try:
+            # On the pool's device: a thread that has not chosen one would make the runtime
+            # set up device 0 for it.
+            self.runtime.set_device(self.device)
             base = self.runtime.host_alloc(size, what)
             if base % PAGE:
                 # The runtime's allocations are page-aligned; this keeps the promise

@@ -1133,6 +1133,16 @@ class _DeviceWrites(_Staging):
         self.slots: list = []
         self.next_issue = 0
         self.issue_lock = threading.Lock()
+        try:
+            self._plan(files, device_files, views, chunk_bytes, calls, crc_items, block_crcs)
+        except BaseException:
+            self.finish(True)  # the pool is released before the error goes up
+            raise
+
+    def _plan(self, files, device_files, views, chunk_bytes, calls, crc_items,
+              block_crcs) -> None:
+        """The device pieces and the host calls of the files with device memory, and their
+        block CRC work."""
         chunk = self.chunk
         for index, runs, device_runs in device_files:
             file_calls: list = []
