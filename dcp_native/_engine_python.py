@@ -7,6 +7,12 @@ release the GIL, so a few threads still overlap I/O; memory at raw addresses
 is reached through ctypes views, one per box or segment, never per byte.
 Checksums go through :mod:`dcp_native._crc32c` (native when the extension
 imports, which releases the GIL for large buffers).
+
+Device memory (SRC_DEVICE segments, ReadFile.device) goes through pinned
+buffers of a :class:`dcp_native._cudart.PinnedPool` and the CUDA runtime
+reached with ctypes (:mod:`dcp_native._cudart`); the engine never imports
+torch.cuda. Plans without device memory never look the runtime up: their path
+is the one above, unchanged.
 """
 
 from __future__ import annotations
