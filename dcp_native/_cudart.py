@@ -441,14 +441,23 @@ class PinnedPool:
         if not held:
             return
         rt = self.runtime
-        # Every buffer is freed even if one fails; the first failure is reported.
-        previous = rt.get_device()
-        rt.set_device(self.device)
-        codes = [rt.free_host(b._base) for b in held]
-        rt.set_device(previous)
-        first = next((code for code in codes if code), 0)
+        # On the pool's device (a thread without one would make the runtime set up device 0),
+        # and the thread's own device back afterwards; every buffer is freed even if a runtime
+        # call fails, and the first failure is reported.
+        codes = []
+        previous = ctypes.c_int(-1)
+        codes.append(rt._cudaGetDevice(ctypes.byref(previous)))
+        codes.append(rt._cudaSetDevice(self.device))
+        failed_frees = [code for code in (rt.free_host(b._base) for b in held) if code]
+        if previous.value >= 0:
+            codes.append(rt._cudaSetDevice(previous.value))
+        first = next(iter(failed_frees), 0)
         if first:
             raise rt.error(first, f"cudaFreeHost of the pinned pool of device {self.device}")
+        first = next((code for code in codes if code), 0)
+        if first:
+            raise rt.error(first, f"cudaGetDevice/cudaSetDevice({self.device}) around cudaFreeHost "
+                                  f"of the pinned pool of device {self.device}")
 
 
 #: take_locked's answer when the caller may allocate a new buffer.
