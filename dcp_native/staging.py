@@ -94,11 +94,13 @@ class Lease:
     def release(self) -> None:
         self.released.set()
 
-    def claim(self) -> None:
-        """Record the calling thread as the background save's, unless it is the stager's."""
+    def claim(self) -> bool:
+        """Record the calling thread as the background save's, unless it is the stager's; True if it was."""
         thread = threading.current_thread()
         if self.owner is None and thread is not self.stager and not self.released.is_set():
             self.owner = thread
+            return True
+        return False
 
     def free(self) -> bool:
         if self.released.is_set():
@@ -230,6 +232,7 @@ class StagingArea:
         self._lock = threading.Lock()
         self._layout: tuple | None = None
         self._slots: list[_Slot] = []
+        self._views: list[torch.Tensor] = []
         self._buffer: torch.Tensor | None = None
         self._registered = 0
         self._pinned = False
@@ -252,11 +255,13 @@ class StagingArea:
         """The lease of the latest ``stage()``."""
         return self._lease
 
-    def claim(self) -> None:
-        """Record the calling thread as the one saving the latest staged state dict (see module docs)."""
+    def claim(self) -> bool:
+        """Record the calling thread as the one saving the latest staged state dict (see module docs).
+
+        True when this call recorded it (the save's first call on that thread).
+        """
         lease = self._lease
-        if lease is not None:
-            lease.claim()
+        return lease is not None and lease.claim()
 
     def close(self) -> None:
         """Free the buffer (idempotent). Staged state dicts still referenced keep their memory alive."""
@@ -274,6 +279,7 @@ class StagingArea:
         self._buffer = None
         self._layout = None
         self._slots = []
+        self._views = []
 
     def __del__(self) -> None:
         try:
@@ -357,12 +363,9 @@ class StagingArea:
         )
         if layout != self._layout:
             self._lay_out(leaves, pinned, layout)
-        buf = self._buffer
-        views = []
-        for slot in self._slots:
-            v = buf[slot.offset : slot.offset + slot.nbytes].view(slot.dtype)
-            views.append(v.view(slot.shape))
-        streams = self._copy(leaves, views, events)
+        views = self._views
+        with torch.no_grad():
+            streams = self._copy(leaves, views, events)
         memo: dict[int, Any] = {}
         it = iter(views)
         staged = _build(state_dict, it, memo)
@@ -388,12 +391,17 @@ class StagingArea:
         self._free()
         self._buffer, self._registered = _allocate(offset, pinned)
         self._slots = slots
+        # One view per tensor, made once per layout: the staged state dicts of
+        # every save with this layout hold these same tensors.
+        self._views = [
+            self._buffer[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in slots
+        ]
         self._layout = layout
         self._pinned = pinned
         self.allocations += 1
 
     def _copy(self, leaves: list, views: list, events: dict[int, Any] | None) -> list:
-        """Copy every leaf into its view; return the side streams to synchronize."""
+        """Copy every leaf into its view (under no_grad); return the side streams to synchronize."""
         used: dict[int, Any] = {}
         for (_, src), dst in zip(leaves, views):
             if src.is_cuda:
@@ -409,9 +417,9 @@ class StagingArea:
                         stream.wait_stream(torch.cuda.current_stream(src.device))
                     used[index] = stream
                 with torch.cuda.stream(stream):
-                    dst.copy_(src.detach(), non_blocking=True)
+                    dst.copy_(src, non_blocking=True)
             else:
-                dst.copy_(src.detach())
+                dst.copy_(src)
         return list(used.values())
 
 
