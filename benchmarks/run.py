@@ -687,8 +687,9 @@ class Bench:
         if not a.workload and self.device == "cpu" and CPU_OPT_IN:
             self.notes.append(f"not run by default without CUDA: {', '.join(CPU_OPT_IN)} (--workload to run)")
         if self.device == "cuda":
-            self.notes.append("CUDA: dcp_native has no GPU path yet (device tensors take a host-copy path); "
-                              "raw on CUDA = torch copy through pinned host memory + pwrite/pread, not overlapped")
+            self.notes.append("CUDA: dcp_native moves device tensors through its pinned staging pipeline (copies "
+                              "overlapped with file I/O); raw on CUDA = torch copy through pinned host memory + "
+                              "pwrite/pread, not overlapped")
         self.log(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram']} RAM, "
                  f"{machine['filesystem']} at {machine['bench_dir']}, kernel {machine['kernel']}, "
                  f"load average {machine['loadavg_1_5_15']}")

@@ -103,6 +103,8 @@ def evaluate_targets(cases: dict) -> list[dict]:
         if raw and mine:
             add(f"async_save: {e} blocking vs plain copy", mine / raw, "<=", 1.2, "x", "async")
         add(f"async_save: {e} blocking vs stock", ratio_time("async", e, "stock", "blocking_s"), ">=", 1.0, "x", "async")
+        add(f"async_save: {e} blocking vs stock with DefaultStager",
+            ratio_time("async", e, "stock_pinned", "blocking_s"), ">=", 1.0, "x", "async")
     return out
 
 
