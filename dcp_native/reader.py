@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from . import integrity, layout, sidecar
+from . import _device, integrity, layout, sidecar
 from ._backend import get_engine
 from ._errors import (
     CorruptCheckpointError,
@@ -613,12 +613,13 @@ class _ReadRun:
             )
         target = self._target(req)
         itemsize = saved.dtype.itemsize
+        device = _device.cuda_index(target)
         fast = (
             target.dtype == saved.dtype
             and target.layout == torch.strided
             and not target.is_quantized
             and type(target) is torch.Tensor
-            and (target.device.type == "cpu" or self._device_fast(target, info.relative_path))
+            and (self._device_fast(info.relative_path) if device >= 0 else target.device.type == "cpu")
         )
         if fast:
             box = read_box(
@@ -631,11 +632,10 @@ class _ReadRun:
             overlapping = any(s == 0 for s in box.dest_strides)
             if not overlapping and not (box.inner_bytes < _SHORT_RUN and box.runs > _MANY_RUNS):
                 box = dataclasses.replace(box, key=fqn)
-                if target.device.type == "cpu":
+                if device < 0:
                     direct.setdefault(info.relative_path, []).append(box)
                 else:
-                    where = (info.relative_path, target.device.index or 0)
-                    self.device_direct.setdefault(where, []).append(box)
+                    self.device_direct.setdefault((info.relative_path, device), []).append(box)
                 commits.append((req, target))
                 return
         # Buffered: read the covering byte range of the box, let torch scatter/cast.
@@ -657,14 +657,12 @@ class _ReadRun:
 
         buffered.append(_Buffered(info.relative_path, lo, hi - lo, finish, fqn))
 
-    def _device_fast(self, target: torch.Tensor, rel: str) -> bool:
-        """Whether the engine reads straight into this CUDA destination (through pinned staging).
+    def _device_fast(self, rel: str) -> bool:
+        """Whether the engine reads straight into CUDA destinations (through pinned staging).
 
         Not when the load verifies this file: checksums are computed on host
         memory, so such items are read into a host buffer, checked, then copied.
         """
-        if target.device.type != "cuda":
-            return False
         if self.reader.verify and rel in self.reader._crc_files:
             return False
         if self._cuda_usable is None:

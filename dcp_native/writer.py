@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import integrity, layout, sidecar
+from . import _device, integrity, layout, sidecar
 from ._backend import get_engine
 from .engine import DEFAULT_STAGING_BYTES, SRC_BLOB, WriteFile
 from .plan import FileLayout
@@ -129,13 +129,13 @@ class _DeviceRoute:
         self.device = -1
 
     def takes(self, tensor: torch.Tensor) -> bool:
-        if tensor.device.type != "cuda":
+        index = _device.cuda_index(tensor)
+        if index < 0:
             return False
         if self.usable is None:
             self.usable = get_engine().cuda_status().usable
         if not self.usable:
             return False
-        index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
         if self.device < 0:
             self.device = index
         return index == self.device
@@ -195,6 +195,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
             ``async_save`` of this writer to finish reading the staging area
             before it raises :class:`~dcp_native.staging.StagingBusyError`
             (None: no limit).
+        direct_io: let the engine write pinned staging buffers (CUDA tensors)
+            with O_DIRECT where the filesystem allows it (silently buffered
+            elsewhere).
         async_staging: ``stage()`` returns a future and copies on a background
             thread, so ``async_save`` returns at once with DCP's
             ``AsyncSaveResponse``; the caller must wait for its
@@ -243,6 +246,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         staging_bytes: int | None = None,
         staging_timeout: float | None = 1800.0,
         async_staging: bool = False,
+        direct_io: bool = True,
     ) -> None:
         if thread_count < 1:
             raise ValueError(f"thread_count must be at least 1, got {thread_count}")
@@ -269,6 +273,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         self.staging_bytes = staging_bytes
         self.staging_timeout = staging_timeout
         self.async_staging = async_staging
+        self.direct_io = bool(direct_io)
         self._init_runtime()
 
     # ------------------------------------------------------------------ staging (AsyncStager)
@@ -447,12 +452,13 @@ class FileSystemWriter(_stock.FileSystemWriter):
         if any(wf.device >= 0 for wf in files):
             # The engine's copy stream waits for the work queued so far on the
             # producer's stream (e.g. the .contiguous() copies above).
-            stream = torch.cuda.current_stream(route.device).cuda_stream
+            stream = _device.producer_stream(route.device)
             for wf in files:
                 if wf.device >= 0:
                     wf.stream = stream
             self._pool_lock.acquire()
             kwargs["pool"] = self._pool(engine, route.device)
+            kwargs["direct_io"] = self.direct_io
         try:
             stats = engine.write(
                 files,
@@ -534,7 +540,8 @@ class FileSystemWriter(_stock.FileSystemWriter):
         keep_alive: list[torch.Tensor],
         route: _DeviceRoute,
     ) -> WriteResult:
-        tensor = _fast_path_tensor(data, on_device=route.takes(data))
+        on_device = route.takes(data)
+        tensor = _fast_path_tensor(data, on_device=on_device)
         if tensor is None:
             offset = fl.add_bytes(_torch_save_bytes(data))
             info = _NativeStorageInfo(fl.relative_path, offset, fl.size - offset)
@@ -542,7 +549,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
             keep_alive.append(tensor)
             frame = layout.frame_tensor(tensor.dtype, tuple(tensor.shape), fl.size, serialization_id)
             offset = fl.add_bytes(frame.header)
-            if tensor.device.type == "cuda":
+            if on_device:
                 fl.add_device(tensor.data_ptr(), tensor.nbytes)
             else:
                 fl.add_host(tensor.data_ptr(), tensor.nbytes)

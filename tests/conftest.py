@@ -22,6 +22,29 @@ def engine(engine_name):
     return get_engine()
 
 
+@pytest.fixture
+def fake(monkeypatch):
+    """The fake CUDA runtime (tests/_fakecuda.py) selected for both engines, counters reset."""
+    from _fakecuda import FAKE_NAME, Fake, fake_path
+
+    from dcp_native.engine import CUDART_ENV
+
+    path = fake_path()
+    if path is None:
+        pytest.skip(f"the fake CUDA runtime is not built ({FAKE_NAME}: run setup.py build_ext)")
+    monkeypatch.setenv(CUDART_ENV, str(path))
+    for name in ("DCP_NATIVE_FAKE_CUDA_FAIL", "DCP_NATIVE_FAKE_CUDA_DEVICES", "DCP_NATIVE_TEST_NO_DIRECT"):
+        monkeypatch.delenv(name, raising=False)
+    result = Fake(path)
+    result.lib.fake_cuda_reset()
+    result.pinned0 = result.counter("pinned_bytes")
+    result.events0 = result.counter("events_live")
+    yield result
+    result.lib.fake_cuda_wait_idle()
+    result.lib.fake_cuda_reset()
+    result.lib.cudaSetDevice(0)  # the fake's current device is per thread, as the real one's
+
+
 # ------------------------------------------------------------------ CUDA tests
 
 #: Set to 1 on a machine that must have a GPU: a skipped ``cuda`` test is then a failure.

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _fakecuda import FAKE_NAME
 from dcp_native import CudaError
 from dcp_native._crc32c import crc32c
 from dcp_native.engine import (
@@ -45,75 +46,12 @@ from dcp_native.engine import (
 
 pytestmark = pytest.mark.fake_cuda
 
-ROOT = Path(__file__).resolve().parent.parent
-FAKE_NAME = "_testing_fake_cudart.so"
 NOT_LOADED = "libcudart not loaded in this process (import torch and initialise CUDA first)"
 ILLEGAL_ADDRESS = 700
 OUT_OF_MEMORY = 2
 PAGE = 4096
 #: Every call of a test must return within this many seconds (a hang fails, not blocks).
 TIMEOUT = 60
-
-
-def fake_path() -> Path | None:
-    beside = ROOT / "dcp_native" / FAKE_NAME
-    if beside.exists():
-        return beside
-    return next(iter(sorted((ROOT / "build").glob(f"**/{FAKE_NAME}"))), None)
-
-
-class Fake:
-    """The fake runtime's test-only exports (and a few runtime calls) through ctypes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        lib = self.lib = ctypes.CDLL(self.path)
-        lib.fake_cuda_counter.restype = ctypes.c_longlong
-        lib.fake_cuda_counter.argtypes = (ctypes.c_char_p,)
-        lib.fake_cuda_fail.argtypes = (ctypes.c_char_p, ctypes.c_longlong, ctypes.c_int)
-        lib.fake_cuda_write_async.argtypes = (
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_longlong
-        )
-        lib.fake_cuda_set_delay_us.argtypes = (ctypes.c_longlong,)
-        lib.cudaStreamCreateWithFlags.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint)
-        lib.cudaStreamDestroy.argtypes = (ctypes.c_void_p,)
-        lib.cudaStreamSynchronize.argtypes = (ctypes.c_void_p,)
-
-    def counter(self, name: str) -> int:
-        value = self.lib.fake_cuda_counter(name.encode())
-        assert value >= 0, f"unknown fake counter {name}"
-        return value
-
-    def fail(self, function: str, nth: int, code: int) -> None:
-        self.lib.fake_cuda_fail(function.encode(), nth, code)
-
-    def delay(self, us: int) -> None:
-        self.lib.fake_cuda_set_delay_us(us)
-
-    def stream(self) -> int:
-        handle = ctypes.c_void_p()
-        assert self.lib.cudaStreamCreateWithFlags(ctypes.byref(handle), 1) == 0
-        return handle.value
-
-    def kernel_write(self, dest: int, source: int, n: int, stream: int, delay_us: int) -> None:
-        """Queues a "kernel" on ``stream`` that writes ``n`` bytes at ``dest`` after a delay."""
-        self.lib.fake_cuda_write_async(dest, source, n, stream, delay_us)
-
-
-@pytest.fixture
-def fake(monkeypatch) -> Fake:
-    path = fake_path()
-    if path is None:
-        pytest.skip(f"the fake CUDA runtime is not built ({FAKE_NAME}: run setup.py build_ext)")
-    monkeypatch.setenv(CUDART_ENV, str(path))
-    for name in ("DCP_NATIVE_FAKE_CUDA_FAIL", "DCP_NATIVE_FAKE_CUDA_DEVICES",
-                 "DCP_NATIVE_TEST_NO_DIRECT"):
-        monkeypatch.delenv(name, raising=False)
-    result = Fake(path)
-    result.lib.fake_cuda_reset()
-    yield result
-    result.lib.fake_cuda_wait_idle()
-    result.lib.fake_cuda_reset()
 
 
 # --------------------------------------------------------------------------- helpers

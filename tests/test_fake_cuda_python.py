@@ -33,65 +33,6 @@ from dcp_native.engine import (
 
 pytestmark = pytest.mark.fake_cuda
 
-ROOT = Path(__file__).resolve().parent.parent
-FAKE_NAME = "_testing_fake_cudart.so"
-
-
-def _fake_path() -> Path | None:
-    beside = ROOT / "dcp_native" / FAKE_NAME
-    if beside.exists():
-        return beside
-    return next(iter(sorted((ROOT / "build").glob(f"**/{FAKE_NAME}"))), None)
-
-
-class Fake:
-    """The fake runtime's test-only exports."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.lib = ctypes.CDLL(self.path)
-        self.lib.fake_cuda_counter.restype = ctypes.c_longlong
-        self.lib.fake_cuda_counter.argtypes = (ctypes.c_char_p,)
-        self.lib.fake_cuda_fail.argtypes = (ctypes.c_char_p, ctypes.c_longlong, ctypes.c_int)
-        self.lib.fake_cuda_fill_async.argtypes = (
-            ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_longlong
-        )
-        self.lib.fake_cuda_set_delay_us.argtypes = (ctypes.c_longlong,)
-        self.lib.cudaSetDevice.argtypes = (ctypes.c_int,)
-        self.lib.cudaGetDevice.argtypes = (ctypes.POINTER(ctypes.c_int),)
-
-    def counter(self, name: str) -> int:
-        value = self.lib.fake_cuda_counter(name.encode())
-        assert value >= 0, name
-        return value
-
-    def fail(self, function: str, nth: int, code: int) -> None:
-        self.lib.fake_cuda_fail(function.encode(), nth, code)
-
-    def get_device(self) -> int:
-        device = ctypes.c_int(-1)
-        assert self.lib.cudaGetDevice(ctypes.byref(device)) == 0
-        return device.value
-
-
-@pytest.fixture
-def fake(monkeypatch) -> Fake:
-    path = _fake_path()
-    if path is None:
-        pytest.skip(f"the fake CUDA runtime is not built ({FAKE_NAME}: run setup.py build_ext)")
-    monkeypatch.setenv(CUDART_ENV, str(path))
-    monkeypatch.delenv("DCP_NATIVE_FAKE_CUDA_FAIL", raising=False)
-    result = Fake(path)
-    result.lib.fake_cuda_reset()
-    # Live counters of what an earlier failed test may have left behind.
-    result.pinned0 = result.counter("pinned_bytes")
-    result.events0 = result.counter("events_live")
-    yield result
-    result.lib.fake_cuda_wait_idle()
-    result.lib.fake_cuda_reset()
-    result.lib.cudaSetDevice(0)  # the fake's current device is per thread, as the real one
-
-
 @pytest.fixture
 def engine() -> PythonEngine:
     return PythonEngine()

@@ -1,0 +1,187 @@
+"""dcp.save / dcp.load of "device" state dicts through the writer and reader, against the fake CUDA runtime.
+
+tests/test_fake_cuda.py drives the engines' GPU pipelines directly; this file
+checks the plumbing above them — which tensors the writer hands over as device
+memory, the producer stream, the pinned pools the writer and reader keep, the
+reader's device boxes (column views become 2-D copies), verified loads, and
+what a failed copy does to a save — end to end through DCP on both engines.
+
+Without a GPU, CPU tensors stand for device tensors: ``dcp_native._device``'s
+two questions (on which device is this tensor, which stream produces it) are
+answered "device 0" for the tensors a test registers and "the legacy stream"
+for streams. The fake runtime treats host memory as device memory, so the
+engines copy these tensors through their pinned pools exactly as they would
+copy GPU memory, with the fake's delayed asynchronous copies.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+import dcp_native
+from dcp_native import _device
+from test_errors import failure
+
+pytestmark = pytest.mark.fake_cuda
+
+
+class Pretend:
+    """The storages that stand for memory on CUDA device 0."""
+
+    def __init__(self) -> None:
+        self.storages: set[int] = set()
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            self.storages.add(t.untyped_storage().data_ptr())
+
+    def cuda_index(self, tensor: torch.Tensor) -> int:
+        if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in self.storages:
+            return 0
+        return -1
+
+
+@pytest.fixture
+def pretend(fake, engine_name, monkeypatch) -> Pretend:
+    p = Pretend()
+    monkeypatch.setattr(_device, "cuda_index", p.cuda_index)
+    monkeypatch.setattr(_device, "producer_stream", lambda device: 0)
+    return p
+
+
+def _state_dict(seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "big": torch.randn(3 << 20, generator=gen),  # 12 MiB: several pieces of a small pool
+        "matrix": torch.randn(300, 257, generator=gen),
+        "bf16": torch.randn(1000, generator=gen).to(torch.bfloat16),
+        "zero_d": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+        "host": torch.arange(1000, dtype=torch.int32),  # stays host memory
+        "step": 12,
+    }
+
+
+def _save(sd, path, **kw):
+    writer = dcp_native.FileSystemWriter(path, **kw)
+    dcp.save(sd, storage_writer=writer, no_dist=True)
+    return writer
+
+
+def _blank(sd: dict) -> dict:
+    return {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in sd.items()}
+
+
+def _cli_verify(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dcp_native", "verify", str(path)], capture_output=True, text=True)
+
+
+def _device_bytes(sd: dict) -> int:
+    return sum(v.nbytes for k, v in sd.items() if isinstance(v, torch.Tensor) and k != "host")
+
+
+def test_save_from_device_memory(pretend, fake, tmp_path):
+    sd = _state_dict()
+    pretend(*(v for k, v in sd.items() if isinstance(v, torch.Tensor) and k != "host"))
+    writer = _save(sd, tmp_path, thread_count=3, checksums=True, staging_bytes=4 << 20)
+    assert fake.counter("copies_d2h") > 0
+    assert fake.counter("bytes_d2h") == _device_bytes(sd)
+    assert 0 < writer.bytes_held <= 4 << 20
+    # Stock's reader loads it, and the CRC32C tables cover the device bytes.
+    out = _blank(sd)
+    dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path), no_dist=True)
+    for k, v in sd.items():
+        assert torch.equal(out[k], v) if isinstance(v, torch.Tensor) else out[k] == v, k
+    res = _cli_verify(tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    writer.close()
+    assert writer.bytes_held == 0
+
+
+def test_load_into_device_memory(pretend, fake, tmp_path):
+    sd = _state_dict(1)
+    _save(sd, tmp_path)
+    out = _blank(sd)
+    pretend(*(v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "host"))
+    reader = dcp_native.FileSystemReader(tmp_path, staging_bytes=2 << 20)
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    for k, v in sd.items():
+        assert torch.equal(out[k], v) if isinstance(v, torch.Tensor) else out[k] == v, k
+    assert fake.counter("bytes_h2d") == _device_bytes(sd)
+    assert 0 < reader.staging_bytes_held <= 2 << 20
+    reader.close()
+    assert reader.staging_bytes_held == 0
+
+
+def test_column_view_destination_is_one_2d_copy_per_piece(pretend, fake, tmp_path):
+    full = torch.randn(512, 300)
+    _save({"w": full}, tmp_path)
+    wide = torch.full((512, 700), -1.0)
+    pretend(wide)
+    dcp.load({"w": wide[:, 100:400]}, storage_reader=dcp_native.FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(wide[:, 100:400], full)
+    assert bool((wide[:, :100] == -1).all()) and bool((wide[:, 400:] == -1).all())
+    assert fake.counter("copies_2d") >= 1
+
+
+def test_pools_are_reused_across_saves_and_loads(pretend, fake, tmp_path):
+    sd = _state_dict(2)
+    pretend(*(v for v in sd.values() if isinstance(v, torch.Tensor)))
+    writer = dcp_native.FileSystemWriter(tmp_path, staging_bytes=4 << 20)
+    reader = dcp_native.FileSystemReader(tmp_path, staging_bytes=4 << 20)
+    held, allocs = [], []
+    for _ in range(3):
+        dcp.save(sd, storage_writer=writer, no_dist=True)
+        out = _blank(sd)
+        pretend(*(v for v in out.values() if isinstance(v, torch.Tensor)))
+        dcp.load(out, storage_reader=reader, no_dist=True)
+        assert torch.equal(out["big"], sd["big"])
+        held.append((writer.bytes_held, reader.staging_bytes_held))
+        allocs.append(fake.counter("host_allocs"))
+    assert held == [held[0]] * 3 and allocs == [allocs[0]] * 3
+    writer.close()
+    reader.close()
+    assert fake.counter("pinned_bytes") == 0
+
+
+def test_verified_load_into_device_memory_checks_on_the_host(pretend, fake, tmp_path):
+    sd = {"w": torch.randn(1 << 18)}
+    _save(sd, tmp_path, checksums=True)
+    out = {"w": torch.zeros(1 << 18)}
+    pretend(out["w"])
+    dcp.load(out, storage_reader=dcp_native.FileSystemReader(tmp_path, verify=True), no_dist=True)
+    assert torch.equal(out["w"], sd["w"])
+    assert fake.counter("copies_h2d") == 0  # verified items take the host path
+    data = next(p for p in os.listdir(tmp_path) if p.endswith(".distcp"))
+    with open(tmp_path / data, "r+b") as f:
+        f.seek(os.path.getsize(tmp_path / data) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(CheckpointException) as err:
+        dcp.load({"w": out["w"]}, storage_reader=dcp_native.FileSystemReader(tmp_path, verify=True), no_dist=True)
+    assert isinstance(failure(err), dcp_native.IntegrityError)
+
+
+def test_failed_copy_fails_the_save_and_commits_nothing(pretend, fake, tmp_path):
+    old = {"big": torch.full((3 << 20,), 7.0)}
+    _save(old, tmp_path)
+    sd = _state_dict(3)
+    pretend(*(v for v in sd.values() if isinstance(v, torch.Tensor)))
+    fake.fail("cudaMemcpyAsync", 2, 700)  # cudaErrorIllegalAddress on the second copy
+    with pytest.raises(CheckpointException) as err:
+        _save(sd, tmp_path, staging_bytes=2 << 20)
+    exc = failure(err)
+    assert isinstance(exc, dcp_native.CudaError), exc
+    assert "cudaMemcpyAsync" in exc.operation and exc.code == 700
+    # The previous checkpoint is still the committed one, bit-exact.
+    out = {"big": torch.zeros(3 << 20)}
+    dcp.load(out, storage_reader=dcp_native.FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(out["big"], old["big"])
