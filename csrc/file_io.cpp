@@ -164,6 +164,18 @@ void sync_file(int fd, const std::string& path, const IoHooks& hooks) {
   }
 }
 
+void start_writeback(int fd, int64_t offset, int64_t length) noexcept {
+#if defined(__linux__)
+  // A hint: the fsync that follows is what makes the data durable, so a
+  // filesystem that refuses (EINVAL, ENOSYS, ESPIPE) changes nothing.
+  (void)::sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE);
+#else
+  (void)fd;
+  (void)offset;
+  (void)length;
+#endif
+}
+
 void close_file(int fd, const std::string& path, const IoHooks& hooks) {
   // Linux releases the descriptor even when close fails, so it is never
   // retried; EINTR says nothing about the data and is not an error. An

@@ -43,6 +43,12 @@ int open_for_read(const std::string& path, const IoHooks& hooks);
 int open_for_write(const std::string& path, const IoHooks& hooks);
 int64_t file_size(int fd, const std::string& path);
 void sync_file(int fd, const std::string& path, const IoHooks& hooks);
+
+// Starts writeback of [offset, offset + length) without waiting for it
+// (sync_file_range SYNC_FILE_RANGE_WRITE on Linux; nothing elsewhere). Saves
+// with fsync call it after each write, so the disk works while later pieces
+// are still being written instead of all at the final fsync. Never fails.
+void start_writeback(int fd, int64_t offset, int64_t length) noexcept;
 // close() that reports errors: on NFS and some FUSE filesystems a failed
 // write only shows up here, so writers must check it.
 void close_file(int fd, const std::string& path, const IoHooks& hooks);

@@ -756,6 +756,9 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
             [&file, &hooks]() { return open_for_write(file.path, hooks); });
         write_pinned(fd, direct[piece.file], use_direct, slot->buffer, piece.offset,
                      piece.length, file.path, hooks, options.direct_refusal);
+        if (options.sync) {
+          start_writeback(fd, piece.offset, piece.length);
+        }
         if (piece.range != kNoRange) {
           checksum_range(plan.crc_ranges[piece.range], slot->buffer, plan.crc_files[piece.file],
                          result.block_crcs[piece.file].data(), crc32c);
@@ -772,6 +775,9 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
         // Each call runs once, on one thread, so it may consume its own iovecs.
         write_fully(fd, plan.iovs.data() + call.first_iov, call.iov_count, call.offset,
                     call.bytes, file.path, hooks);
+        if (options.sync) {
+          start_writeback(fd, call.offset, call.bytes);
+        }
       }
       finish_file(call.file);
     }

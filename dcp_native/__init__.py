@@ -25,6 +25,7 @@ from ._errors import (
     TruncatedFileError,
 )
 from .reader import FileSystemReader
+from .staging import StagingBusyError
 from .writer import FileSystemWriter
 
 __version__ = "0.1.0"
@@ -45,4 +46,5 @@ __all__ = [
     "IntegrityError",
     "TruncatedFileError",
     "BackendUnavailableError",
+    "StagingBusyError",
 ]
