@@ -219,10 +219,12 @@ py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
 py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes,
                         const py::sequence& copies, const py::sequence& checks, int64_t threads,
                         int64_t max_gap, int64_t chunk_bytes, py::handle faults,
-                        const py::sequence& devices, py::handle pool, bool direct_io) {
+                        const py::sequence& devices, const py::sequence& streams, py::handle pool,
+                        bool direct_io) {
   const size_t count = py::len(paths);
   check_lengths(count, py::len(min_sizes), "min_sizes");
   check_lengths(count, py::len(devices), "devices");
+  check_lengths(count, py::len(streams), "streams");
   check_lengths(count, py::len(copies), "copies");
   check_lengths(count, py::len(checks), "checks");
   std::vector<BufferView> held;
@@ -241,6 +243,7 @@ py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes
       spec.has_checks = true;
     }
     spec.device = device_argument(devices[i]);
+    spec.stream = streams[i].cast<int64_t>();
     files.push_back(std::move(spec));
   }
   ReadOptions options;
@@ -400,7 +403,8 @@ PYBIND11_MODULE(_C, m) {
         "written per file, per file array('I') of block CRC32Cs or None).");
   m.def("read_files", &py_read_files, py::arg("paths"), py::arg("min_sizes"), py::arg("copies"),
         py::arg("checks"), py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"),
-        py::arg("faults"), py::arg("devices"), py::arg("pool"), py::arg("direct_io"),
+        py::arg("faults"), py::arg("devices"), py::arg("streams"), py::arg("pool"),
+        py::arg("direct_io"),
         "Execute a read plan (flat int64 box records per file), then its checks. Returns\n"
         "(bytes_read, calls, failed_checks).");
   m.def("cuda_status", &py_cuda_status,

@@ -30,8 +30,11 @@ struct IoCall {
 
 class CallBuilder {
  public:
-  CallBuilder(std::vector<iovec>& iovs, std::vector<IoCall>& calls, int64_t chunk_bytes) noexcept
-      : iovs_(iovs), calls_(calls), chunk_bytes_(chunk_bytes) {}
+  // `tags` (optional) receives one value per iovec: the tag given to add(),
+  // -1 for gaps.
+  CallBuilder(std::vector<iovec>& iovs, std::vector<IoCall>& calls, int64_t chunk_bytes,
+              std::vector<int64_t>* tags = nullptr) noexcept
+      : iovs_(iovs), calls_(calls), chunk_bytes_(chunk_bytes), tags_(tags) {}
 
   void begin_file(size_t file) noexcept {
     file_ = file;
@@ -63,13 +66,16 @@ class CallBuilder {
   // worker's scratch buffer when the call runs.
   void add_gap(int64_t gap) {
     iovs_.push_back(iovec{nullptr, static_cast<size_t>(gap)});
+    if (tags_ != nullptr) {
+      tags_->push_back(-1);
+    }
     ++call_.iov_count;
     call_.bytes += gap;
   }
 
   // Appends `length` bytes at file `offset` to/from `memory`, continuing the
   // open call when it ends at `offset` and has room, splitting at the limits.
-  void add(int64_t offset, char* memory, int64_t length) {
+  void add(int64_t offset, char* memory, int64_t length, int64_t tag = -1) {
     while (length > 0) {
       if (open_ &&
           (call_.iov_count == kMaxIovecs || call_.bytes == chunk_bytes_ || end() != offset)) {
@@ -81,6 +87,9 @@ class CallBuilder {
       }
       int64_t take = std::min(length, chunk_bytes_ - call_.bytes);
       iovs_.push_back(iovec{memory, static_cast<size_t>(take)});
+      if (tags_ != nullptr) {
+        tags_->push_back(tag);
+      }
       ++call_.iov_count;
       call_.bytes += take;
       offset += take;
@@ -100,6 +109,7 @@ class CallBuilder {
   std::vector<iovec>& iovs_;
   std::vector<IoCall>& calls_;
   int64_t chunk_bytes_;
+  std::vector<int64_t>* tags_;
   size_t file_ = 0;
   size_t file_first_call_ = 0;
   bool open_ = false;

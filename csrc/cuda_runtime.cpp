@@ -63,6 +63,7 @@ bool resolve(void* handle, const char* name, Function& out, const std::string& l
 
 bool resolve_all(void* handle, const std::string& library, cuda::Api& api, std::string* reason) {
   return resolve(handle, "cudaGetErrorString", api.get_error_string, library, reason) &&
+         resolve(handle, "cudaGetLastError", api.get_last_error, library, reason) &&
          resolve(handle, "cudaGetDeviceCount", api.get_device_count, library, reason) &&
          resolve(handle, "cudaGetDevice", api.get_device, library, reason) &&
          resolve(handle, "cudaSetDevice", api.set_device, library, reason) &&
@@ -138,6 +139,9 @@ std::string CudaRuntime::error_string(cuda::Error code) const {
 }
 
 void CudaRuntime::fail(cuda::Error code, const std::string& operation) const {
+  // The failed call also set this thread's last error; left there, it would
+  // surface from torch's check after the caller's next kernel launch.
+  (void)api_.get_last_error();
   throw CudaCallError(operation, code, error_string(code));
 }
 

@@ -42,6 +42,7 @@ constexpr unsigned kHostAllocPortable = 0x01;
 
 struct Api {
   const char* (*get_error_string)(Error);
+  Error (*get_last_error)();
   Error (*get_device_count)(int*);
   Error (*get_device)(int*);
   Error (*set_device)(int);

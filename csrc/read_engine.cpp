@@ -9,6 +9,8 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
+#include <utility>
 
 #include "call_plan.hpp"
 #include "file_io.hpp"
@@ -24,6 +26,9 @@ struct Run {
   int64_t offset;
   int64_t length;
   char* dest;
+  // Position of the box's record in the file's copies: copies to the device
+  // only join runs of one box into a 2-D copy (one destination allocation).
+  int64_t box;
 };
 
 bool run_before(const Run& a, const Run& b) noexcept {
@@ -45,12 +50,12 @@ bool add_product(int64_t a, int64_t b, int64_t c, int64_t& out) noexcept {
 
 // Expands one validated box into runs (odometer over all but the innermost
 // dimension, which is a tight loop).
-void expand_box(int64_t file_offset, int64_t dest_addr, int64_t inner, int64_t ndim,
+void expand_box(int64_t box, int64_t file_offset, int64_t dest_addr, int64_t inner, int64_t ndim,
                 const int64_t* counts, const int64_t* file_strides, const int64_t* dest_strides,
                 std::vector<Run>& runs) {
   auto dest_at = [](int64_t addr) { return reinterpret_cast<char*>(static_cast<uintptr_t>(addr)); };
   if (ndim == 0) {
-    runs.push_back(Run{file_offset, inner, dest_at(dest_addr)});
+    runs.push_back(Run{file_offset, inner, dest_at(dest_addr), box});
     return;
   }
   const int64_t last = ndim - 1;
@@ -63,7 +68,7 @@ void expand_box(int64_t file_offset, int64_t dest_addr, int64_t inner, int64_t n
       dest_pos += index[d] * dest_strides[d];
     }
     for (int64_t k = 0; k < counts[last]; ++k) {
-      runs.push_back(Run{file_pos, inner, dest_at(dest_pos)});
+      runs.push_back(Run{file_pos, inner, dest_at(dest_pos), box});
       file_pos += file_strides[last];
       dest_pos += dest_strides[last];
     }
@@ -142,7 +147,8 @@ int64_t collect_runs(const ReadFileSpec& file, std::vector<Run>& runs) {
     }
     furthest = std::max(furthest, file_end);
     runs.reserve(runs.size() + static_cast<size_t>(box_runs));
-    expand_box(file_offset, dest_addr, inner, ndim, counts, file_strides, dest_strides, runs);
+    expand_box(static_cast<int64_t>(record), file_offset, dest_addr, inner, ndim, counts,
+               file_strides, dest_strides, runs);
   }
   return furthest;
 }
@@ -251,6 +257,8 @@ void run_checks(const CheckItem& item, const ReadFileSpec& file, Crc32cFunction 
 
 struct ReadPlan {
   std::vector<iovec> iovs;
+  // Per iovec: the box (record position) its run belongs to, -1 for a gap.
+  std::vector<int64_t> iov_box;
   std::vector<IoCall> calls;
   // Per file: the size it must have, max(min_size, end of its furthest run).
   std::vector<int64_t> required;
@@ -265,10 +273,10 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
                     int64_t device_chunk_bytes) {
   ReadPlan plan;
   plan.required.reserve(files.size());
-  CallBuilder host_builder(plan.iovs, plan.calls, options.chunk_bytes);
+  CallBuilder host_builder(plan.iovs, plan.calls, options.chunk_bytes, &plan.iov_box);
   // A device file's calls each fill one pinned buffer.
   CallBuilder device_builder(plan.iovs, plan.calls,
-                             std::min(options.chunk_bytes, device_chunk_bytes));
+                             std::min(options.chunk_bytes, device_chunk_bytes), &plan.iov_box);
   std::vector<Run> runs;  // reused across files
   size_t total_checks = 0;
   for (size_t f = 0; f < files.size(); ++f) {
@@ -302,7 +310,7 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
           builder.flush();
         }
       }
-      builder.add(run.offset, run.dest, run.length);
+      builder.add(run.offset, run.dest, run.length, run.box);
       prev_length = run.length;
     }
     builder.end_file();
@@ -399,17 +407,21 @@ class PendingCopies {
   std::deque<PendingCopy> list_;
 };
 
+// Largest pitch cudaMemcpy2DAsync accepts on current GPUs (cudaDevAttrMaxPitch).
+constexpr uintptr_t kMaxPitch = 2147483647;
+
 // Queues the copies of one call's runs from `buffer` (the call's bytes) to
 // the device: a run of equal runs at regular strides in the buffer and on
 // the device becomes one cudaMemcpy2DAsync (a column slice of a row-major
 // tensor: one copy instead of one per row).
 void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char* buffer,
-                    const iovec* iovs, int count, const IoCall& call, const std::string& path,
-                    int device) {
+                    const iovec* iovs, const int64_t* boxes, int count, const IoCall& call,
+                    const std::string& path, int device) {
   struct Piece {
     int64_t at;  // offset in the buffer
     uintptr_t dest;
     int64_t length;
+    int64_t box;
   };
   std::vector<Piece> pieces;
   pieces.reserve(static_cast<size_t>(count));
@@ -417,7 +429,7 @@ void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char*
   for (int i = 0; i < count; ++i) {
     const int64_t length = static_cast<int64_t>(iovs[i].iov_len);
     if (iovs[i].iov_base != nullptr) {
-      pieces.push_back(Piece{at, reinterpret_cast<uintptr_t>(iovs[i].iov_base), length});
+      pieces.push_back(Piece{at, reinterpret_cast<uintptr_t>(iovs[i].iov_base), length, boxes[i]});
     }
     at += length;
   }
@@ -428,11 +440,13 @@ void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char*
     size_t j = i + 1;
     int64_t source_pitch = 0;
     uintptr_t dest_pitch = 0;
-    if (j < pieces.size() && pieces[j].length == first.length && pieces[j].dest > first.dest) {
+    if (j < pieces.size() && pieces[j].length == first.length && pieces[j].dest > first.dest &&
+        pieces[j].box == first.box) {
       source_pitch = pieces[j].at - first.at;
       dest_pitch = pieces[j].dest - first.dest;
-      if (dest_pitch >= static_cast<uintptr_t>(first.length) && source_pitch >= first.length) {
-        while (j < pieces.size() && pieces[j].length == first.length &&
+      if (dest_pitch >= static_cast<uintptr_t>(first.length) && source_pitch >= first.length &&
+          dest_pitch <= kMaxPitch && source_pitch <= static_cast<int64_t>(kMaxPitch)) {
+        while (j < pieces.size() && pieces[j].length == first.length && pieces[j].box == first.box &&
                pieces[j].at - pieces[j - 1].at == source_pitch &&
                pieces[j].dest > pieces[j - 1].dest && pieces[j].dest - pieces[j - 1].dest == dest_pitch) {
           ++j;
@@ -464,6 +478,42 @@ void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char*
     i = j;
   }
 }
+
+// The events a read records on its consumers' streams, destroyed with it
+// (CUDA releases an event that is still pending once it completes).
+class ConsumerEvents {
+ public:
+  explicit ConsumerEvents(CudaRuntime* runtime) noexcept : runtime_(runtime) {}
+  ConsumerEvents(const ConsumerEvents&) = delete;
+  ConsumerEvents& operator=(const ConsumerEvents&) = delete;
+  ~ConsumerEvents() {
+    for (cuda::Event event : events_) {
+      runtime_->api().event_destroy(event);
+    }
+  }
+
+  // Makes `copy` wait for the work queued so far on `stream_value` of `device`
+  // (the caller has made `device` current).
+  void wait(cuda::Stream copy, int device, int64_t stream_value) {
+    const cuda::Api& api = runtime_->api();
+    const std::string where = "the consumer stream " +
+                              hex_address(static_cast<uintptr_t>(stream_value)) + " of device " +
+                              std::to_string(device);
+    cuda::Event event = nullptr;
+    runtime_->check(api.event_create_with_flags(&event, cuda::kEventDisableTiming),
+                    "cudaEventCreateWithFlags for " + where);
+    events_.push_back(event);
+    runtime_->check(
+        api.event_record(event, reinterpret_cast<cuda::Stream>(static_cast<uintptr_t>(stream_value))),
+        "cudaEventRecord on " + where);
+    runtime_->check(api.stream_wait_event(copy, event, 0),
+                    "cudaStreamWaitEvent of the copy stream on " + where);
+  }
+
+ private:
+  CudaRuntime* runtime_;
+  std::vector<cuda::Event> events_;
+};
 
 void refuse_device_checks(const ReadFileSpec& file) {
   if (file.device >= 0 && file.has_checks) {
@@ -551,6 +601,24 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
     return stream;
   };
 
+  // Work queued on each consumer stream before the call (kernels still
+  // writing the destinations, such as the fill of freshly allocated
+  // tensors) completes before the copy streams write them.
+  ConsumerEvents consumers(runtime);
+  if (runtime != nullptr) {
+    std::set<std::pair<int, int64_t>> waits;
+    for (const ReadFileSpec& file : files) {
+      if (file.device >= 0) {
+        waits.emplace(file.device, file.stream);
+      }
+    }
+    DeviceGuard guard(*runtime);
+    for (const auto& wait : waits) {
+      guard.set(wait.first);
+      consumers.wait(copy_stream(wait.first), wait.first, wait.second);
+    }
+  }
+
   WorkQueue queue(plan.calls.size());
   const size_t scratch_bytes = static_cast<size_t>(plan.largest_gap);
   auto worker = [&]() {
@@ -617,7 +685,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
                      hooks);
         }
         copy_to_device(*runtime, stream, buffer, plan.iovs.data() + call.first_iov,
-                       call.iov_count, call, file.path, file.device);
+                       plan.iov_box.data() + call.first_iov, call.iov_count, call, file.path, file.device);
         cuda::Event event = nullptr;
         runtime->check(runtime->api().event_create_with_flags(
                            &event, cuda::kEventBlockingSync | cuda::kEventDisableTiming),

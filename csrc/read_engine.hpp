@@ -42,6 +42,9 @@ struct ReadFileSpec {
   bool has_checks = false;
   // >= 0: every destination is device memory on this CUDA device.
   int device = -1;
+  // The consumer's cudaStream_t as an integer (0: the legacy default stream):
+  // work queued on it before the call completes before the copies write.
+  int64_t stream = 0;
 };
 
 struct ReadOptions {

@@ -82,6 +82,10 @@ class Runtime:
         get_string.argtypes = (_int,)
         get_string.restype = ctypes.c_char_p
         self._error_string = get_string
+        get_last = lib.cudaGetLastError
+        get_last.argtypes = ()
+        get_last.restype = _int
+        self._get_last_error = get_last
         for name, argtypes in _SIGNATURES.items():
             function = getattr(lib, name)
             function.argtypes = argtypes
@@ -98,7 +102,13 @@ class Runtime:
         text = self._error_string(code)
         return text.decode(errors="replace") if text else "unknown CUDA error"
 
+    def clear_last_error(self) -> None:
+        """Reset this thread's last error (a failed call sets it; torch checks it after its
+        kernel launches, so one left behind would fail the caller's next kernel)."""
+        self._get_last_error()
+
     def error(self, code: int, operation: str) -> CudaError:
+        self.clear_last_error()
         return CudaError(f"{operation}: {self.error_text(code)} (cudaError {code})",
                          operation=operation, code=code)
 
@@ -252,7 +262,7 @@ def find() -> tuple[Runtime | None, str]:
         return rt, ""
 
 
-_NAMES = ("cudaGetErrorString", *_SIGNATURES)
+_NAMES = ("cudaGetErrorString", "cudaGetLastError", *_SIGNATURES)
 
 
 def _open(env: str) -> tuple[ctypes.CDLL | None, str, str]:

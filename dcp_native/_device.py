@@ -2,7 +2,8 @@
 
 One place for the two questions the storage layer asks torch about CUDA
 tensors: on which device a tensor's memory lives (-1: host memory), and which
-stream produces it. The GPU-path tests without a GPU replace these two
+stream the caller's work on it is queued on (the engine orders its copies
+after that work). The GPU-path tests without a GPU replace these two
 functions to make CPU tensors stand for device tensors, so the writer's and
 reader's device plumbing runs end to end against the fake CUDA runtime.
 """
@@ -20,6 +21,6 @@ def cuda_index(tensor: torch.Tensor) -> int:
     return index if index is not None else torch.cuda.current_device()
 
 
-def producer_stream(device: int) -> int:
+def current_stream(device: int) -> int:
     """The current stream of ``device`` as an integer ``cudaStream_t`` (work queued on it precedes the copies)."""
     return torch.cuda.current_stream(device).cuda_stream

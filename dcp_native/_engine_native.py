@@ -90,6 +90,7 @@ class NativeEngine:
             chunk_bytes,
             faults_from_env(),
             [f.device for f in files],
+            [f.stream for f in files],
             pool,
             bool(direct_io),
         )

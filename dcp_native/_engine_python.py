@@ -271,6 +271,7 @@ class PythonEngine:
 
             failed = True
             try:
+                staging.wait_for_consumers([f.stream for f in files])
                 _execute(calls, len(files), threads, largest_gap, open_file, run_any, finish_file,
                          None, staging.cancel)
                 failed = False
@@ -1301,6 +1302,19 @@ class _DeviceReads(_Staging):
         self.views = views
         self.required = required
 
+    def wait_for_consumers(self, streams: list) -> None:
+        """Makes the copy streams wait for the work queued so far on the consumers' streams
+        (kernels still writing the destinations), before any copy writes them."""
+        rt = self.rt
+        for device, consumer in sorted({(d, s) for d, s in zip(self.devices, streams) if d >= 0}):
+            where = f"the consumer stream {consumer:#x} of device {device}"
+            rt.set_device(device)
+            stream = self.stream(device)
+            # Not given back to the call's free events: the wait refers to it.
+            event = self.event(device, f"cudaEventCreateWithFlags for {where}")
+            rt.event_record(event, consumer, f"cudaEventRecord on {where}")
+            rt.stream_wait_event(stream, event, f"cudaStreamWaitEvent of the copy stream on {where}")
+
     def run_call(self, fd: int, call: _Call) -> None:
         index = call.file
         path = self.paths[index]
@@ -1341,24 +1355,25 @@ def _copy_to_device(rt, stream: int, host: int, call: _Call, boxes: list, path: 
     equal lengths at constant strides in the buffer and on the device is one copy: 2-D, or 1-D
     when the runs are dense at both ends."""
     p = call.parts
-    runs = []  # (buffer position, device address, length)
+    runs = []  # (buffer position, device address, length, box)
     pos = 0
     for v, s, n in zip(p[0::3], p[1::3], p[2::3]):
         if v >= 0:
-            runs.append((pos, boxes[v] + s, n))
+            runs.append((pos, boxes[v] + s, n, v))
         pos += n
     i = 0
     count = len(runs)
     while i < count:
-        pos, dest, width = runs[i]
+        pos, dest, width, box = runs[i]
         j = i + 1
-        if j < count and runs[j][2] == width:
+        if j < count and runs[j][2] == width and runs[j][3] == box:
             spitch = runs[j][0] - pos
             dpitch = runs[j][1] - dest
             if width <= spitch <= _MAX_PITCH and width <= dpitch <= _MAX_PITCH:
                 while (
                     j < count
                     and runs[j][2] == width
+                    and runs[j][3] == box
                     and runs[j][0] - runs[j - 1][0] == spitch
                     and runs[j][1] - runs[j - 1][1] == dpitch
                 ):

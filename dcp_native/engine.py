@@ -93,9 +93,13 @@ Device memory (CUDA; see "GPU path" in DESIGN.md)
     pinned copies), identical to those of the same content on the host.
 
     Reads: ``ReadFile.device >= 0`` makes every ``dest_addr`` of ``copies`` a
-    device address on that device. Runs are read into pinned buffers and
-    copied to the device (``cudaMemcpy2DAsync`` for a box of equal runs at a
-    regular stride), overlapped with the reads of later pieces; the engine's
+    device address on that device. Before the first copy the engine records
+    an event on ``ReadFile.stream`` (the consumer's stream) and its copy
+    stream waits on it, so kernels queued before the call that write the
+    destinations (the fill of a fresh tensor, an optimizer step) complete
+    first. Runs are read into pinned buffers and
+    copied to the device (``cudaMemcpy2DAsync`` for runs of one box of equal
+    length at regular strides, pitches up to 2 GiB), overlapped with the reads of later pieces; the engine's
     stream is synchronized before the call returns, so the memory is ready for
     any stream. ``checks`` must be None for such files (``ValueError``): the
     reader verifies through host memory instead.
@@ -206,6 +210,8 @@ class ReadFile:
     checks: Optional[array] = None
     #: >= 0: every destination address is device memory on this CUDA device.
     device: int = -1
+    #: The consumer's cudaStream_t as an integer (0: the legacy default stream).
+    stream: int = 0
 
 
 @dataclasses.dataclass

@@ -353,7 +353,13 @@ class _ReadRun:
         by_device: dict[int, list[ReadFile]] = {}
         for (rel, device), boxes in (device_boxes or {}).items():
             if boxes:
-                rf = ReadFile(self._path(rel), self.min_sizes.get(rel, 0), encode_boxes(boxes), device=device)
+                rf = ReadFile(
+                    self._path(rel),
+                    self.min_sizes.get(rel, 0),
+                    encode_boxes(boxes),
+                    device=device,
+                    stream=_device.current_stream(device),
+                )
                 by_device.setdefault(device, []).append(rf)
         if not files and not by_device:
             return

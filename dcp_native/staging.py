@@ -181,7 +181,16 @@ def _leaves(obj: Any, path: tuple, out: list) -> None:
 def _register_host(ptr: int, nbytes: int) -> bool:
     cudart = torch.cuda.cudart()
     # 1: cudaHostRegisterPortable (pinned for every context), as torch's own stager.
-    return int(cudart.cudaHostRegister(ptr, nbytes, 1)) == 0
+    if int(cudart.cudaHostRegister(ptr, nbytes, 1)) == 0:
+        return True
+    # The failure also set this thread's last CUDA error (the training thread's:
+    # stage() runs there); torch would raise it after its next kernel launch.
+    from . import _cudart
+
+    found, _ = _cudart.find()
+    if found is not None:
+        found.clear_last_error()
+    return False
 
 
 def _unregister_host(ptr: int) -> None:

@@ -452,7 +452,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         if any(wf.device >= 0 for wf in files):
             # The engine's copy stream waits for the work queued so far on the
             # producer's stream (e.g. the .contiguous() copies above).
-            stream = _device.producer_stream(route.device)
+            stream = _device.current_stream(route.device)
             for wf in files:
                 if wf.device >= 0:
                     wf.stream = stream

@@ -429,6 +429,71 @@ def test_column_slice_uses_memcpy2d(engine, fake, tmp_path):
     pool.close()
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["own_stream", "legacy_stream"])
+def test_reads_wait_for_the_consumer_stream(engine, fake, tmp_path, legacy):
+    """A delayed "kernel" queued on the consumer's stream before the read writes the
+    destination (the fill of a fresh tensor): the loaded bytes must come after it."""
+    size = 5 * PAGE + 3
+    data = pattern(size, 11)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    stale = device_tensor(b"\xee" * size)
+    dest = device_tensor(bytes(size))
+    stream = 0 if legacy else fake.stream()
+    fake.kernel_write(dest.data_ptr(), stale.data_ptr(), size, stream, 50_000)
+    pool = engine.pinned_pool(0, 4 * PAGE, 2 * PAGE)
+    read = ReadFile(str(path), 0, array("q", [0, dest.data_ptr(), size, 0]), None, 0, stream)
+    call(engine.read, [read], threads=2, pool=pool)
+    assert tensor_bytes(dest, size) == data
+    assert fake.counter("stream_waits") >= 1
+    pool.close()
+
+
+def test_2d_copies_stay_within_one_box(engine, fake, tmp_path):
+    """Runs of two different destinations never share a 2-D copy, even at a regular pitch:
+    the rows of one cudaMemcpy2DAsync must lie in one allocation."""
+    n, parts = 256, 6
+    data = pattern(n * parts, 3)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    arena = device_tensor(bytes(2 * n * parts))  # destinations at a regular pitch of 2n
+    records = []
+    for k in range(parts):
+        records += [k * n, arena.data_ptr() + 2 * n * k, n, 0]
+    pool = engine.pinned_pool(0, 4 * PAGE, 2 * PAGE)
+    call(engine.read, [ReadFile(str(path), 0, array("q", records), None, 0)], threads=1, pool=pool)
+    got = tensor_bytes(arena, 2 * n * parts)
+    assert [got[2 * n * k: 2 * n * k + n] for k in range(parts)] == [data[k * n:(k + 1) * n] for k in range(parts)]
+    assert fake.counter("copies_2d") == 0
+    assert fake.counter("copies_h2d") == parts
+    pool.close()
+
+
+def test_failed_call_leaves_no_last_error_on_the_callers_thread(engine, fake, tmp_path):
+    """A failed runtime call sets the thread's last error; the engine resets it, or torch
+    would raise it after the caller's next kernel launch."""
+    fake.lib.fake_cuda_peek_last_error.restype = ctypes.c_int
+    path = tmp_path / "f"
+    path.write_bytes(pattern(PAGE, 1))
+    dest = device_tensor(bytes(PAGE))
+    pool = engine.pinned_pool(0, 4 * PAGE, 2 * PAGE)
+    # The consumer-stream event is recorded on the calling thread, before any worker starts.
+    fake.fail("cudaEventRecord", 1, ILLEGAL_ADDRESS)
+    read = ReadFile(str(path), 0, array("q", [0, dest.data_ptr(), PAGE, 0]), None, 0)
+
+    def read_then_peek():
+        try:
+            engine.read([read], threads=2, pool=pool)
+        except CudaError as exc:
+            return exc, fake.lib.fake_cuda_peek_last_error()  # on the calling thread
+        return None, None
+
+    error, last = call(read_then_peek)
+    assert error is not None and error.code == ILLEGAL_ADDRESS and "consumer stream" in error.operation
+    assert last == 0
+    pool.close()
+
+
 def test_host_and_device_files_in_one_read(engine, fake, tmp_path):
     data = pattern(5 * PAGE + 11, 5)
     a, b = tmp_path / "a", tmp_path / "b"

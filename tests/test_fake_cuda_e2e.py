@@ -52,7 +52,7 @@ class Pretend:
 def pretend(fake, engine_name, monkeypatch) -> Pretend:
     p = Pretend()
     monkeypatch.setattr(_device, "cuda_index", p.cuda_index)
-    monkeypatch.setattr(_device, "producer_stream", lambda device: 0)
+    monkeypatch.setattr(_device, "current_stream", lambda device: 0)
     return p
 
 

@@ -184,9 +184,15 @@ int injected(const char* function) {
   return kSuccess;
 }
 
+// As the real runtime's: the last error of this thread, returned and reset
+// by cudaGetLastError (torch checks it after its kernel launches, so a
+// library that leaves one behind breaks the caller's next kernel).
+thread_local int t_last_error = 0;
+
 #define FAKE_INJECT(name)                   \
   do {                                      \
     if (const int code = injected(name)) {  \
+      t_last_error = code;                  \
       return code;                          \
     }                                       \
   } while (0)
@@ -357,6 +363,15 @@ const char* error_text(int code) {
 // ---------------------------------------------------------------- the runtime API
 
 FAKE_EXPORT const char* cudaGetErrorString(int code) { return error_text(code); }
+
+FAKE_EXPORT int cudaGetLastError() {
+  const int code = t_last_error;
+  t_last_error = 0;
+  return code;
+}
+
+// Test-only: this thread's last error, without resetting it.
+FAKE_EXPORT int fake_cuda_peek_last_error() { return t_last_error; }
 
 FAKE_EXPORT int cudaGetDeviceCount(int* count) {
   FAKE_INJECT("cudaGetDeviceCount");
