@@ -10,6 +10,7 @@ SYSTEM_LABELS = {
     "python": "dcp_native python",
     "native": "dcp_native native",
     "native_nocrc": "dcp_native native, checksums off",
+    "stock_pinned": "stock DCP, DefaultStager (pinned)",
     "python_on_stock_ckpt": "dcp_native python, stock-written ckpt",
     "native_on_stock_ckpt": "dcp_native native, stock-written ckpt",
     "noio": "DCP floor (no-I/O storage)",
