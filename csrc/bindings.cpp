@@ -303,8 +303,19 @@ std::shared_ptr<PinnedPool> make_pool(int64_t device, int64_t capacity, int64_t 
   if (device < 0 || device > 1 << 20) {
     throw PlanError("pinned pool: device must be >= 0, got " + std::to_string(device));
   }
-  return std::make_shared<PinnedPool>(require_cuda_runtime(), static_cast<int>(device), capacity,
-                                      chunk_bytes);
+  // Freeing pinned memory (cudaFreeHost) can wait for the device: when the
+  // last reference goes away in Python (a pool dropped without close()), the
+  // deleter lets other Python threads run meanwhile.
+  return std::shared_ptr<PinnedPool>(
+      new PinnedPool(require_cuda_runtime(), static_cast<int>(device), capacity, chunk_bytes),
+      [](PinnedPool* pool) {
+        if (Py_IsInitialized() != 0 && PyGILState_Check() != 0) {
+          py::gil_scoped_release unlocked;
+          delete pool;
+        } else {
+          delete pool;
+        }
+      });
 }
 
 uint32_t py_crc32c_combine(py::handle crc_a, py::handle crc_b, int64_t length_b) {

@@ -494,6 +494,21 @@ def test_failed_call_leaves_no_last_error_on_the_callers_thread(engine, fake, tm
     pool.close()
 
 
+def test_dropped_pool_frees_its_memory(engine, fake, tmp_path):
+    """A pool nobody closed frees its pinned buffers when the last reference goes."""
+    import gc
+
+    data = pattern(3 * PAGE, 5)
+    src = device_tensor(data)
+    pool = engine.pinned_pool(0, 4 * PAGE, PAGE)
+    call(engine.write, [WriteFile(str(tmp_path / "f"), b"", segs((0, SRC_DEVICE, src.data_ptr(), len(data))),
+                                  0, 0)], threads=2, sync=False, pool=pool)
+    assert pool.bytes_held > 0 and fake.counter("pinned_bytes") > fake.pinned0
+    del pool
+    gc.collect()
+    assert fake.counter("pinned_bytes") == fake.pinned0
+
+
 def test_host_and_device_files_in_one_read(engine, fake, tmp_path):
     data = pattern(5 * PAGE + 11, 5)
     a, b = tmp_path / "a", tmp_path / "b"
