@@ -66,7 +66,8 @@ def test_json_has_every_case_and_system(quick_run):
         c = doc["cases"][case]
         assert c["page_cache"], case
         got = c["systems"]
-        assert set(got) == systems, case
+        # A system this torch cannot run is reported as such (stock's DefaultStager on torch 2.11).
+        assert set(got) | set(c.get("unsupported", {})) == systems, case
         for name, entry in got.items():
             figures = [v for v in entry.values() if isinstance(v, dict) and "median" in v]
             assert figures, (case, name)
@@ -113,7 +114,8 @@ def test_chart_written(quick_run):
         if case in ("peak",) or case.endswith("_t1"):
             continue
         p = panels[case]
-        assert set(p["systems"]) | {p["reference"]} == systems, case
+        unsupported = set(doc["cases"][case].get("unsupported", {}))
+        assert set(p["systems"]) | {p["reference"]} | unsupported == systems, case
         assert p["reference"] == "raw", case
     assert "thread_sweep" in panels
     if importlib.util.find_spec("matplotlib") is None:
