@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <link.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <utility>
@@ -132,6 +133,12 @@ CudaCallError::CudaCallError(std::string operation, int code, const std::string&
     : std::runtime_error(describe_error(operation, code, error_string)),
       operation_(std::move(operation)),
       code_(code) {}
+
+std::string hex_address(uintptr_t address) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "0x%llx", static_cast<unsigned long long>(address));
+  return text;
+}
 
 std::string CudaRuntime::error_string(cuda::Error code) const {
   const char* text = api_.get_error_string(code);

@@ -149,4 +149,7 @@ class DeviceGuard {
   int current_ = -1;
 };
 
+// "0x..." for addresses in error messages.
+std::string hex_address(uintptr_t address);
+
 }  // namespace dcp_native

@@ -323,12 +323,6 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
   return plan;
 }
 
-std::string hex_address(uintptr_t address) {
-  char text[32];
-  std::snprintf(text, sizeof(text), "0x%llx", static_cast<unsigned long long>(address));
-  return text;
-}
-
 // A pinned buffer whose host-to-device copies were queued: it goes back to
 // the pool once they are done.
 struct PendingCopy {

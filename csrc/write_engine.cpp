@@ -349,6 +349,25 @@ void compute_block_crcs(const CrcItem& item, const Segment* segments, const CrcF
   }
 }
 
+// The part of block `block` that [pos, end) covers, up to `stop`.
+struct BlockPart {
+  int64_t block;
+  int64_t stop;
+  bool starts_block;  // pos is the block's first byte
+  bool ends_block;    // stop is the block's end
+  bool whole;         // both: the range holds the whole block
+};
+
+BlockPart block_part(int64_t pos, int64_t end, const CrcFile& file) noexcept {
+  const int64_t b = pos / file.block;
+  const int64_t block_start = b * file.block;
+  const int64_t block_end = std::min(block_start + file.block, file.size);
+  const int64_t stop = std::min(end, block_end);
+  const bool starts = pos == block_start;
+  const bool ends = stop == block_end;
+  return BlockPart{b, stop, starts, ends, starts && ends};
+}
+
 // Checksums one range (`data` holds its bytes): the blocks it covers whole
 // go straight to `out`, its parts of shared blocks to head and tail.
 void checksum_range(CrcRange& range, const char* data, const CrcFile& file, uint32_t* out,
@@ -356,14 +375,12 @@ void checksum_range(CrcRange& range, const char* data, const CrcFile& file, uint
   const int64_t end = range.offset + range.length;
   int64_t pos = range.offset;
   while (pos < end) {
-    const int64_t b = pos / file.block;
-    const int64_t block_start = b * file.block;
-    const int64_t block_end = std::min(block_start + file.block, file.size);
-    const int64_t stop = std::min(end, block_end);
+    const BlockPart part = block_part(pos, end, file);
+    const int64_t stop = part.stop;
     const uint32_t crc =
         crc32c(data + (pos - range.offset), static_cast<size_t>(stop - pos), 0);
-    if (pos == block_start && stop == block_end) {
-      out[b] = crc;
+    if (part.whole) {
+      out[part.block] = crc;
     } else if (pos == range.offset) {
       range.head = crc;
     } else {
@@ -381,16 +398,15 @@ void combine_ranges(const CrcRange* ranges, size_t count, const CrcFile& file, u
     const int64_t end = range.offset + range.length;
     int64_t pos = range.offset;
     while (pos < end) {
-      const int64_t b = pos / file.block;
-      const int64_t block_start = b * file.block;
-      const int64_t block_end = std::min(block_start + file.block, file.size);
-      const int64_t stop = std::min(end, block_end);
-      if (!(pos == block_start && stop == block_end)) {
-        const uint32_t part = pos == range.offset ? range.head : range.tail;
-        crc = pos == block_start ? part
-                                 : crc32c_combine(crc, part, static_cast<uint64_t>(stop - pos));
-        if (stop == block_end) {
-          out[b] = crc;
+      const BlockPart part = block_part(pos, end, file);
+      const int64_t stop = part.stop;
+      if (!part.whole) {
+        const uint32_t piece = pos == range.offset ? range.head : range.tail;
+        crc = part.starts_block
+                  ? piece
+                  : crc32c_combine(crc, piece, static_cast<uint64_t>(stop - pos));
+        if (part.ends_block) {
+          out[part.block] = crc;
         }
       }
       pos = stop;
@@ -401,12 +417,6 @@ void combine_ranges(const CrcRange* ranges, size_t count, const CrcFile& file, u
       }
     }
   }
-}
-
-std::string hex_address(uintptr_t address) {
-  char text[32];
-  std::snprintf(text, sizeof(text), "0x%llx", static_cast<unsigned long long>(address));
-  return text;
 }
 
 std::string d2h_operation(const std::string& path, const DevicePiece& piece, int device) {
