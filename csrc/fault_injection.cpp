@@ -30,7 +30,7 @@ std::vector<FaultSpec> parse_fault_specs(const int64_t* values, size_t length) {
         nth < 1) {
       throw PlanError("fault " + std::to_string(i / 3) + " (" + std::to_string(op) + ", " +
                       std::to_string(error_number) + ", " + std::to_string(nth) +
-                      ") is not (op in [0, 5), errno in [1, 4095], nth >= 1)");
+                      ") is not (op in [0, " + std::to_string(kFaultOpCount) + "), errno in [1, 4095], nth >= 1)");
     }
     for (const FaultSpec& other : specs) {
       if (other.op == op && other.nth == nth) {

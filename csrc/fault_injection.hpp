@@ -21,8 +21,9 @@ enum class FaultOp : int {
   kWrite = 2,  // pwrite, pwritev
   kFsync = 3,
   kClose = 4,
+  kRename = 5,  // the commit's renames (Python only; no engine call renames)
 };
-constexpr int kFaultOpCount = 5;
+constexpr int kFaultOpCount = 6;
 
 struct FaultSpec {
   int op;

@@ -17,11 +17,13 @@ from ._api import async_save, load, load_state_dict, save, save_state_dict
 from ._backend import backend
 from ._errors import (
     BackendUnavailableError,
+    CheckpointBusyError,
     CheckpointError,
     CorruptCheckpointError,
     CudaError,
     IncompleteCheckpointError,
     IntegrityError,
+    RefusedObjectError,
     TruncatedFileError,
 )
 from .reader import FileSystemReader
@@ -44,6 +46,8 @@ __all__ = [
     "CudaError",
     "IncompleteCheckpointError",
     "IntegrityError",
+    "RefusedObjectError",
+    "CheckpointBusyError",
     "TruncatedFileError",
     "BackendUnavailableError",
     "StagingBusyError",

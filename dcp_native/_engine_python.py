@@ -32,12 +32,20 @@ from typing import Callable, Sequence
 from . import _cudart
 from ._crc32c import crc32c, crc32c_combine
 from ._errors import CudaError, TruncatedFileError
+from ._fileio import CLOSE as _CLOSE
+from ._fileio import FSYNC as _FSYNC
+from ._fileio import OPEN as _OPEN
+from ._fileio import READ as _READ
+from ._fileio import WRITE as _WRITE
+from ._fileio import Faults as _Faults
+from ._fileio import close_quietly as _close_quietly
+from ._fileio import os_call as _os_call
+from ._fileio import os_error as _os_error
 from .engine import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_DEVICE_CHUNK_BYTES,
     DEFAULT_MAX_GAP,
     DEFAULT_STAGING_BYTES,
-    FAULT_OPS,
     MAX_IOVECS,
     SHORT_IO_ENV,
     SRC_BLOB,
@@ -55,7 +63,6 @@ from .engine import (
 #: Most dimensions of one box (as csrc/read_engine.hpp).
 MAX_NDIM = 64
 _INT64_MAX = (1 << 63) - 1
-_OPEN, _READ, _WRITE, _FSYNC, _CLOSE = range(len(FAULT_OPS))
 # Check items close at this many bytes or records (as csrc/read_engine.cpp).
 _CHECK_ITEM_BYTES = 1 << 20
 _CHECK_ITEM_RECORDS = 1024
@@ -307,30 +314,6 @@ class PythonEngine:
             raise CudaError(f"CUDA is not usable: {status.reason}",
                             operation="find the CUDA runtime")
         return _cudart.PinnedPool(_cudart.runtime(), device, capacity, chunk_bytes)
-
-
-class _Faults:
-    """One engine call's DCP_NATIVE_FAULT counters (csrc/fault_injection.hpp).
-
-    ``next(op)`` is asked before each system call of ``op`` and returns the
-    errno it must fail with, or 0. itertools.count's next() is atomic under
-    the GIL, so exactly one call is the nth whatever the threads do.
-    """
-
-    __slots__ = ("_specs", "_counters")
-
-    def __init__(self, triples: array) -> None:
-        self._specs: dict[tuple[int, int], int] = {}
-        self._counters: list = [None] * len(FAULT_OPS)
-        for op, error, nth in zip(triples[0::3], triples[1::3], triples[2::3]):
-            self._specs[(op, nth)] = error
-            self._counters[op] = itertools.count(1)
-
-    def next(self, op: int) -> int:
-        counter = self._counters[op]
-        if counter is None:
-            return 0
-        return self._specs.get((op, next(counter)), 0)
 
 
 # --------------------------------------------------------------------------- planning
@@ -1611,25 +1594,6 @@ def _execute(
         raise error
 
 
-def _os_call(faults: _Faults | None, op: int, function, operation: str, path: str, offset: int,
-             *args):
-    """Calls an os function; an OSError gets the path, operation and offset (as in csrc/).
-
-    With ``faults``, the call is system call ``op`` of DCP_NATIVE_FAULT's count
-    and fails instead of being made when its number comes up; an injected
-    close still closes the descriptor, as Linux does on a failed close.
-    """
-    injected = faults.next(op) if faults is not None else 0
-    try:
-        if injected:
-            if op == _CLOSE:
-                _close_quietly(*args)
-            raise OSError(injected, os.strerror(injected))
-        return function(*args)
-    except OSError as exc:
-        raise _os_error(exc, operation, path, offset) from None
-
-
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range = None
 
@@ -1652,20 +1616,6 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range = function
     if _sync_file_range:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _close_quietly(fd: int) -> None:
-    """close() on error paths (and of files only read): not a hooked call, errors ignored."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def _os_error(exc: OSError, operation: str, path: str, offset: int) -> OSError:
-    where = f"{operation} at offset {offset}" if offset >= 0 else operation
-    strerror = exc.strerror or os.strerror(exc.errno or 0)
-    return OSError(exc.errno, f"{strerror} ({where})", path)
 
 
 def _transfer(

@@ -96,6 +96,29 @@ def _rebuild_truncated(filename, expected, actual, key, offset):
     return TruncatedFileError(filename, expected, actual, key=key, offset=offset)
 
 
+class RefusedObjectError(CheckpointError):
+    """A saved object would import something ``torch.load(weights_only=True)`` refuses.
+
+    Loading it would run code the checkpoint brings along. ``key`` names the
+    item, ``filename``/``offset`` where it lies, ``refused`` the global (e.g.
+    ``os.system``). Allow it with ``torch.serialization.add_safe_globals`` (for
+    a class you trust) or ``FileSystemReader(path, allow_pickle=True)`` (for a
+    checkpoint you trust).
+    """
+
+    default_errno = _errno.EPERM
+
+    def __init__(self, message: str, *, refused: str | None = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.refused = refused
+
+
+class CheckpointBusyError(CheckpointError):
+    """Another save to the same checkpoint directory is in progress (and did not finish in time)."""
+
+    default_errno = _errno.EBUSY
+
+
 class BackendUnavailableError(ImportError):
     """DCP_NATIVE_BACKEND=native was asked for but the extension cannot be loaded."""
 

@@ -136,8 +136,8 @@ Testing hooks (read at every engine call, so tests can set them with monkeypatch
     ``errno``, as if the kernel had returned it, and the normal error path
     runs (``OSError`` with errno, filename, operation and offset; the other
     workers stop; every descriptor is closed). ``op`` is one of ``open``,
-    ``read`` (pread/preadv), ``write`` (pwrite/pwritev), ``fsync`` or
-    ``close``; ``errno`` a name (``ENOSPC``, ``EIO``, ``EFBIG``, ``EACCES``,
+    ``read`` (pread/preadv), ``write`` (pwrite/pwritev), ``fsync``,
+    ``close`` or ``rename`` (the commit's renames, see :mod:`dcp_native.commit`); ``errno`` a name (``ENOSPC``, ``EIO``, ``EFBIG``, ``EACCES``,
     ...) or a positive number. Counting is atomic per operation, so exactly
     one call fails whatever the threads do, though which file and offset it
     hits depends on their interleaving when several threads share the work.
@@ -183,7 +183,7 @@ MAX_IOVECS = 1024
 SHORT_IO_ENV = "DCP_NATIVE_TEST_SHORT_IO"
 FAULT_ENV = "DCP_NATIVE_FAULT"
 #: The operations DCP_NATIVE_FAULT can fail; a fault triple names one by index.
-FAULT_OPS = ("open", "read", "write", "fsync", "close")
+FAULT_OPS = ("open", "read", "write", "fsync", "close", "rename")
 #: Linux errno values are below 4096 (MAX_ERRNO).
 _MAX_ERRNO = 4095
 
