@@ -2,7 +2,7 @@
 // includes pybind11. It turns Python buffers into (pointer, length) views held
 // for the whole call, releases the GIL for all planning, I/O and checksums,
 // and maps the engine's C++ exceptions to OSError subclasses,
-// TruncatedFileError, CudaError and ValueError.
+// TruncatedFileError, CorruptCheckpointError, CudaError and ValueError.
 #include <Python.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -363,6 +363,15 @@ void translate(std::exception_ptr error) {
       // nothing native, but _C must stay importable on its own.
       py::object truncated = py::module_::import("dcp_native._errors").attr("TruncatedFileError");
       set_error(truncated(decode_path(e.path()), e.expected(), e.actual()));
+    } catch (py::error_already_set& nested) {
+      nested.restore();
+    }
+  } catch (const NotRegularFileError& e) {
+    try {
+      // The path decoded as Python decodes it, then _fileio.not_regular's words.
+      py::object corrupt = py::module_::import("dcp_native._errors").attr("CorruptCheckpointError");
+      py::object path = decode_path(e.path());
+      set_error(corrupt(path + py::str(e.detail()), py::arg("filename") = path));
     } catch (py::error_already_set& nested) {
       nested.restore();
     }

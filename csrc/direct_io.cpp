@@ -39,11 +39,9 @@ int DirectFile::open_once(const std::string& path, bool for_write, DirectRefusal
   if (state_ == 0) {
     state_ = 2;
     if (refusal != DirectRefusal::kOpen) {
-      const int flags = (for_write ? O_WRONLY : O_RDONLY) | O_DIRECT | O_CLOEXEC;
-      int fd = -1;
-      do {
-        fd = ::open(path.c_str(), flags);
-      } while (fd < 0 && errno == EINTR);
+      // open_regular adds O_NONBLOCK, O_CLOEXEC and (writing) O_NOFOLLOW, and
+      // throws NotRegularFileError for a file that is not regular.
+      const int fd = open_regular(path, (for_write ? O_WRONLY : O_RDONLY) | O_DIRECT, 0);
       if (fd >= 0) {
         fd_ = fd;
         state_ = 1;

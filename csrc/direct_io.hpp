@@ -44,7 +44,9 @@ class DirectFile {
   // Transfers `bytes` (page multiple) at `offset` (page-aligned) from/to
   // `buffer` (page-aligned) with O_DIRECT. False when the file cannot use
   // O_DIRECT (nothing transferred: the caller uses its buffered descriptor);
-  // other failures throw IoError. The file's normal descriptor must already
+  // other failures throw IoError, a file that is no longer regular
+  // NotRegularFileError (both opens go through open_regular, so a FIFO
+  // swapped in between them cannot block). The normal descriptor must already
   // be open (for writes it created and truncated the file).
   bool write(const std::string& path, const char* buffer, int64_t bytes, int64_t offset,
              const IoHooks& hooks, DirectRefusal refusal);

@@ -34,18 +34,15 @@ int64_t short_io_cap_from_env() {
 namespace {
 
 int open_with(const std::string& path, int flags, mode_t mode, const IoHooks& hooks) {
+  // One count per open attempt, whatever the file turns out to be.
   if (const int injected = hooks.fault(FaultOp::kOpen)) {
     throw IoError(injected, "open", path);
   }
-  for (;;) {
-    int fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
-    if (fd >= 0) {
-      return fd;
-    }
-    if (errno != EINTR) {
-      throw IoError(errno, "open", path);
-    }
+  const int fd = open_regular(path, flags, mode);
+  if (fd < 0) {
+    throw IoError(errno, "open", path);
   }
+  return fd;
 }
 
 enum class Direction { kRead, kWrite };
@@ -136,6 +133,35 @@ void transfer_fully(Direction direction, int fd, iovec* iov, int count, int64_t 
 }
 
 }  // namespace
+
+int open_regular(const std::string& path, int flags, mode_t mode) {
+  flags |= O_NONBLOCK | O_CLOEXEC;
+  if ((flags & O_ACCMODE) != O_RDONLY) {
+    flags |= O_NOFOLLOW;
+  }
+  int fd = -1;
+  do {
+    fd = ::open(path.c_str(), flags, mode);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) {
+    return -1;
+  }
+  FdGuard guard(fd);
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) {
+    throw IoError(errno, "fstat", path);
+  }
+  if (!S_ISREG(info.st_mode)) {
+    throw NotRegularFileError(path, info.st_mode, "data file");
+  }
+  // O_NONBLOCK means nothing for a regular file today, but cleared it cannot
+  // change what later calls do. F_GETFL keeps O_DIRECT in the flags set back.
+  const int status = ::fcntl(fd, F_GETFL);
+  if (status < 0 || ::fcntl(fd, F_SETFL, status & ~O_NONBLOCK) != 0) {
+    throw IoError(errno, "fcntl", path);
+  }
+  return guard.release();
+}
 
 int open_for_read(const std::string& path, const IoHooks& hooks) {
   return open_with(path, O_RDONLY, 0, hooks);

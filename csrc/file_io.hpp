@@ -5,6 +5,7 @@
 // injected faults) of its engine call.
 #pragma once
 
+#include <sys/types.h>
 #include <sys/uio.h>
 
 #include <atomic>
@@ -37,9 +38,22 @@ struct IoHooks {
   int fault(FaultOp op) const noexcept { return faults != nullptr ? faults->next(op) : 0; }
 };
 
-// O_RDONLY | O_CLOEXEC.
+// Every open of a data file goes through open_regular: a checkpoint directory
+// may be hostile, and a FIFO in place of a data file would block open()
+// forever, a device file would be read or written. It opens with O_NONBLOCK
+// | O_CLOEXEC added to `flags` (a FIFO then opens at once for reading, or
+// fails with ENXIO for writing), plus O_NOFOLLOW when writing (a save creates
+// fresh names: a planted symbolic link must not redirect it), and checks
+// fstat. Returns the descriptor of a regular file with O_NONBLOCK cleared
+// again, or -1 with errno set when open() itself fails (EINTR retried), so the
+// caller names the operation (the O_DIRECT open falls back on EINVAL). Throws
+// NotRegularFileError (descriptor closed) for anything but a regular file, and
+// IoError if fstat or fcntl fails. Not a hooked call: callers count the fault.
+int open_regular(const std::string& path, int flags, mode_t mode);
+
+// O_RDONLY through open_regular; IoError "open" when it fails.
 int open_for_read(const std::string& path, const IoHooks& hooks);
-// O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode 0644.
+// O_WRONLY | O_CREAT | O_TRUNC (mode 0644) through open_regular.
 int open_for_write(const std::string& path, const IoHooks& hooks);
 int64_t file_size(int fd, const std::string& path);
 void sync_file(int fd, const std::string& path, const IoHooks& hooks);

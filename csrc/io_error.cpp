@@ -1,6 +1,8 @@
 // Message formatting for the engine's exceptions (see io_error.hpp).
 #include "io_error.hpp"
 
+#include <sys/stat.h>
+
 #include <cstring>
 #include <utility>
 
@@ -22,6 +24,34 @@ std::string describe(int error_number, const std::string& operation, int64_t off
     text += " at offset " + std::to_string(offset);
   }
   return text + ")";
+}
+
+// What a non-regular file is, in _fileio.file_kind's words and order.
+const char* file_kind(mode_t mode) {
+  if (S_ISDIR(mode)) {
+    return "a directory";
+  }
+  if (S_ISFIFO(mode)) {
+    return "a FIFO";
+  }
+  if (S_ISSOCK(mode)) {
+    return "a socket";
+  }
+  if (S_ISCHR(mode)) {
+    return "a character device";
+  }
+  if (S_ISBLK(mode)) {
+    return "a block device";
+  }
+  if (S_ISLNK(mode)) {
+    return "a symbolic link";
+  }
+  return "not a regular file";
+}
+
+std::string not_regular_detail(mode_t mode, const std::string& what) {
+  return ": the checkpoint's " + what + " is " + file_kind(mode) +
+         ", not a regular file; refusing to use it";
 }
 
 }  // namespace
@@ -52,5 +82,10 @@ TruncatedError::TruncatedError(std::string path, int64_t expected, int64_t actua
       path_(std::move(path)),
       expected_(expected),
       actual_(actual) {}
+
+NotRegularFileError::NotRegularFileError(std::string path, mode_t mode, const std::string& what)
+    : std::runtime_error(path + not_regular_detail(mode, what)),
+      path_(std::move(path)),
+      detail_(not_regular_detail(mode, what)) {}
 
 }  // namespace dcp_native

@@ -1,8 +1,11 @@
 // Exceptions thrown by the native engine. bindings.cpp turns IoError into the
 // OSError subclass its errno selects, TruncatedError into
-// dcp_native.TruncatedFileError and PlanError into ValueError; nothing in
+// dcp_native.TruncatedFileError, NotRegularFileError into
+// dcp_native.CorruptCheckpointError and PlanError into ValueError; nothing in
 // csrc prints an error instead of throwing it.
 #pragma once
+
+#include <sys/types.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -45,6 +48,25 @@ class TruncatedError : public std::runtime_error {
   std::string path_;
   int64_t expected_;
   int64_t actual_;
+};
+
+// A path the engine opened is not a regular file (a FIFO, a directory, a
+// device, ...): a hostile or damaged checkpoint directory. The message is
+// dcp_native._fileio.not_regular's, word for word, so both engines raise the
+// same error.
+class NotRegularFileError : public std::runtime_error {
+ public:
+  // `mode` is fstat's st_mode; `what` names the file ("data file").
+  NotRegularFileError(std::string path, mode_t mode, const std::string& what);
+
+  const std::string& path() const noexcept { return path_; }
+  // The message after the path (": the checkpoint's data file is a FIFO, ..."),
+  // so that bindings.cpp can put the path in front decoded as Python decodes it.
+  const std::string& detail() const noexcept { return detail_; }
+
+ private:
+  std::string path_;
+  std::string detail_;
 };
 
 // A malformed plan (bad record lengths, negative sizes, overflowing ranges).

@@ -31,14 +31,15 @@ from typing import Callable, Sequence
 
 from . import _cudart
 from ._crc32c import crc32c, crc32c_combine
+from ._errors import CheckpointError as _CheckpointError
 from ._errors import CudaError, TruncatedFileError
 from ._fileio import CLOSE as _CLOSE
 from ._fileio import FSYNC as _FSYNC
-from ._fileio import OPEN as _OPEN
 from ._fileio import READ as _READ
 from ._fileio import WRITE as _WRITE
 from ._fileio import Faults as _Faults
 from ._fileio import close_quietly as _close_quietly
+from ._fileio import open_regular as _open_regular
 from ._fileio import os_call as _os_call
 from ._fileio import os_error as _os_error
 from .engine import (
@@ -66,6 +67,8 @@ _INT64_MAX = (1 << 63) - 1
 # Check items close at this many bytes or records (as csrc/read_engine.cpp).
 _CHECK_ITEM_BYTES = 1 << 20
 _CHECK_ITEM_RECORDS = 1024
+# What _fileio.open_regular calls the files it refuses (as csrc/file_io.cpp).
+_DATA_FILE = "data file"
 
 
 class PythonEngine:
@@ -131,17 +134,9 @@ class PythonEngine:
             )
 
         def open_file(index: int) -> int:
-            return _os_call(
-                faults,
-                _OPEN,
-                os.open,
-                "open",
-                paths[index],
-                -1,
-                paths[index],
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                0o644,
-            )
+            # O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC and the regular-file check come with it.
+            return _open_regular(paths[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644,
+                                 faults=faults, what=_DATA_FILE)
 
         def run_call(fd: int, call: _Call, scratch: memoryview | None) -> None:
             buffers = call.buffers(views[call.file], None)
@@ -234,8 +229,7 @@ class PythonEngine:
 
         def open_file(index: int) -> int:
             path = paths[index]
-            flags = os.O_RDONLY | os.O_CLOEXEC
-            fd = _os_call(faults, _OPEN, os.open, "open", path, -1, path, flags)
+            fd = _open_regular(path, os.O_RDONLY, faults=faults, what=_DATA_FILE)
             try:
                 # Checking the size up front fails fast, with the size the
                 # plan needs rather than the first run that fails.
@@ -851,7 +845,7 @@ class _DirectFiles:
 
     def __init__(self, paths: list, flags: int, enabled: bool, cap: int, refusal: str) -> None:
         self.paths = paths
-        self.flags = flags | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
+        self.flags = flags | getattr(os, "O_DIRECT", 0)  # open_regular adds O_CLOEXEC
         # DCP_NATIVE_TEST_SHORT_IO would resume transfers at unaligned offsets.
         self.enabled = enabled and hasattr(os, "O_DIRECT") and cap % _cudart.PAGE == 0
         self.refusal = refusal
@@ -870,13 +864,18 @@ class _DirectFiles:
                     # Threads that find state 0 wait here for the outcome.
                     state = 2
                     if self.refusal != "open":
+                        path = self.paths[index]
                         try:
-                            self.fds[index] = os.open(self.paths[index], self.flags)
+                            # Not a counted open (as in csrc/direct_io.cpp).
+                            self.fds[index] = _open_regular(path, self.flags, what=_DATA_FILE)
                             state = 1
+                        except _CheckpointError:
+                            raise
                         except OSError as exc:
                             if exc.errno != errno.EINVAL:
-                                raise _os_error(exc, "open (O_DIRECT)", self.paths[index],
-                                                -1) from None
+                                # open_regular names the operation "open"; say which open.
+                                plain = OSError(exc.errno, os.strerror(exc.errno or 0))
+                                raise _os_error(plain, "open (O_DIRECT)", path, -1) from None
                     self.state[index] = state
         return self.fds[index] if self.state[index] == 1 else -1
 
