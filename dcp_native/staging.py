@@ -34,6 +34,20 @@ lease is free when
   that thread, or when the process executor pickles it there);
 * or no background save ever took it up and the staged state dict itself has
   been dropped (a ``stage()`` whose result was not saved).
+
+DCP's process executor pickles the staged state dict to its checkpoint
+process with torch's ForkingPickler, which shares each tensor's storage as a
+shared-memory file descriptor instead of copying it: the checkpoint process
+maps the staging buffer itself. (The first such save moves a plain-memory
+buffer into shared memory, on the save's thread with the GIL released; it
+stays there for later saves.) A DTensor is not pickled whole: its local
+tensor is a view at an offset of the buffer, torch 2.13's DTensor
+constructor gives the data-less wrapper the same storage offset (earlier
+versions left it at 0), and torch's tensor pickling tells a wrapper from a
+dense tensor by ``data_ptr() == 0``, which such a wrapper fails; it would
+then share the wrapper's storage, which has no memory, and crash. So the
+staged state dict pickles each DTensor as its local tensor and spec, and
+DTensor's constructor rebuilds it on the other side.
 """
 
 from __future__ import annotations
@@ -73,9 +87,54 @@ class StagingBusyError(RuntimeError):
 
 
 class StagedStateDict(dict):
-    """The state dict ``stage()`` returns: a plain dict that can be weakly referenced."""
+    """The state dict ``stage()`` returns: a plain dict that can be weakly referenced.
+
+    Pickles with its DTensors sent as their parts (see module docs).
+    """
 
     __slots__ = ("__weakref__",)
+
+    def __reduce__(self) -> tuple:
+        return (_unpickle_staged, ({k: _by_parts(v) for k, v in self.items()},))
+
+
+def _unpickle_staged(items: dict[str, Any]) -> StagedStateDict:
+    return StagedStateDict(items)
+
+
+class _DTensorParts:
+    """A staged DTensor in pickle: sent as its local tensor and spec, a DTensor again when unpickled."""
+
+    __slots__ = ("dtensor",)
+
+    def __init__(self, dtensor: Any) -> None:
+        self.dtensor = dtensor
+
+    def __reduce__(self) -> tuple:
+        d = self.dtensor
+        return (_dtensor_from_parts, (d._local_tensor, d._spec, d.requires_grad))
+
+
+def _dtensor_from_parts(local: torch.Tensor, spec: Any, requires_grad: bool) -> Any:
+    return DTensor(local, spec, requires_grad=requires_grad)
+
+
+def _by_parts(obj: Any) -> Any:
+    """``obj`` with every DTensor in its dicts, lists and tuples wrapped in :class:`_DTensorParts`.
+
+    Only containers :func:`_build` made are walked; everything else it
+    deep-copied has storages of its own.
+    """
+    if DTensor is not None and isinstance(obj, DTensor):
+        return _DTensorParts(obj)
+    if isinstance(obj, dict):
+        return {k: _by_parts(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_by_parts(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_by_parts(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
 
 
 class Lease:

@@ -10,7 +10,9 @@
   freed by close(); the writer pickles without it.
 * A failed background write surfaces through the returned future.
 * DCP's thread and process executors on 2 gloo ranks (DTensor shards and
-  replicated tensors), and asynchronous staging (DCP's AsyncSaveResponse).
+  replicated tensors; an FSDP2 model and its AdamW state, whose DTensors sit
+  at non-zero offsets of the staging buffer), and asynchronous staging (DCP's
+  AsyncSaveResponse).
 * CUDA tensors (marked ``cuda``): staged from device memory.
 
 Slow writes are simulated by holding the engine's write until the test opens
@@ -33,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
 import dcp_native.writer as writer_module
-from dcp_native.staging import StagingBusyError
+from dcp_native.staging import StagedStateDict, StagingArea, StagingBusyError
 from _dist import run_ranks
 
 #: Seconds a gated write waits at most for the test to open the gate.
@@ -452,6 +454,128 @@ def _ranks_async(path: str, executor: str) -> None:
 def test_two_ranks(engine_name, tmp_path, executor):
     held = run_ranks(2, _ranks_async, str(tmp_path), executor, engine=engine_name, timeout=120)
     assert all(h > 0 for h in held)
+
+
+def _fsdp_setup():
+    """A small FSDP2 MLP (uneven shards) and its AdamW, on this rank; the same on every call."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _fsdp_step(model, optim, seed: int) -> None:
+    """One training step: changes every parameter, moment and ``step`` in place."""
+    g = torch.Generator().manual_seed(seed * 10 + dist.get_rank())
+    model(torch.randn(6, 12, generator=g)).square().mean().backward()
+    optim.step()
+    optim.zero_grad()
+
+
+def _fsdp_full(model, optim) -> dict:
+    """The full (unsharded) model and optimizer state, every tensor cloned."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, optim, options=StateDictOptions(full_state_dict=True))
+    return snapshot({"model": msd, "optim": osd})
+
+
+def _ranks_fsdp(path: str, executor: str) -> tuple[int, int, list]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    kind = AsyncCheckpointerType.PROCESS if executor == "process" else AsyncCheckpointerType.THREAD
+    if executor == "process":
+        multiprocessing.current_process()._config["daemon"] = False  # see _ranks_async
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    # The thread executor's writes wait until training has changed everything (the
+    # process executor's are out of reach: its checkpoint process is spawned).
+    gate = threading.Event()
+    if executor == "thread":
+        real = writer_module.get_engine
+        writer_module.get_engine = lambda: GatedEngine(real(), gate, threading.Event())
+    model, optim = _fsdp_setup()
+    _fsdp_step(model, optim, 1)
+    _fsdp_step(model, optim, 2)
+    # As torch advises for async saves: the checkpoint's collectives on a group of their own.
+    group = dist.new_group(backend="gloo")
+    writer = dcp_native.FileSystemWriter(path, sync_files=False)
+    wants, buffers = [], []
+    for n, save in enumerate((dcp_native.async_save, dcp.async_save)):
+        msd, osd = get_state_dict(model, optim)
+        wants.append(_fsdp_full(model, optim))
+        gate.clear()
+        fut = save(
+            {"model": msd, "optim": osd},
+            checkpoint_id=f"{path}/{n}",
+            storage_writer=writer,
+            process_group=group,
+            async_checkpointer_type=kind,
+        )
+        # Training goes on: every parameter, moment and step changes in place, and the lr.
+        _fsdp_step(model, optim, 3 + n)
+        optim.param_groups[0]["lr"] = 0.5
+        gate.set()
+        result_of(fut)
+        buffers.append((writer._staging._buffer.data_ptr(), writer._staging._buffer.is_shared()))
+    held = writer.bytes_held
+    allocations = writer._staging.allocations
+    writer.close()
+    for n, want in enumerate(wants):
+        model, optim = _fsdp_setup()
+        msd, osd = get_state_dict(model, optim)
+        sd = {"model": msd, "optim": osd}
+        dcp.load(sd, checkpoint_id=f"{path}/{n}", storage_reader=dcp_native.FileSystemReader(f"{path}/{n}"))
+        set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        assert_same(_fsdp_full(model, optim), want, f"save {n}")
+    return held, allocations, buffers
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_fsdp2_model_and_optimizer(engine_name, tmp_path, executor):
+    """FSDP2 + AdamW: DTensors at non-zero offsets of the staging buffer, plain ``step`` tensors and
+    param groups, saved on a process group of their own; the values at the call, from one buffer."""
+    for held, allocations, buffers in run_ranks(2, _ranks_fsdp, str(tmp_path), executor, engine=engine_name):
+        assert held > 0 and allocations == 1
+        # The same memory for both saves: the process executor's first save moved it into
+        # shared memory once (torch's pickling), the thread executor's stays plain memory.
+        assert buffers == [(buffers[0][0], executor == "process")] * 2, buffers
+
+
+def _rank_pickle() -> None:
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory reductions
+    from torch.distributed.tensor import DTensor
+
+    sd, _ = _rank_state(1.0)
+    sd["optim"] = {"exp_avg": _rank_state(2.0)[0]["dt"], "step": torch.tensor(3.0), "betas": (0.9, 0.99)}
+    area = StagingArea()
+    staged = area.stage(sd)
+    local = staged["optim"]["exp_avg"]._local_tensor
+    assert local.storage_offset() > 0  # what torch's pickling of the DTensor itself got wrong
+    back = ForkingPickler.loads(ForkingPickler.dumps(staged))
+    assert type(back) is StagedStateDict
+    for got, want in ((back["dt"], staged["dt"]), (back["optim"]["exp_avg"], staged["optim"]["exp_avg"])):
+        assert type(got) is DTensor and got._spec == want._spec
+        assert torch.equal(got._local_tensor, want._local_tensor)
+        # Shared, not copied: unpickled here, the local tensor is the staged one's memory.
+        assert got._local_tensor.data_ptr() == want._local_tensor.data_ptr()
+    assert torch.equal(back["rep"], staged["rep"]) and back["step"] == staged["step"]
+    assert back["optim"]["betas"] == (0.9, 0.99) and torch.equal(back["optim"]["step"], torch.tensor(3.0))
+    area.close()
+
+
+def test_staged_dtensors_pickle_for_the_process_executor():
+    """The process executor pickles the staged state dict with ForkingPickler; DTensors at offsets survive."""
+    run_ranks(1, _rank_pickle)
 
 
 # ----------------------------------------------------------------- CUDA
