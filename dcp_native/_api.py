@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import torch.distributed.checkpoint as dcp
 
 from .reader import FileSystemReader
+from .staging import StagingBusyError
 from .writer import FileSystemWriter
 
 
@@ -15,6 +18,52 @@ def _writer(checkpoint_id: str | os.PathLike | None, storage_writer: Any) -> Any
     if storage_writer is None and checkpoint_id is not None:
         return FileSystemWriter(checkpoint_id)
     return storage_writer
+
+
+class _PathQueue:
+    """Saves this process makes to one checkpoint directory run one after the other.
+
+    A writer kept across ``async_save`` calls already waits for its previous
+    save; writers made here for a ``checkpoint_id`` are new each call, so the
+    order is kept per directory instead: each save waits for the one before
+    it (to the same directory) to have completed, whichever way it ended.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, threading.Event] = {}
+
+    @contextlib.contextmanager
+    def turn(self, path: str | os.PathLike, timeout: float | None) -> Iterator[threading.Event]:
+        """Wait for the previous save to ``path``; yields the event that ends this one's turn.
+
+        The caller sets the event when its save has completed (or the body
+        raises, which sets it).
+        """
+        key = os.path.realpath(os.fspath(path))
+        done = threading.Event()
+        with self._lock:
+            previous, self._last[key] = self._last.get(key), done
+        try:
+            if previous is not None and not previous.wait(timeout):
+                raise StagingBusyError(
+                    f"{key}: the previous save to this checkpoint did not complete within "
+                    f"{timeout} s (saves to one directory run one after the other)"
+                )
+            yield done
+        except BaseException:
+            self.end(key, done)
+            raise
+
+    def end(self, path: str | os.PathLike, done: threading.Event) -> None:
+        key = os.path.realpath(os.fspath(path))
+        done.set()
+        with self._lock:
+            if self._last.get(key) is done:
+                del self._last[key]
+
+
+_SAVES = _PathQueue()
 
 
 def save(
@@ -33,12 +82,14 @@ def save(
         >>> path = tempfile.mkdtemp()
         >>> _ = dcp_native.save({"w": torch.ones(2)}, checkpoint_id=path, no_dist=True)
     """
-    return dcp.save(
-        state_dict,
-        checkpoint_id=checkpoint_id,
-        storage_writer=_writer(checkpoint_id, storage_writer),
-        **kwargs,
-    )
+    writer = _writer(checkpoint_id, storage_writer)
+    if writer is storage_writer:
+        return dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)
+    with _SAVES.turn(checkpoint_id, writer.staging_timeout) as done:
+        try:
+            return dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)
+        finally:
+            _SAVES.end(checkpoint_id, done)
 
 
 def load(
@@ -78,6 +129,10 @@ def async_save(
     background thread (default) or process (``async_checkpointer_type``).
     Pass the same ``storage_writer`` to every call to reuse its staging
     memory (a writer made here for ``checkpoint_id`` is closed after its save).
+    Saves to one ``checkpoint_id`` run one after the other, as with a kept
+    writer: a call waits (up to the writer's ``staging_timeout``, then
+    :class:`~dcp_native.StagingBusyError`) until the previous save to the
+    same directory has completed.
     Returns what DCP returns: a future of the save, or, when staging is
     asynchronous (the writer's ``async_staging``, or an ``async_stager`` that
     returns a future), a response holding ``staging_completion`` and
@@ -93,6 +148,17 @@ def async_save(
         >>> _ = fut.result()
     """
     writer = _writer(checkpoint_id, storage_writer)
+    if writer is storage_writer:
+        return _async_save(state_dict, checkpoint_id, writer, storage_writer, kwargs)
+    with _SAVES.turn(checkpoint_id, writer.staging_timeout) as done:
+        result = _async_save(state_dict, checkpoint_id, writer, storage_writer, kwargs)
+        getattr(result, "upload_completion", result).add_done_callback(
+            lambda _: _SAVES.end(checkpoint_id, done)
+        )
+    return result
+
+
+def _async_save(state_dict, checkpoint_id, writer, storage_writer, kwargs):
     staging = getattr(writer, "_staging", None)
     before = staging.lease if staging is not None else None
     result = dcp.async_save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)

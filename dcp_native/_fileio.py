@@ -134,10 +134,10 @@ def open_regular(
     flags |= os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if writing else 0)
     fd = os_call(faults, OPEN, os.open, "open", path, -1, path, flags, mode)
     try:
-        st = os.fstat(fd)
+        st = os_call(None, 0, os.fstat, "fstat", path, -1, fd)
         if not stat.S_ISREG(st.st_mode):
             raise not_regular(path, st.st_mode, what)
-        os.set_blocking(fd, True)
+        os_call(None, 0, os.set_blocking, "fcntl", path, -1, fd, True)
     except BaseException:
         close_quietly(fd)
         raise
@@ -152,11 +152,13 @@ def check_regular(path: str, what: str = "file") -> os.stat_result:
     return st
 
 
-def read_regular(path: str, limit: int, what: str = "file") -> bytes:
-    """The whole of a small regular file; refuses files over ``limit`` bytes before reading them."""
+def read_regular(path: str, limit: int | None, what: str = "file") -> bytes:
+    """The whole of a regular file; refuses files over ``limit`` bytes (None: any) before reading."""
     fd = open_regular(path, what=what)
     try:
         size = os.fstat(fd).st_size
+        if limit is None:
+            limit = 1 << 62
         if size > limit:
             raise CorruptCheckpointError(
                 f"{path}: the checkpoint's {what} has {size} bytes, more than the {limit} "

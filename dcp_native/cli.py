@@ -46,15 +46,14 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from . import integrity, layout
+from . import _fileio, integrity, layout
 from ._backend import get_engine
-from ._errors import BackendUnavailableError, CheckpointError
+from ._errors import BackendUnavailableError, CheckpointError, IntegrityError
 from ._safe_pickle import MetadataUnpickler
 from .engine import ReadFile
 from .plan import Box, encode_boxes
 from .reader import FileSystemReader, default_thread_count
-from .sidecar import SUFFIX as SIDECAR_SUFFIX
-from .sidecar import Sidecar
+from .sidecar import Sidecar, TableInfo
 from .sidecar import read as read_sidecar_file
 from .writer import FileSystemWriter
 
@@ -209,19 +208,23 @@ class _BadMetadata(Exception):
     """``.metadata`` exists but does not load (the message says why, without the path)."""
 
 
-def _load_metadata(path: str) -> Any:
+def _load_metadata(path: str) -> tuple[Any, bytes]:
+    """The metadata at ``path`` and its raw bytes (the sidecar is bound to them)."""
     try:
-        with open(path, "rb") as f:
-            metadata = MetadataUnpickler(f).load()
+        raw = _fileio.read_regular(path, None, what="metadata")
     except FileNotFoundError:
         raise
+    except CheckpointError as exc:  # not a regular file
+        raise _BadMetadata(str(exc).split(": ", 1)[-1]) from None
     except OSError as exc:
         raise CommandFailed(_os_error_text(exc)) from None
+    try:
+        metadata = MetadataUnpickler(io.BytesIO(raw)).load()
     except Exception as exc:  # any malformed pickle: pickle raises many types
         raise _BadMetadata(f"cannot be read as DCP metadata: {_one_line(exc)}") from None
     if not isinstance(metadata, Metadata):
         raise _BadMetadata(f"does not hold DCP metadata (found {type(metadata).__name__})")
-    return metadata
+    return metadata, raw
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -243,25 +246,18 @@ class _Item:
     chunk_sizes: tuple[int, ...] | None = None
 
 
-_SIDECAR_STATUS = {
-    "matching": "written by dcp_native (sidecar {name}, format {version})",
-    "absent": "written by stock DCP (no {name})",
-    "stale": "written by stock DCP ({name} is from another save and is ignored)",
-    "unreadable": "written by stock DCP? ({name} is unreadable and is ignored)",
-    "unknown version": "written by dcp_native, sidecar format {version!r} unknown to this version",
-}
-
-
 def _written_by(sc: Sidecar) -> str:
-    return "dcp_native" if sc.usable else "stock DCP"
+    if sc.usable:
+        return "dcp_native"
+    return "stock DCP" if sc.status == "absent" else "dcp_native (sidecar not usable)"
 
 
 def _describe_sidecar(sc: Sidecar) -> str:
-    return _SIDECAR_STATUS[sc.status].format(name=_METADATA + SIDECAR_SUFFIX, version=sc.version)
-
-
-def _read_sidecar(directory: str, metadata: Any) -> Sidecar:
-    return read_sidecar_file(os.path.join(directory, _METADATA + SIDECAR_SUFFIX), metadata)
+    if sc.usable:
+        return f"written by dcp_native (sidecar {sc.name}, format {sc.version})"
+    if sc.status == "absent":
+        return "written by stock DCP (no dcp_native sidecar)"
+    return f"sidecar ignored: {sc.reason}"
 
 
 @dataclasses.dataclass
@@ -303,7 +299,7 @@ def _open_checkpoint(path: str) -> _Checkpoint:
     directory = _checkpoint_dir(path)
     md_path = os.path.join(directory, _METADATA)
     try:
-        metadata = _load_metadata(md_path)
+        metadata, raw = _load_metadata(md_path)
     except FileNotFoundError:
         found = _looks_like_unfinished_save(directory)
         hint = (
@@ -315,7 +311,9 @@ def _open_checkpoint(path: str) -> _Checkpoint:
         raise UsageError(
             f"{directory} is not a DCP checkpoint: it has no {_METADATA}{hint}"
         ) from None
-    return _Checkpoint(directory, metadata, _items(metadata), _read_sidecar(directory, metadata))
+    return _Checkpoint(
+        directory, metadata, _items(metadata), read_sidecar_file(directory, _METADATA, metadata, raw)
+    )
 
 
 def _items(metadata: Any) -> list[_Item]:
@@ -371,8 +369,11 @@ class _ItemView:
         if start >= tail_start:
             return self.tail[start - tail_start : start - tail_start + n]
         # Rare (a data.pkl larger than a probe): one extra small read.
-        with open(self.path, "rb") as f:
-            data = os.pread(f.fileno(), n, self.item.offset + start)
+        fd = _fileio.open_regular(self.path, what="data file")
+        try:
+            data = os.pread(fd, n, self.item.offset + start)
+        finally:
+            os.close(fd)
         if len(data) != n:
             raise layout.ArchiveError(
                 f"the file ends inside the item (at item offset {start + len(data)})"
@@ -437,12 +438,15 @@ def _read_views(
 def _read_view_one(ck: _Checkpoint, item: _Item) -> _ItemView:
     probe = layout.PROBE_BYTES
     path = ck.file_path(item.file)
-    with open(path, "rb") as f:
+    fd = _fileio.open_regular(path, what="data file")
+    try:
         if item.length <= 2 * probe:
-            head = tail = os.pread(f.fileno(), item.length, item.offset)
+            head = tail = os.pread(fd, item.length, item.offset)
         else:
-            head = os.pread(f.fileno(), probe, item.offset)
-            tail = os.pread(f.fileno(), probe, item.offset + item.length - probe)
+            head = os.pread(fd, probe, item.offset)
+            tail = os.pread(fd, probe, item.offset + item.length - probe)
+    finally:
+        os.close(fd)
     return _ItemView(path, item, head, tail)
 
 
@@ -923,10 +927,10 @@ class _Verifier:
 
     def _check_sidecar_entries(self) -> None:
         sidecar = self.ck.sidecar
-        if sidecar.status == "unknown version":
-            self.notes.append(
-                f"the sidecar's format {sidecar.version!r} is unknown; it was not checked"
-            )
+        if sidecar.status in ("unknown version", "legacy"):
+            self.notes.append(f"{sidecar.reason}; it was not checked")
+        elif sidecar.status in ("damaged", "stale"):
+            self.problem(f"{sidecar.reason}; it is ignored", file=sidecar.name)
         if sidecar.status != "matching":
             return
         known = {(it.file, it.offset): it for it in self.ck.items}
@@ -1145,7 +1149,7 @@ class _Verifier:
         rounds of _READ_BUDGET bytes; a mismatch names the block's file offset
         and the item that holds it.
         """
-        tables = self.ck.sidecar.checksums
+        tables = self.ck.sidecar.tables
         files = [rel for rel in self.ck.files if rel in tables and rel in self.sizes]
         total = sum(self.sizes[rel] for rel in files)
         progress = self._progress("verify checksums", total, "bytes", total)
@@ -1157,27 +1161,19 @@ class _Verifier:
             progress.close()
         return checked
 
-    def _check_file(self, rel: str, table_rel: str, progress: _Progress) -> int:
-        table_path = self.ck.file_path(table_rel)
+    def _check_file(self, rel: str, info: TableInfo, progress: _Progress) -> int:
         try:
-            with open(table_path, "rb") as f:
-                raw = f.read()
-            block, size, count = integrity.parse_header(raw, table_rel)
-        except (OSError, ValueError) as exc:
-            text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
-            self.problem(f"the checksum table cannot be read: {text}", file=table_rel)
+            table = integrity.load_table(
+                self.ck.file_path(info.file), info, self.ck.file_path(rel), self.sizes[rel]
+            )
+        except IntegrityError as exc:
+            which = info.file if exc.filename == self.ck.file_path(info.file) else rel
+            self.problem(str(exc).split(": ", 1)[-1], file=which)
             return 0
-        if len(raw) != integrity.HEADER.size + 4 * count:
-            self.problem(f"the checksum table is {len(raw)} bytes, expected "
-                         f"{integrity.HEADER.size + 4 * count}", file=table_rel)
+        except OSError as exc:
+            self.problem(f"the checksum table cannot be read: {_os_error_text(exc)}", file=info.file)
             return 0
-        if size != self.sizes[rel]:
-            self.problem(f"the file has {self.sizes[rel]} bytes, its checksum table describes "
-                         f"{size}: it changed after it was written", file=rel)
-            return 0
-        crcs = array("I")
-        crcs.frombytes(raw[integrity.HEADER.size:])
-        table = integrity.Table(block, size, 0, crcs)
+        block, size = table.block, table.size
         step = max(block, _READ_BUDGET // block * block)
         owners = sorted((it.offset, it.offset + it.length, it.key) for it in self.ck.items
                         if it.file == rel)
@@ -1252,7 +1248,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             key=lambda p: (p.file or "", -1 if p.offset is None else p.offset, p.key or ""),
         )
 
-    tables = verifier.ck.sidecar.checksums if verifier else {}
+    tables = verifier.ck.sidecar.tables if verifier else {}
     checksums = (
         f"CRC32C of every 4 KiB block checked ({_human(checked)} in {_plural(len(tables), 'data file')})"
         if tables else "no checksums recorded"
@@ -1439,8 +1435,14 @@ _LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:]
 
 
 def _is_torch_save_file(path: str) -> bool:
-    with open(path, "rb") as f:
-        start = f.read(64)
+    try:
+        fd = _fileio.open_regular(path, what="input")
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        start = os.pread(fd, 64, 0)
+    finally:
+        os.close(fd)
     return zipfile.is_zipfile(path) or _LEGACY_MAGIC in start[:16]
 
 

@@ -28,6 +28,8 @@ from array import array
 
 import torch
 
+from . import _fileio, sidecar
+from ._errors import CorruptCheckpointError, IntegrityError
 from .plan import Box
 
 MAGIC = b"DCPNCRC1"
@@ -72,6 +74,45 @@ class Table:
 
     def block_end(self, k: int) -> int:
         return min((k + 1) * self.block, self.size)
+
+
+def load_table(path: str, info, data_path: str, data_size: int) -> Table:
+    """The checksum table at ``path``, checked against what the sidecar recorded (``info``).
+
+    ``info`` is the sidecar's :class:`~dcp_native.sidecar.TableInfo` (size and
+    SHA-256 of the table file); ``data_size`` is the size of the data file the
+    table describes. Raises :class:`~dcp_native.IntegrityError` when the table
+    is not the one the save wrote or does not describe the data file as it is
+    now: its checksums then cannot vouch for anything.
+    """
+    def refuse(why: str) -> IntegrityError:
+        return IntegrityError(
+            f"{path}: {why}; the blocks of {data_path} cannot be verified", filename=path
+        )
+
+    try:
+        raw = _fileio.read_regular(path, info.size, what="checksum table")
+    except FileNotFoundError:
+        raise refuse("the checksum table is missing") from None
+    except CorruptCheckpointError as exc:
+        raise refuse(str(exc)) from None
+    if len(raw) != info.size or sidecar.digest(raw) != info.sha256:
+        raise refuse("the checksum table is not the one the save wrote (its size or SHA-256 differs)")
+    try:
+        block, size, count = parse_header(raw, path)
+    except ValueError as exc:
+        raise refuse(str(exc)) from None
+    if len(raw) != HEADER.size + 4 * count:
+        raise refuse(f"the table has {len(raw)} bytes, its header implies {HEADER.size + 4 * count}")
+    if size != data_size:
+        raise IntegrityError(
+            f"{data_path} has {data_size} bytes, but its checksum table describes {size}: "
+            "the file changed after it was written",
+            filename=data_path,
+        )
+    crcs = array("I")
+    crcs.frombytes(raw[HEADER.size :])
+    return Table(block, size, 0, crcs)
 
 
 def parse_header(data: bytes, path: str) -> tuple[int, int, int]:

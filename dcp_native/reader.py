@@ -25,23 +25,26 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import filesystem as _stock
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
-from . import _device, integrity, layout, sidecar
+from . import _device, _fileio, _safe_pickle, integrity, layout, sidecar
 from ._backend import get_engine
 from ._errors import (
+    CheckpointError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     IntegrityError,
     TruncatedFileError,
 )
-from ._safe_pickle import load_metadata
 from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, DEFAULT_STAGING_BYTES, ReadFile, ReadStats
 from .plan import Box, encode_boxes, read_box
 
 _METADATA_NAME = ".metadata"
+#: Any 40-digit id: the framing's lengths do not depend on its value.
+_SERIALIZATION_ID = b"0" * 40
 #: A box whose runs are shorter than this, with more runs than _MANY_RUNS, is read
 #: as its covering range and scattered by torch (cheaper than one iovec per element).
 _SHORT_RUN = 512
@@ -80,8 +83,18 @@ class FileSystemReader(_stock.FileSystemReader):
         chunk_bytes: most bytes one read call moves; the unit of work of the threads.
         memory_budget: bytes of temporary buffers a load may hold at once (the
             buffered paths; fast-path reads need none).
-        verify: check every 4 KiB block read against the CRC32C the writer
-            recorded, raising IntegrityError (key, file, offset) on a mismatch.
+        verify: check every byte the load returns against the CRC32C tables
+            the writer recorded (4 KiB blocks), raising IntegrityError (key,
+            file, offset) on a mismatch, and IntegrityError saying why before
+            anything is read when some bytes cannot be checked (no tables:
+            written by stock DCP or with ``checksums=False``; sidecar missing,
+            damaged or another save's; a table damaged).
+        allow_pickle: load saved objects (non-tensor entries) however their
+            pickles say, running whatever code they name. Off by default:
+            objects load only as ``torch.load(weights_only=True)`` allows
+            (plus what ``torch.serialization.add_safe_globals`` adds) and
+            anything else raises :class:`~dcp_native.RefusedObjectError`.
+            Turn it on only for checkpoints you trust.
         staging_bytes: pinned host memory for loads into CUDA tensors (per
             device; allocated on first use, reused by later loads, freed by
             :meth:`close`).
@@ -110,6 +123,7 @@ class FileSystemReader(_stock.FileSystemReader):
         verify: bool = False,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         direct_io: bool = True,
+        allow_pickle: bool = False,
     ) -> None:
         super().__init__(path, _extension_registry=_extension_registry)
         self.thread_count = default_thread_count() if thread_count is None else int(thread_count)
@@ -129,13 +143,13 @@ class FileSystemReader(_stock.FileSystemReader):
             raise ValueError(f"staging_bytes must be at least 8192, got {staging_bytes}")
         self.staging_bytes = int(staging_bytes)
         self.direct_io = bool(direct_io)
+        self.allow_pickle = bool(allow_pickle)
         #: (engine, CUDA device) -> pinned staging pool, created by the first load into the device.
         self._pools: dict[tuple[str, int], Any] = {}
-        self._payloads: dict[str, dict[int, int]] = {}
-        #: data file -> its checksum table (from the sidecar)
-        self._crc_files: dict[str, str] = {}
+        #: The sidecar of the metadata read last (whether it is usable, and why not).
+        self._sidecar = sidecar.Sidecar("absent", "no metadata read yet")
         self._metadata: Metadata | None = None
-        self._missing_metadata: IncompleteCheckpointError | None = None
+        self._missing_metadata: CheckpointError | None = None
         #: Statistics of the last read_data call (bytes read, calls).
         self.last_read_stats = ReadStats()
 
@@ -165,8 +179,7 @@ class FileSystemReader(_stock.FileSystemReader):
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         super().reset(checkpoint_id)
-        self._payloads = {}
-        self._crc_files = {}
+        self._sidecar = sidecar.Sidecar("absent", "no metadata read yet")
         self._metadata = None
 
     # ------------------------------------------------------------------ metadata
@@ -176,11 +189,11 @@ class FileSystemReader(_stock.FileSystemReader):
         name = _METADATA_NAME if rank is None else f"__{rank}{_METADATA_NAME}"
         path = os.path.join(self.path, name)
         try:
-            with open(path, "rb") as f:
-                metadata = load_metadata(f, path)
+            raw = _fileio.read_regular(path, None, what="metadata")
+            metadata = _safe_pickle.load_metadata(io.BytesIO(raw), path)
         except FileNotFoundError:
             if not os.path.isdir(self.path):
-                err = IncompleteCheckpointError(
+                err: CheckpointError = IncompleteCheckpointError(
                     f"{self.path} holds no checkpoint: the directory does not exist",
                     filename=str(self.path),
                 )
@@ -190,26 +203,26 @@ class FileSystemReader(_stock.FileSystemReader):
                     "(it is written last, when every rank has finished its data files)",
                     filename=os.path.join(self.path, _METADATA_NAME),
                 )
-            if rank is None or os.path.exists(os.path.join(self.path, _METADATA_NAME)):
+            if rank is not None and self._missing_metadata is not None:
+                # The global metadata exists but was refused: that is the error to report.
+                err = self._missing_metadata
+            elif rank is None or os.path.lexists(os.path.join(self.path, _METADATA_NAME)):
                 raise err from None
             # DCP asks for the global metadata, then for this rank's, and when both
             # fail it discards both errors ("metadata is None"). Hand it an empty
             # placeholder instead, so that set_up_storage_reader raises the real error.
             self._missing_metadata = err
             return Metadata(state_dict_metadata={})
+        except CheckpointError as exc:
+            if rank is None:
+                self._missing_metadata = exc  # DCP may swallow it and ask for __{rank}.metadata
+            raise
+        self._missing_metadata = None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
+        self._sidecar = sidecar.read(str(self.path), name, metadata, raw)
         metadata.storage_meta.load_id = self.load_id
-        self._payloads = self._read_sidecar(path, metadata)
         return metadata
-
-    def _read_sidecar(self, metadata_path: str, metadata: Metadata) -> dict[str, dict[int, tuple]]:
-        """Payload offsets (and checksum tables) from the sidecar, if it belongs to this save."""
-        sc = sidecar.read(metadata_path + sidecar.SUFFIX, metadata)
-        self._crc_files = sc.checksums if sc.usable else {}
-        if not sc.usable:
-            return {}
-        return {rel: {off: tuple(rest[:2]) for off, rest in rows.items()} for rel, rows in sc.entries.items()}
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -230,6 +243,16 @@ class FileSystemReader(_stock.FileSystemReader):
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
+
+
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _unpickles(planner: LoadPlanner, data: bytes) -> bool:
+    """Whether ``planner.load_bytes`` will unpickle ``data``: stock's does, and any bytes that
+    look like ``torch.save`` output (a zip archive, a pickle) are assumed to be."""
+    stock = getattr(type(planner), "load_bytes", None) is DefaultLoadPlanner.load_bytes
+    return stock or data.startswith(_TORCH_SAVE_MAGIC)
 
 
 def _validate_storage_data(directory: str, storage_data: Any) -> None:
@@ -429,18 +452,29 @@ class _ReadRun:
                 self.min_sizes[info.relative_path] = end
 
         # Sizes are checked before anything is allocated or read: a metadata
-        # file declaring absurd items fails here, naming file and item.
+        # file declaring absurd items fails here, naming file and item. Only
+        # regular files are read (stat never blocks; a FIFO would block open).
+        sizes: dict[str, int] = {}
         for rel, needed in self.min_sizes.items():
             path = self._path(rel)
-            actual = os.stat(path).st_size
+            try:
+                actual = sizes[rel] = _fileio.check_regular(path, "data file").st_size
+            except CorruptCheckpointError as exc:
+                key = self._reqs_by_file[rel][0].storage_index.fqn
+                raise CorruptCheckpointError(
+                    f"{exc} (it holds {key!r})", filename=path, key=key
+                ) from None
             if actual < needed:
                 raise self._explain_truncation(TruncatedFileError(path, needed, actual))
+        if self.reader.verify:
+            self._load_tables(sizes)
 
         direct: dict[str, list[Box]] = {}
         commits: list[tuple[ReadItem, torch.Tensor]] = []
         buffered: list[_Buffered] = []
         unknown: list[ReadItem] = []
-        payloads = self.reader._payloads
+        side = self.reader._sidecar
+        entries = side.entries if side.usable else {}
 
         for req in items:
             info = self._info(req)
@@ -450,94 +484,73 @@ class _ReadRun:
             if info.transform_descriptors:
                 buffered.append(self._whole_item_op(req, info))
                 continue
-            entry = payloads.get(info.relative_path, {}).get(info.offset)
+            entry = entries.get(info.relative_path, {}).get(info.offset)
             if entry is None:
                 unknown.append(req)
                 continue
-            length, payload_rel = entry
             dtype, size = self._chunk_size(req)
+            payload_rel = self._check_entry(req, info, entry, dtype, size)
             saved = layout.SavedTensor(dtype, size, layout.contiguous_stride(size), 0)
-            nbytes = dtype.itemsize
-            for s in size:
-                nbytes *= s
-            if length != info.length or payload_rel + nbytes > info.length:
-                raise CorruptCheckpointError(
-                    f"{info.relative_path}: item {req.storage_index.fqn!r} at offset {info.offset} "
-                    f"does not match the sidecar (payload {payload_rel}+{nbytes} bytes, "
-                    f"item {info.length} bytes, sidecar says {length})",
-                    filename=self._path(info.relative_path),
-                    key=req.storage_index.fqn,
-                    offset=info.offset,
-                )
             self._plan_tensor(req, info, saved, info.offset + payload_rel, direct, commits, buffered)
 
         if unknown:
             self._probe(unknown, direct, commits, buffered)
 
-        if self.reader.verify and self.reader._crc_files:
-            self._load_tables(direct, buffered)
         self._execute_rounds(direct, buffered)
         for req, target in commits:
             self.planner.commit_tensor(req, target)
 
-    def _load_tables(self, direct: dict[str, list[Box]], buffered: list[_Buffered]) -> None:
-        """Read the window of each checksum table that this read's blocks need."""
-        spans: dict[str, list[int]] = {}
+    def _check_entry(
+        self, req: ReadItem, info: _stock._StorageInfo, entry: tuple[int, int], dtype, size
+    ) -> int:
+        """The payload offset a sidecar entry gives, once it agrees with the metadata and framing.
 
-        def widen(rel: str, lo: int, hi: int) -> None:
-            if hi <= lo or rel not in self.reader._crc_files:
-                return
-            span = spans.setdefault(rel, [lo, hi])
-            span[0], span[1] = min(span[0], lo), max(span[1], hi)
+        dcp_native frames a tensor of ``dtype``/``size`` with a trailer of known
+        length right after the payload, so the payload's offset in an item of
+        the metadata's length is determined: an entry that says otherwise
+        (shifted, negative, past the end) is refused before anything is
+        allocated or read.
+        """
+        length, payload_rel = entry
+        nbytes = dtype.itemsize
+        for s in size:
+            nbytes *= s
+        trailer = len(layout.frame_tensor(dtype, size, info.offset, _SERIALIZATION_ID).trailer)
+        expected = info.length - nbytes - trailer
+        if length != info.length or payload_rel != expected:
+            raise CorruptCheckpointError(
+                f"{info.relative_path}: the sidecar's entry for {req.storage_index.fqn!r} at offset "
+                f"{info.offset} (item {length} bytes, payload at {payload_rel}) does not match the "
+                f"metadata's {dtype} tensor of size {list(size)} in an item of {info.length} bytes "
+                f"(payload at {expected})",
+                filename=self._path(info.relative_path),
+                key=req.storage_index.fqn,
+                offset=info.offset,
+            )
+        return payload_rel
 
-        for rel, boxes in direct.items():
-            for box in boxes:
-                widen(rel, *box.file_span)
-        for op in buffered:
-            widen(op.relative_path, op.file_offset, op.file_offset + op.nbytes)
-        if not spans:
-            return
-        header = integrity.HEADER.size
-        heads = {rel: bytearray(header) for rel in spans}
-        boxes = {}
-        for rel, buf in heads.items():
-            table_rel = self.reader._crc_files[rel]
-            _check_relative_path(str(self.reader.path), os.path.realpath(self.reader.path), table_rel, rel)
-            boxes[table_rel] = [Box(0, _bytearray_address(buf), header)]
-        self._read_plain(boxes)
-        windows = {}
-        boxes = {}
-        for rel, (lo, hi) in spans.items():
-            table_rel = self.reader._crc_files[rel]
-            try:
-                block, size, count = integrity.parse_header(bytes(heads[rel]), self._path(table_rel))
-            except ValueError as exc:
-                raise CorruptCheckpointError(str(exc), filename=self._path(table_rel)) from None
-            actual = os.stat(self._path(rel)).st_size
-            if size != actual:
-                raise IntegrityError(
-                    f"{self._path(rel)} has {actual} bytes, but its checksum table describes "
-                    f"{size}: the file changed after it was written",
-                    filename=self._path(rel),
+    def _load_tables(self, sizes: dict[str, int]) -> None:
+        """The checksum table of every data file this read touches; IntegrityError if one is lacking."""
+        side = self.reader._sidecar
+        root = os.path.realpath(self.reader.path)
+        for rel, reqs in self._reqs_by_file.items():
+            path = self._path(rel)
+            table = side.tables.get(rel) if side.usable else None
+            if table is None:
+                key = reqs[0].storage_index.fqn
+                why = side.reason if not side.usable else (
+                    f"the save wrote no checksum table for {rel} (checksums=False, or the "
+                    "Python engine's default without fast CRC32C)"
                 )
-            first, last = lo // block, (hi - 1) // block
-            crcs = array("I", bytes(4 * (last - first + 1)))
-            windows[rel] = integrity.Table(block, size, first, crcs)
-            boxes[table_rel] = [
-                Box(header + 4 * first, crcs.buffer_info()[0], 4 * (last - first + 1))
-            ]
-        self._read_plain(boxes)
-        self.tables = windows
-
-    def _read_plain(self, boxes_by_file: dict[str, list[Box]]) -> None:
-        """Small reads of side files (checksum tables), sizes checked by the engine."""
-        files = []
-        for rel, boxes in boxes_by_file.items():
-            need = max(b.file_span[1] for b in boxes)
-            files.append(ReadFile(self._path(rel), need, encode_boxes(boxes)))
-        stats = self.engine.read(files, threads=self.reader.thread_count)
-        self.stats.bytes_read += stats.bytes_read
-        self.stats.calls += stats.calls
+                raise IntegrityError(
+                    f"verify=True, but {key!r} in {path} cannot be verified: {why}",
+                    filename=path,
+                    key=key,
+                )
+            _check_relative_path(str(self.reader.path), root, table.file, reqs[0].storage_index.fqn)
+            self.tables[rel] = integrity.load_table(self._path(table.file), table, path, sizes[rel])
+            self.stats.bytes_read += table.size
+            self.stats.calls += 1
 
     def _execute_rounds(self, direct: dict[str, list[Box]], buffered: list[_Buffered]) -> None:
         """Direct copies go with the first round; buffered ones in rounds within the budget."""
@@ -566,7 +579,7 @@ class _ReadRun:
             for op, buf in batch:
                 try:
                     op.finish(memoryview(buf))
-                except (CorruptCheckpointError, TruncatedFileError):
+                except CheckpointError:
                     raise
                 except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
                     raise CorruptCheckpointError(
@@ -669,7 +682,7 @@ class _ReadRun:
         Not when the load verifies this file: checksums are computed on host
         memory, so such items are read into a host buffer, checked, then copied.
         """
-        if self.reader.verify and rel in self.reader._crc_files:
+        if self.reader.verify:
             return False
         if self._cuda_usable is None:
             status = getattr(self.engine, "cuda_status", None)
@@ -687,8 +700,17 @@ class _ReadRun:
         return stream
 
     def _bytes_op(self, req: ReadItem, info: _stock._StorageInfo) -> _Buffered:
+        check = not self.reader.allow_pickle
+
         def finish(buf: memoryview) -> None:
             data = self._transform(req, info, buf).read(-1) if info.transform_descriptors else bytes(buf)
+            if check and _unpickles(self.planner, data):
+                # The planner would torch.load(weights_only=False) these bytes:
+                # first make sure that would import nothing weights_only refuses.
+                _safe_pickle.check_object(
+                    data, key=req.storage_index.fqn, filename=self._path(info.relative_path),
+                    offset=info.offset,
+                )
             self.planner.load_bytes(req, io.BytesIO(data))
 
         return _Buffered(info.relative_path, info.offset, info.length, finish, req.storage_index.fqn)

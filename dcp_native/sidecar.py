@@ -1,81 +1,233 @@
 """The sidecar: what dcp_native adds to a stock checkpoint, and when to trust it.
 
-``<metadata file>.dcp_native`` (JSON, written under the commit protocol just
-before the metadata) records where each tensor payload starts within its item
-and which data files have a CRC32C table. It belongs to exactly one save: the
-``save_id`` it names must be the one in ``.metadata``'s storage meta, so a
-sidecar left behind by an earlier save (e.g. a stock save over a dcp_native
-one) is ignored, and readers fall back to parsing item headers.
+Each save writes ``<metadata file>.<tag>.dcp_native`` (``tag``: see
+:func:`save_tag`), under the commit protocol, before its metadata. It records
+where each tensor payload starts within its item and, for each data file with
+a CRC32C table, that table's size and SHA-256. Its name belongs to one save,
+so a save that fails after writing it never leaves a committed checkpoint
+with another save's sidecar.
+
+Nothing in it is trusted unchecked:
+
+* the file is a regular file (never a FIFO), with a header whose SHA-256
+  covers the body: a damaged sidecar is detected;
+* it is bound to its metadata: the save id, the metadata file's name and the
+  SHA-256 of the metadata file's exact bytes must match, so a sidecar next to
+  another save's (or an edited) ``.metadata`` is not used;
+* each entry is checked against the metadata by the reader before use.
+
+A sidecar that fails a check is ignored (readers fall back to parsing item
+headers), and :attr:`Sidecar.reason` says why, for ``verify=True`` (which then
+cannot verify and says so) and for the command line.
+
+File layout (little-endian)::
+
+    magic    8 bytes   b"DCPNSIDE"
+    version  u32       FORMAT_VERSION
+    reserved u32       0
+    length   u64       bytes of the body
+    sha256   32 bytes  of the body
+    body     JSON      {"format", "version", "save_id", "metadata",
+                        "metadata_sha256", "metadata_size",
+                        "items":  {data file: [[item offset, item length, payload offset], ...]},
+                        "tables": {data file: {"file", "size", "sha256"}}}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import struct
 from typing import Any
 
-#: The sidecar of metadata file ``M`` is ``M + SUFFIX``.
+from . import _fileio
+from ._errors import CorruptCheckpointError
+
+#: The sidecar of metadata file ``M`` for save tag ``T`` is ``f"{M}.{T}{SUFFIX}"``.
 SUFFIX = ".dcp_native"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAGIC = b"DCPNSIDE"
+_HEADER = struct.Struct("<8sIIQ32s")
+#: The name earlier dcp_native versions used (format 1: no checksum, not bound to the metadata).
+LEGACY_SUFFIX = ".dcp_native"
+#: A sidecar larger than this is refused unread (about 20 million items).
+MAX_BYTES = 1 << 30
+#: Suffix of a data file's CRC32C table (dcp_native.integrity).
+TABLE_SUFFIX = ".crc32c"
+
+
+def save_tag(save_id: str) -> str:
+    """The 8 hex digits that name one save's files (data files, sidecar, temp and lock files)."""
+    return hashlib.sha256(str(save_id).encode()).hexdigest()[:8]
+
+
+def file_name(metadata_name: str, save_id: str) -> str:
+    return f"{metadata_name}.{save_tag(save_id)}{SUFFIX}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TableInfo:
+    """A data file's CRC32C table as the sidecar records it."""
+
+    file: str
+    size: int
+    sha256: str
 
 
 @dataclasses.dataclass
 class Sidecar:
-    #: "absent", "matching", "stale" (another save's), "unreadable", "unknown version"
+    #: "matching" (usable), "absent", "legacy", "stale", "damaged", "unknown version"
     status: str
+    #: Why it is not usable, in words (empty when usable).
+    reason: str = ""
     version: Any = None
-    #: relative path -> item offset -> the entry's other fields (item length, payload offset)
-    entries: dict[str, dict[int, list[int]]] = dataclasses.field(default_factory=dict)
-    #: data file -> its CRC32C table file
-    checksums: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: The file it was read from (relative to the checkpoint directory), if any.
+    name: str | None = None
+    #: relative path -> item offset -> (item length, payload offset within the item)
+    entries: dict[str, dict[int, tuple[int, int]]] = dataclasses.field(default_factory=dict)
+    #: data file -> its CRC32C table
+    tables: dict[str, TableInfo] = dataclasses.field(default_factory=dict)
 
     @property
     def usable(self) -> bool:
         return self.status == "matching"
 
 
-def document(save_id: str, metadata_name: str, items: dict, checksums: dict) -> bytes:
-    """The sidecar's bytes for one save."""
-    doc = {
-        "format": "dcp_native",
-        "version": FORMAT_VERSION,
-        "save_id": save_id,
-        "metadata": metadata_name,
-        "items": items,
-        "checksums": checksums,
-    }
-    return json.dumps(doc, separators=(",", ":")).encode()
+def digest(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def _entry(row: Any) -> tuple[int, list[int]]:
-    """``[item offset, item length, payload offset within the item]`` as offset -> the rest."""
-    if not isinstance(row, list) or len(row) != 3:
-        raise ValueError(f"sidecar entry {row!r} is not [offset, length, payload offset]")
-    return int(row[0]), [int(row[1]), int(row[2])]
+def document(
+    save_id: str,
+    metadata_name: str,
+    metadata_bytes: bytes,
+    items: dict[str, list[list[int]]],
+    tables: dict[str, TableInfo],
+) -> bytes:
+    """The sidecar's bytes for one save, bound to the metadata file's bytes."""
+    body = json.dumps(
+        {
+            "format": "dcp_native",
+            "version": FORMAT_VERSION,
+            "save_id": save_id,
+            "metadata": metadata_name,
+            "metadata_sha256": digest(metadata_bytes),
+            "metadata_size": len(metadata_bytes),
+            "items": items,
+            "tables": {rel: dataclasses.asdict(t) for rel, t in tables.items()},
+        },
+        separators=(",", ":"),
+    ).encode()
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
 
 
-def read(path: str, metadata: Any) -> Sidecar:
-    """Read the sidecar at ``path`` and decide whether it belongs to ``metadata``."""
-    try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        return Sidecar("absent")
-    except (OSError, ValueError):
-        return Sidecar("unreadable")
-    if not isinstance(doc, dict) or doc.get("format") != "dcp_native":
-        return Sidecar("unreadable")
-    version = doc.get("version")
+def _int(value: Any) -> int:
+    if type(value) is not int or value < 0 or value >= 1 << 63:
+        raise ValueError(f"{value!r} is not a file offset or length")
+    return value
+
+
+def _entries(items: Any) -> dict[str, dict[int, tuple[int, int]]]:
+    if not isinstance(items, dict):
+        raise ValueError("items is not a mapping")
+    out: dict[str, dict[int, tuple[int, int]]] = {}
+    for rel, rows in items.items():
+        if not isinstance(rows, list):
+            raise ValueError(f"the items of {rel!r} are not a list")
+        file_rows: dict[int, tuple[int, int]] = {}
+        for row in rows:
+            if not isinstance(row, list) or len(row) != 3:
+                raise ValueError(f"entry {row!r} of {rel!r} is not [offset, length, payload offset]")
+            offset, length, payload = (_int(v) for v in row)
+            if payload > length:
+                raise ValueError(f"entry {row!r} of {rel!r} puts the payload past the item's end")
+            file_rows[offset] = (length, payload)
+        out[rel] = file_rows
+    return out
+
+
+def _tables(tables: Any) -> dict[str, TableInfo]:
+    if not isinstance(tables, dict):
+        raise ValueError("tables is not a mapping")
+    out = {}
+    for rel, t in tables.items():
+        if not isinstance(t, dict) or set(t) != {"file", "size", "sha256"}:
+            raise ValueError(f"the table entry of {rel!r} is malformed")
+        # A table lies beside its data file under a fixed name: nothing else may be named here.
+        if t["file"] != rel + TABLE_SUFFIX:
+            raise ValueError(f"the table of {rel!r} is named {t['file']!r}, not {rel + TABLE_SUFFIX!r}")
+        sha = t["sha256"]
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ValueError(f"the table digest of {rel!r} is not a SHA-256")
+        out[rel] = TableInfo(t["file"], _int(t["size"]), sha)
+    return out
+
+
+def read(directory: str, metadata_name: str, metadata: Any, metadata_bytes: bytes) -> Sidecar:
+    """The sidecar of the metadata ``metadata_name`` (parsed ``metadata``, raw ``metadata_bytes``).
+
+    Never raises for a bad sidecar: the result says whether it is usable and why not.
+    """
     save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
-    if save_id is None or doc.get("save_id") != save_id:
-        return Sidecar("stale", version)
-    if version != FORMAT_VERSION:
-        return Sidecar("unknown version", version)
+    if not save_id:
+        return Sidecar("absent", "the metadata names no save (written by stock DCP)")
+    name = file_name(metadata_name, save_id)
+    path = os.path.join(directory, name)
     try:
-        entries = {
-            rel: dict(_entry(row) for row in rows) for rel, rows in doc.get("items", {}).items()
-        }
-        checksums = {rel: str(e["file"]) for rel, e in (doc.get("checksums") or {}).items()}
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError):
-        return Sidecar("unreadable", version)
-    return Sidecar("matching", version, entries, checksums)
+        data = _fileio.read_regular(path, MAX_BYTES, what="sidecar")
+    except FileNotFoundError:
+        if os.path.lexists(os.path.join(directory, metadata_name + LEGACY_SUFFIX)):
+            return Sidecar(
+                "legacy",
+                f"{metadata_name + LEGACY_SUFFIX} is in the unprotected format of an earlier "
+                "dcp_native (no checksum, not bound to the metadata) and is ignored",
+                1,
+                metadata_name + LEGACY_SUFFIX,
+            )
+        return Sidecar("absent", f"there is no {name} (written by stock DCP, or the sidecar was lost)")
+    except (OSError, CorruptCheckpointError) as exc:
+        return Sidecar("damaged", f"{name} cannot be read: {exc}", name=name)
+
+    def damaged(why: str, version: Any = None) -> Sidecar:
+        return Sidecar("damaged", f"{name} is damaged: {why}", version, name)
+
+    if len(data) < _HEADER.size:
+        return damaged("it is shorter than its header")
+    magic, version, _, length, body_sha = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        return damaged("it does not start with a dcp_native sidecar header")
+    if version != FORMAT_VERSION:
+        return Sidecar(
+            "unknown version",
+            f"{name} has format {version}, which this dcp_native does not know",
+            version,
+            name,
+        )
+    body = data[_HEADER.size :]
+    if length != len(body):
+        return damaged(f"its header says {length} bytes of body, the file has {len(body)}", version)
+    if hashlib.sha256(body).digest() != body_sha:
+        return damaged("its SHA-256 does not match its contents", version)
+    try:
+        doc = json.loads(body)
+        if not isinstance(doc, dict) or doc.get("format") != "dcp_native" or doc.get("version") != version:
+            raise ValueError("its body is not a dcp_native sidecar")
+        if doc.get("save_id") != save_id or doc.get("metadata") != metadata_name:
+            return Sidecar("stale", f"{name} belongs to another save", version, name)
+        if doc.get("metadata_sha256") != digest(metadata_bytes) or doc.get("metadata_size") != len(
+            metadata_bytes
+        ):
+            return Sidecar(
+                "stale",
+                f"{name} was written for other bytes of {metadata_name}: the metadata changed "
+                "after the save",
+                version,
+                name,
+            )
+        entries = _entries(doc.get("items"))
+        tables = _tables(doc.get("tables"))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        return damaged(str(exc), version)
+    return Sidecar("matching", "", version, name, entries, tables)

@@ -22,7 +22,6 @@ import io
 import operator
 import os
 import pickle
-import re
 import threading
 import time
 from array import array
@@ -35,17 +34,20 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import _device, integrity, layout, sidecar
+from . import _device, commit, integrity, layout, sidecar
 from ._backend import get_engine
 from .engine import DEFAULT_STAGING_BYTES, SRC_BLOB, WriteFile
 from .plan import FileLayout
 from .staging import StagingArea
 
 _METADATA_NAME = ".metadata"
-#: Data files as stock and dcp_native name them (dcp_native adds a tag when
-#: saving over a committed checkpoint), and temporary files of the commit.
-_DATA_FILE_RE = re.compile(r"^__\d+_\d+(\.[0-9a-f]{8})?\.distcp(\.crc32c)?$")
-_TMP_RE = re.compile(r"^(__\d+)?\.metadata(\.dcp_native)?\.tmp$")
+
+
+@dataclasses.dataclass
+class _SavePrefix(_stock._StoragePrefix):
+    """Stock's per-rank file prefix plus the tag of this save (every rank's files carry it)."""
+
+    tag: str = ""
 
 
 @dataclasses.dataclass
@@ -54,8 +56,8 @@ class _NativeStorageInfo(_stock._StorageInfo):
 
     #: Offset of the tensor payload from the item's first byte (-1: not a fast-path tensor).
     payload_offset: int = -1
-    #: The data file's checksum table (relative path), if one was written.
-    crc_file: str | None = None
+    #: The data file's checksum table, if one was written.
+    table: sidecar.TableInfo | None = None
 
     def stock(self) -> _stock._StorageInfo:
         return _stock._StorageInfo(
@@ -149,25 +151,6 @@ def _torch_save_bytes(tensor: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     torch.save(tensor, buf)
     return buf.getvalue()
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if directory else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: str, data: bytes, sync: bool) -> None:
-    """Write ``path`` through a temporary file and a rename; fsync both when ``sync``."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FileSystemWriter(_stock.FileSystemWriter):
@@ -279,12 +262,14 @@ class FileSystemWriter(_stock.FileSystemWriter):
     # ------------------------------------------------------------------ staging (AsyncStager)
 
     #: Attributes that never pickle: staging memory, pinned pools, locks.
-    _RUNTIME = ("_staging", "_pools", "_pool_lock")
+    _RUNTIME = ("_staging", "_pools", "_pool_lock", "_marker")
 
     def _init_runtime(self) -> None:
         self._staging: StagingArea | None = None
         self._pools: dict[tuple[str, int], Any] = {}
         self._pool_lock = threading.Lock()
+        #: The marker of this writer's save in progress (coordinator only; dcp_native.commit).
+        self._marker: commit.SaveMarker | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # DCP's process executor pickles the writer on the thread that waits for
@@ -349,6 +334,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self._claim()
+        self._abandon()
         super().reset(checkpoint_id)
 
     def storage_meta(self):
@@ -374,13 +360,43 @@ class FileSystemWriter(_stock.FileSystemWriter):
         fmt = getattr(self, "serialization_format", None)
         return fmt is not None and fmt != _stock.SerializationFormat.TORCH_SAVE
 
-    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        plan = super().prepare_local_plan(plan)
-        # Saving over a committed checkpoint: write data files under new names,
-        # so the old checkpoint stays intact (and loadable) until the new
-        # .metadata replaces it; finish() then removes the old files.
-        self._file_tag = f".{self.save_id[:8]}" if self._metadata_exists() else ""
-        return plan
+    def _rank_local(self) -> bool:
+        """Every rank commits its own ``__{rank}.metadata`` (DCP's ``use_collectives=False``)."""
+        return not getattr(self, "use_collectives", True) and self.rank is not None
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """The coordinator's step before any rank writes: name this save and mark it in progress.
+
+        A fresh save id per save (DCP keeps a writer's id across saves made
+        without ``checkpoint_id``), whose tag names every file of the save, so
+        no two saves ever write one file; leftovers of dead saves are removed
+        and this save's marker is taken (see :mod:`dcp_native.commit`).
+        """
+        plans = super().prepare_global_plan(plans)
+        self._abandon()
+        self.save_id = _stock._generate_uuid()
+        tag = sidecar.save_tag(self.save_id)
+        directory = str(self.path)
+        with commit.DirectoryLock(directory):
+            commit.clean_before_save(directory, tag, self.rank if self._rank_local() else None)
+            self._marker = commit.SaveMarker(directory, tag)
+        return [
+            dataclasses.replace(plan, storage_data=_SavePrefix(plan.storage_data.prefix, tag))
+            for plan in plans
+        ]
+
+    def _abandon(self) -> None:
+        """End this writer's earlier save if it never committed (it failed elsewhere): remove its files."""
+        marker, self._marker = self._marker, None
+        if marker is None or not marker.held:
+            return
+        try:
+            with commit.DirectoryLock(marker.directory):
+                commit.remove_own(marker.directory, marker.tag, commit.committed_files(marker.directory))
+        except (OSError, commit.CheckpointError):
+            pass  # best effort: a later save removes what is left once the marker is gone
+        finally:
+            marker.release()
 
     def _checksum_block(self) -> int:
         """Block size of the CRC32C tables to write; 0 for none.
@@ -396,8 +412,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
             enabled = get_engine().name == "native" and integrity.fast_crc32c()
         return integrity.DEFAULT_BLOCK if enabled else 0
 
-    def _data_file_name(self, prefix: str, n: int) -> str:
-        return f"{prefix}{n}{getattr(self, '_file_tag', '')}{_stock.DEFAULT_SUFFIX}"
+    @staticmethod
+    def _data_file_name(storage: Any, n: int) -> str:
+        tag = getattr(storage, "tag", "")
+        return f"{storage.prefix}{n}{'.' + tag if tag else ''}{_stock.DEFAULT_SUFFIX}"
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         self._claim()
@@ -406,7 +424,27 @@ class FileSystemWriter(_stock.FileSystemWriter):
         return self._write_data(plan, planner)
 
     def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        prefix = plan.storage_data.prefix
+        paths: list[str] = []
+        try:
+            results = self._write_files(plan, planner, paths)
+        except BaseException:
+            # A failed save removes what it wrote (never another save's files:
+            # the names carry this save's tag), then the save is over.
+            for path in paths:
+                for name in (path, path + integrity.SUFFIX):
+                    try:
+                        os.unlink(name)
+                    except OSError:
+                        pass
+            if self._marker is not None:
+                self._abandon()
+            raise
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_files(self, plan: SavePlan, planner: SavePlanner, paths: list[str]) -> list[WriteResult]:
+        storage = plan.storage_data
         if self.single_file_per_rank:
             groups = _split_by_size_and_type(self.thread_count, plan.items)
         else:
@@ -420,8 +458,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         layouts: list[FileLayout] = []
         results: list[WriteResult] = []
         for n, items in enumerate(groups):
-            name = self._data_file_name(prefix, n)
+            name = self._data_file_name(storage, n)
             fl = FileLayout(os.path.join(self.path, name), name)
+            paths.append(fl.path)
             # Byte items first, then tensors: stock's order within a file.
             for item in items:
                 if item.type == WriteItemType.BYTE_IO:
@@ -473,28 +512,28 @@ class FileSystemWriter(_stock.FileSystemWriter):
         del keep_alive
         if crc_block:
             self._write_tables(engine, layouts, stats.block_crcs, crc_block, results)
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+        return results
 
     def _write_tables(self, engine, layouts, block_crcs, block, results) -> None:
         """Write each data file's CRC32C table beside it and note it in the results."""
         tables = []
-        names = {}
+        infos = {}
         for fl, crcs in zip(layouts, block_crcs):
             blob = integrity.encode_table(block, fl.size, crcs)
             segments = array("q", (0, SRC_BLOB, 0, len(blob)))
             tables.append(WriteFile(fl.path + integrity.SUFFIX, blob, segments))
-            names[fl.relative_path] = fl.relative_path + integrity.SUFFIX
+            infos[fl.relative_path] = sidecar.TableInfo(
+                fl.relative_path + integrity.SUFFIX, len(blob), sidecar.digest(blob)
+            )
         engine.write(tables, threads=self.thread_count, sync=self.sync_files)
         for i, wr in enumerate(results):
             info = wr.storage_data
-            if info.relative_path in names:
+            if info.relative_path in infos:
                 if not isinstance(info, _NativeStorageInfo):
                     info = _NativeStorageInfo(
                         info.relative_path, info.offset, info.length, info.transform_descriptors
                     )
-                info.crc_file = names[info.relative_path]
+                info.table = infos[info.relative_path]
                 results[i] = WriteResult(index=wr.index, size_in_bytes=wr.size_in_bytes, storage_data=info)
 
     def _add_transformed_item(self, fl: FileLayout, item: WriteItem, data: Any) -> WriteResult:
@@ -562,16 +601,29 @@ class FileSystemWriter(_stock.FileSystemWriter):
     # ------------------------------------------------------------------ commit
 
     def _metadata_name(self) -> str:
-        if not getattr(self, "use_collectives", True) and self.rank is not None:
+        if self._rank_local():
             return f"__{self.rank}{_METADATA_NAME}"
         return _METADATA_NAME
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """Commit: sidecar, then ``.metadata``, each via fsynced temp file and rename."""
+        """Commit (see :mod:`dcp_native.commit`): sidecar, then ``.metadata`` through a rename."""
+        marker = self._marker
+        try:
+            self._commit(metadata, results)
+        except BaseException:
+            if marker is not None and marker.held:
+                self._abandon()  # its files go, unless the commit got as far as the rename
+            raise
+        finally:
+            self._marker = None
+            if marker is not None:
+                marker.release()
+
+    def _commit(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         metadata.version = getattr(_stock, "CURRENT_DCP_VERSION", getattr(metadata, "version", None))
         storage_md = {}
         payloads: dict[str, list[list[int]]] = {}
-        checksums: dict[str, dict[str, Any]] = {}
+        tables: dict[str, sidecar.TableInfo] = {}
         for wr_list in results:
             for wr in wr_list:
                 info = wr.storage_data
@@ -580,57 +632,29 @@ class FileSystemWriter(_stock.FileSystemWriter):
                         payloads.setdefault(info.relative_path, []).append(
                             [info.offset, info.length, info.payload_offset]
                         )
-                    if info.crc_file:
-                        checksums[info.relative_path] = {"file": info.crc_file}
+                    if info.table is not None:
+                        tables[info.relative_path] = info.table
                     info = info.stock()
                 storage_md[wr.index] = info
         metadata.storage_data = storage_md
         metadata.storage_meta = self.storage_meta()
-
-        directory = str(self.path)
         metadata_name = self._metadata_name()
-        write_atomically(
-            os.path.join(directory, f"{metadata_name}{sidecar.SUFFIX}"),
-            sidecar.document(
-                self.save_id,
-                metadata_name,
-                {k: sorted(v, key=operator.itemgetter(0)) for k, v in payloads.items()},
-                checksums,
-            ),
-            self.sync_files,
+        metadata_bytes = pickle.dumps(metadata)
+        side = sidecar.document(
+            self.save_id,
+            metadata_name,
+            metadata_bytes,
+            {k: sorted(v, key=operator.itemgetter(0)) for k, v in payloads.items()},
+            tables,
         )
-        write_atomically(
-            os.path.join(directory, metadata_name),
-            pickle.dumps(metadata),
-            self.sync_files,
+        commit.commit(
+            str(self.path),
+            metadata_name,
+            metadata_bytes,
+            side,
+            self.save_id,
+            sync=self.sync_files,
+            overwrite=self.overwrite,
+            rank=self.rank if self._rank_local() else None,
+            metadata=metadata,
         )
-        if self.sync_files:
-            _fsync_path(directory, directory=True)
-        self._remove_leftovers(directory, storage_md)
-
-    def _remove_leftovers(self, directory: str, storage_md: dict) -> None:
-        """After a commit: remove data files the new metadata does not name, and temp files.
-
-        These are the previous checkpoint's files when saving over it, and what an
-        interrupted save left behind. Only names this writer (or stock) produces
-        are touched; in rank-local mode (no collectives) only this rank's.
-        """
-        referenced = {info.relative_path for info in storage_md.values()}
-        referenced |= {rel + integrity.SUFFIX for rel in referenced}
-        rank_local = not getattr(self, "use_collectives", True) and self.rank is not None
-        pattern = _DATA_FILE_RE if not rank_local else re.compile(
-            rf"^__{self.rank}_\d+(\.[0-9a-f]{{8}})?{re.escape(_stock.DEFAULT_SUFFIX)}(\.crc32c)?$"
-        )
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            return
-        for name in names:
-            stale = (pattern.match(name) and name not in referenced) or (
-                not rank_local and _TMP_RE.match(name)
-            )
-            if stale:
-                try:
-                    os.unlink(os.path.join(directory, name))
-                except FileNotFoundError:
-                    pass

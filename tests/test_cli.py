@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 import dcp_native
+from _files import data_file, data_files, sidecar_file
 
 WRITERS = ("native", "stock")
 # torch warns at import when numpy is absent (our venvs have none); a user would silence
@@ -249,29 +250,30 @@ def test_verify_intact(engine_name, checkpoints):
 def damage(path: Path, lose_file: bool) -> set[tuple]:
     """Three independent faults in one checkpoint; returns (file, key, offset) of each."""
     items = storage(path)
+    f0, f1 = data_files(path)
     in_file = {
         f: sorted(
             (info.offset, idx.fqn, info.length) for idx, info in items.items()
             if info.relative_path == f
         )
-        for f in ("__0_0.distcp", "__0_1.distcp")
+        for f in (f0, f1)
     }
     # 1. Lose the second file, or truncate it inside its last item.
     if lose_file:
-        os.remove(path / "__0_1.distcp")
-        faults = {("__0_1.distcp", None, None)}
+        os.remove(path / f1)
+        faults = {(f1, None, None)}
     else:
-        off, key, length = in_file["__0_1.distcp"][-1]
-        os.truncate(path / "__0_1.distcp", off + length - 10)
-        faults = {("__0_1.distcp", key, off)}
+        off, key, length = in_file[f1][-1]
+        os.truncate(path / f1, off + length - 10)
+        faults = {(f1, key, off)}
     # 2. Garbage over the first local header of one item, 3. over the end records of another.
-    (head_off, head_key, _), (tail_off, tail_key, tail_len) = in_file["__0_0.distcp"][-2:]
-    with open(path / "__0_0.distcp", "r+b") as f:
+    (head_off, head_key, _), (tail_off, tail_key, tail_len) = in_file[f0][-2:]
+    with open(path / f0, "r+b") as f:
         f.seek(head_off)
         f.write(b"\xa5" * 40)
         f.seek(tail_off + tail_len - 30)
         f.write(b"\xa5" * 30)
-    return faults | {("__0_0.distcp", head_key, head_off), ("__0_0.distcp", tail_key, tail_off)}
+    return faults | {(f0, head_key, head_off), (f0, tail_key, tail_off)}
 
 
 def test_verify_damaged(engine_name, tmp_path):
@@ -333,7 +335,7 @@ def test_convert_to_dcp(engine_name, tmp_path):
         engine_name,
     )
     assert whole.returncode == 0 and some.returncode == 0, (whole, some)
-    assert (tmp_path / "all" / ".metadata.dcp_native").exists()  # written by dcp_native
+    assert os.path.exists(sidecar_file(tmp_path / "all"))  # written by dcp_native
     # Read back with stock DCP, an independent reader.
     want = state()
     out = {
@@ -380,7 +382,7 @@ def test_errors_and_help(checkpoints, tmp_path):
     # Data files without a readable .metadata: damaged (exit 1), not a wrong path (exit 2).
     for res in (no_md, garbled):
         assert res.returncode == 1 and res.stderr == "", res
-    assert ".metadata: missing" in no_md.stdout and "__0_0.distcp" in no_md.stdout, no_md
+    assert ".metadata: missing" in no_md.stdout and "__0_0." in no_md.stdout, no_md
     assert ".metadata: cannot be read as DCP metadata" in garbled.stdout, garbled
 
     assert helped.returncode == 0, helped
@@ -444,7 +446,7 @@ def test_verify_checks_crc32c_tables(engine_name, tmp_path, capsys):
     dcp.save(sd, storage_writer=dcp_native.FileSystemWriter(ck, checksums=True), no_dist=True)
     assert cli.main(["verify", str(ck)]) == 0
     assert "CRC32C of every 4 KiB block checked" in capsys.readouterr().out
-    with open(ck / "__0_0.distcp", "r+b") as f:
+    with open(data_file(ck), "r+b") as f:
         f.seek(200000)
         b = f.read(1)
         f.seek(200000)
@@ -452,5 +454,6 @@ def test_verify_checks_crc32c_tables(engine_name, tmp_path, capsys):
     assert cli.main(["verify", str(ck), "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
     (problem,) = doc["problems"]
-    assert problem["file"] == "__0_0.distcp" and problem["offset"] == 200000 // 4096 * 4096
+    assert problem["file"] == os.path.basename(data_file(ck))
+    assert problem["offset"] == 200000 // 4096 * 4096
     assert problem["key"] == "a" and "checksum mismatch" in problem["message"]

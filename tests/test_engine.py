@@ -541,20 +541,6 @@ def test_write_permission_denied(engine, tmp_path):
     assert info.value.filename == path
 
 
-def test_read_error_names_operation_and_offset(engine, tmp_path):
-    """pread on a directory fails with EISDIR after open and fstat succeed."""
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "entry").write_bytes(b"")
-    path = str(tmp_path / "d")
-    if os.stat(path).st_size < 1:
-        pytest.skip("this filesystem reports directories as empty")
-    dest = Mem(1)
-    with pytest.raises(IsADirectoryError) as info:
-        engine.read([ReadFile(path, 0, copies(box(0, dest.addr, 1)))], threads=1)
-    assert info.value.filename == path
-    assert info.value.strerror == f"{os.strerror(errno.EISDIR)} (pread at offset 0)"
-
-
 def test_truncated_below_min_size(engine, tmp_path):
     path = str(tmp_path / "short.distcp")
     write_file(path, b"x" * 100)

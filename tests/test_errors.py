@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
+from _files import data_file
 from dcp_native import _backend
 
 
@@ -61,20 +62,21 @@ def test_missing_directory(engine_name, tmp_path):
 @pytest.mark.parametrize("writer", ["native", "stock"])
 def test_missing_data_file(engine_name, tmp_path, writer):
     save(STATE, tmp_path, writer)
-    os.remove(tmp_path / "__0_0.distcp")
+    path = data_file(tmp_path)
+    os.remove(path)
     out = {"a": torch.zeros(1000), "b": torch.zeros(4096), "c": torch.zeros(3)}
     with pytest.raises(CheckpointException) as ei:
         load(out, tmp_path)
     err = failure(ei)
     assert isinstance(err, FileNotFoundError)
-    assert err.filename == os.path.join(tmp_path, "__0_0.distcp")
+    assert err.filename == path
 
 
 @pytest.mark.parametrize("writer", ["native", "stock"])
 @pytest.mark.parametrize("keep", [0, 100, 5000])
 def test_truncated_data_file(engine_name, tmp_path, writer, keep):
     save(STATE, tmp_path, writer)
-    path = tmp_path / "__0_0.distcp"
+    path = data_file(tmp_path)
     full = os.path.getsize(path)
     os.truncate(path, full - keep - 1 if keep else full - 1)
     actual = os.path.getsize(path)

@@ -8,6 +8,8 @@ import pickle
 import signal
 import time
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -15,6 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
 from _dist import run_ranks
+from _files import data_file, data_files
 
 
 def failure(exc_info) -> BaseException:
@@ -48,10 +51,6 @@ def same(a, b) -> bool:
     )
 
 
-def data_files(path) -> list[str]:
-    return sorted(f for f in os.listdir(path) if f.endswith(".distcp"))
-
-
 # ----------------------------------------------------------------------------- overwrite
 
 
@@ -61,34 +60,38 @@ def test_overwrite_keeps_old_checkpoint_until_commit(engine_name, tmp_path, monk
     old_files = data_files(tmp_path)
 
     # The new save fails after writing its data files, before its commit.
-    def broken_finish(self, metadata, results):
+    written = []
+
+    def broken_commit(directory, *args, **kwargs):
+        written.extend(set(data_files(directory)) - set(old_files))
         raise OSError(errno.EIO, "injected failure before the commit")
 
     with monkeypatch.context() as m:
-        m.setattr(dcp_native.FileSystemWriter, "finish", broken_finish)
+        m.setattr(dcp_native.commit, "commit", broken_commit)
         with pytest.raises(CheckpointException):
             save(new, tmp_path, thread_count=2)
-    leftovers = set(data_files(tmp_path)) - set(old_files)
-    assert leftovers, "the interrupted save wrote its data files under new names"
-    assert set(old_files) <= set(data_files(tmp_path)), "old data files were touched"
+    assert len(written) == 2, "the interrupted save wrote its data files under new names"
+    # ... and removed them when it failed; the old files were not touched.
+    assert data_files(tmp_path) == old_files
     assert same(load(tmp_path, old), old)  # bit-exact old checkpoint
     assert same(load(tmp_path, old, dcp.FileSystemReader(tmp_path)), old)
 
-    # The next save commits and cleans up both the old files and the leftovers.
+    # The next save commits and removes the old files.
     save(new, tmp_path, thread_count=2)
     assert same(load(tmp_path, new), new)
     assert same(load(tmp_path, new, dcp.FileSystemReader(tmp_path)), new)
     remaining = data_files(tmp_path)
-    assert not (set(remaining) & (set(old_files) | leftovers))
+    assert not (set(remaining) & (set(old_files) | set(written)))
     assert len(remaining) == 2
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp") or f.endswith(".lock")
+                and f != ".dcp_native.lock"]
 
 
 def _kill_child(tmp_path, sd, when, **save_kw) -> int:
     """Fork a child that saves ``sd`` and is SIGKILLed at ``when``; returns its status.
 
-    ``when`` is a delay in seconds after the save starts, or ``("replace", n, phase)``:
-    die just before or after the n-th ``os.replace`` of the commit.
+    ``when`` is a delay in seconds after the save starts, or ``("rename", n, phase)``:
+    die just before or after the n-th ``os.rename`` of the commit.
     """
     r, w = os.pipe()
     pid = os.fork()
@@ -97,10 +100,10 @@ def _kill_child(tmp_path, sd, when, **save_kw) -> int:
             os.close(r)
             if isinstance(when, tuple):
                 _, nth, phase = when
-                real = os.replace
+                real = os.rename
                 calls = [0]
 
-                def replace(src, dst):
+                def rename(src, dst):
                     calls[0] += 1
                     if calls[0] == nth and phase == "before":
                         os.kill(os.getpid(), signal.SIGKILL)
@@ -108,7 +111,7 @@ def _kill_child(tmp_path, sd, when, **save_kw) -> int:
                     if calls[0] == nth and phase == "after":
                         os.kill(os.getpid(), signal.SIGKILL)
 
-                os.replace = replace
+                os.rename = rename
             os.write(w, b"go")
             save(sd, tmp_path, **save_kw)
         finally:
@@ -126,8 +129,8 @@ def _kill_child(tmp_path, sd, when, **save_kw) -> int:
     return status
 
 
-KILL_POINTS = [0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, ("replace", 1, "before"),
-               ("replace", 1, "after"), ("replace", 2, "after")]
+KILL_POINTS = [0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, ("rename", 1, "before"),
+               ("rename", 1, "after")]
 #: 34 MiB written in transfers of at most 256 bytes: about 0.07 s (native) to 0.3 s
 #: (python) of writing, so that the delays above land inside the data writes.
 SLOW_IO = "256"
@@ -149,9 +152,9 @@ def test_sigkill_during_overwrite(engine_name, tmp_path, monkeypatch, when):
     assert same(got, old) or same(got, new)
     if not isinstance(when, tuple):
         _OUTCOMES.setdefault(engine_name, []).append("old" if same(got, old) else "new")
-    if when == ("replace", 2, "after"):
+    if when == ("rename", 1, "after"):
         assert same(got, new)
-    if when in (("replace", 1, "before"), ("replace", 1, "after")):
+    if when == ("rename", 1, "before"):
         assert same(got, old)
     # Stock reads the same thing.
     assert same(load(tmp_path, old, dcp.FileSystemReader(tmp_path)), got)
@@ -159,10 +162,14 @@ def test_sigkill_during_overwrite(engine_name, tmp_path, monkeypatch, when):
     save(old, tmp_path)
     assert same(load(tmp_path, old), old)
     assert len(data_files(tmp_path)) == 1
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [".dcp_native.lock", ".metadata", *data_files(tmp_path),
+         *(n for n in os.listdir(tmp_path) if n.endswith(".dcp_native") or n.endswith(".crc32c"))]
+    )
+    assert len([n for n in os.listdir(tmp_path) if n.endswith(".dcp_native")]) == 1
 
 
-@pytest.mark.parametrize("when", [0.0, 0.01, 0.04, ("replace", 1, "after")], ids=str)
+@pytest.mark.parametrize("when", [0.0, 0.01, 0.04, ("rename", 1, "after")], ids=str)
 def test_sigkill_during_first_save(engine_name, tmp_path, monkeypatch, when):
     """Killed before the commit, a fresh directory holds no checkpoint, and says so."""
     new = state(2.0, n=16, rows=256)
@@ -252,7 +259,7 @@ def _set_all_paths(md, rel):
 def test_paths_leaving_the_directory_are_refused(engine_name, tmp_path, rel):
     ck = tmp_path / "ck"
     save({"a": torch.ones(4)}, ck)
-    (tmp_path / "outside.distcp").write_bytes((ck / "__0_0.distcp").read_bytes())
+    (tmp_path / "outside.distcp").write_bytes(Path(data_file(ck)).read_bytes())
     _rewrite_metadata(ck, lambda md: _set_all_paths(md, rel))
     with pytest.raises(CheckpointException) as ei:
         load(ck, {"a": torch.ones(4)})
@@ -265,8 +272,9 @@ def test_symlink_out_of_the_directory_is_refused(engine_name, tmp_path):
     ck = tmp_path / "ck"
     save({"a": torch.ones(4)}, ck)
     outside = tmp_path / "elsewhere.distcp"
-    os.replace(ck / "__0_0.distcp", outside)
-    os.symlink(outside, ck / "__0_0.distcp")
+    inside = data_file(ck)
+    os.replace(inside, outside)
+    os.symlink(outside, inside)
     with pytest.raises(CheckpointException) as ei:
         load(ck, {"a": torch.ones(4)})
     assert "symbolic link" in str(failure(ei))
@@ -376,7 +384,7 @@ def test_eio_on_read(engine_name, tmp_path, monkeypatch):
         load(tmp_path, sd, reader)
     err = failure(ei)
     assert isinstance(err, OSError) and err.errno == errno.EIO
-    assert err.filename == str(tmp_path / "__0_0.distcp")
+    assert err.filename == data_file(tmp_path)
 
 
 @pytest.mark.parametrize("short", ["1", "7", "4096"])

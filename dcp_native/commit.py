@@ -1,0 +1,436 @@
+"""The commit protocol: what makes a directory hold exactly one complete checkpoint.
+
+Several saves may run against one directory at once (two processes, two
+``async_save`` calls, a retry while a failed save's process lingers). They
+never damage each other, and the directory always holds one complete
+checkpoint, the one whose metadata was renamed into place last:
+
+* **Every save names its files after itself.** Its data files, checksum
+  tables, sidecar and temporary metadata carry its *tag*
+  (:func:`dcp_native.sidecar.save_tag`), so no two saves write one file.
+* **A save in progress holds a marker.** Before any rank writes a data file,
+  the save's coordinator creates ``.dcp_native.<tag>.lock`` and holds an
+  exclusive ``flock`` on it until the save has committed or failed. A save
+  whose marker is missing or unlocked is *provably dead* (the kernel drops
+  the lock of a killed process); only dead saves' files are ever removed.
+* **Commits and clean-ups are serialized** by an ``flock`` on
+  ``.dcp_native.lock`` (a file that stays in the directory): the coordinator
+  writes its sidecar and ``.metadata`` through a temporary name, fsyncs them,
+  renames the metadata into place, fsyncs the directory, then removes the
+  files no committed metadata names that belong to no live save.
+* **Nothing named by a committed metadata is removed**, whatever else fails.
+
+Every system call here goes through ``DCP_NATIVE_FAULT`` (one commit is one
+fault scope; see :mod:`dcp_native._fileio`), so each step's failure is tested.
+Filesystems without working ``flock`` (some network filesystems) get the
+same naming, but no save is then provably dead: leftovers of killed saves stay
+until a save finds their markers unlocked.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import os
+import re
+import socket
+import time
+from typing import Any
+
+from . import _fileio, integrity, sidecar
+from ._errors import CheckpointBusyError, CheckpointError
+from ._safe_pickle import load_metadata
+
+LOCK_NAME = ".dcp_native.lock"
+#: How long a save waits for another one's commit or clean-up before it gives up.
+LOCK_TIMEOUT = 600.0
+#: flock failures that mean "this filesystem has no locks", not "someone holds it".
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+_TAG = r"[0-9a-f]{8}"
+#: Files a save writes, by kind; each pattern's groups: rank (or None), tag (or None).
+_NAMES = [
+    ("data", re.compile(rf"^__(\d+)_\d+(?:\.({_TAG}))?\.distcp(?:\.crc32c)?$")),
+    ("sidecar", re.compile(rf"^(?:__(\d+))?\.metadata\.({_TAG})\.dcp_native$")),
+    ("temp", re.compile(rf"^(?:__(\d+))?\.metadata\.({_TAG})\.tmp$")),
+    ("marker", re.compile(rf"^\.dcp_native\.()({_TAG})\.lock$")),
+    # What stock DCP and earlier dcp_native versions leave (no tag).
+    ("legacy", re.compile(r"^(?:__(\d+))?\.metadata(?:\.dcp_native)?\.tmp$()")),
+    ("legacy", re.compile(r"^(?:__(\d+))?\.metadata\.dcp_native$()")),
+]
+_METADATA_RE = re.compile(r"^(?:__\d+)?\.metadata$")
+
+
+def marker_name(tag: str) -> str:
+    return f".dcp_native.{tag}.lock"
+
+
+def temp_name(metadata_name: str, tag: str) -> str:
+    return f"{metadata_name}.{tag}.tmp"
+
+
+def classify(name: str) -> tuple[str, int | None, str | None] | None:
+    """(kind, rank, tag) of a file a save writes, or None for anything else (never touched)."""
+    for kind, pattern in _NAMES:
+        m = pattern.match(name)
+        if m:
+            rank, tag = m.group(1), m.group(2)
+            return kind, int(rank) if rank else None, tag or None
+    return None
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def _flock(fd: int, operation: int) -> bool:
+    """flock; False when the filesystem has no locks."""
+    try:
+        fcntl.flock(fd, operation)
+        return True
+    except OSError as exc:
+        if exc.errno in _NO_LOCKS:
+            return False
+        raise
+
+
+class DirectoryLock:
+    """Exclusive ``flock`` on the directory's lock file, for commits and clean-ups (short)."""
+
+    def __init__(self, directory: str, faults: _fileio.Faults | None = None,
+                 timeout: float = LOCK_TIMEOUT) -> None:
+        self.path = os.path.join(directory, LOCK_NAME)
+        self.faults = faults
+        self.timeout = timeout
+        self.fd = -1
+
+    def __enter__(self) -> "DirectoryLock":
+        self.fd = _fileio.open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644,
+                                       faults=self.faults, what="lock file")
+        try:
+            deadline = time.monotonic() + self.timeout
+            delay = 0.001
+            while True:
+                try:
+                    _flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CheckpointBusyError(
+                            f"{os.path.dirname(self.path)}: another save has held {LOCK_NAME} for "
+                            f"more than {self.timeout:.0f} s (committing or cleaning up); "
+                            "giving up",
+                            filename=self.path,
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.1)
+        except BaseException:
+            _fileio.close_quietly(self.fd)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # Closing the descriptor drops the lock.
+        _fileio.close_quietly(self.fd)
+        self.fd = -1
+
+
+class SaveMarker:
+    """The marker of one save in progress: ``.dcp_native.<tag>.lock``, flocked while it runs.
+
+    Made under the :class:`DirectoryLock`, so a clean-up never sees it half
+    made. Released by :meth:`release` (which removes it) or, if its owner
+    dies or drops it, by the kernel when the descriptor closes.
+    """
+
+    def __init__(self, directory: str, tag: str) -> None:
+        self.directory = directory
+        self.tag = tag
+        self.path = os.path.join(directory, marker_name(tag))
+        self.fd = _fileio.open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644, what="lock file")
+        try:
+            if not _flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                pass  # no locks here: the marker's presence is all there is
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except BlockingIOError:
+            _fileio.close_quietly(self.fd)
+            raise CheckpointBusyError(
+                f"{directory}: a save with the same tag {tag} is in progress", filename=self.path
+            ) from None
+        except BaseException:
+            _fileio.close_quietly(self.fd)
+            raise
+
+    @property
+    def held(self) -> bool:
+        return self.fd >= 0
+
+    def release(self) -> None:
+        """Remove the marker and drop its lock (idempotent)."""
+        if self.fd < 0:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        _fileio.close_quietly(self.fd)
+        self.fd = -1
+
+    def __del__(self) -> None:
+        # Dropped without release (the save's owner went away): the lock goes
+        # with the descriptor, the file stays and says the save is dead.
+        if self.fd >= 0:
+            _fileio.close_quietly(self.fd)
+            self.fd = -1
+
+
+def save_alive(directory: str, tag: str) -> bool:
+    """Whether save ``tag`` is provably alive: its marker exists and someone holds its lock."""
+    path = os.path.join(directory, marker_name(tag))
+    try:
+        fd = _fileio.open_regular(path, os.O_RDONLY, what="lock file")
+    except FileNotFoundError:
+        return False
+    except (OSError, CheckpointError):
+        return True  # cannot tell: keep its files
+    try:
+        if not _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB):
+            return True  # no locks on this filesystem: cannot prove it dead
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        _fileio.close_quietly(fd)
+
+
+# --------------------------------------------------------------------------- what is committed
+
+
+def committed_files(directory: str, known: dict[str, Any] | None = None) -> set[str] | None:
+    """Every file some committed metadata in ``directory`` names (data files, tables, sidecars).
+
+    ``known`` maps metadata file names to their parsed metadata (not read
+    again). None when a metadata file cannot be read: then nothing may be removed.
+    """
+    keep: set[str] = set()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return None
+    for name in names:
+        if not _METADATA_RE.match(name):
+            continue
+        if known and name in known:
+            keep |= referenced_files(name, known[name])
+            continue
+        path = os.path.join(directory, name)
+        try:
+            raw = _fileio.read_regular(path, None, what="metadata")
+            metadata = load_metadata(io.BytesIO(raw), path)
+        except FileNotFoundError:
+            continue
+        except (OSError, CheckpointError):
+            return None
+        keep |= referenced_files(name, metadata)
+    return keep
+
+
+def referenced_files(metadata_name: str, metadata) -> set[str]:
+    """The files one metadata names: its data files, their tables and its sidecar."""
+    keep = set()
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if isinstance(rel, str):
+            keep.add(rel)
+            keep.add(rel + integrity.SUFFIX)
+    save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
+    if save_id:
+        keep.add(sidecar.file_name(metadata_name, save_id))
+    return keep
+
+
+def remove_dead(directory: str, keep: set[str], own_tag: str | None, rank: int | None) -> list[str]:
+    """Remove files of dead saves that no committed metadata names; returns their names.
+
+    Call under the :class:`DirectoryLock`. Files of ``own_tag`` and of live
+    saves stay. With ``rank`` (a rank-local save) only that rank's files are
+    considered. Untagged data files (stock's, earlier dcp_native's) go when no
+    metadata names them.
+    """
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    alive: dict[str, bool] = {}
+    for name in names:
+        kind = classify(name)
+        if kind is None or name in keep:
+            continue
+        _, file_rank, tag = kind
+        if rank is not None and file_rank != rank:
+            continue
+        if tag is not None:
+            if tag == own_tag:
+                continue
+            if tag not in alive:
+                alive[tag] = save_alive(directory, tag)
+            if alive[tag]:
+                continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # best effort: a later save tries again
+    return removed
+
+
+def clean_before_save(directory: str, own_tag: str, rank: int | None) -> None:
+    """Before a save writes anything: remove leftovers of dead saves (under the directory lock).
+
+    Reading the committed metadata costs time on large checkpoints, so it is
+    read only when there can be something to remove: files of more than one
+    dead save, or untagged data files, or no metadata at all.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    dead: set[str] = set()
+    untagged = has_metadata = False
+    for name in names:
+        if _METADATA_RE.match(name):
+            has_metadata = True
+            continue
+        kind = classify(name)
+        if kind is None or (rank is not None and kind[1] != rank):
+            continue
+        tag = kind[2]
+        if tag is None:
+            untagged = True
+        elif tag != own_tag and tag not in dead and not save_alive(directory, tag):
+            dead.add(tag)
+    if not dead and not untagged:
+        return
+    if has_metadata and not untagged and len(dead) == 1:
+        return  # the one dead save is, in all likelihood, the committed checkpoint
+    keep = committed_files(directory) if has_metadata else set()
+    if keep is not None:
+        remove_dead(directory, keep, own_tag, rank)
+
+
+def remove_own(directory: str, tag: str, keep: set[str] | None) -> None:
+    """Remove every file of save ``tag`` except its marker and what ``keep`` names (best effort).
+
+    For a save that failed: its files are garbage, unless a committed metadata
+    names them (``keep``; None means it cannot be known, and nothing but
+    temporary files goes).
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        kind = classify(name)
+        if kind is None or kind[2] != tag or kind[0] == "marker":
+            continue
+        if keep is None and kind[0] != "temp":
+            continue
+        if keep is not None and name in keep:
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- the commit
+
+
+def _write_file(path: str, data: bytes, sync: bool, faults: _fileio.Faults) -> None:
+    """Create ``path`` (which must not exist), write ``data``, fsync when ``sync``, close."""
+    fd = _fileio.open_regular(
+        path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, faults=faults, what="metadata file"
+    )
+    try:
+        view = memoryview(data)
+        offset = 0
+        while offset < len(view):
+            done = _fileio.os_call(faults, _fileio.WRITE, os.pwrite, "pwrite", path, offset, fd,
+                                   view[offset:], offset)
+            if done == 0:
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (pwrite at offset {offset})", path)
+            offset += done
+        if sync:
+            _fileio.os_call(faults, _fileio.FSYNC, os.fsync, "fsync", path, -1, fd)
+    except BaseException:
+        _fileio.close_quietly(fd)
+        raise
+    _fileio.os_call(faults, _fileio.CLOSE, os.close, "close", path, -1, fd)
+
+
+def _fsync_directory(directory: str, faults: _fileio.Faults) -> None:
+    fd = _fileio.os_call(faults, _fileio.OPEN, os.open, "open", directory, -1, directory,
+                         os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    try:
+        _fileio.os_call(faults, _fileio.FSYNC, os.fsync, "fsync", directory, -1, fd)
+    finally:
+        _fileio.close_quietly(fd)
+
+
+def commit(
+    directory: str,
+    metadata_name: str,
+    metadata_bytes: bytes,
+    sidecar_bytes: bytes | None,
+    save_id: str,
+    *,
+    sync: bool,
+    overwrite: bool,
+    rank: int | None,
+    metadata: Any = None,
+) -> None:
+    """Commit one save: sidecar, ``.metadata`` (temp, fsync, rename), directory fsync, clean-up.
+
+    Runs under the directory lock. On failure before the rename, the save's
+    own sidecar and temporary file are removed and the error raised; the
+    previous checkpoint is untouched. A failure after the rename (the
+    directory fsync) raises too, but the new checkpoint is already the
+    committed one and nothing of it is removed.
+    """
+    faults = _fileio.Faults()
+    tag = sidecar.save_tag(save_id)
+    metadata_path = os.path.join(directory, metadata_name)
+    temp_path = os.path.join(directory, temp_name(metadata_name, tag))
+    sidecar_path = os.path.join(directory, sidecar.file_name(metadata_name, save_id))
+    with DirectoryLock(directory, faults):
+        renamed = False
+        try:
+            if not overwrite and os.path.lexists(metadata_path):
+                raise CheckpointBusyError(
+                    f"{directory}: another save committed a checkpoint here while this one was "
+                    "writing, and overwrite=False; this save is abandoned",
+                    filename=metadata_path,
+                )
+            if sidecar_bytes is not None:
+                _write_file(sidecar_path, sidecar_bytes, sync, faults)
+            _write_file(temp_path, metadata_bytes, sync, faults)
+            _fileio.os_call(faults, _fileio.RENAME, os.rename, "rename", temp_path, -1,
+                            temp_path, metadata_path)
+            renamed = True
+            if sync:
+                _fsync_directory(directory, faults)
+        except BaseException:
+            if not renamed:
+                for path in (temp_path, sidecar_path):
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+            raise
+        keep = committed_files(directory, {metadata_name: metadata} if metadata is not None else None)
+        if keep is not None:
+            remove_dead(directory, keep, tag, rank)
