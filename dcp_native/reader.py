@@ -539,8 +539,8 @@ class _ReadRun:
             if table is None:
                 key = reqs[0].storage_index.fqn
                 why = side.reason if not side.usable else (
-                    f"the save wrote no checksum table for {rel} (checksums=False, or the "
-                    "Python engine's default without fast CRC32C)"
+                    f"the save wrote no checksum table for {rel} (written with "
+                    "checksums=False, or by the Python engine, which writes none by default)"
                 )
                 raise IntegrityError(
                     f"verify=True, but {key!r} in {path} cannot be verified: {why}",
