@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import pickletools
+import stat
 import sys
 import time
 import traceback
@@ -845,6 +846,7 @@ class _Verifier:
         self.readable: list[_Item] = []
         self.checked_tensors = 0
         self.checked_objects = 0
+        self.checked_files = 0
 
     def problem(self, message: str, item: _Item | None = None, **where: Any) -> None:
         if item is not None:
@@ -971,8 +973,8 @@ class _Verifier:
             except OSError as exc:
                 self.problem(f"cannot stat the data file: {exc.strerror}", file=rel)
                 continue
-            if not os.path.isfile(path):
-                self.problem("is not a regular file", file=rel)
+            if not stat.S_ISREG(st.st_mode):
+                self.problem(f"is {_fileio.file_kind(st.st_mode)}, not a regular file", file=rel)
                 continue
             self.sizes[rel] = st.st_size
             for item in sorted(items, key=lambda it: it.offset):
@@ -1095,11 +1097,8 @@ class _Verifier:
     def read_all(self) -> None:
         """Read every byte of every item, in rounds within _READ_BUDGET, through the engine.
 
-        This is where payload checksums go: once the sidecar records a CRC32C
-        per payload, ``_read_batch`` updates a running checksum per item from the
-        buffers ``_read_ranges`` returns (pieces come in file order, so an item
-        larger than the budget arrives in consecutive pieces) and compares it
-        with the sidecar's after the item's last piece.
+        Finds unreadable ranges of every file, also of files without checksum
+        tables (those with tables are read whole by :meth:`check_checksums`).
         """
         items = sorted(self.readable, key=lambda it: (it.file, it.offset))
         total = sum(it.length for it in items)
@@ -1156,7 +1155,9 @@ class _Verifier:
         checked = 0
         try:
             for rel in files:
-                checked += self._check_file(rel, tables[rel], progress)
+                n = self._check_file(rel, tables[rel], progress)
+                checked += n
+                self.checked_files += n > 0 or self.sizes[rel] == 0
         finally:
             progress.close()
         return checked
@@ -1249,8 +1250,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
 
     tables = verifier.ck.sidecar.tables if verifier else {}
+    files_checked = verifier.checked_files if verifier else 0
     checksums = (
-        f"CRC32C of every 4 KiB block checked ({_human(checked)} in {_plural(len(tables), 'data file')})"
+        f"CRC32C of every 4 KiB block checked ({_human(checked)} in "
+        f"{_plural(files_checked, 'data file')})"
         if tables else "no checksums recorded"
     )
     if args.json:
@@ -1261,7 +1264,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "problems": [_problem_json(p) for p in problems],
             "notes": verifier.notes if verifier else [],
             "read_all": bool(args.read_all),
-            "checksums": {"files": len(tables), "bytes_checked": checked} if tables else None,
+            "checksums": {"files": files_checked, "bytes_checked": checked} if tables else None,
         }
         print(_json(doc))
     else:
@@ -1577,10 +1580,12 @@ def build_parser() -> argparse.ArgumentParser:
             "directory, local headers, data.pkl), its dtype and shape agree with the\n"
             "metadata and its payload lies inside the item; the dcp_native sidecar\n"
             "agrees with the archives. Only item headers and trailers are read, unless\n"
-            "--read-all. Every problem is listed with its file, offset and key. Payload\n"
-            "checksums are checked when the checkpoint records them (not yet written\n"
-            "by this version). A directory with data files but no .metadata is reported\n"
-            "as damaged (exit 1); one without either is not a checkpoint (exit 2)."
+            "--read-all. Every problem is listed with its file, offset and key. Every\n"
+            "4 KiB block of each data file that has a CRC32C table (dcp_native writes\n"
+            "them by default with its native engine) is read and checked, and the\n"
+            "sidecar and tables are checked against what the save recorded. A directory\n"
+            "with data files but no .metadata is reported as damaged (exit 1); one\n"
+            "without either is not a checkpoint (exit 2)."
         ),
         epilog=EXIT_CODES_HELP,
         formatter_class=formatter,

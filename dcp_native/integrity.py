@@ -94,8 +94,10 @@ def load_table(path: str, info, data_path: str, data_size: int) -> Table:
         raw = _fileio.read_regular(path, info.size, what="checksum table")
     except FileNotFoundError:
         raise refuse("the checksum table is missing") from None
-    except CorruptCheckpointError as exc:
-        raise refuse(str(exc)) from None
+    except CorruptCheckpointError as exc:  # not a regular file, or larger than recorded
+        raise IntegrityError(
+            f"{exc}; the blocks of {data_path} cannot be verified", filename=path
+        ) from None
     if len(raw) != info.size or sidecar.digest(raw) != info.sha256:
         raise refuse("the checksum table is not the one the save wrote (its size or SHA-256 differs)")
     try:

@@ -294,9 +294,10 @@ def _validate_storage_data(directory: str, storage_data: Any) -> None:
 
 def _check_relative_path(directory: str, root: str, rel: Any, key: str) -> None:
     def refuse(why: str) -> None:
+        named = isinstance(rel, str) and rel and "\0" not in rel and not os.path.isabs(rel)
         raise CorruptCheckpointError(
             f"{directory}: item {key!r} names the data file {rel!r}, which {why}; refusing to read it",
-            filename=directory,
+            filename=os.path.join(directory, rel) if named else directory,
             key=key,
         )
 

@@ -416,11 +416,15 @@ def _maybe_profile(spec: dict, fn: Callable[[], Any]) -> Any:
 
 def payload_locations(path: str) -> dict[str, tuple[str, int]]:
     """fqn (whole, unsharded tensors) -> (data file, payload offset), from .metadata + dcp_native's sidecar."""
+    from dcp_native import sidecar
+
     with open(os.path.join(path, ".metadata"), "rb") as f:
-        md = pickle.load(f)
-    with open(os.path.join(path, ".metadata.dcp_native")) as f:
-        side = json.load(f)
-    payload = {(rel, e[0]): e[2] for rel, entries in side["items"].items() for e in entries}
+        raw = f.read()
+    md = pickle.loads(raw)
+    side = sidecar.read(path, ".metadata", md, raw)
+    if not side.usable:
+        raise AssertionError(f"{path}: {side.reason}")
+    payload = {(rel, off): e[1] for rel, rows in side.entries.items() for off, e in rows.items()}
     out = {}
     for index, info in md.storage_data.items():
         key = (info.relative_path, info.offset)
@@ -897,11 +901,15 @@ def _raw_reshard_read(spec: dict, local, c0: int, c1: int, threads: int) -> list
     """Preads of exactly the needed runs: for every saved row, columns [c0, c1)."""
     path = spec["dir"]
     n_cols = spec["shape"][1]
+    from dcp_native import sidecar
+
     with open(os.path.join(path, ".metadata"), "rb") as f:
-        md = pickle.load(f)
-    with open(os.path.join(path, ".metadata.dcp_native")) as f:
-        side = json.load(f)
-    payload = {(rel, e[0]): e[2] for rel, entries in side["items"].items() for e in entries}
+        raw = f.read()
+    md = pickle.loads(raw)
+    side = sidecar.read(path, ".metadata", md, raw)
+    if not side.usable:
+        raise AssertionError(f"{path}: {side.reason}")
+    payload = {(rel, off): e[1] for rel, rows in side.entries.items() for off, e in rows.items()}
     rows_of = {tuple(c.offsets): c.sizes[0] for c in md.state_dict_metadata["w"].chunks}
     chunks = []
     for index, info in md.storage_data.items():
