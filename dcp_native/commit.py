@@ -149,8 +149,9 @@ class SaveMarker:
         self.path = os.path.join(directory, marker_name(tag))
         self.fd = _fileio.open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644, what="lock file")
         try:
-            if not _flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
-                pass  # no locks here: the marker's presence is all there is
+            # On a filesystem without locks the marker's presence is all there is
+            # (save_alive then never calls a save dead).
+            _flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         except BlockingIOError:

@@ -245,8 +245,12 @@ def test_metadata_pickle_that_runs_code_is_refused(engine_name, tmp_path):
     with pytest.raises(dcp_native.CorruptCheckpointError, match="posix.system|os.system") as ei:
         dcp_native.FileSystemReader(tmp_path).read_metadata()
     assert ei.value.filename == str(tmp_path / ".metadata")
-    with pytest.raises(CheckpointException):
+    with pytest.raises(CheckpointException) as ei:
         load(tmp_path, sd)
+    # The refusal is what the user sees, not "missing" (DCP asks for __0.metadata next).
+    err = failure(ei)
+    assert isinstance(err, dcp_native.CorruptCheckpointError) and "refused" in str(err)
+    assert "missing" not in str(err) and err.filename == str(tmp_path / ".metadata")
     assert not marker.exists()
 
 

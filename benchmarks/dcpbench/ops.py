@@ -414,8 +414,8 @@ def _maybe_profile(spec: dict, fn: Callable[[], Any]) -> Any:
 # ----------------------------------------------------------------------------- verification
 
 
-def payload_locations(path: str) -> dict[str, tuple[str, int]]:
-    """fqn (whole, unsharded tensors) -> (data file, payload offset), from .metadata + dcp_native's sidecar."""
+def _sidecar_payloads(path: str) -> tuple[Any, dict[tuple[str, int], int]]:
+    """The metadata, and (data file, item offset) -> payload offset in the item, from the sidecar."""
     from dcp_native import sidecar
 
     with open(os.path.join(path, ".metadata"), "rb") as f:
@@ -424,7 +424,12 @@ def payload_locations(path: str) -> dict[str, tuple[str, int]]:
     side = sidecar.read(path, ".metadata", md, raw)
     if not side.usable:
         raise AssertionError(f"{path}: {side.reason}")
-    payload = {(rel, off): e[1] for rel, rows in side.entries.items() for off, e in rows.items()}
+    return md, {(rel, off): e[1] for rel, rows in side.entries.items() for off, e in rows.items()}
+
+
+def payload_locations(path: str) -> dict[str, tuple[str, int]]:
+    """fqn (whole, unsharded tensors) -> (data file, payload offset), from .metadata + dcp_native's sidecar."""
+    md, payload = _sidecar_payloads(path)
     out = {}
     for index, info in md.storage_data.items():
         key = (info.relative_path, info.offset)
@@ -901,15 +906,7 @@ def _raw_reshard_read(spec: dict, local, c0: int, c1: int, threads: int) -> list
     """Preads of exactly the needed runs: for every saved row, columns [c0, c1)."""
     path = spec["dir"]
     n_cols = spec["shape"][1]
-    from dcp_native import sidecar
-
-    with open(os.path.join(path, ".metadata"), "rb") as f:
-        raw = f.read()
-    md = pickle.loads(raw)
-    side = sidecar.read(path, ".metadata", md, raw)
-    if not side.usable:
-        raise AssertionError(f"{path}: {side.reason}")
-    payload = {(rel, off): e[1] for rel, rows in side.entries.items() for off, e in rows.items()}
+    md, payload = _sidecar_payloads(path)
     rows_of = {tuple(c.offsets): c.sizes[0] for c in md.state_dict_metadata["w"].chunks}
     chunks = []
     for index, info in md.storage_data.items():
