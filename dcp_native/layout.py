@@ -394,18 +394,63 @@ def _nbytes(dtype: torch.dtype, size) -> int:
 def _frame_tensor(dtype, size, base, serialization_id) -> TensorFrame:
     nbytes = _nbytes(dtype, size)
     zb = _ZipBuilder(base)
-    zb.record("data.pkl", tensor_pickle(dtype, size))
-    zb.record(".format_version", b"1")
-    zb.record(".storage_alignment", str(RECORD_ALIGN).encode())
-    zb.record("byteorder", b"little")
+    for name, data in _header_records(dtype, size):
+        zb.record(name, data)
     descriptor, payload_offset = zb.payload("data/0", nbytes, payload_alignment(nbytes))
     header = b"".join(zb.parts)
+    trailer = _trailer(zb, descriptor, serialization_id)
+    return TensorFrame(header, trailer, payload_offset, payload_offset + nbytes + len(trailer))
+
+
+def _header_records(dtype, size) -> list[tuple[str, bytes]]:
+    """The records before the payload, as torch.save writes them."""
+    return [
+        ("data.pkl", tensor_pickle(dtype, size)),
+        (".format_version", b"1"),
+        (".storage_alignment", str(RECORD_ALIGN).encode()),
+        ("byteorder", b"little"),
+    ]
+
+
+def _trailer(zb: _ZipBuilder, descriptor: bytes, serialization_id: bytes) -> bytes:
+    """Everything after the payload: its descriptor, the last records, the directory, the end."""
     zb.parts = [descriptor]
     zb.cursor += len(descriptor)
     zb.record("version", b"3\n")
     zb.record(".data/serialization_id", serialization_id)
-    trailer = b"".join(zb.parts) + zb.end()
-    return TensorFrame(header, trailer, payload_offset, payload_offset + nbytes + len(trailer))
+    return b"".join(zb.parts) + zb.end()
+
+
+def trailer_length(item_offset: int, payload_offset: int, nbytes: int) -> int:
+    """Bytes after the payload in an item dcp_native frames (payload at ``payload_offset``).
+
+    Depends only on where the payload ends (padding to RECORD_ALIGN in the
+    file, ZIP64 past 4 GiB) and whether it is empty, not on the tensor's
+    dtype or shape: a reader checks a sidecar's payload offset with it
+    without framing the tensor again.
+    """
+    end = payload_offset + nbytes
+    if end + (1 << 16) >= _U32_MAX or nbytes >= _U32_MAX:
+        return _trailer_length(item_offset, payload_offset, nbytes)  # rare: exact, uncached
+    return _small_trailer_length((item_offset + end) % RECORD_ALIGN, nbytes > 0)
+
+
+@functools.lru_cache(maxsize=2 * RECORD_ALIGN)
+def _small_trailer_length(end_mod: int, nonempty: bool) -> int:
+    # A stand-in item at offset 0 whose payload (1 or 0 bytes) ends at file offset end_mod.
+    nbytes = int(nonempty)
+    return _trailer_length(end_mod + RECORD_ALIGN - nbytes, RECORD_ALIGN, nbytes)
+
+
+def _trailer_length(item_offset: int, payload_offset: int, nbytes: int) -> int:
+    zb = _ZipBuilder(item_offset)
+    # The directory entries of the records before the payload: fixed-size fields and names.
+    for name, _ in _header_records(torch.uint8, (1,)):
+        zb._central(f"{ARCHIVE_NAME}/{name}".encode(), 1, 0, 0)
+    full = f"{ARCHIVE_NAME}/data/0".encode()
+    zb._central(full, nbytes, 0, 0)
+    zb.cursor = payload_offset + nbytes
+    return len(_trailer(zb, zb._descriptor(nbytes, 0, nbytes >= _U32_MAX), b"0" * 40))
 
 
 # --------------------------------------------------------------------------- zip reader

@@ -43,8 +43,6 @@ from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, DEFAULT_STAGING_BYTES,
 from .plan import Box, encode_boxes, read_box
 
 _METADATA_NAME = ".metadata"
-#: Any 40-digit id: the framing's lengths do not depend on its value.
-_SERIALIZATION_ID = b"0" * 40
 #: A box whose runs are shorter than this, with more runs than _MANY_RUNS, is read
 #: as its covering range and scattered by torch (cheaper than one iovec per element).
 _SHORT_RUN = 512
@@ -506,24 +504,27 @@ class _ReadRun:
     ) -> int:
         """The payload offset a sidecar entry gives, once it agrees with the metadata and framing.
 
-        dcp_native frames a tensor of ``dtype``/``size`` with a trailer of known
-        length right after the payload, so the payload's offset in an item of
-        the metadata's length is determined: an entry that says otherwise
-        (shifted, negative, past the end) is refused before anything is
-        allocated or read.
+        dcp_native aligns a payload in the file and follows it with a trailer
+        whose length depends only on where the payload ends, so in an item of
+        the metadata's length one payload offset fits: an entry that says
+        otherwise (shifted, negative, past the end) is refused before anything
+        is allocated or read.
         """
         length, payload_rel = entry
         nbytes = dtype.itemsize
         for s in size:
             nbytes *= s
-        trailer = len(layout.frame_tensor(dtype, size, info.offset, _SERIALIZATION_ID).trailer)
-        expected = info.length - nbytes - trailer
-        if length != info.length or payload_rel != expected:
+        fits = (
+            length == info.length
+            and (info.offset + payload_rel) % layout.payload_alignment(nbytes) == 0
+            and payload_rel + nbytes + layout.trailer_length(info.offset, payload_rel, nbytes)
+            == info.length
+        )
+        if not fits:
             raise CorruptCheckpointError(
                 f"{info.relative_path}: the sidecar's entry for {req.storage_index.fqn!r} at offset "
                 f"{info.offset} (item {length} bytes, payload at {payload_rel}) does not match the "
-                f"metadata's {dtype} tensor of size {list(size)} in an item of {info.length} bytes "
-                f"(payload at {expected})",
+                f"metadata's {dtype} tensor of size {list(size)} in an item of {info.length} bytes",
                 filename=self._path(info.relative_path),
                 key=req.storage_index.fqn,
                 offset=info.offset,

@@ -151,3 +151,21 @@ def test_zip64_archive_for_a_storage_over_4_gib(tmp_path):
         assert z.getinfo("archive/data/0").file_size == numel * 2
     del loaded
     os.remove(single)
+
+
+def test_trailer_length_without_framing():
+    """layout.trailer_length (what readers check sidecar entries with) agrees with the framing."""
+    import random
+
+    rng = random.Random(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.float64, torch.bool]
+    for _ in range(2000):
+        dtype = rng.choice(dtypes)
+        size = tuple(rng.choice([0, 1, 3, 7, 64, 100, 1000]) for _ in range(rng.randint(0, 3)))
+        offset = rng.randint(0, 1 << 20)
+        frame = layout.frame_tensor(dtype, size, offset, b"7" * 40)
+        nbytes = layout._nbytes(dtype, size)
+        assert layout.trailer_length(offset, frame.payload_offset, nbytes) == len(frame.trailer)
+    for nbytes in ((1 << 32) - 100, 1 << 32):  # ZIP64 records near and past 4 GiB
+        frame = layout.frame_tensor(torch.uint8, (nbytes,), 12345, b"7" * 40)
+        assert layout.trailer_length(12345, frame.payload_offset, nbytes) == len(frame.trailer)

@@ -169,8 +169,10 @@ def _shift(doc: dict, by) -> None:
 
 
 SHIFTS = {
+    "plus-8": lambda p: p + 8,
     "plus-64": lambda p: p + 64,
     "minus-64": lambda p: p - 64,
+    "plus-4096": lambda p: p + 4096,
     "negative": lambda p: -(4 << 40),
     "huge": lambda p: 1 << 62,
 }
@@ -187,7 +189,7 @@ def test_sidecar_offsets_never_give_wrong_values(engine_name, tmp_path, shift, r
     # Sealed again (a forgery), plausible offsets are checked against the metadata and the
     # framing; anything else makes the sidecar damaged, and a damaged sidecar is ignored
     # (items are found from their headers) or, under verify=True, reported.
-    forged = reseal and shift in ("plus-64", "minus-64")
+    forged = reseal and shift in ("plus-8", "plus-64", "minus-64")
     for verify in (False, True):
         if not forged and not verify:
             assert same(load(tmp_path, sd), sd)
