@@ -123,8 +123,11 @@ def document(
     return _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
 
 
+_LIMIT = 1 << 63
+
+
 def _int(value: Any) -> int:
-    if type(value) is not int or value < 0 or value >= 1 << 63:
+    if type(value) is not int or value < 0 or value >= _LIMIT:
         raise ValueError(f"{value!r} is not a file offset or length")
     return value
 
@@ -138,11 +141,14 @@ def _entries(items: Any) -> dict[str, dict[int, tuple[int, int]]]:
             raise ValueError(f"the items of {rel!r} are not a list")
         file_rows: dict[int, tuple[int, int]] = {}
         for row in rows:
-            if not isinstance(row, list) or len(row) != 3:
-                raise ValueError(f"entry {row!r} of {rel!r} is not [offset, length, payload offset]")
-            offset, length, payload = (_int(v) for v in row)
-            if payload > length:
-                raise ValueError(f"entry {row!r} of {rel!r} puts the payload past the item's end")
+            try:
+                offset, length, payload = row
+            except (TypeError, ValueError):
+                raise ValueError(f"entry {row!r} of {rel!r} is not [offset, length, payload offset]") from None
+            if not (type(offset) is int and type(length) is int and type(payload) is int
+                    and 0 <= offset < _LIMIT and 0 <= payload <= length < _LIMIT):
+                raise ValueError(f"entry {row!r} of {rel!r} is not three file offsets with the "
+                                 "payload inside the item")
             file_rows[offset] = (length, payload)
         out[rel] = file_rows
     return out
