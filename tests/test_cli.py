@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 import dcp_native
-from _files import data_file, data_files, sidecar_file
+from helpers import data_file, data_files, sidecar_file
 
 WRITERS = ("native", "stock")
 # torch warns at import when numpy is absent (our venvs have none); a user would silence

@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
-from _files import data_file
+from helpers import data_file
 from dcp_native import _backend
 
 

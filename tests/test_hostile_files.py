@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
 from dcp_native import cli
-from _files import data_file, data_files, sidecar_file
+from helpers import data_file, data_files, failure, sidecar_file
 
 #: Long enough for a slow shared machine, short enough that a hang fails quickly.
 HANG_TIMEOUT_S = 15.0
@@ -62,13 +62,6 @@ def assert_exact(got: dict, want: dict) -> None:
             assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
         else:
             assert got[k] == v, k
-
-
-def failure(exc: BaseException) -> BaseException:
-    """The original error: DCP wraps a rank's error in CheckpointException."""
-    if isinstance(exc, CheckpointException):
-        return next(iter(exc.failures.values()))[0]
-    return exc
 
 
 def release(path: str) -> None:

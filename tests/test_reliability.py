@@ -17,14 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
 from _dist import run_ranks
-from _files import data_file, data_files
-
-
-def failure(exc_info) -> BaseException:
-    exc = exc_info.value
-    if isinstance(exc, CheckpointException):
-        return next(iter(exc.failures.values()))[0]
-    return exc
+from helpers import data_file, data_files, failure
 
 
 def state(scale: float, n: int = 6, rows: int = 64) -> dict:

@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 
 import dcp_native
-from _files import data_file, data_files, sidecar_file
+from helpers import data_file, data_files, sidecar_file
 from dtypes import DCP_DTYPES, bits, blank_like, make_tensor
 
 

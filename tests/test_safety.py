@@ -25,15 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
-from _files import data_file, data_files, sidecar_file
+from helpers import data_file, data_files, failure, sidecar_file
 from dcp_native import commit, sidecar
-
-
-def failure(exc_info) -> BaseException:
-    exc = exc_info.value
-    if isinstance(exc, CheckpointException):
-        return next(iter(exc.failures.values()))[0]
-    return exc
 
 
 def state(scale: float, n: int = 4, rows: int = 64) -> dict:

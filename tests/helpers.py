@@ -1,4 +1,4 @@
-"""The files of a checkpoint directory, as tests name them.
+"""Helpers the I/O tests share: the files of a checkpoint directory, and DCP's wrapped errors.
 
 dcp_native tags every file of a save with the save's tag
 (``__0_0.1a2b3c4d.distcp``, see dcp_native.commit); stock's files have none.
@@ -10,6 +10,19 @@ import os
 import re
 
 _DATA = re.compile(r"^__(\d+)_(\d+)(?:\.[0-9a-f]{8})?\.distcp$")
+
+
+def failure(exc_info) -> BaseException:
+    """The error a rank raised: DCP wraps per-rank failures in CheckpointException.
+
+    Takes a pytest ``ExceptionInfo`` or an exception.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    exc = getattr(exc_info, "value", exc_info)
+    if isinstance(exc, CheckpointException):
+        return next(iter(exc.failures.values()))[0]
+    return exc
 
 
 def data_files(path) -> list[str]:
