@@ -19,7 +19,6 @@ item, also of files without checksums.
 from __future__ import annotations
 
 import argparse
-from array import array
 import collections
 import ctypes
 import dataclasses

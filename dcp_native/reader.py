@@ -19,7 +19,6 @@ import dataclasses
 import io
 import os
 import pickle
-from array import array
 from typing import Any, Callable, Sequence
 
 import torch

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
 from helpers import data_file, data_files, failure, sidecar_file
-from dcp_native import commit, sidecar
+from dcp_native import commit
 
 
 def state(scale: float, n: int = 4, rows: int = 64) -> dict:
