@@ -558,3 +558,38 @@ def _stock_load(path, like) -> dict:
     out = blank(like)
     dcp.load(out, storage_reader=dcp.FileSystemReader(path), no_dist=True)
     return out
+
+
+# ----------------------------------------------------------------------------- rank-local saves
+
+
+def _rank_local_saves(path: str) -> list[str]:
+    """Each rank commits its own __{rank}.metadata (use_collectives=False), twice; then loads."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    for scale in (1.0, 2.0):
+        sd = {"w": torch.full((1000,), scale * (rank + 1)), "n": rank}
+        dcp.save(sd, storage_writer=dcp_native.FileSystemWriter(path, checksums=True),
+                 use_collectives=False)
+        dist.barrier()
+    out = {"w": torch.zeros(1000), "n": -1}
+    dcp.load(out, storage_reader=dcp_native.FileSystemReader(path, verify=True))
+    assert torch.equal(out["w"], torch.full((1000,), 2.0 * (rank + 1))) and out["n"] == rank
+    dist.barrier()
+    return sorted(os.listdir(path))
+
+
+@pytest.mark.multiprocess
+def test_rank_local_saves_keep_each_ranks_checkpoint(engine_name, tmp_path):
+    from _dist import run_ranks
+
+    listings = run_ranks(2, _rank_local_saves, str(tmp_path), engine=engine_name, timeout=120)
+    names = listings[-1]
+    # Per rank: its metadata, sidecar, one data file and its table (the first save's are gone).
+    for rank in (0, 1):
+        mine = [n for n in names if n.startswith(f"__{rank}")]
+        assert len([n for n in mine if n.endswith(".distcp")]) == 1, names
+        assert len([n for n in mine if n.endswith(".dcp_native")]) == 1, names
+        assert f"__{rank}.metadata" in mine, names
+    assert not [n for n in names if n.endswith(".tmp") or (n.endswith(".lock") and n != commit.LOCK_NAME)]
