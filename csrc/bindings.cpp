@@ -294,6 +294,19 @@ py::tuple py_cuda_status() {
   return py::make_tuple(status.usable, status.reason, status.library);
 }
 
+// Resets the calling thread's last CUDA error (a failed cudaHostRegister by
+// torch sets it; torch raises it after its next kernel launch). False when no
+// runtime is loaded.
+bool py_cuda_clear_last_error() {
+  std::string reason;
+  const std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(&reason);
+  if (!runtime) {
+    return false;
+  }
+  runtime->api().get_last_error();
+  return true;
+}
+
 std::shared_ptr<PinnedPool> make_pool(int64_t device, int64_t capacity, int64_t chunk_bytes) {
   py::gil_scoped_release release;
   const CudaStatusInfo status = cuda_status();
@@ -429,6 +442,8 @@ PYBIND11_MODULE(_C, m) {
         "(bytes_read, calls, failed_checks).");
   m.def("cuda_status", &py_cuda_status,
         "(usable, reason, library) of the CUDA runtime DCP_NATIVE_CUDART selects now.");
+  m.def("cuda_clear_last_error", &py_cuda_clear_last_error,
+        "Reset this thread's last CUDA runtime error; False when no runtime is loaded.");
   m.def("crc32c_combine", &py_crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
         py::arg("length_b"), "The CRC32C of a + b from crc32c(a), crc32c(b) and len(b).");
   m.def("_direct_io_bytes", &direct_io_bytes,

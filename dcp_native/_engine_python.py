@@ -8,17 +8,15 @@ is reached through ctypes views, one per box or segment, never per byte.
 Checksums go through :mod:`dcp_native._crc32c` (native when the extension
 imports, which releases the GIL for large buffers).
 
-Device memory (SRC_DEVICE segments, ReadFile.device) goes through pinned
-buffers of a :class:`dcp_native._cudart.PinnedPool` and the CUDA runtime
-reached with ctypes (:mod:`dcp_native._cudart`); the engine never imports
-torch.cuda. Plans without device memory never look the runtime up: their path
-is the one above, unchanged.
+It moves host memory only: the native engine is the one GPU path. Without
+it, the writer and reader hand CUDA tensors over as host copies made by torch
+(``.cpu()``, ``copy_``), so this engine's ``cuda_status()`` says it is not
+usable and plans with device memory are refused.
 """
 
 from __future__ import annotations
 
 import bisect
-import collections
 import ctypes
 import errno
 import itertools
@@ -29,9 +27,7 @@ from array import array
 from itertools import repeat
 from typing import Callable, Sequence
 
-from . import _cudart
-from ._crc32c import crc32c, crc32c_combine
-from ._errors import CheckpointError as _CheckpointError
+from ._crc32c import crc32c
 from ._errors import CudaError, TruncatedFileError
 from ._fileio import CLOSE as _CLOSE
 from ._fileio import FSYNC as _FSYNC
@@ -69,6 +65,11 @@ _CHECK_ITEM_BYTES = 1 << 20
 _CHECK_ITEM_RECORDS = 1024
 # What _fileio.open_regular calls the files it refuses (as csrc/file_io.cpp).
 _DATA_FILE = "data file"
+#: Why this engine has no GPU path (cuda_status().reason, and the refusal of device plans).
+HOST_ONLY = (
+    "the Python engine moves host memory only (CUDA tensors reach it as host copies "
+    "made by torch; DCP_NATIVE_BACKEND=native is the GPU path)"
+)
 
 
 class PythonEngine:
@@ -83,40 +84,29 @@ class PythonEngine:
         threads: int,
         sync: bool,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        pool: _cudart.PinnedPool | None = None,
+        pool: object = None,
         direct_io: bool = True,
     ) -> WriteStats:
         faults = _Faults(faults_from_env())
         _check_positive("threads", threads)
         _check_positive("chunk_bytes", chunk_bytes)
+        _refuse_pool(pool)
         cap = _short_io_cap()
-        refusal = _direct_refusal()
         paths = [os.fsdecode(f.path) for f in files]
         calls: list[_Call] = []
         views: list[list[memoryview]] = []
         written = []
         crc_items: list[list] = []
         block_crcs: list[array | None] = []
-        device_files = []  # (index, host runs, device runs) of files with SRC_DEVICE segments
         for index, (path, f) in enumerate(zip(paths, files)):
             crc_block = f.crc_block
             if crc_block < 0:
                 raise ValueError(f"write plan for {path}: negative crc_block {crc_block}")
-            runs, file_views, total, device_runs = _collect_segments(
-                path, f.blob, f.segments, crc_block > 0
-            )
+            if f.device >= 0:
+                raise ValueError(f"write plan for {path}: device {f.device}: {HOST_ONLY}")
+            runs, file_views, total = _collect_segments(path, f.blob, f.segments, crc_block > 0)
             views.append(file_views)
             written.append(total)
-            if device_runs:
-                if f.device < 0:
-                    raise ValueError(
-                        f"write plan for {path}: SRC_DEVICE segments need WriteFile.device >= 0, "
-                        f"got {f.device}"
-                    )
-                device_files.append((index, runs, device_runs))
-                block_crcs.append(None)
-                crc_items.append([])
-                continue
             _pack(runs, index, chunk_bytes, -1, calls)
             if crc_block > 0:
                 out, items = _plan_block_crcs(runs, file_views, crc_block, chunk_bytes)
@@ -125,13 +115,6 @@ class PythonEngine:
             else:
                 block_crcs.append(None)
                 crc_items.append([])
-        staging = None
-        if device_files:
-            # The runtime is looked up only now: plans without device memory never need it.
-            staging = _DeviceWrites(
-                files, paths, pool, direct_io, cap, refusal, faults, device_files, views,
-                chunk_bytes, calls, crc_items, block_crcs,
-            )
 
         def open_file(index: int) -> int:
             # O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC and the regular-file check come with it.
@@ -147,8 +130,6 @@ class PythonEngine:
                 _start_writeback(fd, call.offset, call.nbytes)
 
         def finish_file(index: int, fd: int) -> None:
-            if staging is not None:
-                staging.direct.close(index)
             if sync:
                 try:
                     _os_call(faults, _FSYNC, os.fsync, "fsync", paths[index], -1, fd)
@@ -159,18 +140,7 @@ class PythonEngine:
 
         calls = _interleave_files(calls, len(files), threads)
         work = _schedule(calls, crc_items)
-        if staging is None:
-            _execute(work, len(files), threads, 0, open_file, run_call, finish_file)
-            return WriteStats(bytes_written=written, block_crcs=block_crcs)
-        failed = True
-        try:
-            staging.start(work)
-            _execute(work, len(files), threads, 0, open_file, run_call, finish_file,
-                     staging.run_piece, staging.cancel)
-            failed = False
-        finally:
-            staging.finish(failed)
-        staging.finish_crcs(block_crcs)
+        _execute(work, len(files), threads, 0, open_file, run_call, finish_file)
         return WriteStats(bytes_written=written, block_crcs=block_crcs)
 
     def read(
@@ -180,7 +150,7 @@ class PythonEngine:
         threads: int,
         max_gap: int = DEFAULT_MAX_GAP,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        pool: _cudart.PinnedPool | None = None,
+        pool: object = None,
         direct_io: bool = True,
     ) -> ReadStats:
         faults = _Faults(faults_from_env())
@@ -188,8 +158,8 @@ class PythonEngine:
         _check_positive("chunk_bytes", chunk_bytes)
         if max_gap < 0:
             raise ValueError(f"max_gap must be non-negative, got {max_gap}")
+        _refuse_pool(pool)
         cap = _short_io_cap()
-        refusal = _direct_refusal()
         paths = [os.fsdecode(f.path) for f in files]
         calls: list[_Call] = []
         views: list[list[memoryview]] = []
@@ -197,24 +167,11 @@ class PythonEngine:
         largest_gap = 0
         check_items: list = []
         check_count = 0
-        device_files = []
         for index, (path, f) in enumerate(zip(paths, files)):
             if f.min_size < 0:
                 raise ValueError(f"read plan for {path}: negative min_size {f.min_size}")
             if f.device >= 0:
-                if f.checks is not None:
-                    raise ValueError(
-                        f"read plan for {path}: checks must be None for a file read into device "
-                        "memory (verify through host memory instead)"
-                    )
-                # Destinations are device addresses: kept as ints, never viewed; every call
-                # fits one pinned buffer and reads its gaps there too.
-                runs, file_views, furthest = _collect_runs(path, f.copies, device=True)
-                views.append(file_views)
-                required.append(max(f.min_size, furthest))
-                _pack(runs, index, min(chunk_bytes, _staging_chunk(pool)), max_gap, calls)
-                device_files.append(index)
-                continue
+                raise ValueError(f"read plan for {path}: device {f.device}: {HOST_ONLY}")
             runs, file_views, furthest = _collect_runs(path, f.copies)
             views.append(file_views)
             required.append(max(f.min_size, furthest))
@@ -248,36 +205,12 @@ class PythonEngine:
                       faults)
 
         def finish_file(index: int, fd: int) -> None:
-            if staging is not None:
-                staging.direct.close(index)
             # Nothing read can be lost: a failed close (real or injected) is
             # ignored, as in csrc's close_read_only.
             faults.next(_CLOSE)
             _close_quietly(fd)
 
-        staging = None
-        if not device_files:
-            _execute(calls, len(files), threads, largest_gap, open_file, run_call, finish_file)
-        else:
-            # The runtime is looked up only now: plans without device memory never need it.
-            staging = _DeviceReads(files, paths, pool, direct_io, cap, refusal, faults, views,
-                                   required)
-            on_device = [f.device >= 0 for f in files]
-
-            def run_any(fd: int, call: _Call, scratch: memoryview | None) -> None:
-                if on_device[call.file]:
-                    staging.run_call(fd, call)
-                else:
-                    run_call(fd, call, scratch)
-
-            failed = True
-            try:
-                staging.wait_for_consumers([f.stream for f in files])
-                _execute(calls, len(files), threads, largest_gap, open_file, run_any, finish_file,
-                         None, staging.cancel)
-                failed = False
-            finally:
-                staging.finish(failed)
+        _execute(calls, len(files), threads, largest_gap, open_file, run_call, finish_file)
         # Checks start once every read is done: a check may cover memory that
         # reads of several files fill.
         if check_items:
@@ -293,21 +226,22 @@ class PythonEngine:
         return stats
 
     def cuda_status(self) -> CudaStatus:
-        """Whether device memory can be used (the CUDA runtime found and resolved, a device)."""
-        return _cudart.status()
+        """Never usable: this engine moves host memory only (see the module docs)."""
+        return CudaStatus(False, HOST_ONLY)
 
     def pinned_pool(
         self,
         device: int,
         capacity: int = DEFAULT_STAGING_BYTES,
         chunk_bytes: int = DEFAULT_DEVICE_CHUNK_BYTES,
-    ) -> _cudart.PinnedPool:
-        """A pool of pinned buffers for the device memory of later calls (engine.PinnedPool)."""
-        status = _cudart.status()
-        if not status.usable:
-            raise CudaError(f"CUDA is not usable: {status.reason}",
-                            operation="find the CUDA runtime")
-        return _cudart.PinnedPool(_cudart.runtime(), device, capacity, chunk_bytes)
+    ) -> object:
+        """Refused: this engine has no pinned pools (CudaError, as when CUDA is not usable)."""
+        raise CudaError(f"CUDA is not usable: {HOST_ONLY}", operation="pinned_pool")
+
+
+def _refuse_pool(pool: object) -> None:
+    if pool is not None:
+        raise ValueError(f"a pinned pool was passed to a plan, but {HOST_ONLY}")
 
 
 # --------------------------------------------------------------------------- planning
@@ -458,11 +392,10 @@ def _host_view(address: int, length: int) -> memoryview:
     return memoryview((ctypes.c_char * length).from_address(address)).cast("B")
 
 
-def _collect_segments(path: str, blob, segments, contiguous: bool) -> tuple[list, list, int, list]:
-    """Validates a file's segments; returns the non-empty host ones as runs for :func:`_pack`,
-    their views, the total length, and the non-empty SRC_DEVICE ones as ``(file_offset, length,
-    -1, device_address)``. ``contiguous``: the runs must cover the file without holes (files with
-    block CRCs)."""
+def _collect_segments(path: str, blob, segments, contiguous: bool) -> tuple[list, list, int]:
+    """Validates a file's segments; returns the non-empty ones as runs for :func:`_pack`, their
+    views and the total length. ``contiguous``: the runs must cover the file without holes (files
+    with block CRCs)."""
     values = _int64_values(segments, "segments")
     if len(values) % 4:
         raise ValueError(
@@ -473,7 +406,6 @@ def _collect_segments(path: str, blob, segments, contiguous: bool) -> tuple[list
     blob_length = len(blob_view)
     views = [blob_view]
     runs = []
-    device: list = []
     total = 0
     for i in range(0, len(values), 4):
         offset, kind, source, length = values[i : i + 4]
@@ -499,18 +431,13 @@ def _collect_segments(path: str, blob, segments, contiguous: bool) -> tuple[list
                 runs.append((offset, length, len(views), 0))
                 views.append(_host_view(source, length))
         elif kind == SRC_DEVICE:
-            if source < 0 or source + length > _INT64_MAX or (source == 0 and length > 0):
-                raise ValueError(
-                    f"write plan for {path}: segment {i // 4}: device address {source} is invalid"
-                )
-            if length:
-                device.append((offset, length, -1, source))
+            raise ValueError(f"write plan for {path}: segment {i // 4}: SRC_DEVICE: {HOST_ONLY}")
         else:
             raise ValueError(f"write plan for {path}: segment {i // 4}: unknown source kind {kind}")
         total += length
     runs.sort()
     covered = 0  # end of the previous run
-    for run in sorted(runs + device) if device else runs:
+    for run in runs:
         # Overlapping segments would race between threads: the plan is wrong.
         if run[0] < covered:
             raise ValueError(f"write plan for {path}: segments overlap at file offset {run[0]}")
@@ -521,12 +448,12 @@ def _collect_segments(path: str, blob, segments, contiguous: bool) -> tuple[list
                 f"nothing covers [{covered}, {run[0]})"
             )
         covered = run[0] + run[1]
-    return runs, views, total, device
+    return runs, views, total
 
 
-def _collect_runs(path: str, copies, device: bool = False) -> tuple[list, list, int]:
-    """Validates a file's box records; returns its runs for :func:`_pack`, one view per box (with
-    ``device``, the box's device address instead), and the end offset of the furthest run."""
+def _collect_runs(path: str, copies) -> tuple[list, list, int]:
+    """Validates a file's box records; returns its runs for :func:`_pack`, one view per box, and
+    the end offset of the furthest run."""
     values = _int64_values(copies, "copies")
     n = len(values)
     runs: list = []
@@ -566,7 +493,7 @@ def _collect_runs(path: str, copies, device: bool = False) -> tuple[list, list, 
         furthest = max(furthest, file_offset + file_span)
         # One view over the box's whole destination; runs are slices of it.
         box = len(views)
-        views.append(dest if device else _host_view(dest, dest_span))
+        views.append(_host_view(dest, dest_span))
         if ndim == 0:
             runs.append((file_offset, inner, box, 0))
             continue
@@ -781,711 +708,6 @@ def _contiguous_span(flat: list, i: int, records: list, r: int) -> tuple:
     return (start, end), _host_view(start, end - start)
 
 
-# --------------------------------------------------------------------------- device memory
-
-
-class _DevicePiece:
-    """At most ``pool.chunk_bytes`` of a SRC_DEVICE segment: ``nbytes`` device bytes at
-    ``source``, copied into a pinned buffer and written at ``offset`` of file ``file``.
-    ``index`` is its place in the order copies are issued (the order workers take pieces)."""
-
-    __slots__ = ("file", "offset", "nbytes", "source", "index")
-
-    def __init__(self, file: int, offset: int, nbytes: int, source: int) -> None:
-        self.file = file
-        self.offset = offset
-        self.nbytes = nbytes
-        self.source = source
-        self.index = -1
-
-
-class _Cancelled(Exception):
-    """Raised in a worker waiting for a pinned buffer when another worker has failed (the
-    first error is the one the call raises)."""
-
-
-def _staging_chunk(pool) -> int:
-    """The largest piece one pinned buffer of ``pool`` (or of a call's temporary pool) holds."""
-    if pool is None:
-        return _cudart.buffer_bytes(DEFAULT_STAGING_BYTES, DEFAULT_DEVICE_CHUNK_BYTES)
-    if not isinstance(pool, _cudart.PinnedPool):
-        raise TypeError(
-            f"pool must come from the python engine's pinned_pool(), got {type(pool).__name__}"
-        )
-    return pool.chunk_bytes
-
-
-#: Test hook: DCP_NATIVE_TEST_NO_DIRECT=open|transfer makes the O_DIRECT open, or the first
-#: O_DIRECT transfer of each file, fail with EINVAL as a filesystem without O_DIRECT does
-#: (as csrc/direct_io.hpp).
-NO_DIRECT_ENV = "DCP_NATIVE_TEST_NO_DIRECT"
-# Bytes this process moved with O_DIRECT (tests: evidence the direct path ran, or did not).
-_direct_bytes = [0]
-_direct_bytes_lock = threading.Lock()
-
-
-def _direct_io_bytes() -> int:
-    """Bytes the Python engine moved with O_DIRECT in this process so far (tests)."""
-    return _direct_bytes[0]
-
-
-def _direct_refusal() -> str:
-    value = os.environ.get(NO_DIRECT_ENV, "")
-    if value not in ("", "open", "transfer"):
-        raise ValueError(f"{NO_DIRECT_ENV}={value} is not one of open, transfer")
-    return value
-
-
-class _DirectFiles:
-    """O_DIRECT descriptors of one call's files, opened on first use beside the normal ones, for
-    the pieces that go through pinned buffers (page-aligned, so they can move in place). A
-    filesystem that refuses O_DIRECT (EINVAL at open or at the first transfer) gets buffered I/O,
-    silently. A refused descriptor stays open until the file is done: another thread may be
-    using it."""
-
-    def __init__(self, paths: list, flags: int, enabled: bool, cap: int, refusal: str) -> None:
-        self.paths = paths
-        self.flags = flags | getattr(os, "O_DIRECT", 0)  # open_regular adds O_CLOEXEC
-        # DCP_NATIVE_TEST_SHORT_IO would resume transfers at unaligned offsets.
-        self.enabled = enabled and hasattr(os, "O_DIRECT") and cap % _cudart.PAGE == 0
-        self.refusal = refusal
-        count = len(paths)
-        self.fds: list[int] = [-1] * count
-        self.state = [0] * count  # 0: not tried, 1: open, 2: unavailable
-        self.proven = [False] * count  # a transfer worked: a later EINVAL is a real error
-        self.refused_transfer = [False] * count
-        self.lock = threading.Lock()
-
-    def fd(self, index: int) -> int:
-        """The file's O_DIRECT descriptor, or -1 when it cannot use one."""
-        if self.state[index] == 0:
-            with self.lock:
-                if self.state[index] == 0:
-                    # Threads that find state 0 wait here for the outcome.
-                    state = 2
-                    if self.refusal != "open":
-                        path = self.paths[index]
-                        try:
-                            # Not a counted open (as in csrc/direct_io.cpp).
-                            self.fds[index] = _open_regular(path, self.flags, what=_DATA_FILE)
-                            state = 1
-                        except _CheckpointError:
-                            raise
-                        except OSError as exc:
-                            if exc.errno != errno.EINVAL:
-                                # open_regular names the operation "open"; say which open.
-                                plain = OSError(exc.errno, os.strerror(exc.errno or 0))
-                                raise _os_error(plain, "open (O_DIRECT)", path, -1) from None
-                    self.state[index] = state
-        return self.fds[index] if self.state[index] == 1 else -1
-
-    def close(self, index: int) -> None:
-        """Closes the file's O_DIRECT descriptor (its last piece is done)."""
-        with self.lock:
-            fd, self.fds[index] = self.fds[index], -1
-            self.state[index] = 2
-        if fd >= 0:
-            _close_quietly(fd)  # its data is in the file; fsync goes through the other one
-
-    def close_all(self) -> None:
-        for index in range(len(self.fds)):
-            self.close(index)
-
-    def transfer(self, syscall, operation: str, fd: int, index: int, view: memoryview,
-                 offset: int, nbytes: int, required: int, cap: int, faults: _Faults) -> None:
-        """Moves ``view[:nbytes]`` at ``offset``: its whole pages through O_DIRECT where the
-        offset is page-aligned and the file takes it, the rest buffered."""
-        path = self.paths[index]
-        direct = nbytes // _cudart.PAGE * _cudart.PAGE
-        if direct and self.enabled and offset % _cudart.PAGE == 0:
-            direct_fd = self.fd(index)
-            if direct_fd < 0 or not self._direct(syscall, operation, direct_fd, index, view,
-                                                  offset, direct, required, cap, faults):
-                direct = 0
-        else:
-            direct = 0
-        if direct < nbytes:
-            _transfer(syscall, operation, fd, [view[direct:nbytes]], offset + direct,
-                      nbytes - direct, path, required, cap, faults)
-
-    def _direct(self, syscall, operation, fd, index, view, offset, nbytes, required, cap,
-                faults) -> bool:
-        first = not self.proven[index]
-        try:
-            if self.refusal == "transfer" and not self.refused_transfer[index]:
-                with self.lock:
-                    refuse = not self.refused_transfer[index]
-                    self.refused_transfer[index] = True
-                if refuse:
-                    name = "pwrite (O_DIRECT)" if syscall is os.pwritev else "pread (O_DIRECT)"
-                    raise _os_error(OSError(errno.EINVAL, os.strerror(errno.EINVAL)), name,
-                                    self.paths[index], offset)
-            _transfer(syscall, operation, fd, [view[:nbytes]], offset, nbytes,
-                      self.paths[index], required, cap, faults)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL or not first:
-                raise
-            with self.lock:
-                self.state[index] = 2
-            return False
-        self.proven[index] = True
-        with _direct_bytes_lock:
-            _direct_bytes[0] += nbytes
-        return True
-
-
-class _Staging:
-    """One engine call's device state: the runtime, the pinned pool (the caller's, or a
-    temporary one closed at the end), events, the copy streams used, O_DIRECT descriptors and
-    the pinned buffers the call holds.
-
-    Every runtime call is preceded by cudaSetDevice on its thread (worker threads start on
-    device 0); the caller's thread gets its device back at the end, since torch keeps using it.
-    """
-
-    def __init__(self, pool, device: int, paths: list, flags: int, direct_io: bool,
-                 cap: int, refusal: str) -> None:
-        chunk = _staging_chunk(pool)  # TypeError for a foreign pool before anything else
-        self.rt = _cudart.runtime()
-        if pool is None:
-            pool = _cudart.PinnedPool(self.rt, device, DEFAULT_STAGING_BYTES,
-                                      DEFAULT_DEVICE_CHUNK_BYTES)
-            self.temporary = True
-        else:
-            self.temporary = False
-        pool.use()  # ValueError for a closed pool; close() refuses until finish()
-        try:
-            self.caller_device = self.rt.get_device()
-        except BaseException:
-            pool.unuse()
-            raise
-        self.pool = pool
-        self.chunk = chunk
-        self.paths = paths
-        self.direct = _DirectFiles(paths, flags, direct_io, cap, refusal)
-        self.cancelled = False
-        self.lock = threading.Lock()
-        self.free_events: dict[int, list[int]] = {}
-        self.events: list[int] = []  # every event the call created
-        self.streams: dict[int, int] = {}  # device -> copy stream the call used
-        # Reads: (buffer, event, device, what) of copies issued and not yet waited for.
-        self.inflight: collections.deque = collections.deque()
-        # Buffers whose copies may still run: released after the streams are synchronized.
-        self.dirty: list = []
-
-    def cancel(self) -> None:
-        """Another worker failed: wake and stop the ones waiting for buffers."""
-        with self.pool.condition:
-            self.cancelled = True
-            self.pool.condition.notify_all()
-
-    def stream(self, device: int) -> int:
-        """The copy stream of ``device`` (this thread's device must be ``device``)."""
-        stream = self.streams.get(device)
-        if stream is None:
-            stream = self.streams[device] = self.rt.copy_stream(device)
-        return stream
-
-    def event(self, device: int, what: str) -> int:
-        """A free event of this call on ``device`` (this thread's device)."""
-        with self.lock:
-            free = self.free_events.get(device)
-            if free:
-                return free.pop()
-        event = self.rt.event_create(what)
-        with self.lock:
-            self.events.append(event)
-        return event
-
-    def give_event(self, device: int, event: int) -> None:
-        with self.lock:
-            self.free_events.setdefault(device, []).append(event)
-
-    def acquire(self, needless: Callable[[], bool] | None = None) -> _cudart.PinnedBuffer | None:
-        """A pinned buffer: a free one, a new one while the pool has room, the oldest one whose
-        copy is in flight once that copy completes, or else the next one released. None once
-        ``needless()`` is true (checked under the pool's condition, which whoever makes it
-        true must notify)."""
-        pool = self.pool
-        while True:
-            entry = None
-            with pool.condition:
-                if self.cancelled:
-                    raise _Cancelled
-                if needless is not None and needless():
-                    return None
-                buffer = pool.take_locked()
-                if buffer is None:
-                    if not self.inflight:
-                        pool.condition.wait()
-                        continue
-                    entry = self.inflight.popleft()
-            if buffer is _cudart.ALLOCATE:
-                return pool.allocate()
-            if buffer is not None:
-                return buffer
-            return self.retire(entry)
-
-    def try_acquire(self) -> _cudart.PinnedBuffer | None:
-        """A free or new pinned buffer, or None without waiting."""
-        with self.pool.condition:
-            if self.cancelled:
-                return None
-            buffer = self.pool.take_locked()
-        return self.pool.allocate() if buffer is _cudart.ALLOCATE else buffer
-
-    def push(self, entry: tuple) -> None:
-        """A buffer whose copies are queued, with the event recorded after them."""
-        with self.pool.condition:
-            self.inflight.append(entry)
-            self.pool.condition.notify_all()
-
-    def retire(self, entry: tuple) -> _cudart.PinnedBuffer:
-        """Waits for an in-flight buffer's copies; returns the buffer, free to reuse."""
-        buffer, event, device, what = entry
-        try:
-            self.rt.set_device(device)
-            self.rt.event_synchronize(event, what)
-        except BaseException:
-            with self.lock:
-                self.dirty.append(buffer)
-            raise
-        self.give_event(device, event)
-        return buffer
-
-    def add_dirty(self, buffer) -> None:
-        with self.lock:
-            self.dirty.append(buffer)
-
-    def finish(self, failed: bool) -> None:
-        """Waits for every copy of the call, gives its buffers back, frees its events, restores
-        the caller's device, closes a temporary pool and O_DIRECT descriptors. Raises the first
-        CUDA error unless the call failed already (then that error is the one raised)."""
-        rt = self.rt
-        error: BaseException | None = None
-        try:
-            self.direct.close_all()
-            while self.inflight:
-                entry = self.inflight.popleft()
-                try:
-                    self.pool.release(self.retire(entry))
-                except CudaError as exc:
-                    error = error or exc
-            for device, stream in self.streams.items():
-                try:
-                    rt.set_device(device)
-                    rt.stream_synchronize(
-                        stream, f"cudaStreamSynchronize of the copy stream of device {device}"
-                    )
-                except CudaError as exc:
-                    error = error or exc
-            for buffer in self.dirty:
-                self.pool.release(buffer)
-            self.dirty.clear()
-            for event in self.events:
-                rt.event_destroy(event)
-            self.events.clear()
-            try:
-                rt.set_device(self.caller_device)
-            except CudaError as exc:
-                error = error or exc
-        finally:
-            self.pool.unuse()
-            if self.temporary:
-                self.pool.close()
-        if error is not None and not failed:
-            raise error
-
-
-class _DeviceWrites(_Staging):
-    """The SRC_DEVICE pieces of one write call (see "Device memory" in engine.py).
-
-    Copies are issued in the order workers take the pieces, as far ahead as the pool has
-    buffers: a worker that takes piece k waits for its event, writes it and computes its
-    block CRCs while the copies of the next pieces run, then gives the buffer back, which
-    issues the next copy. A worker waits for a buffer only while the piece it took is not
-    issued, holding no lock, and stops waiting as soon as another worker issues it; then every
-    issued piece is before its own in the work order, taken by a worker that needs neither a
-    buffer nor a lock held by a waiter to finish it and give its buffer back: so the workers
-    always progress. (Issuing happens under a lock never held while waiting: a worker waiting
-    under it would block the worker of the piece it had just issued.)
-    """
-
-    def __init__(self, files, paths, pool, direct_io, cap, refusal, faults, device_files, views,
-                 chunk_bytes, calls, crc_items, block_crcs) -> None:
-        super().__init__(pool, files[device_files[0][0]].device, paths, os.O_WRONLY, direct_io,
-                         cap, refusal)
-        self.faults = faults
-        self.cap = cap
-        self.devices = [f.device for f in files]
-        self.streams_of = [f.stream for f in files]
-        self.crcs: dict[int, _BlockCrcs] = {}
-        self.pieces: list[_DevicePiece] = []
-        self.slots: list = []
-        self.next_issue = 0
-        self.issue_lock = threading.Lock()
-        try:
-            self._plan(files, device_files, views, chunk_bytes, calls, crc_items, block_crcs)
-        except BaseException:
-            self.finish(True)  # the pool is released before the error goes up
-            raise
-
-    def _plan(self, files, device_files, views, chunk_bytes, calls, crc_items,
-              block_crcs) -> None:
-        """The device pieces and the host calls of the files with device memory, and their
-        block CRC work."""
-        chunk = self.chunk
-        for index, runs, device_runs in device_files:
-            file_calls: list = []
-            if runs:
-                _pack(runs, index, chunk_bytes, -1, file_calls)
-            for offset, length, _, source in device_runs:
-                for start in range(0, length, chunk):
-                    file_calls.append(
-                        _DevicePiece(index, offset + start, min(chunk, length - start),
-                                     source + start)
-                    )
-            file_calls.sort(key=operator.attrgetter("offset"))
-            calls.extend(file_calls)
-            block = files[index].crc_block
-            if block > 0:
-                crcs = self.crcs[index] = _BlockCrcs(runs, device_runs, block)
-                crc_items[index] = crcs.host_items(runs, views[index], chunk_bytes)
-                block_crcs[index] = crcs.out
-
-    def start(self, work: list) -> None:
-        """Numbers the pieces in work order, makes the copy streams wait for the producers'
-        streams, and issues the first copies."""
-        for item in work:
-            if type(item) is _DevicePiece:
-                item.index = len(self.pieces)
-                self.pieces.append(item)
-        self.slots = [None] * len(self.pieces)
-        rt = self.rt
-        waited = set()
-        for piece in self.pieces:
-            device, producer = self.devices[piece.file], self.streams_of[piece.file]
-            if (device, producer) in waited:
-                continue
-            waited.add((device, producer))
-            # Work queued on the producer's stream before this call (the kernels
-            # that wrote the memory) completes before the first copy.
-            where = (f"the producer stream {producer:#x} of device {device} "
-                     f"(writing {self.paths[piece.file]})")
-            rt.set_device(device)
-            stream = self.stream(device)
-            # Not given back to the call's free events: the wait refers to it.
-            event = self.event(device, f"cudaEventCreateWithFlags for {where}")
-            rt.event_record(event, producer, f"cudaEventRecord on {where}")
-            rt.stream_wait_event(stream, event,
-                                 f"cudaStreamWaitEvent of the copy stream on {where}")
-        self.pump()
-
-    def _issue(self, buffer: _cudart.PinnedBuffer) -> None:
-        """Queues the copy of the next piece into ``buffer`` (the issue lock held)."""
-        i = self.next_issue
-        piece = self.pieces[i]
-        device = self.devices[piece.file]
-        path = self.paths[piece.file]
-        rt = self.rt
-        try:
-            rt.set_device(device)
-            stream = self.stream(device)
-            event = self.event(device, f"cudaEventCreateWithFlags for the D2H copy of {path}")
-        except BaseException:
-            self.pool.release(buffer)
-            raise
-        try:
-            rt.memcpy_async(buffer.address, piece.source, piece.nbytes, _cudart.DEVICE_TO_HOST,
-                            stream, _d2h_operation(path, piece, device))
-            rt.event_record(
-                event, stream,
-                f"cudaEventRecord after the D2H copy of {path} at offset {piece.offset}",
-            )
-        except BaseException:
-            self.add_dirty(buffer)  # an earlier copy may still be running into it
-            raise
-        self.slots[i] = (buffer, event)
-        with self.pool.condition:
-            self.next_issue = i + 1
-            # The worker of this piece may be waiting for a buffer to issue it.
-            self.pool.condition.notify_all()
-
-    def pump(self) -> None:
-        """Issues copies while the pool has a buffer free, without waiting."""
-        with self.issue_lock:
-            while self.next_issue < len(self.pieces):
-                buffer = self.try_acquire()
-                if buffer is None:
-                    return
-                self._issue(buffer)
-
-    def run_piece(self, fd: int, piece: _DevicePiece) -> None:
-        i = piece.index
-        while self.next_issue <= i:
-            # Waiting for a buffer holds no lock, and ends when another worker has issued the
-            # piece: the workers of issued pieces must go on and release theirs (class docs).
-            buffer = self.acquire(lambda: self.next_issue > i)
-            if buffer is None:
-                break
-            with self.issue_lock:
-                if self.next_issue < len(self.pieces):
-                    self._issue(buffer)
-                    continue
-            self.pool.release(buffer)
-        buffer, event = self.slots[i]
-        device = self.devices[piece.file]
-        path = self.paths[piece.file]
-        self.rt.set_device(device)
-        # A failed copy leaves its buffer in the slot: finish() releases it after the streams.
-        self.rt.event_synchronize(
-            event, f"cudaEventSynchronize after the {_d2h_operation(path, piece, device)}"
-        )
-        self.slots[i] = None
-        try:
-            self.direct.transfer(os.pwritev, "pwritev", fd, piece.file, buffer.view,
-                                 piece.offset, piece.nbytes, 0, self.cap, self.faults)
-            crcs = self.crcs.get(piece.file)
-            if crcs is not None:
-                crcs.feed(piece.offset, (buffer.view[: piece.nbytes],))
-        finally:
-            self.give_event(device, event)
-            self.pool.release(buffer)
-        self.pump()
-
-    def finish(self, failed: bool) -> None:
-        for slot in self.slots:
-            if slot is not None:
-                self.add_dirty(slot[0])
-        self.slots = []
-        super().finish(failed)
-
-    def finish_crcs(self, block_crcs: list) -> None:
-        for crcs in self.crcs.values():
-            crcs.finish()
-
-
-class _DeviceReads(_Staging):
-    """The files of one read call whose destinations are device memory.
-
-    Each call of such a file is read (preadv) into a pinned buffer, then copied to the device
-    (cudaMemcpy2DAsync for runs of equal length at regular strides, cudaMemcpyAsync for the
-    others), and an event is recorded after the copies; the buffer is waited for only when
-    a later read needs it, so the reads of later pieces overlap the copies of earlier ones.
-    """
-
-    def __init__(self, files, paths, pool, direct_io, cap, refusal, faults, views,
-                 required) -> None:
-        first = next(f.device for f in files if f.device >= 0)
-        super().__init__(pool, first, paths, os.O_RDONLY, direct_io, cap, refusal)
-        self.faults = faults
-        self.cap = cap
-        self.devices = [f.device for f in files]
-        self.views = views
-        self.required = required
-
-    def wait_for_consumers(self, streams: list) -> None:
-        """Makes the copy streams wait for the work queued so far on the consumers' streams
-        (kernels still writing the destinations), before any copy writes them."""
-        rt = self.rt
-        for device, consumer in sorted({(d, s) for d, s in zip(self.devices, streams) if d >= 0}):
-            where = f"the consumer stream {consumer:#x} of device {device}"
-            rt.set_device(device)
-            stream = self.stream(device)
-            # Not given back to the call's free events: the wait refers to it.
-            event = self.event(device, f"cudaEventCreateWithFlags for {where}")
-            rt.event_record(event, consumer, f"cudaEventRecord on {where}")
-            rt.stream_wait_event(stream, event, f"cudaStreamWaitEvent of the copy stream on {where}")
-
-    def run_call(self, fd: int, call: _Call) -> None:
-        index = call.file
-        path = self.paths[index]
-        buffer = self.acquire()
-        queued = False
-        try:
-            self.direct.transfer(os.preadv, "preadv", fd, index, buffer.view, call.offset,
-                                 call.nbytes, self.required[index], self.cap, self.faults)
-            device = self.devices[index]
-            rt = self.rt
-            rt.set_device(device)
-            stream = self.stream(device)
-            queued = True
-            _copy_to_device(rt, stream, buffer.address, call, self.views[index], path, device)
-            event = self.event(device, f"cudaEventCreateWithFlags for the H2D copies of {path}")
-            rt.event_record(
-                event, stream,
-                f"cudaEventRecord after the H2D copies of {path} at offset {call.offset}",
-            )
-            what = f"cudaEventSynchronize after the H2D copies of {path} to device {device}"
-        except BaseException:
-            if queued:
-                self.add_dirty(buffer)
-            else:
-                self.pool.release(buffer)
-            raise
-        self.push((buffer, event, device, what))
-
-
-#: Largest pitch cudaMemcpy2DAsync takes on current GPUs (cudaDevAttrMaxPitch).
-_MAX_PITCH = (1 << 31) - 1
-
-
-def _copy_to_device(rt, stream: int, host: int, call: _Call, boxes: list, path: str,
-                    device: int) -> None:
-    """Queues the copies of one call's runs from its pinned buffer at ``host`` (the call's file
-    bytes from ``call.offset``) to their device destinations. A series of runs of one box with
-    equal lengths at constant strides in the buffer and on the device is one copy: 2-D, or 1-D
-    when the runs are dense at both ends."""
-    p = call.parts
-    runs = []  # (buffer position, device address, length, box)
-    pos = 0
-    for v, s, n in zip(p[0::3], p[1::3], p[2::3]):
-        if v >= 0:
-            runs.append((pos, boxes[v] + s, n, v))
-        pos += n
-    i = 0
-    count = len(runs)
-    while i < count:
-        pos, dest, width, box = runs[i]
-        j = i + 1
-        if j < count and runs[j][2] == width and runs[j][3] == box:
-            spitch = runs[j][0] - pos
-            dpitch = runs[j][1] - dest
-            if width <= spitch <= _MAX_PITCH and width <= dpitch <= _MAX_PITCH:
-                while (
-                    j < count
-                    and runs[j][2] == width
-                    and runs[j][3] == box
-                    and runs[j][0] - runs[j - 1][0] == spitch
-                    and runs[j][1] - runs[j - 1][1] == dpitch
-                ):
-                    j += 1
-        rows = j - i
-        where = f" of {path} at offset {call.offset + pos} to device {device} address {dest:#x}"
-        if rows == 1 or (spitch == width and dpitch == width):
-            rt.memcpy_async(dest, host + pos, width * rows, _cudart.HOST_TO_DEVICE, stream,
-                            f"cudaMemcpyAsync H2D{where} ({width * rows} bytes)")
-        else:
-            rt.memcpy_2d_async(dest, dpitch, host + pos, spitch, width, rows,
-                               _cudart.HOST_TO_DEVICE, stream,
-                               f"cudaMemcpy2DAsync H2D{where} ({rows} rows of {width} bytes)")
-        i = j
-
-
-def _d2h_operation(path: str, piece: _DevicePiece, device: int) -> str:
-    return (
-        f"cudaMemcpyAsync D2H of {path} at offset {piece.offset} ({piece.nbytes} bytes from "
-        f"device {device} address {piece.source:#x})"
-    )
-
-
-class _BlockCrcs:
-    """Block CRCs of a file whose bytes are checksummed range by range, where a block may
-    straddle ranges: device pieces are checksummed from their pinned copies, which are reused
-    as soon as they are written, and host bytes by work items of whole blocks. A block inside
-    one range gets its CRC there; a straddling one collects the CRCs of its fragments, combined
-    at the end (crc32c_combine)."""
-
-    def __init__(self, runs: list, device_runs: list, block: int) -> None:
-        ends = [r[0] + r[1] for r in runs] + [r[0] + r[1] for r in device_runs]
-        self.size = max(ends, default=0)
-        self.block = block
-        self.out = array("I", bytes(4 * -(-self.size // block)))
-        self.partials: dict[int, list] = {}
-
-    def host_items(self, runs: list, views: list, chunk_bytes: int) -> list:
-        """Work items for the host runs (sorted): whole blocks of about chunk_bytes each within
-        every stretch of contiguous runs, in file order."""
-        items = []
-        block = self.block
-        per_item = max(1, chunk_bytes // block) * block
-        i = 0
-        while i < len(runs):
-            # One stretch of contiguous runs [start, end).
-            start = runs[i][0]
-            j = i
-            end = runs[i][0] + runs[i][1]
-            while j + 1 < len(runs) and runs[j + 1][0] == end:
-                j += 1
-                end = runs[j][0] + runs[j][1]
-            pos = start
-            r = i
-            while pos < end:
-                stop = min(end, (pos // block * block) + per_item)
-                while runs[r][0] + runs[r][1] <= pos:
-                    r += 1
-                items.append(_HostCrcItem(self, pos, stop, r, runs, views))
-                pos = stop
-            i = j + 1
-        return items
-
-    def feed(self, start: int, chunks) -> None:
-        """The CRCs of the blocks that file bytes from ``start`` on, given as consecutive
-        buffers, touch."""
-        block, size, out = self.block, self.size, self.out
-        b = start // block
-        fragment = pos = start
-        block_end = min((b + 1) * block, size)
-        crc = 0
-        for chunk in chunks:
-            n = len(chunk)
-            i = 0
-            while i < n:
-                take = min(n - i, block_end - pos)
-                crc = crc32c(chunk[i : i + take], crc)
-                i += take
-                pos += take
-                if pos == block_end:
-                    if fragment == b * block:
-                        out[b] = crc
-                    else:
-                        self.partials.setdefault(b, []).append((fragment, crc, pos - fragment))
-                    b += 1
-                    fragment = pos
-                    block_end = min(pos + block, size)
-                    crc = 0
-        if pos > fragment:
-            self.partials.setdefault(b, []).append((fragment, crc, pos - fragment))
-
-    def finish(self) -> None:
-        for b, parts in self.partials.items():
-            parts.sort()
-            crc = parts[0][1]
-            for _, fragment_crc, length in parts[1:]:
-                crc = crc32c_combine(crc, fragment_crc, length)
-            self.out[b] = crc
-        self.partials.clear()
-
-
-class _HostCrcItem:
-    """Block CRCs of the host bytes ``[start, end)`` of a file with device pieces."""
-
-    __slots__ = ("crcs", "start", "end", "run", "runs", "views")
-
-    def __init__(self, crcs: _BlockCrcs, start: int, end: int, run: int, runs: list,
-                 views: list) -> None:
-        self.crcs = crcs
-        self.start = start
-        self.end = end
-        self.run = run
-        self.runs = runs
-        self.views = views
-
-    def __call__(self) -> None:
-        self.crcs.feed(self.start, self._chunks())
-
-    def _chunks(self):
-        pos, end, runs, views = self.start, self.end, self.runs, self.views
-        r = self.run
-        while pos < end:
-            offset, length, view, start = runs[r]
-            take = min(end, offset + length) - pos
-            s = start + pos - offset
-            yield views[view][s : s + take]
-            pos += take
-            r += 1
-
-
 # --------------------------------------------------------------------------- execution
 
 
@@ -1497,22 +719,18 @@ def _execute(
     open_file: Callable[[int], int] | None,
     run_call: Callable[[int, _Call, "memoryview | None"], None] | None,
     finish_file: Callable[[int, int], None] | None,
-    run_piece: Callable[[int, "_DevicePiece"], None] | None = None,
-    on_error: Callable[[], None] | None = None,
 ) -> None:
     """Runs the work on up to ``threads`` threads (the caller is one of them).
 
-    ``work`` holds calls, device pieces (run by ``run_piece``) and plain
-    callables (checksum work), in the order the threads take them. A file is
-    opened by the first call or piece that needs it and finished (synced,
-    closed) by whichever thread completes its last one, so few descriptors are
-    open at once. The first error stops the other threads (``on_error`` wakes
-    those waiting for pinned buffers) and is raised here, after every
-    descriptor is closed.
+    ``work`` holds calls and plain callables (checksum work), in the order the
+    threads take them. A file is opened by the first call that needs it and
+    finished (synced, closed) by whichever thread completes its last one, so
+    few descriptors are open at once. The first error stops the other threads
+    and is raised here, after every descriptor is closed.
     """
     pieces = [0] * file_count
     for call in work:
-        if type(call) is _Call or type(call) is _DevicePiece:
+        if type(call) is _Call:
             pieces[call.file] += 1
     fds: list[int | None] = [None] * file_count
     file_locks = [threading.Lock() for _ in range(file_count)]
@@ -1530,11 +748,8 @@ def _execute(
 
     def fail(exc: BaseException) -> None:
         with lock:
-            first = state["error"] is None
-            if first:
+            if state["error"] is None:
                 state["error"] = exc
-        if first and on_error is not None:
-            on_error()
 
     def worker() -> None:
         try:
@@ -1546,14 +761,11 @@ def _execute(
                         return
                     state["next"] = i + 1
                 call = work[i]
-                kind = type(call)
-                if kind is not _Call and kind is not _DevicePiece:
+                if type(call) is not _Call:
                     call()
                     continue
                 fd = acquire(call.file)
-                if kind is _DevicePiece:
-                    run_piece(fd, call)
-                elif call.parts:
+                if call.parts:
                     run_call(fd, call, scratch)
                 with lock:
                     pieces[call.file] -= 1

@@ -244,11 +244,12 @@ def _register_host(ptr: int, nbytes: int) -> bool:
         return True
     # The failure also set this thread's last CUDA error (the training thread's:
     # stage() runs there); torch would raise it after its next kernel launch.
-    from . import _cudart
-
-    found, _ = _cudart.find()
-    if found is not None:
-        found.clear_last_error()
+    # The native module resets it; without it torch's next launch may report it.
+    try:
+        from ._C import cuda_clear_last_error
+    except ImportError:
+        return False
+    cuda_clear_last_error()
     return False
 
 

@@ -12,8 +12,8 @@ every call, so the tests set it with monkeypatch in this process (no
 subprocess). The fake's counters are process-wide; the ``fake`` fixture
 resets them around each test.
 
-Tests of the shared contract run on both engines (``engine`` fixture);
-native-only ones (O_DIRECT evidence, crc32c_combine) say so.
+The GPU path is the native engine's (the Python engine moves host memory
+only, see test_python_engine_is_host_only), so every test here runs on it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from dcp_native import CudaError
 from dcp_native._crc32c import crc32c
 from dcp_native.engine import (
     CUDART_ENV,
+    CudaStatus,
     DEFAULT_DEVICE_CHUNK_BYTES,
     DEFAULT_STAGING_BYTES,
     SRC_BLOB,
@@ -45,6 +46,14 @@ from dcp_native.engine import (
 )
 
 pytestmark = pytest.mark.fake_cuda
+
+
+@pytest.fixture
+def engine_name(monkeypatch) -> str:
+    """The native engine only: it is the one GPU path (overrides conftest's two engines)."""
+    native_c()
+    monkeypatch.setenv("DCP_NATIVE_BACKEND", "native")
+    return "native"
 
 NOT_LOADED = "libcudart not loaded in this process (import torch and initialise CUDA first)"
 ILLEGAL_ADDRESS = 700
@@ -738,33 +747,19 @@ def test_native_defaults_match_the_contract():
     assert C.CUDART_ENV == CUDART_ENV
 
 
-def test_both_engines_agree_on_device_reads(fake, tmp_path):
-    """The same device read plan gives the same stats and bytes on both engines."""
-    native_c()
-    from dcp_native._engine_native import NativeEngine
-    from dcp_native._engine_python import PythonEngine
+def test_python_engine_is_host_only(tmp_path, monkeypatch):
+    """The Python engine has no GPU path: not usable, no pools, device plans refused."""
+    from dcp_native._engine_python import HOST_ONLY, PythonEngine
 
-    rng = random.Random(3)
-    data = pattern(40 * PAGE + 5, 8)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    boxes = array("q")
-    size = 0
-    for _ in range(12):
-        offset = rng.randrange(len(data) - 3 * PAGE)
-        length = rng.choice((1, 100, PAGE, 2 * PAGE + 3))
-        boxes.extend((offset, length))
-        size += length
-    results = []
-    for engine in (NativeEngine(), PythonEngine()):
-        pool = engine.pinned_pool(0, 4 * PAGE, 2 * PAGE)
-        dest = device_tensor(bytes(size))
-        plan, at = array("q"), 0
-        for offset, length in zip(boxes[::2], boxes[1::2]):
-            plan.extend((offset, dest.data_ptr() + at, length, 0))
-            at += length
-        stats = call(engine.read, [ReadFile(str(path), 0, plan, None, 0)], threads=2,
-                     chunk_bytes=3 * PAGE, pool=pool)
-        results.append((stats, tensor_bytes(dest, size)))
-        pool.close()
-    assert results[0] == results[1]
+    engine = PythonEngine()
+    assert engine.cuda_status() == CudaStatus(False, HOST_ONLY)
+    with pytest.raises(CudaError, match="host memory only"):
+        engine.pinned_pool(0)
+    src = device_tensor(b"x" * 100)
+    path = str(tmp_path / "f")
+    segments = array("q", (0, SRC_DEVICE, src.data_ptr(), 100))
+    for device, what in ((0, "device 0"), (-1, "SRC_DEVICE")):
+        with pytest.raises(ValueError, match=f"{what}: the Python engine moves host memory only"):
+            engine.write([WriteFile(path, b"", segments, device=device)], threads=1, sync=False)
+    with pytest.raises(ValueError, match="device 0: the Python engine moves host memory only"):
+        engine.read([ReadFile(path, 0, array("q"), None, 0)], threads=1)

@@ -4,7 +4,8 @@ tests/test_fake_cuda.py drives the engines' GPU pipelines directly; this file
 checks the plumbing above them — which tensors the writer hands over as device
 memory, the producer stream, the pinned pools the writer and reader keep, the
 reader's device boxes (column views become 2-D copies), verified loads, and
-what a failed copy does to a save — end to end through DCP on both engines.
+what a failed copy does to a save — end to end through DCP on the native
+engine, the one GPU path; the Python engine takes torch's copies instead.
 
 Without a GPU, CPU tensors stand for device tensors: ``dcp_native._device``'s
 two questions (on which device is this tensor, which stream produces it) are
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
 from dcp_native import _device
-from test_errors import failure
+from helpers import failure
 
 pytestmark = pytest.mark.fake_cuda
 
@@ -46,6 +47,14 @@ class Pretend:
         if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in self.storages:
             return 0
         return -1
+
+
+@pytest.fixture
+def engine_name(monkeypatch) -> str:
+    """The native engine only: it is the one GPU path (overrides conftest's two engines)."""
+    pytest.importorskip("dcp_native._C")
+    monkeypatch.setenv("DCP_NATIVE_BACKEND", "native")
+    return "native"
 
 
 @pytest.fixture
@@ -185,3 +194,22 @@ def test_failed_copy_fails_the_save_and_commits_nothing(pretend, fake, tmp_path)
     out = {"big": torch.zeros(3 << 20)}
     dcp.load(out, storage_reader=dcp_native.FileSystemReader(tmp_path), no_dist=True)
     assert torch.equal(out["big"], old["big"])
+
+
+def test_python_engine_takes_torch_copies(fake, monkeypatch, tmp_path):
+    """On the Python engine "device" tensors are written and loaded through host copies: the
+    runtime is never asked to copy, and the values are exact."""
+    monkeypatch.setenv("DCP_NATIVE_BACKEND", "python")
+    p = Pretend()
+    monkeypatch.setattr(_device, "cuda_index", p.cuda_index)
+    monkeypatch.setattr(_device, "current_stream", lambda device: 0)
+    sd = _state_dict(5)
+    p(*(v for k, v in sd.items() if isinstance(v, torch.Tensor) and k != "host"))
+    writer = _save(sd, tmp_path, thread_count=2)
+    out = _blank(sd)
+    p(*(v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "host"))
+    dcp.load(out, storage_reader=dcp_native.FileSystemReader(tmp_path), no_dist=True)
+    for k, v in sd.items():
+        assert torch.equal(out[k], v) if isinstance(v, torch.Tensor) else out[k] == v, k
+    assert fake.counter("copies_d2h") == fake.counter("copies_h2d") == 0
+    assert fake.counter("pinned_bytes") == fake.pinned0 and writer.bytes_held == 0

@@ -316,32 +316,3 @@ def test_fault_counts_refused_opens(engine, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- Python O_DIRECT
-
-
-def test_python_direct_open_never_blocks_on_fifo(tmp_path):
-    """The Python engine's O_DIRECT opens go through open_regular too (the native ones through
-    csrc/file_io.cpp's; reaching them needs a CUDA runtime). Linux refuses O_DIRECT on a FIFO
-    with EINVAL, but only after the FIFO's open, which would block without O_NONBLOCK: the file
-    then falls back to its normal descriptor (the one already checked), or is refused."""
-    from dcp_native._engine_python import _DirectFiles
-
-    path = make_fifo(tmp_path)
-    files = _DirectFiles([path], os.O_RDONLY, True, 0, "")
-    outcome: list = []
-    exc = bounded(lambda: outcome.append(files.fd(0)), unblock=lambda: unblock_fifo(path))
-    files.close_all()
-    if exc is None:
-        assert outcome == [-1]
-    else:
-        assert_refused(exc, path, stat.S_IFIFO)
-
-
-def test_python_direct_open_names_its_operation(tmp_path):
-    from dcp_native._engine_python import _DirectFiles
-
-    path = str(tmp_path / "missing.distcp")
-    files = _DirectFiles([path], os.O_RDONLY, True, 0, "")
-    with pytest.raises(FileNotFoundError) as info:
-        files.fd(0)
-    assert info.value.filename == path
-    assert info.value.strerror == f"{os.strerror(errno.ENOENT)} (open (O_DIRECT))"
