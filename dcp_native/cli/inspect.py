@@ -1,0 +1,180 @@
+"""``dcp-native inspect``: keys, dtypes, shapes, sizes, chunks and files of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+from typing import Any, Sequence
+
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from .. import layout
+from .common import (
+    _BadMetadata,
+    _Checkpoint,
+    CommandFailed,
+    describe_pickle,
+    _describe_sidecar,
+    _dtype_name,
+    EXIT_OK,
+    _human,
+    _Item,
+    _json,
+    _METADATA,
+    _open_checkpoint,
+    _parse_archive,
+    _pickle_of,
+    _plural,
+    PROG,
+    _read_views,
+    _written_by,
+)
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _object_types(ck: _Checkpoint, items: list[_Item]) -> dict[tuple[str, int], tuple[str, Any]]:
+    """(type name, short value) of each object item, from its data.pkl's opcodes."""
+    sizes = _file_sizes(ck)
+    readable = [
+        it for it in items
+        if not it.transformed and sizes.get(it.file, -1) >= it.offset + it.length
+    ]
+    out: dict[tuple[str, int], tuple[str, Any]] = {}
+    for item, view in _read_views(ck, readable):
+        try:
+            if isinstance(view, OSError):
+                raise view
+            out[(item.file, item.offset)] = describe_pickle(_pickle_of(view, _parse_archive(view)))
+        except (layout.ArchiveError, ValueError, OSError):
+            out[(item.file, item.offset)] = ("unknown (unreadable; run verify)", None)
+    for it in items:
+        if (it.file, it.offset) not in out:
+            why = "stream-transformed" if it.transformed else "data file missing or short"
+            out[(it.file, it.offset)] = (f"unknown ({why})", None)
+    return out
+
+
+def _file_sizes(ck: _Checkpoint) -> dict[str, int]:
+    sizes = {}
+    for rel in ck.files:
+        try:
+            sizes[rel] = os.stat(ck.file_path(rel)).st_size
+        except OSError:
+            pass
+    return sizes
+
+
+def _inspect_doc(ck: _Checkpoint) -> dict[str, Any]:
+    by_key: dict[str, list[_Item]] = collections.defaultdict(list)
+    for item in ck.items:
+        by_key[item.key].append(item)
+    objects = [it for it in ck.items if it.kind == "object"]
+    types = _object_types(ck, objects)
+    tensors_out, objects_out = [], []
+    for key, md in ck.metadata.state_dict_metadata.items():
+        saved = by_key.get(key, [])
+        files = sorted({it.file for it in saved})
+        stored = sum(it.length for it in saved)
+        if isinstance(md, TensorStorageMetadata):
+            numel = 1
+            for s in md.size:
+                numel *= s
+            tensors_out.append({
+                "key": key,
+                "dtype": _dtype_name(md.properties.dtype),
+                "shape": list(md.size),
+                "numel": numel,
+                "bytes": numel * md.properties.dtype.itemsize,
+                "chunks": len(md.chunks),
+                "files": files,
+                "stored_bytes": stored,
+            })
+        else:
+            type_name, value = (
+                types[(saved[0].file, saved[0].offset)] if saved else ("unknown (no item)", None)
+            )
+            entry = {"key": key, "type": type_name, "bytes": stored, "files": files}
+            if value is not None:
+                entry["value"] = value
+            objects_out.append(entry)
+    sizes = _file_sizes(ck)
+    files_out = [{"name": rel, "bytes": sizes.get(rel)} for rel in ck.files]
+    storage_meta = getattr(ck.metadata, "storage_meta", None)
+    return {
+        "path": os.path.abspath(ck.path),
+        "written_by": _written_by(ck.sidecar),
+        "sidecar": ck.sidecar.status,
+        "dcp_version": getattr(ck.metadata, "version", None),
+        "save_id": getattr(storage_meta, "save_id", None),
+        "tensors": tensors_out,
+        "objects": objects_out,
+        "files": files_out,
+        "totals": {
+            "tensors": len(tensors_out),
+            "tensor_elements": sum(t["numel"] for t in tensors_out),
+            "tensor_bytes": sum(t["bytes"] for t in tensors_out),
+            "objects": len(objects_out),
+            "object_bytes": sum(o["bytes"] for o in objects_out),
+            "files": len(files_out),
+            "file_bytes": sum(f["bytes"] or 0 for f in files_out),
+        },
+    }
+
+
+def _table(rows: list[list[str]], right: Sequence[int] = ()) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return lines
+
+
+def _inspect_text(doc: dict[str, Any], ck: _Checkpoint) -> str:
+    t = doc["totals"]
+    lines = [f"{doc['path']}: DCP checkpoint, {_describe_sidecar(ck.sidecar)}"]
+    if doc["tensors"]:
+        rows = [["tensor", "dtype", "shape", "bytes", "chunks", "files"]]
+        for e in doc["tensors"]:
+            rows.append([
+                e["key"], e["dtype"], str(e["shape"]), _human(e["bytes"]),
+                str(e["chunks"]), str(len(e["files"])),
+            ])
+        lines += [""] + _table(rows, right=(3, 4, 5))
+    if doc["objects"]:
+        rows = [["object", "type", "bytes", "files", "value"]]
+        for e in doc["objects"]:
+            value = repr(e["value"]) if "value" in e else ""
+            rows.append([e["key"], e["type"], _human(e["bytes"]), str(len(e["files"])), value])
+        lines += [""] + _table(rows, right=(2, 3))
+    files = ", ".join(
+        f"{f['name']} ({_human(f['bytes']) if f['bytes'] is not None else 'missing'})"
+        for f in doc["files"]
+    )
+    lines += [
+        "",
+        f"totals: {_plural(t['tensors'], 'tensor')} ({t['tensor_elements']:,} elements, "
+        f"{_human(t['tensor_bytes'])}), {_plural(t['objects'], 'object')} "
+        f"({_human(t['object_bytes'])}), {_plural(t['files'], 'data file')} "
+        f"({_human(t['file_bytes'])}): {files}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        ck = _open_checkpoint(args.path)
+    except _BadMetadata as exc:
+        raise CommandFailed(
+            f"{os.path.join(args.path, _METADATA)} {exc} (run `{PROG} verify` on it)"
+        ) from None
+    doc = _inspect_doc(ck)
+    if args.json:
+        print(_json(doc))
+    else:
+        print(_inspect_text(doc, ck))
+    return EXIT_OK

@@ -1,0 +1,577 @@
+"""``dcp-native verify``: check a checkpoint without loading it, listing every problem.
+
+It runs in passes, each adding problems to one list so that every problem is
+reported, not only the first: metadata, data files and sizes, item framing
+(zip end records, central directory, local headers, ``data.pkl`` against the
+metadata, the sidecar against the archive), the CRC32C of every 4 KiB block of
+each data file that has a checksum table (read in bounded rounds, checked by
+the engine), and with ``--read-all`` every byte of every item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import stat
+import sys
+import time
+from typing import Any
+
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+from .. import _fileio, integrity, layout
+from .._errors import IntegrityError
+from ..engine import ReadFile
+from ..plan import Box, encode_boxes
+from ..sidecar import TableInfo
+from .common import (
+    _BadMetadata,
+    _bytearray_address,
+    _Checkpoint,
+    _checkpoint_dir,
+    describe_pickle,
+    _describe_sidecar,
+    _dtype_name,
+    _engine,
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    _human,
+    _Item,
+    _ItemView,
+    _json,
+    _looks_like_unfinished_save,
+    _METADATA,
+    _open_checkpoint,
+    _os_error_text,
+    _parse_archive,
+    _pickle_of,
+    _plural,
+    _PROGRESS_MIN_BYTES,
+    _PROGRESS_MIN_ITEMS,
+    _READ_BUDGET,
+    _read_ranges,
+    _read_views,
+    _threads,
+    UsageError,
+    _written_by,
+)
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint, and where."""
+
+    message: str
+    file: str | None = None
+    offset: int | None = None
+    key: str | None = None
+
+    def where(self) -> str:
+        parts = []
+        if self.file is not None:
+            parts.append(self.file)
+        if self.offset is not None:
+            parts.append(f"offset {self.offset}")
+        if self.key is not None:
+            parts.append(f"key {self.key!r}")
+        return ", ".join(parts)
+
+    def __str__(self) -> str:
+        where = self.where()
+        return f"{where}: {self.message}" if where else self.message
+
+
+class _Progress:
+    """A one-line progress bar on stderr (\\r updates), or nothing."""
+
+    def __init__(self, label: str, total: int, unit: str, enabled: bool) -> None:
+        self.label, self.total, self.unit, self.enabled = label, max(total, 1), unit, enabled
+        self.done = 0
+        self._last = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1 and self.done < self.total:
+            return
+        self._last = now
+        frac = min(1.0, self.done / self.total)
+        bar = "#" * int(30 * frac)
+        if self.unit == "bytes":
+            count = f"{_human(self.done)}/{_human(self.total)}"
+        else:
+            count = f"{self.done}/{self.total} {self.unit}"
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:4.0%} {count}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class _Verifier:
+    """The verify passes over one checkpoint; each appends to ``problems``."""
+
+    def __init__(self, ck: _Checkpoint, progress: str) -> None:
+        self.ck = ck
+        self.problems: list[Problem] = []
+        self.notes: list[str] = []
+        self.progress_mode = progress
+        self.sizes: dict[str, int] = {}
+        #: Items whose bytes lie inside an existing file (later passes read only these).
+        self.readable: list[_Item] = []
+        self.checked_tensors = 0
+        self.checked_objects = 0
+        self.checked_files = 0
+
+    def problem(self, message: str, item: _Item | None = None, **where: Any) -> None:
+        if item is not None:
+            where = {"file": item.file, "offset": item.offset, "key": item.key, **where}
+        self.problems.append(Problem(message, **where))
+
+    def _progress(self, label: str, total: int, unit: str, nbytes: int) -> _Progress:
+        enabled = self.progress_mode == "always" or (
+            self.progress_mode == "auto"
+            and sys.stderr.isatty()
+            and (total >= _PROGRESS_MIN_ITEMS or nbytes >= _PROGRESS_MIN_BYTES)
+        )
+        return _Progress(label, total, unit, enabled)
+
+    # -------------------------------------------------------------- pass 1: metadata
+
+    def check_metadata(self) -> None:
+        md = self.ck.metadata
+        saved: dict[str, dict[tuple, _Item]] = collections.defaultdict(dict)
+        for item in self.ck.items:
+            saved[item.key][item.chunk_offsets] = item
+            if item.key not in md.state_dict_metadata:
+                self.problem("the item's key is not in the metadata's state dict", item)
+            elif item.kind == "tensor" and item.chunk_sizes is None:
+                self.problem(
+                    f"no saved chunk of the tensor starts at {list(item.chunk_offsets)}", item
+                )
+            if item.offset < 0 or item.length < 0:
+                self.problem(f"negative offset or length ({item.length})", item)
+        for key, entry in md.state_dict_metadata.items():
+            if isinstance(entry, BytesStorageMetadata):
+                if not saved.get(key):
+                    self.problem("the object has no saved item", key=key)
+                continue
+            if not isinstance(entry, TensorStorageMetadata):
+                self.problem(f"unknown metadata type {type(entry).__name__}", key=key)
+                continue
+            total = 0
+            for chunk in entry.chunks:
+                offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+                if offsets not in saved.get(key, {}):
+                    self.problem(f"chunk at {list(offsets)} has no saved item", key=key)
+                if len(offsets) != len(entry.size) or any(
+                    o < 0 or n < 0 or o + n > s for o, n, s in zip(offsets, sizes, entry.size)
+                ):
+                    self.problem(
+                        f"chunk at {list(offsets)} of size {list(sizes)} lies outside the "
+                        f"tensor's shape {list(entry.size)}",
+                        key=key,
+                    )
+                n = 1
+                for s in sizes:
+                    n *= s
+                total += n
+            numel = 1
+            for s in entry.size:
+                numel *= s
+            if total != numel:
+                self.problem(
+                    f"the saved chunks hold {total} elements, the tensor's shape "
+                    f"{list(entry.size)} has {numel}",
+                    key=key,
+                )
+        self._check_overlaps()
+        self._check_sidecar_entries()
+
+    def _check_overlaps(self) -> None:
+        by_file: dict[str, list[_Item]] = collections.defaultdict(list)
+        for item in self.ck.items:
+            by_file[item.file].append(item)
+        for items in by_file.values():
+            items.sort(key=lambda it: it.offset)
+            for a, b in zip(items, items[1:]):
+                if a.offset + a.length > b.offset:
+                    self.problem(
+                        f"the item overlaps the one before it ({a.key!r} at offset {a.offset}, "
+                        f"{a.length} bytes)",
+                        b,
+                    )
+
+    def _check_sidecar_entries(self) -> None:
+        sidecar = self.ck.sidecar
+        if sidecar.status in ("unknown version", "legacy"):
+            self.notes.append(f"{sidecar.reason}; it was not checked")
+        elif sidecar.status in ("damaged", "stale"):
+            self.problem(f"{sidecar.reason}; it is ignored", file=sidecar.name)
+        if sidecar.status != "matching":
+            return
+        known = {(it.file, it.offset): it for it in self.ck.items}
+        for rel, entries in sidecar.entries.items():
+            for offset, entry in entries.items():
+                item = known.get((rel, offset))
+                if item is None:
+                    self.problem("the sidecar names an item the metadata does not have",
+                                 file=rel, offset=offset)
+                elif item.kind != "tensor":
+                    self.problem("the sidecar gives a payload offset for an object item", item)
+                elif entry[0] != item.length:
+                    self.problem(
+                        f"the sidecar says the item has {entry[0]} bytes, "
+                        f"the metadata {item.length}",
+                        item,
+                    )
+
+    # -------------------------------------------------------------- pass 2: files and sizes
+
+    def check_files(self) -> None:
+        by_file: dict[str, list[_Item]] = collections.defaultdict(list)
+        for item in self.ck.items:
+            by_file[item.file].append(item)
+        for rel, items in sorted(by_file.items()):
+            path = self.ck.file_path(rel)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                keys = sorted({it.key for it in items})
+                shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+                self.problem(
+                    f"the data file is missing; it holds {_plural(len(items), 'item')} "
+                    f"of {_plural(len(keys), 'key')}: {shown}",
+                    file=rel,
+                )
+                continue
+            except OSError as exc:
+                self.problem(f"cannot stat the data file: {exc.strerror}", file=rel)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                self.problem(f"is {_fileio.file_kind(st.st_mode)}, not a regular file", file=rel)
+                continue
+            self.sizes[rel] = st.st_size
+            for item in sorted(items, key=lambda it: it.offset):
+                end = item.offset + item.length
+                if end > st.st_size:
+                    self.problem(
+                        f"the file is truncated: the item ends at byte {end}, the file has "
+                        f"{st.st_size} bytes",
+                        item,
+                    )
+                elif item.offset >= 0 and item.length >= 0:
+                    self.readable.append(item)
+        referenced = set(by_file)
+        try:
+            strays = sorted(
+                n for n in os.listdir(self.ck.path) if n.endswith(".distcp") and n not in referenced
+            )
+        except OSError:
+            strays = []
+        if strays:
+            self.notes.append(
+                f"{_plural(len(strays), 'data file')} not referenced by the metadata "
+                f"(left over from another save?): {', '.join(strays[:5])}"
+                + (", ..." if len(strays) > 5 else "")
+            )
+
+    # -------------------------------------------------------------- pass 3: framing
+
+    def check_framing(self) -> None:
+        items = [it for it in self.readable if not it.transformed]
+        transformed = len(self.readable) - len(items)
+        if transformed:
+            self.notes.append(
+                f"{_plural(transformed, 'item')} written with stream transforms: "
+                "bounds checked, framing not parsed"
+            )
+        progress = self._progress("verify", len(items), "items", 0)
+        try:
+            for item, view in _read_views(self.ck, items):
+                progress.update(1)
+                if isinstance(view, OSError):
+                    self.problem(f"cannot read the item: {_os_error_text(view)}", item)
+                    continue
+                try:
+                    if item.kind == "tensor":
+                        self._check_tensor(item, view)
+                        self.checked_tensors += 1
+                    else:
+                        self._check_object(item, view)
+                        self.checked_objects += 1
+                except layout.ArchiveError as exc:
+                    self.problem(f"not a readable torch.save archive: {exc}", item)
+                except OSError as exc:
+                    self.problem(f"cannot read the item: {_os_error_text(exc)}", item)
+        finally:
+            progress.close()
+
+    def _check_object(self, item: _Item, view: _ItemView) -> None:
+        archive = _parse_archive(view)
+        try:
+            describe_pickle(_pickle_of(view, archive))
+        except ValueError as exc:
+            self.problem(f"data.pkl is not a valid pickle: {exc}", item)
+
+    def _check_tensor(self, item: _Item, view: _ItemView) -> None:
+        archive = _parse_archive(view)
+        data_pkl = _pickle_of(view, archive)
+        if "data/0" not in archive.records:
+            self.problem("the archive has no data/0 record (the tensor's storage)", item)
+            return
+        payload, payload_size = archive.records["data/0"]
+        try:
+            describe_pickle(data_pkl)
+        except ValueError as exc:
+            self.problem(f"data.pkl is not a valid pickle: {exc}", item)
+            return
+        try:
+            saved = layout.parse_tensor_pickle(data_pkl)
+        except layout.UnsupportedLayout as exc:
+            # Legitimate for tensors stock frames with torch.save (sparse, quantized, ...).
+            self.notes.append(
+                f"{item.file}, offset {item.offset}, key {item.key!r}: a tensor layout "
+                f"dcp-native does not parse ({exc}); its archive was checked, its data.pkl not"
+            )
+            return
+        if item.dtype is not None and item.chunk_sizes is not None and (
+            saved.dtype != item.dtype or tuple(saved.size) != item.chunk_sizes
+        ):
+            self.problem(
+                f"data.pkl holds a {_dtype_name(saved.dtype)} tensor of shape {list(saved.size)}, "
+                f"the metadata declares {_dtype_name(item.dtype)} of shape "
+                f"{list(item.chunk_sizes)}",
+                item,
+            )
+        if saved.storage_nbytes is not None and saved.storage_nbytes != payload_size:
+            self.problem(
+                f"data.pkl declares a storage of {saved.storage_nbytes} bytes, the data/0 record "
+                f"holds {payload_size}",
+                item,
+            )
+        if all(s > 0 for s in saved.size):
+            last = saved.storage_offset + sum(
+                (n - 1) * st for n, st in zip(saved.size, saved.stride)
+            )
+            if (last + 1) * saved.dtype.itemsize > payload_size:
+                self.problem(
+                    f"the tensor's elements reach byte {(last + 1) * saved.dtype.itemsize} of "
+                    f"its storage, which has {payload_size}",
+                    item,
+                )
+        entry = self.ck.sidecar.entries.get(item.file, {}).get(item.offset)
+        if entry is not None and len(entry) > 1 and entry[1] != payload:
+            self.problem(
+                f"the sidecar puts the payload at item offset {entry[1]}, the archive at {payload}",
+                item,
+            )
+
+    # -------------------------------------------------------------- pass 4: every byte
+
+    def read_all(self) -> None:
+        """Read every byte of every item, in rounds within _READ_BUDGET, through the engine.
+
+        Finds unreadable ranges of every file, also of files without checksum
+        tables (those with tables are read whole by :meth:`check_checksums`).
+        """
+        items = sorted(self.readable, key=lambda it: (it.file, it.offset))
+        total = sum(it.length for it in items)
+        progress = self._progress("verify --read-all", total, "bytes", total)
+        try:
+            pieces = [
+                (it, start, min(_READ_BUDGET, it.length - start))
+                for it in items
+                for start in range(0, max(it.length, 1), _READ_BUDGET)
+            ]
+            batch: list[tuple[_Item, int, int]] = []
+            used = 0
+            for piece in pieces:
+                if batch and used + piece[2] > _READ_BUDGET:
+                    self._read_batch(batch)
+                    progress.update(used)
+                    batch, used = [], 0
+                batch.append(piece)
+                used += piece[2]
+            self._read_batch(batch)
+            progress.update(used)
+        finally:
+            progress.close()
+
+    def _read_batch(self, batch: list[tuple[_Item, int, int]]) -> None:
+        if not batch:
+            return
+        try:
+            _read_ranges(self.ck, [(it.file, it.offset + s, n) for it, s, n in batch])
+            return
+        except OSError:
+            pass
+        failed = set()
+        for it, s, n in batch:
+            if id(it) in failed:
+                continue
+            try:
+                _read_ranges(self.ck, [(it.file, it.offset + s, n)])
+            except OSError as exc:
+                failed.add(id(it))
+                self.problem(f"cannot read the item: {_os_error_text(exc)}", it)
+
+    def check_checksums(self) -> int:
+        """Read every data file that has a CRC32C table and check each block; returns bytes checked.
+
+        The blocks are checked by the engine as it reads (ReadFile.checks), in
+        rounds of _READ_BUDGET bytes; a mismatch names the block's file offset
+        and the item that holds it.
+        """
+        tables = self.ck.sidecar.tables
+        files = [rel for rel in self.ck.files if rel in tables and rel in self.sizes]
+        total = sum(self.sizes[rel] for rel in files)
+        progress = self._progress("verify checksums", total, "bytes", total)
+        checked = 0
+        try:
+            for rel in files:
+                n = self._check_file(rel, tables[rel], progress)
+                checked += n
+                self.checked_files += n > 0 or self.sizes[rel] == 0
+        finally:
+            progress.close()
+        return checked
+
+    def _check_file(self, rel: str, info: TableInfo, progress: _Progress) -> int:
+        try:
+            table = integrity.load_table(
+                self.ck.file_path(info.file), info, self.ck.file_path(rel), self.sizes[rel]
+            )
+        except IntegrityError as exc:
+            which = info.file if exc.filename == self.ck.file_path(info.file) else rel
+            self.problem(str(exc).split(": ", 1)[-1], file=which)
+            return 0
+        except OSError as exc:
+            self.problem(f"the checksum table cannot be read: {_os_error_text(exc)}", file=info.file)
+            return 0
+        block, size = table.block, table.size
+        step = max(block, _READ_BUDGET // block * block)
+        owners = sorted((it.offset, it.offset + it.length, it.key) for it in self.ck.items
+                        if it.file == rel)
+        for start in range(0, size, step):
+            n = min(step, size - start)
+            buf = bytearray(n)
+            plan = integrity.CheckPlan(table)
+            plan.add_run(start, _bytearray_address(buf), n, None)
+            plan.finish()
+            rf = ReadFile(self.ck.file_path(rel), size, encode_boxes([Box(start, _bytearray_address(buf), n)]))
+            rf.checks = plan.records
+            try:
+                stats = _engine().read([rf], threads=_threads())
+            except OSError as exc:
+                self.problem(f"cannot be read: {_os_error_text(exc)}", file=rel, offset=start)
+                return start
+            for _, record in stats.failed_checks:
+                offset = plan.block_offsets[record]
+                key = next((k for a, b, k in owners if a <= offset < b or offset <= a < offset + block), None)
+                self.problem(f"checksum mismatch in the {block}-byte block: the bytes on disk are "
+                             "not those written", file=rel, offset=offset, key=key)
+            progress.update(n)
+        return size
+
+    # -------------------------------------------------------------- report
+
+    def summary(self) -> str:
+        n_files = len(self.ck.files)
+        total = sum(self.sizes.values())
+        return (
+            f"{_plural(len(self.ck.items), 'item')} in {_plural(n_files, 'data file')} "
+            f"({_human(total)}); framing parsed for {_plural(self.checked_tensors, 'tensor item')} "
+            f"and {_plural(self.checked_objects, 'object item')}"
+        )
+
+
+def _problem_json(p: Problem) -> dict[str, Any]:
+    return {"file": p.file, "offset": p.offset, "key": p.key, "message": p.message}
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    directory = _checkpoint_dir(args.path)
+    problems: list[Problem] = []
+    verifier = None
+    checked = 0
+    try:
+        ck = _open_checkpoint(directory)
+    except UsageError:
+        found = _looks_like_unfinished_save(directory)
+        if not found:
+            raise
+        # Data files without .metadata: a damaged or unfinished checkpoint, which is
+        # what verify is for (exit 1), not a wrong path (exit 2).
+        problems.append(Problem(
+            f"missing: the directory holds {', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''} but no committed {_METADATA} "
+            "(the save did not finish, or the file was lost)",
+            file=_METADATA,
+        ))
+    except _BadMetadata as exc:
+        problems.append(Problem(str(exc), file=_METADATA))
+    else:
+        verifier = _Verifier(ck, args.progress)
+        verifier.check_metadata()
+        verifier.check_files()
+        verifier.check_framing()
+        checked = verifier.check_checksums()
+        if args.read_all:
+            verifier.read_all()
+        problems = sorted(
+            verifier.problems,
+            key=lambda p: (p.file or "", -1 if p.offset is None else p.offset, p.key or ""),
+        )
+
+    tables = verifier.ck.sidecar.tables if verifier else {}
+    files_checked = verifier.checked_files if verifier else 0
+    checksums = (
+        f"CRC32C of every 4 KiB block checked ({_human(checked)} in "
+        f"{_plural(files_checked, 'data file')})"
+        if tables else "no checksums recorded"
+    )
+    if args.json:
+        doc = {
+            "path": os.path.abspath(directory),
+            "ok": not problems,
+            "written_by": _written_by(verifier.ck.sidecar) if verifier else None,
+            "problems": [_problem_json(p) for p in problems],
+            "notes": verifier.notes if verifier else [],
+            "read_all": bool(args.read_all),
+            "checksums": {"files": files_checked, "bytes_checked": checked} if tables else None,
+        }
+        print(_json(doc))
+    else:
+        head = os.path.abspath(directory)
+        if verifier is not None:
+            print(f"{head}: DCP checkpoint, {_describe_sidecar(verifier.ck.sidecar)}")
+        else:
+            print(f"{head}:")
+        if verifier is not None:
+            print(f"  checked: {verifier.summary()}")
+            if tables and not args.read_all:
+                print(f"  {checksums}")
+            else:
+                extent = (
+                    "every byte read" if args.read_all
+                    else "payload bytes not read (--read-all reads them)"
+                )
+                print(f"  {checksums}; {extent}")
+            for note in verifier.notes:
+                print(f"  note: {note}")
+        if problems:
+            print(f"FAILED: {_plural(len(problems), 'problem')}")
+            for p in problems:
+                print(f"  {p}")
+        else:
+            print("OK: intact")
+    return EXIT_PROBLEMS if problems else EXIT_OK
