@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Callable
 
 _DATA = re.compile(r"^__(\d+)_(\d+)(?:\.[0-9a-f]{8})?\.distcp$")
 
@@ -54,3 +55,26 @@ def sidecar_file(path) -> str:
     with open(os.path.join(path, ".metadata"), "rb") as f:
         md = load_metadata(io.BytesIO(f.read()), ".metadata")
     return os.path.join(str(path), sidecar.file_name(".metadata", md.storage_meta.save_id))
+
+
+def in_child(fn: Callable[[], str]) -> tuple[int, str]:
+    """Run ``fn()`` in a forked child; returns (exit code, what it wrote to the pipe)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, fn().encode())
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - reported through the pipe
+            os.write(w, repr(exc).encode()[:4000])
+        finally:
+            os._exit(code)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 65536):
+        out += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status), out.decode()

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
 from _dist import run_ranks
-from helpers import data_file, data_files, failure
+from helpers import data_file, data_files, failure, in_child
 
 
 def state(scale: float, n: int = 6, rows: int = 64) -> dict:
@@ -348,27 +348,17 @@ def test_efbig_from_file_size_limit(engine_name, tmp_path):
 
     old, new = state(1.0), state(2.0)
     save(old, tmp_path)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+    def limited() -> str:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         try:
-            os.close(r)
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-            try:
-                save(new, tmp_path)
-            except CheckpointException as exc:
-                err = next(iter(exc.failures.values()))[0]
-                os.write(w, f"{getattr(err, 'errno', None)}".encode())
-                code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    got = os.read(r, 100)
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0 and got == str(errno.EFBIG).encode()
+            save(new, tmp_path)
+        except CheckpointException as exc:
+            return str(getattr(failure(exc), "errno", None))
+        return "saved"
+
+    code, got = in_child(limited)
+    assert code == 0 and got == str(errno.EFBIG), got
     assert same(load(tmp_path, old), old)
 
 

@@ -25,7 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
-from helpers import data_file, data_files, failure, sidecar_file
+from helpers import data_file, data_files, failure, in_child, sidecar_file
 from dcp_native import commit
 
 
@@ -378,29 +378,6 @@ def test_safe_globals_admit_a_class(engine_name, tmp_path):
 # ----------------------------------------------------------------------------- 6. failed saves
 
 
-def _in_child(fn) -> tuple[int, str]:
-    """Run ``fn()`` in a forked child; returns (exit code, what it wrote to the pipe)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            os.write(w, fn().encode())
-            code = 0
-        except BaseException as exc:  # noqa: BLE001 - reported through the pipe
-            os.write(w, repr(exc).encode()[:4000])
-        finally:
-            os._exit(code)
-    os.close(w)
-    out = b""
-    while chunk := os.read(r, 65536):
-        out += chunk
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    return os.WEXITSTATUS(status), out.decode()
-
-
 def test_failed_saves_leave_nothing_behind(engine_name, tmp_path):
     """With a file size limit, three saves fail (EFBIG) and each removes what it wrote; a
     save that fits then succeeds beside the old checkpoint."""
@@ -423,7 +400,7 @@ def test_failed_saves_leave_nothing_behind(engine_name, tmp_path):
         save(fits, tmp_path)
         return "|".join(errors)
 
-    code, out = _in_child(limited)
+    code, out = in_child(limited)
     assert code == 0, out
     parts = out.split("|")
     for i in range(3):
