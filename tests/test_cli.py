@@ -457,3 +457,24 @@ def test_verify_checks_crc32c_tables(engine_name, tmp_path, capsys):
     assert problem["file"] == os.path.basename(data_file(ck))
     assert problem["offset"] == 200000 // 4096 * 4096
     assert problem["key"] == "a" and "checksum mismatch" in problem["message"]
+
+
+class Custom:
+    """An object torch.load(weights_only=True) refuses (a class it does not know)."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+
+def test_convert_objects_follow_allow_pickle(engine_name, tmp_path, capsys):
+    """convert refuses a custom object with a hint, and --allow-pickle converts it."""
+    from dcp_native import cli
+
+    ck = tmp_path / "ck"
+    dcp.save({"w": torch.ones(3), "cfg": Custom(4)},
+             storage_writer=dcp_native.FileSystemWriter(ck), no_dist=True)
+    assert cli.main(["convert", str(ck), str(tmp_path / "a.pt")]) == 2
+    assert "rerun with --allow-pickle" in capsys.readouterr().err
+    assert cli.main(["convert", str(ck), str(tmp_path / "b.pt"), "--allow-pickle"]) == 0
+    got = torch.load(tmp_path / "b.pt", weights_only=False)
+    assert got["cfg"].value == 4 and torch.equal(got["w"], torch.ones(3))

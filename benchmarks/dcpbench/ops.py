@@ -417,10 +417,11 @@ def _maybe_profile(spec: dict, fn: Callable[[], Any]) -> Any:
 def _sidecar_payloads(path: str) -> tuple[Any, dict[tuple[str, int], int]]:
     """The metadata, and (data file, item offset) -> payload offset in the item, from the sidecar."""
     from dcp_native import sidecar
+    from dcp_native._safe_pickle import load_metadata
 
     with open(os.path.join(path, ".metadata"), "rb") as f:
         raw = f.read()
-    md = pickle.loads(raw)
+    md = load_metadata(io.BytesIO(raw), path)
     side = sidecar.read(path, ".metadata", md, raw)
     if not side.usable:
         raise AssertionError(f"{path}: {side.reason}")

@@ -136,7 +136,9 @@ def _convert_to_file(args: argparse.Namespace) -> int:
                 ) from None
 
     try:
-        dcp.load(flat, storage_reader=FileSystemReader(ck.path), planner=Planner(), no_dist=True)
+        # The planner decides how objects unpickle (--allow-pickle), not the reader.
+        reader = FileSystemReader(ck.path, allow_pickle=True)
+        dcp.load(flat, storage_reader=reader, planner=Planner(), no_dist=True)
     except BaseException as exc:  # DCP raises CheckpointException, a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
