@@ -68,24 +68,30 @@ BufferView bytes_view(py::handle object, const char* what) {
   return BufferView(object, PyBUF_STRIDES, what);
 }
 
-// array('q'), numpy int64 or a memoryview of either; anything else is a plan
-// built wrongly, so a ValueError rather than a silent reinterpretation.
-BufferView int64_view(py::handle object, const char* what) {
+// A 1-D buffer of `itemsize`-byte integers whose format is one of `formats`
+// (array('q') or array('I'), numpy, a memoryview of either); anything else
+// is a plan built wrongly, so a ValueError rather than a reinterpretation.
+BufferView int_view(py::handle object, ssize_t itemsize, const char* formats, const char* what,
+                    const char* example) {
   BufferView buffer(object, PyBUF_STRIDES | PyBUF_FORMAT, what);
   const Py_buffer& view = buffer.view();
   const char* format = view.format != nullptr ? view.format : "B";
   if (*format == '@' || *format == '=' || *format == '<') {
     ++format;
   }
-  const bool int64 =
-      view.itemsize == 8 && (std::strcmp(format, "q") == 0 || std::strcmp(format, "l") == 0);
-  if (!int64 || view.ndim != 1) {
-    throw PlanError(std::string(what) +
-                    " must be a 1-D int64 buffer such as array('q'), got format '" +
+  const bool ok = view.itemsize == itemsize && format[0] != '\0' && format[1] == '\0' &&
+                  std::strchr(formats, format[0]) != nullptr && view.ndim == 1;
+  if (!ok) {
+    throw PlanError(std::string(what) + " must be a 1-D " + std::to_string(8 * itemsize) +
+                    "-bit buffer such as " + example + ", got format '" +
                     (view.format != nullptr ? view.format : "B") + "' with itemsize " +
                     std::to_string(view.itemsize));
   }
   return buffer;
+}
+
+BufferView int64_view(py::handle object, const char* what) {
+  return int_view(object, 8, "ql", what, "array('q')");
 }
 
 const int64_t* int64_data(const BufferView& buffer) {
@@ -217,7 +223,7 @@ py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
 }
 
 py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes,
-                        const py::sequence& copies, const py::sequence& checks, int64_t threads,
+                        const py::sequence& copies, const py::sequence& tables, int64_t threads,
                         int64_t max_gap, int64_t chunk_bytes, py::handle faults,
                         const py::sequence& devices, const py::sequence& streams, py::handle pool,
                         bool direct_io) {
@@ -226,21 +232,29 @@ py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes
   check_lengths(count, py::len(devices), "devices");
   check_lengths(count, py::len(streams), "streams");
   check_lengths(count, py::len(copies), "copies");
-  check_lengths(count, py::len(checks), "checks");
+  check_lengths(count, py::len(tables), "tables");
   std::vector<BufferView> held;
   held.reserve(2 * count);
   std::vector<ReadFileSpec> files;
   files.reserve(count);
   for (size_t i = 0; i < count; ++i) {
-    ReadFileSpec spec{encode_path(paths[i]), min_sizes[i].cast<int64_t>(), nullptr, 0};
+    ReadFileSpec spec;
+    spec.path = encode_path(paths[i]);
+    spec.min_size = min_sizes[i].cast<int64_t>();
     held.push_back(int64_view(copies[i], "copies"));
     spec.copies = int64_data(held.back());
     spec.copies_length = held.back().size() / 8;
-    if (!checks[i].is_none()) {
-      held.push_back(int64_view(checks[i], "checks"));
-      spec.checks = int64_data(held.back());
-      spec.checks_length = held.back().size() / 8;
-      spec.has_checks = true;
+    if (!tables[i].is_none()) {
+      // (block, size, crcs): see dcp_native.engine.ReadFile.table.
+      const py::tuple table = tables[i].cast<py::tuple>();
+      if (table.size() != 3) {
+        throw PlanError("a table must be (block, size, crcs)");
+      }
+      spec.grid = BlockGrid{table[0].cast<int64_t>(), table[1].cast<int64_t>()};
+      held.push_back(int_view(table[2], 4, "IL", "crcs", "array('I')"));
+      spec.crcs = reinterpret_cast<const uint32_t*>(held.back().data());
+      spec.crc_count = held.back().size() / 4;
+      spec.has_table = true;
     }
     spec.device = device_argument(devices[i]);
     spec.stream = streams[i].cast<int64_t>();
@@ -261,7 +275,7 @@ py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes
     py::gil_scoped_release release;
     stats = read_files(files, options);
   }
-  return py::make_tuple(stats.bytes_read, stats.calls, py::cast(stats.failed_checks));
+  return py::make_tuple(stats.bytes_read, stats.calls, py::cast(stats.failed_blocks));
 }
 
 // Below this size a checksum takes less time than handing the GIL to another
@@ -435,11 +449,12 @@ PYBIND11_MODULE(_C, m) {
         "length)); device segments through the pool (None: one for the call). Returns (bytes\n"
         "written per file, per file array('I') of block CRC32Cs or None).");
   m.def("read_files", &py_read_files, py::arg("paths"), py::arg("min_sizes"), py::arg("copies"),
-        py::arg("checks"), py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"),
+        py::arg("tables"), py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"),
         py::arg("faults"), py::arg("devices"), py::arg("streams"), py::arg("pool"),
         py::arg("direct_io"),
-        "Execute a read plan (flat int64 box records per file), then its checks. Returns\n"
-        "(bytes_read, calls, failed_checks).");
+        "Execute a read plan (flat int64 box records per file; per file None or a checksum\n"
+        "table (block, size, crcs) to check every block read against). Returns (bytes_read,\n"
+        "calls, failed_blocks).");
   m.def("cuda_status", &py_cuda_status,
         "(usable, reason, library) of the CUDA runtime DCP_NATIVE_CUDART selects now.");
   m.def("cuda_clear_last_error", &py_cuda_clear_last_error,

@@ -75,6 +75,7 @@ class CallBuilder {
 
   // Appends `length` bytes at file `offset` to/from `memory`, continuing the
   // open call when it ends at `offset` and has room, splitting at the limits.
+  // A null `memory` is a gap (as add_gap's, but it may start or split calls).
   void add(int64_t offset, char* memory, int64_t length, int64_t tag = -1) {
     while (length > 0) {
       if (open_ &&
@@ -93,7 +94,7 @@ class CallBuilder {
       ++call_.iov_count;
       call_.bytes += take;
       offset += take;
-      memory += take;
+      memory = memory != nullptr ? memory + take : nullptr;
       length -= take;
     }
   }

@@ -9,6 +9,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <utility>
 
@@ -153,108 +154,6 @@ int64_t collect_runs(const ReadFileSpec& file, std::vector<Run>& runs) {
   return furthest;
 }
 
-// Checks run in items of consecutive records of one file, closed once they
-// hold kCheckItemBytes bytes or kCheckItemRecords records: big enough that
-// taking an item costs nothing next to its CRCs, small enough to spread a
-// large read's checks over every thread.
-constexpr int64_t kCheckItemBytes = int64_t{1} << 20;
-constexpr size_t kCheckItemRecords = 1024;
-
-struct CheckItem {
-  size_t file;
-  // Index in the file's checks of the first record's first value.
-  size_t position;
-  // Number of the first record among all the plan's records.
-  size_t first_record;
-  size_t records;
-};
-
-[[noreturn]] void bad_check(const std::string& path, size_t index, const std::string& why) {
-  throw PlanError("read plan for " + path + ": check record at index " + std::to_string(index) +
-                  ": " + why);
-}
-
-// Validates a file's check records and appends their items, numbering the
-// records from first_record; returns the number of records.
-size_t collect_checks(const ReadFileSpec& file, size_t f, size_t first_record,
-                      std::vector<CheckItem>& items) {
-  const int64_t* values = file.checks;
-  const size_t length = file.checks_length;
-  CheckItem item{f, 0, first_record, 0};
-  int64_t item_bytes = 0;
-  size_t records = 0;
-  size_t pos = 0;
-  while (pos < length) {
-    const size_t record = pos;
-    if (length - pos < 2) {
-      bad_check(file.path, record, "truncated header (need 2 values, " +
-                                       std::to_string(length - pos) + " left)");
-    }
-    const int64_t expected = values[pos];
-    const int64_t pieces = values[pos + 1];
-    if (expected < 0 || expected > int64_t{0xFFFFFFFF}) {
-      bad_check(file.path, record,
-                "expected CRC " + std::to_string(expected) + " is outside [0, 2**32)");
-    }
-    if (pieces < 0) {
-      bad_check(file.path, record, "negative piece count " + std::to_string(pieces));
-    }
-    if ((length - pos - 2) / 2 < static_cast<uint64_t>(pieces)) {
-      bad_check(file.path, record, "truncated: " + std::to_string(pieces) + " pieces need " +
-                                       std::to_string(2 * static_cast<uint64_t>(pieces)) +
-                                       " more values");
-    }
-    for (int64_t i = 0; i < pieces; ++i) {
-      const int64_t address = values[pos + 2 + 2 * i];
-      const int64_t bytes = values[pos + 3 + 2 * i];
-      int64_t end = 0;
-      if (address < 0 || bytes < 0 || __builtin_add_overflow(address, bytes, &end)) {
-        bad_check(file.path, record, "piece " + std::to_string(i) +
-                                         " has a negative or overflowing memory range");
-      }
-      if (address == 0 && bytes > 0) {
-        bad_check(file.path, record, "piece " + std::to_string(i) + " has a null address");
-      }
-      if (__builtin_add_overflow(item_bytes, bytes, &item_bytes)) {
-        item_bytes = kCheckItemBytes;
-      }
-    }
-    pos += 2 + 2 * static_cast<size_t>(pieces);
-    if (item.records == 0) {
-      item.position = record;
-    }
-    ++item.records;
-    ++records;
-    if (item_bytes >= kCheckItemBytes || item.records == kCheckItemRecords) {
-      items.push_back(item);
-      item.first_record += item.records;
-      item.records = 0;
-      item_bytes = 0;
-    }
-  }
-  if (item.records > 0) {
-    items.push_back(item);
-  }
-  return records;
-}
-
-// Runs one item's checks; failed[record] says whether each one failed.
-void run_checks(const CheckItem& item, const ReadFileSpec& file, Crc32cFunction crc32c,
-                uint8_t* failed) {
-  const int64_t* values = file.checks + item.position;
-  for (size_t r = 0; r < item.records; ++r) {
-    const int64_t pieces = values[1];
-    uint32_t crc = 0;
-    for (int64_t i = 0; i < pieces; ++i) {
-      const int64_t address = values[2 + 2 * i];
-      const char* memory = reinterpret_cast<const char*>(static_cast<uintptr_t>(address));
-      crc = crc32c(memory, static_cast<size_t>(values[3 + 2 * i]), crc);
-    }
-    failed[item.first_record + r] = crc != static_cast<uint32_t>(values[0]) ? 1 : 0;
-    values += 2 + 2 * pieces;
-  }
-}
-
 struct ReadPlan {
   std::vector<iovec> iovs;
   // Per iovec: the box (record position) its run belongs to, -1 for a gap.
@@ -262,12 +161,79 @@ struct ReadPlan {
   std::vector<IoCall> calls;
   // Per file: the size it must have, max(min_size, end of its furthest run).
   std::vector<int64_t> required;
-  int64_t largest_gap = 0;
+  // Scratch a worker needs: the largest gap, and for calls that are checked
+  // (whose gaps each keep their bytes) the most gap bytes of one call.
+  int64_t scratch_bytes = 0;
   ReadStats stats;
-  std::vector<CheckItem> check_items;
-  // Per file, the number of its first check record; one more entry for the total.
-  std::vector<size_t> first_check;
 };
+
+void check_table(const ReadFileSpec& file, int64_t furthest) {
+  const BlockGrid& grid = file.grid;
+  if (grid.block <= 0 || grid.size < 0 ||
+      file.crc_count != static_cast<size_t>(grid.blocks()) ||
+      (file.crc_count > 0 && file.crcs == nullptr)) {
+    throw PlanError("read plan for " + file.path + ": a checksum table of " +
+                    std::to_string(file.crc_count) + " CRCs does not describe a file of " +
+                    std::to_string(grid.size) + " bytes in blocks of " +
+                    std::to_string(grid.block));
+  }
+  if (furthest > grid.size) {
+    throw PlanError("read plan for " + file.path + ": a run ends at " + std::to_string(furthest) +
+                    ", past the " + std::to_string(grid.size) +
+                    " bytes the checksum table describes");
+  }
+}
+
+// Packs a file's sorted runs into calls. Without a table, neighbouring runs
+// share a call when should_merge says so and the call has room. With one,
+// every group of runs is widened to the blocks it touches (the bytes around
+// the runs read into scratch), and runs that share a block always share a
+// group, whatever the call limits: calls then split only between blocks' bytes
+// a call of the group holds in order, so every block is read whole.
+void pack_runs(const ReadFileSpec& file, const std::vector<Run>& runs, CallBuilder& builder,
+               int64_t max_gap, ReadPlan& plan) {
+  const bool checked = file.has_table;
+  const int64_t block = file.grid.block;
+  auto block_end = [&](int64_t pos) {
+    return std::min((pos + block - 1) / block * block, file.grid.size);
+  };
+  int64_t prev_length = 0;
+  bool open = false;  // a group is open (for checked files)
+  for (const Run& run : runs) {
+    if (checked ? open : !builder.empty()) {
+      const int64_t end = builder.end();
+      const int64_t gap = run.offset - end;
+      const bool merge =
+          checked ? gap >= 0 && (run.offset / block * block < block_end(end) ||
+                                 should_merge(prev_length, gap, run.length, max_gap))
+                  : should_merge(prev_length, gap, run.length, max_gap) && builder.can_extend(gap);
+      if (merge && gap > 0) {
+        if (checked) {
+          builder.add(end, nullptr, gap);
+        } else {
+          builder.add_gap(gap);
+        }
+        plan.scratch_bytes = std::max(plan.scratch_bytes, gap);
+      } else if (!merge) {
+        if (checked) {
+          builder.add(end, nullptr, block_end(end) - end);
+        }
+        builder.flush();
+        open = false;
+      }
+    }
+    if (checked && !open) {
+      const int64_t start = run.offset / block * block;
+      builder.add(start, nullptr, run.offset - start);
+      open = true;
+    }
+    builder.add(run.offset, run.dest, run.length, run.box);
+    prev_length = run.length;
+  }
+  if (checked && open) {
+    builder.add(builder.end(), nullptr, block_end(builder.end()) - builder.end());
+  }
+}
 
 ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& options,
                     int64_t device_chunk_bytes) {
@@ -278,7 +244,6 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
   CallBuilder device_builder(plan.iovs, plan.calls,
                              std::min(options.chunk_bytes, device_chunk_bytes), &plan.iov_box);
   std::vector<Run> runs;  // reused across files
-  size_t total_checks = 0;
   for (size_t f = 0; f < files.size(); ++f) {
     const ReadFileSpec& file = files[f];
     if (file.min_size < 0) {
@@ -287,35 +252,29 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
     }
     CallBuilder& builder = file.device >= 0 ? device_builder : host_builder;
     runs.clear();
-    plan.required.push_back(std::max(file.min_size, collect_runs(file, runs)));
-    plan.first_check.push_back(total_checks);
-    total_checks += collect_checks(file, f, total_checks, plan.check_items);
+    const int64_t furthest = collect_runs(file, runs);
+    plan.required.push_back(std::max(file.min_size, furthest));
+    if (file.has_table) {
+      check_table(file, furthest);
+    }
     // Planners emit runs in file order almost always; checking is cheaper
     // than sorting.
     if (!std::is_sorted(runs.begin(), runs.end(), run_before)) {
       std::sort(runs.begin(), runs.end(), run_before);
     }
+    const size_t first_call = plan.calls.size();
     builder.begin_file(f);
-    int64_t prev_length = 0;
-    for (const Run& run : runs) {
-      if (!builder.empty()) {
-        const int64_t gap = run.offset - builder.end();
-        if (should_merge(prev_length, gap, run.length, options.max_gap) &&
-            builder.can_extend(gap)) {
-          if (gap > 0) {
-            builder.add_gap(gap);
-            plan.largest_gap = std::max(plan.largest_gap, gap);
-          }
-        } else {
-          builder.flush();
-        }
-      }
-      builder.add(run.offset, run.dest, run.length, run.box);
-      prev_length = run.length;
-    }
+    pack_runs(file, runs, builder, options.max_gap, plan);
     builder.end_file();
+    for (size_t c = first_call; c < plan.calls.size() && file.has_table; ++c) {
+      int64_t gaps = 0;
+      for (int i = 0; i < plan.calls[c].iov_count; ++i) {
+        const iovec& iov = plan.iovs[plan.calls[c].first_iov + i];
+        gaps += iov.iov_base == nullptr ? static_cast<int64_t>(iov.iov_len) : 0;
+      }
+      plan.scratch_bytes = std::max(plan.scratch_bytes, gaps);
+    }
   }
-  plan.first_check.push_back(total_checks);
   for (const IoCall& call : plan.calls) {
     plan.stats.bytes_read += call.bytes;
     plan.stats.calls += call.iov_count > 0 ? 1 : 0;
@@ -509,19 +468,19 @@ class ConsumerEvents {
   std::vector<cuda::Event> events_;
 };
 
-void refuse_device_checks(const ReadFileSpec& file) {
-  if (file.device >= 0 && file.has_checks) {
+void refuse_device_table(const ReadFileSpec& file) {
+  if (file.device >= 0 && file.has_table) {
     throw PlanError("read plan for " + file.path +
-                    ": checks must be None for a file read into device memory (device " +
-                    std::to_string(file.device) + ")");
+                    ": a checksum table cannot be given for a file read into device memory "
+                    "(device " + std::to_string(file.device) + ")");
   }
 }
 
-// Also refuses checks on device files, before the runtime is looked up: a
+// Also refuses tables on device files, before the runtime is looked up: a
 // malformed plan is a ValueError whether or not CUDA is usable.
 bool has_device_files(const std::vector<ReadFileSpec>& files, int* device) {
   for (const ReadFileSpec& file : files) {
-    refuse_device_checks(file);
+    refuse_device_table(file);
   }
   for (const ReadFileSpec& file : files) {
     if (file.device >= 0 && file.copies_length > 0) {
@@ -614,12 +573,27 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
   }
 
   WorkQueue queue(plan.calls.size());
-  const size_t scratch_bytes = static_cast<size_t>(plan.largest_gap);
+  const size_t scratch_bytes = static_cast<size_t>(plan.scratch_bytes);
+  const Crc32cFunction crc32c = options.crc32c != nullptr ? options.crc32c : crc32c_best();
+  // Each call's pieces of the blocks it shares with other calls, and the
+  // blocks that failed their check (block_crc.hpp).
+  std::vector<BlockPiece> shared_blocks(2 * plan.calls.size());
+  std::vector<int> shared_count(plan.calls.size(), 0);
+  std::mutex failed_mutex;
+  std::vector<std::pair<int64_t, int64_t>>& failed = plan.stats.failed_blocks;
+  auto compare = [&](size_t f, int64_t k, uint32_t crc) {
+    if (crc != files[f].crcs[k]) {
+      std::lock_guard<std::mutex> lock(failed_mutex);
+      failed.emplace_back(static_cast<int64_t>(f), k);
+    }
+  };
   auto worker = [&]() {
-    // One scratch buffer per thread takes every gap of its calls: nobody
-    // reads gap bytes, so they may overwrite each other.
+    // One scratch buffer per thread takes the gaps of its calls: in calls
+    // that are checked each gap has its own bytes, elsewhere nobody reads
+    // them, so they may overwrite each other.
     std::unique_ptr<char[]> scratch(scratch_bytes > 0 ? new char[scratch_bytes] : nullptr);
     iovec local[kMaxIovecs];
+    iovec checked[kMaxIovecs];
     std::unique_ptr<DeviceGuard> device_guard;
     std::unique_ptr<PendingCopies> pending;
     if (runtime != nullptr) {
@@ -693,13 +667,24 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
         entry.event = event;
       } else if (call.iov_count > 0) {
         const iovec* planned = plan.iovs.data() + call.first_iov;
+        char* gap = scratch.get();
         for (int i = 0; i < call.iov_count; ++i) {
           local[i] = planned[i];
           if (local[i].iov_base == nullptr) {
-            local[i].iov_base = scratch.get();
+            local[i].iov_base = gap;
+            gap += file.has_table ? local[i].iov_len : 0;
           }
         }
+        // read_fully consumes its iovecs; the check needs them whole.
+        std::copy(local, local + (file.has_table ? call.iov_count : 0), checked);
         read_fully(fd, local, call.iov_count, call.offset, call.bytes, file.path, required, hooks);
+        if (file.has_table) {
+          const size_t f = call.file;
+          shared_count[index] = checksum_range(
+              file.grid, call.offset, call.bytes, checked, crc32c,
+              [&compare, f](int64_t k, uint32_t crc) { compare(f, k, crc); },
+              &shared_blocks[2 * index]);
+        }
       }
       if (shared_file.finish_piece()) {
         direct[call.file].close();
@@ -723,29 +708,17 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
     }
   }
 
-  // Checks start once every read is done: a check may cover memory that
-  // reads of several files fill.
-  if (!plan.check_items.empty()) {
-    const Crc32cFunction crc32c = options.crc32c != nullptr ? options.crc32c : crc32c_best();
-    std::vector<uint8_t> failed(plan.first_check.back(), 0);
-    WorkQueue checks(plan.check_items.size());
-    auto checker = [&]() {
-      size_t index = 0;
-      while (checks.next(index)) {
-        const CheckItem& item = plan.check_items[index];
-        run_checks(item, files[item.file], crc32c, failed.data());
-      }
-    };
-    run_workers(checks, std::min(static_cast<size_t>(options.threads), checks.size()), checker);
-    for (size_t f = 0; f < files.size(); ++f) {
-      for (size_t r = plan.first_check[f]; r < plan.first_check[f + 1]; ++r) {
-        if (failed[r] != 0) {
-          plan.stats.failed_checks.emplace_back(static_cast<int64_t>(f),
-                                                static_cast<int64_t>(r - plan.first_check[f]));
-        }
-      }
-    }
+  std::vector<std::vector<BlockPiece>> by_file(files.size());
+  for (size_t c = 0; c < plan.calls.size(); ++c) {
+    std::vector<BlockPiece>& pieces = by_file[plan.calls[c].file];
+    pieces.insert(pieces.end(), &shared_blocks[2 * c], &shared_blocks[2 * c] + shared_count[c]);
   }
+  for (size_t f = 0; f < files.size(); ++f) {
+    join_pieces(by_file[f], files[f].grid, [&compare, f](int64_t k, uint32_t crc) { compare(f, k, crc); });
+  }
+  // A block two overlapping runs both read whole is checked twice.
+  std::sort(failed.begin(), failed.end());
+  failed.erase(std::unique(failed.begin(), failed.end()), failed.end());
   return std::move(plan.stats);
 }
 

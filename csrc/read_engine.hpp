@@ -2,8 +2,8 @@
 // addresses (the record format is in dcp_native/engine.py). Runs are sorted
 // and coalesced per file, packed into preadv calls and spread over threads;
 // coalescing gaps land in a per-thread scratch buffer, never in the caller's
-// memory. Once every read is done, the plan's checks (CRC32Cs expected of
-// pieces of memory) run on the same threads. Files whose destinations are
+// memory. Files read with their checksum table are read in whole blocks,
+// each checked by the thread that read it. Files whose destinations are
 // device memory are read into pinned buffers and copied to the device on the
 // engine's copy stream while later pieces are read.
 #pragma once
@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "block_crc.hpp"
 #include "crc32c.hpp"
 #include "direct_io.hpp"
 #include "fault_injection.hpp"
@@ -29,17 +30,18 @@ constexpr int64_t kMaxNdim = 64;
 
 struct ReadFileSpec {
   std::string path;
-  int64_t min_size;
+  int64_t min_size = 0;
   // Flat int64 records (file_offset, dest_addr, inner_bytes, ndim,
   // counts[ndim], file_strides[ndim], dest_strides[ndim]).
-  const int64_t* copies;
-  size_t copies_length;
-  // Flat int64 records (expected_crc, npieces, addr_0, len_0, ...); may be
-  // null with length 0.
-  const int64_t* checks = nullptr;
-  size_t checks_length = 0;
-  // Whether checks were given at all (even empty): not allowed for device files.
-  bool has_checks = false;
+  const int64_t* copies = nullptr;
+  size_t copies_length = 0;
+  // The checksum table of the file (crc_count CRCs, one per block of
+  // `grid`), or null: with one, every read is widened to whole blocks and
+  // each block read is checked against it (block_crc.hpp).
+  const uint32_t* crcs = nullptr;
+  size_t crc_count = 0;
+  BlockGrid grid;
+  bool has_table = false;  // even an empty one: not allowed for device files
   // >= 0: every destination is device memory on this CUDA device.
   int device = -1;
   // The consumer's cudaStream_t as an integer (0: the legacy default stream):
@@ -68,9 +70,9 @@ struct ReadStats {
   int64_t bytes_read = 0;
   // preadv calls planned; resuming a short transfer does not count.
   int64_t calls = 0;
-  // (file index, record ordinal within the file's checks) of every check
-  // whose CRC differs from the expected one, sorted.
-  std::vector<std::pair<int64_t, int64_t>> failed_checks;
+  // (file index, block index) of every block whose CRC differs from its
+  // file's table, sorted.
+  std::vector<std::pair<int64_t, int64_t>> failed_blocks;
 };
 
 // Whether two neighbouring runs of lengths prev_len and next_len separated by

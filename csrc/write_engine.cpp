@@ -13,6 +13,7 @@
 #include <thread>
 #include <utility>
 
+#include "block_crc.hpp"
 #include "call_plan.hpp"
 #include "file_io.hpp"
 #include "io_error.hpp"
@@ -94,50 +95,18 @@ int64_t collect_segments(const WriteFileSpec& file, std::vector<Segment>& segmen
   return total;
 }
 
-// A file's block CRCs are computed in items of whole blocks, about
-// chunk_bytes each, like its write calls.
-struct CrcItem {
-  size_t file;
-  int64_t first_block;
-  int64_t blocks;
-  // Index into WritePlan::crc_segments of the segment holding the first byte.
-  size_t segment;
-};
-
-struct CrcFile {
-  int64_t block = 0;  // 0: no CRCs for this file
-  int64_t size = 0;
-  int64_t blocks = 0;
-};
-
-// Files with device memory get their block CRCs from ranges of their
-// content (host memory, or one device piece's pinned copy) checksummed
-// independently: a range stores the CRCs of the blocks it covers whole and
-// the CRCs of its parts of the (at most two) blocks it shares with its
-// neighbours, which the caller combines once every range is done.
-struct CrcRange {
-  size_t file;
-  int64_t offset;
-  int64_t length;
-  const char* source;  // host memory; null for a device piece's range
-  uint32_t head = 0;   // its part of its first block, when not whole
-  uint32_t tail = 0;   // its part of its last block, when not whole and not the first
-};
-
 // A piece of a device segment, copied through one pinned buffer.
 struct DevicePiece {
   size_t file;
   int64_t offset;
   int64_t length;
   uintptr_t source;
-  size_t range;  // its CrcRange, or kNoRange
 };
-constexpr size_t kNoRange = static_cast<size_t>(-1);
 
-enum class WorkKind { kCall, kCrc, kRange, kDevice };
+enum class WorkKind { kCall, kDevice };
 
-// One unit of work for the threads: a write call, a CRC item, a CRC range or
-// a device piece (by its position in issue order).
+// One unit of work for the threads: a write call or a device piece (by its
+// position in issue order). Each checksums what it writes (block_crc.hpp).
 struct Work {
   WorkKind kind;
   size_t index;
@@ -147,74 +116,26 @@ struct WritePlan {
   std::vector<iovec> iovs;
   std::vector<IoCall> calls;
   std::vector<int64_t> bytes_per_file;
-  std::vector<CrcFile> crc_files;
-  // The segments of the files with CRCs, sorted, each file's contiguous.
-  std::vector<Segment> crc_segments;
-  // Grouped by file, in block order.
-  std::vector<CrcItem> crc_items;
-  // Files with device memory: their CRC ranges (in file order, each file's
-  // contiguous) and device pieces.
-  std::vector<CrcRange> crc_ranges;
+  // Per file: its blocks (block 0: no checksums).
+  std::vector<BlockGrid> grids;
   std::vector<DevicePiece> device_pieces;
-  // Per file: whether its CRCs come from ranges, and where its ranges start.
-  std::vector<char> ranged;
-  std::vector<size_t> first_range;
 };
 
-void plan_block_crcs(size_t file, int64_t block, const std::vector<Segment>& segments,
-                     int64_t chunk_bytes, WritePlan& plan) {
-  const size_t first = plan.crc_segments.size();
-  plan.crc_segments.insert(plan.crc_segments.end(), segments.begin(), segments.end());
-  const int64_t size = segments.empty() ? 0 : segments.back().offset + segments.back().length;
-  const int64_t blocks = size / block + (size % block != 0 ? 1 : 0);
-  plan.crc_files[file] = CrcFile{block, size, blocks};
-  const int64_t per_item = std::max<int64_t>(1, chunk_bytes / block);
-  size_t segment = first;
-  for (int64_t b = 0; b < blocks; b += per_item) {
-    const int64_t start = b * block;  // < size: no overflow
-    while (plan.crc_segments[segment].offset + plan.crc_segments[segment].length <= start) {
-      ++segment;
-    }
-    plan.crc_items.push_back(CrcItem{file, b, std::min(per_item, blocks - b), segment});
-  }
-}
-
-// The ranges and device pieces of a file with device memory. Host ranges
-// are cut every `per_range` bytes of the file (whole blocks), device pieces
-// every `piece_bytes` bytes of their segment (the pool's buffer size).
-void plan_device_file(size_t file, const WriteFileSpec& spec, const std::vector<Segment>& segments,
-                      int64_t chunk_bytes, int64_t piece_bytes, WritePlan& plan) {
-  const bool crcs = spec.crc_block > 0;
-  plan.ranged[file] = crcs ? 1 : 0;
-  plan.first_range[file] = plan.crc_ranges.size();
-  const int64_t block = spec.crc_block;
-  const int64_t per_range = crcs ? std::max<int64_t>(1, chunk_bytes / block) * block : 0;
+// A file's device pieces: every `piece_bytes` bytes of its device segments
+// (the pool's buffer size).
+void plan_device_pieces(size_t file, const std::vector<Segment>& segments, int64_t piece_bytes,
+                        WritePlan& plan) {
   for (const Segment& segment : segments) {
-    const int64_t end = segment.offset + segment.length;
-    if (segment.device) {
-      for (int64_t pos = segment.offset; pos < end; pos += piece_bytes) {
-        const int64_t length = std::min(piece_bytes, end - pos);
-        size_t range = kNoRange;
-        if (crcs) {
-          range = plan.crc_ranges.size();
-          plan.crc_ranges.push_back(CrcRange{file, pos, length, nullptr});
-        }
-        const uintptr_t source =
-            reinterpret_cast<uintptr_t>(segment.source) + static_cast<uintptr_t>(pos - segment.offset);
-        plan.device_pieces.push_back(DevicePiece{file, pos, length, source, range});
-      }
-    } else if (crcs) {
-      for (int64_t pos = segment.offset; pos < end;) {
-        const int64_t cut = std::min(end, (pos / per_range + 1) * per_range);
-        plan.crc_ranges.push_back(
-            CrcRange{file, pos, cut - pos, segment.source + (pos - segment.offset)});
-        pos = cut;
-      }
+    if (!segment.device) {
+      continue;
     }
-  }
-  if (crcs) {
-    const int64_t size = segments.empty() ? 0 : segments.back().offset + segments.back().length;
-    plan.crc_files[file] = CrcFile{block, size, size / block + (size % block != 0 ? 1 : 0)};
+    const int64_t end = segment.offset + segment.length;
+    for (int64_t pos = segment.offset; pos < end; pos += piece_bytes) {
+      const uintptr_t source = reinterpret_cast<uintptr_t>(segment.source) +
+                               static_cast<uintptr_t>(pos - segment.offset);
+      plan.device_pieces.push_back(
+          DevicePiece{file, pos, std::min(piece_bytes, end - pos), source});
+    }
   }
 }
 
@@ -222,9 +143,7 @@ WritePlan plan_writes(const std::vector<WriteFileSpec>& files, const WriteOption
                       int64_t piece_bytes) {
   WritePlan plan;
   plan.bytes_per_file.reserve(files.size());
-  plan.crc_files.resize(files.size());
-  plan.ranged.assign(files.size(), 0);
-  plan.first_range.assign(files.size(), 0);
+  plan.grids.resize(files.size());
   CallBuilder builder(plan.iovs, plan.calls, options.chunk_bytes);
   std::vector<Segment> segments;  // reused across files
   auto before = [](const Segment& a, const Segment& b) { return a.offset < b.offset; };
@@ -263,160 +182,38 @@ WritePlan plan_writes(const std::vector<WriteFileSpec>& files, const WriteOption
     }
     builder.end_file();
     if (has_device) {
-      plan_device_file(f, file, segments, options.chunk_bytes, piece_bytes, plan);
-    } else if (file.crc_block > 0) {
-      plan_block_crcs(f, file.crc_block, segments, options.chunk_bytes, plan);
+      plan_device_pieces(f, segments, piece_bytes, plan);
     }
+    plan.grids[f] = BlockGrid{file.crc_block, file.crc_block > 0 ? covered : 0};
   }
   return plan;
 }
 
-// The order in which threads take the work: each file's CRC items right
-// after the write call that covers their first byte, so the source memory is
-// read by the CRC while the write still has it in cache, and the CRCs finish
-// with the writes instead of after them.
+// The order in which threads take the work: the calls, and a file's device
+// pieces after its last call, so files open and close in the waves of
+// interleave_files.
 std::vector<Work> schedule(const WritePlan& plan) {
-  const size_t file_count = plan.crc_files.size();
-  std::vector<size_t> next(file_count, 0);
-  std::vector<size_t> stop(file_count, 0);
-  for (size_t i = plan.crc_items.size(); i-- > 0;) {
-    next[plan.crc_items[i].file] = i;
-    stop[plan.crc_items[i].file] = std::max(stop[plan.crc_items[i].file], i + 1);
-  }
-  // A file's CRC ranges and device pieces follow its last write call, so
-  // files open and close in the waves of interleave_files.
+  const size_t file_count = plan.grids.size();
   std::vector<size_t> calls_left(file_count, 0);
   for (const IoCall& call : plan.calls) {
     ++calls_left[call.file];
-  }
-  std::vector<std::vector<size_t>> ranges(file_count);
-  for (size_t r = 0; r < plan.crc_ranges.size(); ++r) {
-    if (plan.crc_ranges[r].source != nullptr) {
-      ranges[plan.crc_ranges[r].file].push_back(r);
-    }
   }
   std::vector<std::vector<size_t>> pieces(file_count);
   for (size_t p = 0; p < plan.device_pieces.size(); ++p) {
     pieces[plan.device_pieces[p].file].push_back(p);
   }
   std::vector<Work> order;
-  order.reserve(plan.calls.size() + plan.crc_items.size() + plan.crc_ranges.size() +
-                plan.device_pieces.size());
+  order.reserve(plan.calls.size() + plan.device_pieces.size());
   for (size_t c = 0; c < plan.calls.size(); ++c) {
     order.push_back(Work{WorkKind::kCall, c});
-    const IoCall& call = plan.calls[c];
-    const size_t f = call.file;
-    const int64_t block = plan.crc_files[f].block;
-    const int64_t call_end = call.offset + call.bytes;
-    while (next[f] < stop[f] && plan.crc_items[next[f]].first_block * block < call_end) {
-      order.push_back(Work{WorkKind::kCrc, next[f]++});
-    }
+    const size_t f = plan.calls[c].file;
     if (--calls_left[f] == 0) {
-      for (size_t r : ranges[f]) {
-        order.push_back(Work{WorkKind::kRange, r});
-      }
       for (size_t p : pieces[f]) {
         order.push_back(Work{WorkKind::kDevice, p});
       }
     }
   }
-  for (size_t f = 0; f < file_count; ++f) {
-    for (; next[f] < stop[f]; ++next[f]) {
-      order.push_back(Work{WorkKind::kCrc, next[f]});
-    }
-  }
   return order;
-}
-
-// The CRCs of one item's blocks, streamed over the segments each block spans.
-void compute_block_crcs(const CrcItem& item, const Segment* segments, const CrcFile& file,
-                        uint32_t* out, Crc32cFunction crc32c) {
-  const Segment* segment = segments + item.segment;
-  int64_t pos = item.first_block * file.block;
-  for (int64_t b = item.first_block; b < item.first_block + item.blocks; ++b) {
-    const int64_t end = pos + std::min(file.block, file.size - pos);
-    uint32_t crc = 0;
-    while (pos < end) {
-      const int64_t segment_end = segment->offset + segment->length;
-      const int64_t take = std::min(end, segment_end) - pos;
-      crc = crc32c(segment->source + (pos - segment->offset), static_cast<size_t>(take), crc);
-      pos += take;
-      if (pos == segment_end) {
-        ++segment;
-      }
-    }
-    out[b] = crc;
-  }
-}
-
-// The part of block `block` that [pos, end) covers, up to `stop`.
-struct BlockPart {
-  int64_t block;
-  int64_t stop;
-  bool starts_block;  // pos is the block's first byte
-  bool ends_block;    // stop is the block's end
-  bool whole;         // both: the range holds the whole block
-};
-
-BlockPart block_part(int64_t pos, int64_t end, const CrcFile& file) noexcept {
-  const int64_t b = pos / file.block;
-  const int64_t block_start = b * file.block;
-  const int64_t block_end = std::min(block_start + file.block, file.size);
-  const int64_t stop = std::min(end, block_end);
-  const bool starts = pos == block_start;
-  const bool ends = stop == block_end;
-  return BlockPart{b, stop, starts, ends, starts && ends};
-}
-
-// Checksums one range (`data` holds its bytes): the blocks it covers whole
-// go straight to `out`, its parts of shared blocks to head and tail.
-void checksum_range(CrcRange& range, const char* data, const CrcFile& file, uint32_t* out,
-                    Crc32cFunction crc32c) {
-  const int64_t end = range.offset + range.length;
-  int64_t pos = range.offset;
-  while (pos < end) {
-    const BlockPart part = block_part(pos, end, file);
-    const int64_t stop = part.stop;
-    const uint32_t crc =
-        crc32c(data + (pos - range.offset), static_cast<size_t>(stop - pos), 0);
-    if (part.whole) {
-      out[part.block] = crc;
-    } else if (pos == range.offset) {
-      range.head = crc;
-    } else {
-      range.tail = crc;
-    }
-    pos = stop;
-  }
-}
-
-// The CRCs of the blocks a file's ranges share, combined in file order.
-void combine_ranges(const CrcRange* ranges, size_t count, const CrcFile& file, uint32_t* out) {
-  uint32_t crc = 0;
-  for (size_t r = 0; r < count; ++r) {
-    const CrcRange& range = ranges[r];
-    const int64_t end = range.offset + range.length;
-    int64_t pos = range.offset;
-    while (pos < end) {
-      const BlockPart part = block_part(pos, end, file);
-      const int64_t stop = part.stop;
-      if (!part.whole) {
-        const uint32_t piece = pos == range.offset ? range.head : range.tail;
-        crc = part.starts_block
-                  ? piece
-                  : crc32c_combine(crc, piece, static_cast<uint64_t>(stop - pos));
-        if (part.ends_block) {
-          out[part.block] = crc;
-        }
-      }
-      pos = stop;
-      // Blocks in the middle of the range are whole: jump to its last block.
-      const int64_t last_start = (end - 1) / file.block * file.block;
-      if (pos < last_start) {
-        pos = last_start;
-      }
-    }
-  }
 }
 
 std::string d2h_operation(const std::string& path, const DevicePiece& piece, int device) {
@@ -685,8 +482,21 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
   result.bytes_per_file = std::move(plan.bytes_per_file);
   result.block_crcs.resize(files.size());
   for (size_t f = 0; f < files.size(); ++f) {
-    result.block_crcs[f].resize(static_cast<size_t>(plan.crc_files[f].blocks));
+    result.block_crcs[f].resize(static_cast<size_t>(plan.grids[f].blocks()));
   }
+  const Crc32cFunction crc32c = options.crc32c != nullptr ? options.crc32c : crc32c_best();
+  // Each work item's pieces of the blocks it shares with others (block_crc.hpp).
+  std::vector<BlockPiece> shared_blocks(2 * order.size());
+  std::vector<int> shared_count(order.size(), 0);
+  auto checksum = [&](size_t index, size_t f, int64_t offset, int64_t bytes, const iovec* iovs) {
+    const BlockGrid& grid = plan.grids[f];
+    if (grid.block > 0 && bytes > 0) {
+      uint32_t* out = result.block_crcs[f].data();
+      shared_count[index] = checksum_range(
+          grid, offset, bytes, iovs, crc32c, [out](int64_t k, uint32_t crc) { out[k] = crc; },
+          &shared_blocks[2 * index]);
+    }
+  };
 
   std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
   std::vector<int64_t> device_pieces_per_file(files.size(), 0);
@@ -706,7 +516,6 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
   FaultInjector faults(options.faults);
   const IoHooks hooks{options.short_io_cap, &faults};
   const bool use_direct = direct_allowed(options.direct_io, hooks);
-  const Crc32cFunction crc32c = options.crc32c != nullptr ? options.crc32c : crc32c_best();
 
   WorkQueue queue(order.size());
   std::unique_ptr<PinnedPool::Use> pool_use;
@@ -739,18 +548,6 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
     size_t index = 0;
     while (queue.next(index)) {
       const Work& work = order[index];
-      if (work.kind == WorkKind::kCrc) {
-        const CrcItem& item = plan.crc_items[work.index];
-        compute_block_crcs(item, plan.crc_segments.data(), plan.crc_files[item.file],
-                           result.block_crcs[item.file].data(), crc32c);
-        continue;
-      }
-      if (work.kind == WorkKind::kRange) {
-        CrcRange& range = plan.crc_ranges[work.index];
-        checksum_range(range, range.source, plan.crc_files[range.file],
-                       result.block_crcs[range.file].data(), crc32c);
-        continue;
-      }
       if (work.kind == WorkKind::kDevice) {
         const DevicePiece& piece = pieces[work.index];
         const WriteFileSpec& file = files[piece.file];
@@ -769,10 +566,8 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
         if (options.sync) {
           start_writeback(fd, piece.offset, piece.length);
         }
-        if (piece.range != kNoRange) {
-          checksum_range(plan.crc_ranges[piece.range], slot->buffer, plan.crc_files[piece.file],
-                         result.block_crcs[piece.file].data(), crc32c);
-        }
+        const iovec pinned{slot->buffer, static_cast<size_t>(piece.length)};
+        checksum(index, piece.file, piece.offset, piece.length, &pinned);
         staging->consumed(*slot);
         finish_file(piece.file);
         continue;
@@ -782,7 +577,10 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
       const int fd =
           shared[call.file].acquire([&file, &hooks]() { return open_for_write(file.path, hooks); });
       if (call.iov_count > 0) {
-        // Each call runs once, on one thread, so it may consume its own iovecs.
+        // Checksummed first: the write then copies bytes the CRC brought into
+        // cache. Each call runs once, on one thread, so it may then consume
+        // its own iovecs.
+        checksum(index, call.file, call.offset, call.bytes, plan.iovs.data() + call.first_iov);
         write_fully(fd, plan.iovs.data() + call.first_iov, call.iov_count, call.offset,
                     call.bytes, file.path, hooks);
         if (options.sync) {
@@ -807,16 +605,16 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
     staging->finish(true);
     queue.rethrow_if_failed();
   }
+  std::vector<std::vector<BlockPiece>> by_file(files.size());
+  for (size_t i = 0; i < order.size(); ++i) {
+    const size_t f = order[i].kind == WorkKind::kCall ? plan.calls[order[i].index].file
+                                                      : pieces[order[i].index].file;
+    by_file[f].insert(by_file[f].end(), &shared_blocks[2 * i],
+                      &shared_blocks[2 * i] + shared_count[i]);
+  }
   for (size_t f = 0; f < files.size(); ++f) {
-    if (plan.ranged[f] != 0) {
-      const size_t first = plan.first_range[f];
-      size_t stop = first;
-      while (stop < plan.crc_ranges.size() && plan.crc_ranges[stop].file == f) {
-        ++stop;
-      }
-      combine_ranges(plan.crc_ranges.data() + first, stop - first, plan.crc_files[f],
-                     result.block_crcs[f].data());
-    }
+    uint32_t* out = result.block_crcs[f].data();
+    join_pieces(by_file[f], plan.grids[f], [out](int64_t k, uint32_t crc) { out[k] = crc; });
   }
   return result;
 }

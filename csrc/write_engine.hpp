@@ -5,8 +5,8 @@
 // buffers on the engine's copy stream by one issuing thread that runs ahead
 // as far as the pool allows, and each piece is written by a worker once its
 // copy completed. Files that ask for it get the CRC32C of every block of
-// their content, computed on the same threads as work items between the
-// writes (device bytes from the pinned copies).
+// their content: each call and device piece checksums the range it writes,
+// on its thread, while the bytes are hot (block_crc.hpp).
 #pragma once
 
 #include <cstddef>

@@ -84,7 +84,7 @@ class NativeEngine:
             [os.fsencode(f.path) for f in files],
             [f.min_size for f in files],
             [f.copies for f in files],
-            [f.checks for f in files],
+            [None if f.table is None else (f.table.block, f.table.size, f.table.crcs) for f in files],
             threads,
             max_gap,
             chunk_bytes,
@@ -94,7 +94,7 @@ class NativeEngine:
             pool,
             bool(direct_io),
         )
-        return ReadStats(bytes_read=bytes_read, calls=calls, failed_checks=failed)
+        return ReadStats(bytes_read=bytes_read, calls=calls, failed_blocks=failed)
 
     def cuda_status(self) -> CudaStatus:
         usable, reason, library = _cuda_status()

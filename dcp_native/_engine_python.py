@@ -16,18 +16,15 @@ usable and plans with device memory are refused.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import errno
-import itertools
-import operator
 import os
 import threading
 from array import array
 from itertools import repeat
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
-from ._crc32c import crc32c
+from ._crc32c import crc32c, crc32c_combine
 from ._errors import CudaError, TruncatedFileError
 from ._fileio import CLOSE as _CLOSE
 from ._fileio import FSYNC as _FSYNC
@@ -60,9 +57,6 @@ from .engine import (
 #: Most dimensions of one box (as csrc/read_engine.hpp).
 MAX_NDIM = 64
 _INT64_MAX = (1 << 63) - 1
-# Check items close at this many bytes or records (as csrc/read_engine.cpp).
-_CHECK_ITEM_BYTES = 1 << 20
-_CHECK_ITEM_RECORDS = 1024
 # What _fileio.open_regular calls the files it refuses (as csrc/file_io.cpp).
 _DATA_FILE = "data file"
 #: Why this engine has no GPU path (cuda_status().reason, and the refusal of device plans).
@@ -96,8 +90,8 @@ class PythonEngine:
         calls: list[_Call] = []
         views: list[list[memoryview]] = []
         written = []
-        crc_items: list[list] = []
-        block_crcs: list[array | None] = []
+        tables: list = []  # per file: its block grid, or None
+        pieces: list[list] = []  # per file: the pieces of blocks its calls share
         for index, (path, f) in enumerate(zip(paths, files)):
             crc_block = f.crc_block
             if crc_block < 0:
@@ -108,13 +102,10 @@ class PythonEngine:
             views.append(file_views)
             written.append(total)
             _pack(runs, index, chunk_bytes, -1, calls)
-            if crc_block > 0:
-                out, items = _plan_block_crcs(runs, file_views, crc_block, chunk_bytes)
-                block_crcs.append(out)
-                crc_items.append(items)
-            else:
-                block_crcs.append(None)
-                crc_items.append([])
+            size = runs[-1][0] + runs[-1][1] if runs else 0
+            grid = _Table(crc_block, size, array("I", bytes(4 * -(-size // crc_block)))) if crc_block else None
+            tables.append(grid)
+            pieces.append([])
 
         def open_file(index: int) -> int:
             # O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC and the regular-file check come with it.
@@ -123,7 +114,11 @@ class PythonEngine:
 
         def run_call(fd: int, call: _Call, scratch: memoryview | None) -> None:
             buffers = call.buffers(views[call.file], None)
-            path = paths[call.file]
+            path, table = paths[call.file], tables[call.file]
+            if table is not None:
+                # Checksummed first, as csrc does: the write then copies hot bytes.
+                _checksum_range(table, call.offset, buffers, pieces[call.file],
+                                table.crcs.__setitem__)
             _transfer(os.pwritev, "pwritev", fd, buffers, call.offset, call.nbytes, path, 0, cap,
                       faults)
             if sync:
@@ -139,9 +134,11 @@ class PythonEngine:
             _os_call(faults, _CLOSE, os.close, "close", paths[index], -1, fd)
 
         calls = _interleave_files(calls, len(files), threads)
-        work = _schedule(calls, crc_items)
-        _execute(work, len(files), threads, 0, open_file, run_call, finish_file)
-        return WriteStats(bytes_written=written, block_crcs=block_crcs)
+        _execute(calls, len(files), threads, 0, open_file, run_call, finish_file)
+        for table, shared in zip(tables, pieces):
+            if table is not None:
+                _join_pieces(table, shared, table.crcs.__setitem__)
+        return WriteStats(bytes_written=written, block_crcs=[t and t.crcs for t in tables])
 
     def read(
         self,
@@ -164,9 +161,7 @@ class PythonEngine:
         calls: list[_Call] = []
         views: list[list[memoryview]] = []
         required = []
-        largest_gap = 0
-        check_items: list = []
-        check_count = 0
+        scratch = 0
         for index, (path, f) in enumerate(zip(paths, files)):
             if f.min_size < 0:
                 raise ValueError(f"read plan for {path}: negative min_size {f.min_size}")
@@ -175,9 +170,11 @@ class PythonEngine:
             runs, file_views, furthest = _collect_runs(path, f.copies)
             views.append(file_views)
             required.append(max(f.min_size, furthest))
-            largest_gap = max(largest_gap, _pack(runs, index, chunk_bytes, max_gap, calls))
-            if f.checks is not None:
-                check_count += _collect_checks(path, f.checks, index, check_items)
+            if f.table is not None:
+                _check_table(path, f.table, furthest)
+            scratch = max(scratch, _pack(runs, index, chunk_bytes, max_gap, calls, f.table))
+        pieces: list[list] = [[] for _ in files]
+        failed: list = []
 
         stats = ReadStats(
             bytes_read=sum(c.nbytes for c in calls),
@@ -199,10 +196,13 @@ class PythonEngine:
             return fd
 
         def run_call(fd: int, call: _Call, scratch: memoryview | None) -> None:
-            buffers = call.buffers(views[call.file], scratch)
-            path, needed = paths[call.file], required[call.file]
-            _transfer(os.preadv, "preadv", fd, buffers, call.offset, call.nbytes, path, needed, cap,
-                      faults)
+            f = call.file
+            table = files[f].table
+            buffers = call.buffers(views[f], scratch, table is not None)
+            _transfer(os.preadv, "preadv", fd, buffers, call.offset, call.nbytes, paths[f],
+                      required[f], cap, faults)
+            if table is not None:
+                _checksum_range(table, call.offset, buffers, pieces[f], _compare(f, table, failed))
 
         def finish_file(index: int, fd: int) -> None:
             # Nothing read can be lost: a failed close (real or injected) is
@@ -210,19 +210,12 @@ class PythonEngine:
             faults.next(_CLOSE)
             _close_quietly(fd)
 
-        _execute(calls, len(files), threads, largest_gap, open_file, run_call, finish_file)
-        # Checks start once every read is done: a check may cover memory that
-        # reads of several files fill.
-        if check_items:
-            failed = bytearray(check_count)
-            tasks = [_check_task(item, failed) for item in check_items]
-            _execute(tasks, 0, threads, 0, None, None, None)
-            stats.failed_checks = [
-                (item[0], item[2] + r)
-                for item in check_items
-                for r in range(len(item[3]))
-                if failed[item[1] + r]
-            ]
+        _execute(calls, len(files), threads, scratch, open_file, run_call, finish_file)
+        for f, shared in enumerate(pieces):
+            if shared:
+                _join_pieces(files[f].table, shared, _compare(f, files[f].table, failed))
+        # A block two overlapping runs both read whole is checked twice.
+        stats.failed_blocks = sorted(set(failed))
         return stats
 
     def cuda_status(self) -> CudaStatus:
@@ -265,12 +258,22 @@ class _Call:
         self.nbytes = nbytes
         self.parts = parts
 
-    def buffers(self, views: list, scratch: memoryview | None) -> list:
+    def buffers(self, views: list, scratch: memoryview | None, own_gaps: bool = False) -> list:
+        """The call's memory; with ``own_gaps`` each gap gets its own part of ``scratch``."""
         p = self.parts
-        return [
-            views[v][s : s + n] if v >= 0 else scratch[:n]
-            for v, s, n in zip(p[0::3], p[1::3], p[2::3])
-        ]
+        if not own_gaps:
+            return [
+                views[v][s : s + n] if v >= 0 else scratch[:n]
+                for v, s, n in zip(p[0::3], p[1::3], p[2::3])
+            ]
+        out, used = [], 0
+        for v, s, n in zip(p[0::3], p[1::3], p[2::3]):
+            if v >= 0:
+                out.append(views[v][s : s + n])
+            else:
+                out.append(scratch[used : used + n])
+                used += n
+        return out
 
 
 def _interleave_files(calls: list, file_count: int, wave: int) -> list:
@@ -291,42 +294,26 @@ def _interleave_files(calls: list, file_count: int, wave: int) -> list:
     return out
 
 
-def _pack(runs: list, file: int, chunk_bytes: int, max_gap: int, calls: list) -> int:
-    """Packs one file's runs into calls, appended to ``calls``; returns the largest gap.
+def _pack(runs: list, file: int, chunk_bytes: int, max_gap: int, calls: list, table=None) -> int:
+    """Packs one file's runs into calls, appended to ``calls``; returns the most scratch a call
+    needs.
 
     ``runs`` are ``(file_offset, length, view_index, view_start)`` tuples.
-    This is CallBuilder (csrc/call_plan.hpp) with the merge loop of
-    plan_reads (csrc/read_engine.cpp) inlined, kept decision for decision the
-    same so both engines report the same stats. ``max_gap < 0`` (writes)
-    never bridges gaps: only contiguous ranges share a call.
+    This is CallBuilder (csrc/call_plan.hpp) with pack_runs (csrc/read_engine.cpp),
+    kept decision for decision the same so both engines report the same stats.
+    ``max_gap < 0`` (writes) never bridges gaps: only contiguous ranges share
+    a call. With a checksum ``table``, groups of runs are widened to whole
+    blocks (see "Checks" in dcp_native.engine).
     """
     # Plain tuple order is (offset, length, ...): ties on offset go by length,
     # as in csrc, so the merge decisions do not depend on the record order.
     runs.sort()
-    largest_gap = 0
+    scratch = 0
     first_call = len(calls)
-    parts: list | None = None  # of the open call; None when no call is open
-    iovecs = 0
-    call_offset = nbytes = 0
-    prev_length = 0
-    for offset, length, view_index, start in runs:
-        if parts is not None and max_gap >= 0:
-            gap = offset - call_offset - nbytes
-            if (
-                should_merge(prev_length, gap, length, max_gap)
-                and iovecs + (2 if gap > 0 else 1) <= MAX_IOVECS
-                and gap < chunk_bytes - nbytes
-            ):
-                if gap > 0:
-                    parts += (-1, 0, gap)
-                    iovecs += 1
-                    nbytes += gap
-                    if gap > largest_gap:
-                        largest_gap = gap
-            else:
-                calls.append(_Call(file, call_offset, nbytes, parts))
-                parts = None
-        prev_length = length
+    call: list = [None, 0, 0, 0]  # parts (None: no open call), iovecs, offset, nbytes
+
+    def add(offset: int, view_index: int, start: int, length: int) -> None:
+        parts, iovecs, call_offset, nbytes = call
         while length > 0:
             if parts is not None and (
                 iovecs == MAX_IOVECS or nbytes == chunk_bytes or call_offset + nbytes != offset
@@ -335,22 +322,74 @@ def _pack(runs: list, file: int, chunk_bytes: int, max_gap: int, calls: list) ->
                 parts = None
             if parts is None:
                 parts, iovecs, call_offset, nbytes = [], 0, offset, 0
-            take = chunk_bytes - nbytes
-            if take > length:
-                take = length
+            take = min(chunk_bytes - nbytes, length)
             parts += (view_index, start, take)
             iovecs += 1
             nbytes += take
             offset += take
-            start += take
+            start += take if view_index >= 0 else 0
             length -= take
-    if parts is not None:
-        calls.append(_Call(file, call_offset, nbytes, parts))
+        call[:] = parts, iovecs, call_offset, nbytes
+
+    def flush() -> None:
+        if call[0] is not None:
+            calls.append(_Call(file, call[2], call[3], call[0]))
+            call[0] = None
+
+    if table is not None:
+        block, size = table.block, table.size
+
+        def block_end(pos: int) -> int:
+            return min(-(-pos // block) * block, size)
+
+    group = False  # a group is open (files with a table)
+    prev_length = 0
+    for offset, length, view_index, start in runs:
+        parts, iovecs, call_offset, nbytes = call
+        if (group if table is not None else parts is not None) and max_gap >= 0:
+            end = call_offset + nbytes
+            gap = offset - end
+            if table is not None:
+                merge = gap >= 0 and (
+                    offset // block * block < block_end(end)
+                    or should_merge(prev_length, gap, length, max_gap)
+                )
+            else:
+                merge = (
+                    should_merge(prev_length, gap, length, max_gap)
+                    and iovecs + (2 if gap > 0 else 1) <= MAX_IOVECS
+                    and gap < chunk_bytes - nbytes
+                )
+            if merge and gap > 0:
+                if table is not None:
+                    add(end, -1, 0, gap)
+                else:
+                    parts += (-1, 0, gap)
+                    call[1:] = iovecs + 1, call_offset, nbytes + gap
+                scratch = max(scratch, gap)
+            elif not merge:
+                if table is not None:
+                    add(end, -1, 0, block_end(end) - end)
+                flush()
+                group = False
+        if table is not None and not group:
+            add(offset // block * block, -1, 0, offset % block)
+            group = True
+        add(offset, view_index, start, length)
+        prev_length = length
+    if table is not None and group:
+        end = call[2] + call[3]
+        add(end, -1, 0, block_end(end) - end)
+    flush()
     if len(calls) == first_call:
         # Nothing to move: the call still opens the file (creates it for
         # writes, checks its size for reads).
         calls.append(_Call(file, 0, 0, []))
-    return largest_gap
+    if table is not None:
+        # Gaps of checked calls each keep their bytes.
+        for c in calls[first_call:]:
+            scratch = max(scratch, sum(c.parts[2::3][i] for i, v in enumerate(c.parts[0::3]) if v < 0))
+    return scratch
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -515,197 +554,93 @@ def _collect_runs(path: str, copies) -> tuple[list, list, int]:
     return runs, views, furthest
 
 
-class _CrcItem:
-    """The CRCs of ``count`` blocks of a file from block ``first`` (csrc's CrcItem).
+class _Table(NamedTuple):
+    """A block grid and its CRCs (what ReadFile.table holds)."""
 
-    ``runs`` are the file's sorted runs (``_pack``'s tuples), which cover it
-    without holes; ``run`` is the index of the one holding the first byte.
-    """
-
-    __slots__ = ("start", "first", "count", "run", "runs", "views", "block", "size", "out")
-
-    def __init__(self, first, count, run, runs, views, block, size, out) -> None:
-        self.start = first * block
-        self.first = first
-        self.count = count
-        self.run = run
-        self.runs = runs
-        self.views = views
-        self.block = block
-        self.size = size
-        self.out = out
-
-    def __call__(self) -> None:
-        runs, views, block, size, out = self.runs, self.views, self.block, self.size, self.out
-        r = self.run
-        offset, length, view, start = runs[r]
-        pos = self.start
-        for b in range(self.first, self.first + self.count):
-            end = min(pos + block, size)
-            crc = 0
-            while pos < end:
-                run_end = offset + length
-                take = min(end, run_end) - pos
-                s = start + pos - offset
-                crc = crc32c(views[view][s : s + take], crc)
-                pos += take
-                if pos == run_end and pos < size:
-                    r += 1
-                    offset, length, view, start = runs[r]
-            out[b] = crc
+    block: int
+    size: int
+    crcs: array
 
 
-def _plan_block_crcs(runs: list, views: list, block: int, chunk_bytes: int) -> tuple:
-    """A file's CRC output array and its items of whole blocks, about chunk_bytes each."""
-    size = runs[-1][0] + runs[-1][1] if runs else 0
-    blocks = -(-size // block)
-    out = array("I", bytes(4 * blocks))
-    per_item = max(1, chunk_bytes // block)
-    items = []
-    r = 0
-    for first in range(0, blocks, per_item):
-        start = first * block
-        while runs[r][0] + runs[r][1] <= start:
-            r += 1
-        count = min(per_item, blocks - first)
-        items.append(_CrcItem(first, count, r, runs, views, block, size, out))
-    return out, items
+def _check_table(path: str, table, furthest: int) -> None:
+    """csrc's check_table: the table describes the file, and the runs lie within it."""
+    block, size = table.block, table.size
+    view = memoryview(table.crcs)
+    if view.itemsize != 4 or view.format.lstrip("@=<") not in ("I", "L") or view.ndim != 1:
+        raise ValueError(
+            f"crcs must be a 1-D 32-bit buffer such as array('I'), got format {view.format!r} "
+            f"with itemsize {view.itemsize}"
+        )
+    count = len(view)
+    if block <= 0 or size < 0 or count != -(-size // block):
+        raise ValueError(
+            f"read plan for {path}: a checksum table of {count} CRCs does not describe a file "
+            f"of {size} bytes in blocks of {block}"
+        )
+    if furthest > size:
+        raise ValueError(
+            f"read plan for {path}: a run ends at {furthest}, past the {size} bytes the "
+            "checksum table describes"
+        )
 
 
-def _schedule(calls: list, crc_items: list) -> list:
-    """Each file's CRC items right after the write call covering their first byte (csrc's
-    schedule), then whatever is left."""
-    if not any(crc_items):
-        return calls
-    nexts = [0] * len(crc_items)
-    work: list = []
-    for call in calls:
-        work.append(call)
-        items, i = crc_items[call.file], nexts[call.file]
-        end = call.offset + call.nbytes
-        while i < len(items) and items[i].start < end:
-            work.append(items[i])
+def _compare(f: int, table, failed: list):
+    """``whole`` for :func:`_checksum_range`: records ``(f, k)`` of every block that differs."""
+    crcs = table.crcs
+
+    def compare(k: int, crc: int) -> None:
+        if crc != crcs[k]:
+            failed.append((f, k))
+
+    return compare
+
+
+def _checksum_range(table, offset: int, buffers: list, pieces: list, whole) -> None:
+    """csrc's checksum_range (block_crc.hpp): the file bytes from ``offset`` held in order by
+    ``buffers``. ``whole(k, crc)`` for every block they hold whole; ``(k, start, length, crc)``
+    of the blocks they hold in part go to ``pieces``."""
+    block, size = table.block, table.size
+    end = offset + sum(map(len, buffers))
+    i = used = 0
+    pos = offset
+    while pos < end:
+        k, start = divmod(pos, block)
+        length = min(block, size - k * block)
+        stop = min(end, pos - start + length)
+        crc = 0
+        need = stop - pos
+        while need:
+            while used == len(buffers[i]):
+                i, used = i + 1, 0
+            take = min(need, len(buffers[i]) - used)
+            crc = crc32c(buffers[i][used : used + take], crc)
+            used += take
+            need -= take
+        if start == 0 and stop - pos == length:
+            whole(k, crc)
+        else:
+            pieces.append((k, start, stop - pos, crc))
+        pos = stop
+
+
+def _join_pieces(table, pieces: list, done) -> None:
+    """csrc's join_pieces: the CRC of every block the pieces tile, through ``done(k, crc)``;
+    of the chains that tile a block (reads of overlapping runs) the first found is used."""
+    pieces.sort()
+    i = 0
+    while i < len(pieces):
+        k = pieces[i][0]
+        length = min(table.block, table.size - k * table.block)
+        pos = crc = 0
+        while i < len(pieces) and pieces[i][0] == k:
+            _, start, n, piece = pieces[i]
+            if start == pos and pos < length:
+                crc = piece if pos == 0 else crc32c_combine(crc, piece, n)
+                pos += n
             i += 1
-        nexts[call.file] = i
-    for items, i in zip(crc_items, nexts):
-        work.extend(items[i:])
-    return work
-
-
-def _collect_checks(path: str, checks, file: int, items: list) -> int:
-    """Validates a file's check records and appends their items (csrc's CheckItem) as
-    ``(file, number of the first record in the call, its ordinal in the file, records)``,
-    each record ``(expected_crc, [address, length, ...])``; returns the number of records."""
-
-    def bad(at: int, why: str):
-        raise ValueError(f"read plan for {path}: check record at index {at}: {why}")
-
-    values = _int64_values(checks, "checks")
-    n = len(values)
-    first = sum(len(item[3]) for item in items)  # records so far in the call
-    if _single_pieces_valid(values):
-        # Every record checks one piece (blocks read whole): no loop per record.
-        pieces = list(zip(values[2::4], values[3::4]))
-        records = list(zip(values[0::4], pieces))
-        count = len(records)
-        ends = list(itertools.accumulate(values[3::4]))
-        start = 0
-        while start < count:
-            # Up to the record that brings the item to _CHECK_ITEM_BYTES, or _CHECK_ITEM_RECORDS.
-            base = ends[start - 1] if start else 0
-            stop = min(bisect.bisect_left(ends, base + _CHECK_ITEM_BYTES, start) + 1,
-                       start + _CHECK_ITEM_RECORDS, count)
-            items.append((file, first + start, start, records[start:stop]))
-            start = stop
-        return count
-    records = []
-    item_bytes = 0
-    ordinal = 0
-    pos = 0
-    while pos < n:
-        if n - pos < 2:
-            bad(pos, f"truncated header (need 2 values, {n - pos} left)")
-        expected, pieces = values[pos], values[pos + 1]
-        if not 0 <= expected <= 0xFFFFFFFF:
-            bad(pos, f"expected CRC {expected} is outside [0, 2**32)")
-        if pieces < 0:
-            bad(pos, f"negative piece count {pieces}")
-        end = pos + 2 + 2 * pieces
-        if end > n:
-            bad(pos, f"truncated: {pieces} pieces need {2 * pieces} more values")
-        flat = values[pos + 2 : end]
-        for i in range(0, 2 * pieces, 2):
-            address, length = flat[i], flat[i + 1]
-            if address < 0 or length < 0 or address + length > _INT64_MAX:
-                bad(pos, f"piece {i // 2} has a negative or overflowing memory range")
-            if address == 0 and length > 0:
-                bad(pos, f"piece {i // 2} has a null address")
-            item_bytes += length
-        pos = end
-        records.append((expected, flat))
-        if item_bytes >= _CHECK_ITEM_BYTES or len(records) == _CHECK_ITEM_RECORDS:
-            items.append((file, first, ordinal, records))
-            first += len(records)
-            ordinal += len(records)
-            records, item_bytes = [], 0
-    if records:
-        items.append((file, first, ordinal, records))
-    return ordinal + len(records)
-
-
-def _single_pieces_valid(values: list) -> bool:
-    """Whether ``values`` are valid records of one piece each, checked with C-level scans."""
-    n = len(values)
-    if n == 0 or n % 4 or values[1::4].count(1) != n // 4:
-        return False
-    expected, addresses, lengths = values[0::4], values[2::4], values[3::4]
-    return (
-        min(expected) >= 0
-        and max(expected) <= 0xFFFFFFFF
-        and min(addresses) > 0  # null addresses (allowed for empty pieces) take the slow path
-        and min(lengths) >= 0
-        and max(map(operator.add, addresses, lengths)) <= _INT64_MAX
-    )
-
-
-def _check_task(item: tuple, failed: bytearray) -> Callable[[], None]:
-    """Runs one item's checks, setting failed[record] for each mismatch."""
-
-    def run() -> None:
-        first, records = item[1], item[3]
-        # Pieces that follow each other in memory (a tensor checked block by
-        # block) share one view [low, high): a ctypes view costs far more than
-        # a slice.
-        low = high = -1
-        view = None
-        for r, (expected, flat) in enumerate(records):
-            crc = 0
-            for i in range(0, len(flat), 2):
-                address, length = flat[i], flat[i + 1]
-                if not length:
-                    continue
-                if address < low or address + length > high:
-                    (low, high), view = _contiguous_span(flat, i, records, r)
-                crc = crc32c(view[address - low : address - low + length], crc)
-            if crc != expected:
-                failed[first + r] = 1
-
-    return run
-
-
-def _contiguous_span(flat: list, i: int, records: list, r: int) -> tuple:
-    """The memory from piece ``i`` of record ``r`` through every later piece that starts
-    where the one before it ends, and a view of it."""
-    start = end = flat[i]
-    for _, pieces in itertools.chain([(None, flat[i:])], records[r + 1 :]):
-        for k in range(0, len(pieces), 2):
-            address, length = pieces[k], pieces[k + 1]
-            if not length:
-                continue
-            if address != end:
-                return (start, end), _host_view(start, end - start)
-            end += length
-    return (start, end), _host_view(start, end - start)
+        if pos != length:
+            raise AssertionError(f"block {k} is not covered by its pieces")
+        done(k, crc)
 
 
 # --------------------------------------------------------------------------- execution

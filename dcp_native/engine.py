@@ -31,10 +31,10 @@ Write plan (one :class:`WriteFile` per data file)
     otherwise), and the result holds the CRC32C (Castagnoli, as
     :func:`dcp_native._crc32c.crc32c`) of every block
     ``[k * crc_block, min((k + 1) * crc_block, size))`` of the file's content,
-    headers and payloads alike, as ``array('I')``. They are computed from the
-    segments' memory during the call, on the same threads, in work items of
-    whole blocks (about ``chunk_bytes`` each) scheduled right after the write
-    that covers their first byte; a block may span several segments.
+    headers and payloads alike, as ``array('I')``. Each write call (and each
+    device piece) checksums the range it writes, on its thread, while the
+    bytes are hot; the parts of a block that several ranges share are joined
+    with ``crc32c_combine``. Reads check with the same ranges (below).
 
     Returns :class:`WriteStats`: the bytes written per file and, per file, its
     block CRCs (``None`` where ``crc_block`` is 0).
@@ -59,17 +59,17 @@ Read plan (one :class:`ReadFile` per data file)
     call holds at most 1024 iovecs and ``chunk_bytes`` bytes; longer runs are
     split.
 
-    Checks: ``checks`` (optional) is a flat ``array('q')`` of variable-length
-    records ``(expected_crc, npieces, addr_0, len_0, ..., addr_{n-1},
-    len_{n-1})`` with ``0 <= expected_crc < 2**32`` and pieces of memory
-    (usually destinations of the copies; zero-length pieces are allowed, a
-    null address only for them). After every read of the call has completed,
-    the engine computes the CRC32C of each record's pieces, streamed in order,
-    and compares it with ``expected_crc``, on the worker threads in parallel.
-    A mismatch does not raise: :attr:`ReadStats.failed_checks` lists
-    ``(file index in the call, record ordinal within that file's checks)``,
-    sorted. Checks never count towards ``bytes_read`` or ``calls``. Malformed
-    records raise ``ValueError`` before any file is opened.
+    Checks: ``table`` (optional) is the checksum table the save wrote for
+    the file (:class:`dcp_native.integrity.Table`: ``block``, the file's
+    ``size`` and one CRC32C per block in ``crcs``). Runs must then lie within
+    ``size``. Every group of coalesced runs is widened to the blocks it
+    touches (the bytes around the runs read into scratch) and runs that share
+    a block always share a group, so every block a run touches is read whole;
+    each call checksums what it read, on its thread, the parts of a block
+    that calls share are joined with ``crc32c_combine``, and each block is
+    compared with the table. A mismatch does not raise:
+    :attr:`ReadStats.failed_blocks` lists ``(file index in the call, block
+    index)``, sorted. The widened bytes count towards ``bytes_read``.
 
     Returns :class:`ReadStats`.
 
@@ -101,7 +101,7 @@ Device memory (CUDA; see "GPU path" in DESIGN.md)
     copied to the device (``cudaMemcpy2DAsync`` for runs of one box of equal
     length at regular strides, pitches up to 2 GiB), overlapped with the reads of later pieces; the engine's
     stream is synchronized before the call returns, so the memory is ready for
-    any stream. ``checks`` must be None for such files (``ValueError``): the
+    any stream. ``table`` must be None for such files (``ValueError``): the
     reader verifies through host memory instead.
 
     ``pool`` (optional, from :meth:`Engine.pinned_pool`) bounds and reuses the
@@ -158,7 +158,7 @@ import dataclasses
 import errno
 import os
 from array import array
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 SRC_BLOB = 0
 SRC_HOST = 1
@@ -206,8 +206,8 @@ class ReadFile:
     path: str
     min_size: int
     copies: array  # array('q'), variable-length records
-    #: array('q') of check records (see module docs), or None for none.
-    checks: Optional[array] = None
+    #: The file's checksum table (block, size, crcs; see module docs), or None.
+    table: Optional[Any] = None
     #: >= 0: every destination address is device memory on this CUDA device.
     device: int = -1
     #: The consumer's cudaStream_t as an integer (0: the legacy default stream).
@@ -228,8 +228,8 @@ class ReadStats:
     bytes_read: int = 0
     #: Number of preadv calls issued.
     calls: int = 0
-    #: (file index, check ordinal within the file) of every failed check, sorted.
-    failed_checks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    #: (file index, block index) of every block that failed its check, sorted.
+    failed_blocks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from dcp_native._crc32c import _crc32c_python as ref_crc32c
 from dcp_native._errors import TruncatedFileError
+from dcp_native.integrity import Table
 from dcp_native.engine import (
     MAX_IOVECS,
     SRC_BLOB,
@@ -972,12 +973,16 @@ def test_empty_segments_are_not_holes(engine, tmp_path):
 # --------------------------------------------------------------------------- checks
 
 
-def check(expected: int, *pieces: tuple[int, int]) -> list[int]:
-    return [expected, len(pieces), *(v for piece in pieces for v in piece)]
+def table_of(content: bytes, block: int = 4096, flip: set[int] = frozenset()) -> Table:
+    """The checksum table of ``content``, with the CRCs of the blocks in ``flip`` wrong."""
+    crcs = block_crcs(content, block)
+    for k in flip:
+        crcs[k] ^= 1
+    return Table(block, len(content), crcs)
 
 
-def checks(*records: list[int]) -> array:
-    return array("q", [v for r in records for v in r])
+def touched_blocks(runs, block: int) -> set[int]:
+    return {k for a, n in runs if n for k in range(a // block, (a + n - 1) // block + 1)}
 
 
 def test_checks_pass_and_fail(engine, tmp_path):
@@ -986,131 +991,107 @@ def test_checks_pass_and_fail(engine, tmp_path):
     write_file(path, data)
     a, b = Mem(6000), Mem(4000)
     plan = copies(box(0, a.addr, 6000), box(6000, b.addr, 4000))
-    good = ref_crc32c(data)
-    records = checks(
-        check(good, (a.addr, 6000), (b.addr, 4000)),  # 0: spans both buffers
-        check(good ^ 1, (a.addr, 6000), (b.addr, 4000)),  # 1: wrong CRC
-        check(ref_crc32c(data[5990:6010]), (a.addr + 5990, 10), (b.addr, 10)),  # 2
-        check(0),  # 3: no pieces: the CRC of nothing is 0
-        check(5),  # 4: ... so 5 fails
-        check(ref_crc32c(data[:7]), (0, 0), (a.addr, 3), (a.addr, 0), (a.addr + 3, 4), (0, 0)),
-        check(ref_crc32c(data[:7]), (a.addr, 7), (b.addr, 1)),  # 6: one byte too many
-        check(0xFFFFFFFF, (a.addr, 1)),  # 7: the largest expected value
-    )
-    plain = engine.read([ReadFile(str(path), 0, plan)], threads=3)
-    stats = engine.read([ReadFile(str(path), 0, plan, checks=records)], threads=3)
+    stats = engine.read([ReadFile(str(path), 0, plan, table=table_of(data))], threads=3)
     assert a.bytes() + b.bytes() == data
-    # Checks never count as reads.
-    assert stats == ReadStats(plain.bytes_read, plain.calls, [(0, 1), (0, 4), (0, 6)] + (
-        [] if ref_crc32c(data[:1]) == 0xFFFFFFFF else [(0, 7)]))
+    assert stats == ReadStats(10_000, 1, [])
+    stats = engine.read([ReadFile(str(path), 0, plan, table=table_of(data, flip={0, 2}))], threads=3)
+    assert a.bytes() + b.bytes() == data  # the bytes are there; the caller decides
+    assert stats.failed_blocks == [(0, 0), (0, 2)]
 
 
-def test_checks_after_every_read(engine, tmp_path):
-    """A check may cover memory that another file's reads fill: it runs after all of them."""
-    datas = [pattern(300_000, i) for i in range(4)]
-    paths = [tmp_path / f"{i}.distcp" for i in range(4)]
-    for p, d in zip(paths, datas):
-        write_file(p, d)
-    dest = Mem(4 * 300_000)
-    whole = ref_crc32c(b"".join(datas))
-    files = [
-        ReadFile(
-            str(p), 0, copies(box(0, dest.addr + i * 300_000, 300_000)),
-            # The first file checks everything; the last one checks a piece of
-            # each file, listed backwards.
-            checks=checks(check(whole, (dest.addr, 4 * 300_000))) if i == 0
-            else checks(check(ref_crc32c(b"".join(d[:10] for d in reversed(datas))),
-                              *((dest.addr + k * 300_000, 10) for k in reversed(range(4)))))
-            if i == 3 else None,
-        )
-        for i, p in enumerate(paths)
-    ]
-    stats = engine.read(files, threads=4, chunk_bytes=50_000)
-    assert stats.failed_checks == []
+def test_checks_widen_reads_to_whole_blocks(engine, tmp_path):
+    """A run inside a block reads the whole block (into scratch, not the destination); runs
+    in blocks apart stay apart; the widened bytes count as read."""
+    data = bytearray(pattern(10_000, 24))
+    path = tmp_path / "w.distcp"
+    table = table_of(bytes(data))
+    data[4100] ^= 1  # in block 1, outside the run read from it
+    write_file(path, bytes(data))
+    a, b = Mem(1000, fill=0xEE), Mem(100, fill=0xEE)
+    plan = copies(box(5000, a.addr, 1000), box(9000, b.addr, 100))
+    stats = engine.read([ReadFile(str(path), 0, plan, table=table)], threads=2)
+    assert a.bytes() == bytes(data[5000:6000]) and b.bytes() == bytes(data[9000:9100])
+    assert stats == ReadStats(4096 + (10_000 - 8192), 2, [(0, 1)])
+    plain = engine.read([ReadFile(str(path), 0, plan)], threads=2)
+    assert plain == ReadStats(1100, 2, [])
 
 
-def test_many_checks(engine, tmp_path):
-    """Thousands of records and records over 1 MiB (several check items per file), failures
-    at known ordinals in two files, reported sorted."""
-    size = (3 << 20) + 5
+@pytest.mark.parametrize("chunk", [1000, 4096, 1 << 20])
+def test_checks_of_blocks_split_between_calls(engine, tmp_path, chunk):
+    """Calls cut inside blocks (chunk_bytes, 1024 iovecs of tiny runs): the parts of a block
+    are joined; failures are found wherever the block was cut, in every file, sorted."""
+    size = 300_000
     data = pattern(size, 21)
     paths = [tmp_path / "a.distcp", tmp_path / "b.distcp"]
     for p in paths:
         write_file(p, data)
-    dests = [Mem(size), Mem(size)]
-    bad = [{0, 17, 1500, 3000}, {2, 2999}]
-    files = []
-    for f, (p, dest) in enumerate(zip(paths, dests)):
-        records = []
-        for k, start in enumerate(range(0, size, 1024)):
-            piece = data[start : start + 1024]
-            expected = ref_crc32c(piece) ^ (k in bad[f])
-            records.append(check(expected, (dest.addr + start, len(piece))))
-        # Three big records after the small ones.
-        for k, start in enumerate(range(0, size, 1 << 20), start=len(records)):
-            piece = data[start : start + (1 << 20) + 7]
-            records.append(check(ref_crc32c(piece), (dest.addr + start, len(piece))))
-        plan = copies(box(0, dest.addr, size))
-        files.append(ReadFile(str(p), size, plan, checks=checks(*records)))
-    stats = engine.read(files, threads=3)
-    assert stats.failed_checks == [(f, k) for f in range(2) for k in sorted(bad[f])]
+    flips = [{0, 17, 40, 73}, {2, 70}]
+    whole, rows = Mem(size), Mem(size // 2)
+    files = [
+        ReadFile(str(paths[0]), size, copies(box(0, whole.addr, size)),
+                 table=table_of(data, flip=flips[0])),
+        # 2-byte runs every 4 bytes: far more than 1024 iovecs in a row.
+        ReadFile(str(paths[1]), size, copies(box(0, rows.addr, 2, (size // 4,), (4,), (2,))),
+                 table=table_of(data, flip=flips[1])),
+    ]
+    stats = engine.read(files, threads=3, chunk_bytes=chunk)
+    assert whole.bytes() == data
+    assert rows.bytes() == b"".join(data[i : i + 2] for i in range(0, size, 4))
+    assert stats.failed_blocks == [(f, k) for f in range(2) for k in sorted(flips[f])]
+
+
+def test_checks_of_overlapping_runs(engine, tmp_path):
+    """The same bytes read to two places: both reads are checked, a failure reported once."""
+    data = pattern(20_000, 25)
+    path = tmp_path / "o.distcp"
+    write_file(path, data)
+    a, b = Mem(9000), Mem(9000)
+    plan = copies(box(1000, a.addr, 9000), box(5000, b.addr, 9000))
+    stats = engine.read([ReadFile(str(path), 0, plan, table=table_of(data, flip={1, 3}))], threads=2)
+    assert a.bytes() == data[1000:10_000] and b.bytes() == data[5000:14_000]
+    assert stats.failed_blocks == [(0, 1), (0, 3)]
 
 
 def test_empty_checks(engine, tmp_path):
     path = tmp_path / "e.distcp"
     write_file(path, b"abc")
     dest = Mem(3)
-    plan = copies(box(0, dest.addr, 3))
-    for value in (None, checks()):
-        assert engine.read([ReadFile(str(path), 3, plan, checks=value)], threads=2) == ReadStats(
-            3, 1, []
-        )
+    for table in (None, table_of(b"abc")):
+        plan = copies(box(0, dest.addr, 3))
+        assert engine.read([ReadFile(str(path), 3, plan, table=table)], threads=2) == ReadStats(3, 1, [])
+    empty = tmp_path / "empty.distcp"
+    write_file(empty, b"")
+    assert engine.read([ReadFile(str(empty), 0, copies(), table=table_of(b""))], threads=1) == ReadStats()
 
 
-def test_checks_detect_a_flipped_bit(engine, tmp_path):
-    data = bytearray(pattern(50_000, 22))
-    crcs = block_crcs(bytes(data), 4096)
-    data[20_000] ^= 0x10
-    path = tmp_path / "f.distcp"
-    write_file(path, bytes(data))
-    dest = Mem(50_000)
-    blocks = zip(range(0, 50_000, 4096), crcs)
-    records = checks(*(check(c, (dest.addr + k, min(4096, 50_000 - k))) for k, c in blocks))
-    plan = copies(box(0, dest.addr, 50_000))
-    stats = engine.read([ReadFile(str(path), 0, plan, records)], threads=3)
-    assert stats.failed_checks == [(0, 20_000 // 4096)]
-
-
-BAD_CHECKS = {
-    "truncated_header": [0],
-    "negative_pieces": [0, -1],
-    "truncated_pieces": [0, 2, NULL, 4, NULL],
-    "negative_expected": [-1, 0],
-    "expected_too_large": [1 << 32, 0],
-    "negative_address": [0, 1, -8, 4],
-    "negative_length": [0, 1, NULL, -4],
-    "overflow": [0, 1, NULL, (1 << 63) - 8],
-    "null_address": [0, 1, 0, 4],
-    "second_record_bad": [0, 1, NULL, 4, 0, 1, NULL],
+BAD_TABLES = {
+    "too_few_crcs": (4096, 10_000, 2),
+    "too_many_crcs": (4096, 10_000, 4),
+    "zero_block": (0, 10_000, 0),
+    "negative_size": (4096, -1, 0),
+    "runs_past_the_table": (4096, 4000, 1),
 }
 
 
-@pytest.mark.parametrize("name", BAD_CHECKS)
-def test_malformed_checks(engine, tmp_path, name):
+@pytest.mark.parametrize("name", BAD_TABLES)
+def test_malformed_tables(engine, tmp_path, name):
     path = tmp_path / "f.distcp"
-    write_file(path, pattern(64, 23))
-    dest = Mem(64, fill=0xEE)
-    records = array("q", [dest.addr if v is NULL else v for v in BAD_CHECKS[name]])
-    with pytest.raises(ValueError, match="check record"):
-        engine.read([ReadFile(str(path), 0, copies(box(0, dest.addr, 64)), records)], threads=2)
-    assert dest.bytes() == b"\xee" * 64  # validation comes before any read
+    write_file(path, pattern(10_000, 23))
+    dest = Mem(10_000, fill=0xEE)
+    block, size, count = BAD_TABLES[name]
+    table = Table(block, size, array("I", [0] * count))
+    with pytest.raises(ValueError, match="checksum table"):
+        engine.read([ReadFile(str(path), 0, copies(box(0, dest.addr, 10_000)), table=table)],
+                    threads=2)
+    assert dest.bytes() == b"\xee" * 10_000  # validation comes before any read
 
 
-def test_checks_must_be_int64(engine, tmp_path):
+def test_table_crcs_must_be_uint32(engine, tmp_path):
     path = tmp_path / "f.distcp"
-    write_file(path, b"")
-    with pytest.raises(ValueError):
-        engine.read([ReadFile(str(path), 0, copies(), array("i", [0, 0]))], threads=1)
+    write_file(path, b"abc")
+    with pytest.raises(ValueError, match="crcs"):
+        engine.read([ReadFile(str(path), 0, copies(), table=Table(4096, 3, array("q", [0])))],
+                    threads=1)
 
 
 # --------------------------------------------------------------------------- fault injection
@@ -1314,8 +1295,9 @@ def test_fault_empty_means_off(engine, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_engines_agree_on_checksums(tmp_path, seed):
-    """Random contiguous plans with random blocks, then random checks (some wrong) over the
-    data read back: identical WriteStats and ReadStats, equal to the reference."""
+    """Random contiguous plans with random blocks, then random strided reads checked against
+    tables with random wrong CRCs: identical WriteStats and ReadStats (the same widened calls),
+    equal to the reference, and the failures are exactly the wrong blocks the reads touch."""
     native, python = both_engines()
     rng = random.Random(seed)
     host = Mem(data=pattern(40_000, seed))
@@ -1345,33 +1327,33 @@ def test_engines_agree_on_checksums(tmp_path, seed):
         [block_crcs(c, b) if b else None for c, b in zip(contents, blocks)],
     )
 
-    # Read everything back and check random pieces of it.
+    # Read random boxes of everything back against tables with random wrong CRCs.
     reads = {}
-    expected_failures = []
     for eng in (native, python):
         check_rng = random.Random(seed + 1000)
-        dests = [Mem(len(c)) for c in contents]
-        files = []
-        failures = []
-        for f, (content, dest) in enumerate(zip(contents, dests)):
-            records = []
-            for k in range(check_rng.randrange(0, 30)):
-                pieces, expected = [], b""
-                for _ in range(check_rng.randrange(0, 4)):
-                    start = check_rng.randrange(0, len(content) + 1)
-                    length = check_rng.randrange(0, len(content) - start + 1)
-                    pieces.append((dest.addr + start if length else 0, length))
-                    expected += content[start : start + length]
-                crc = ref_crc32c(expected)
-                if check_rng.random() < 0.2:
-                    crc ^= 1 << check_rng.randrange(32)
-                    failures.append((f, k))
-                records.append(check(crc, *pieces))
-            files.append(ReadFile(str(tmp_path / f"native_{f}.distcp"), len(content),
-                                  copies(box(0, dest.addr, len(content))), checks=checks(*records)))
-        stats = eng.read(files, threads=threads, chunk_bytes=chunk)
+        dests, files, expected, wanted = [], [], [], []
+        for f, content in enumerate(contents):
+            size = len(content)
+            block = check_rng.choice([1, 100, 4096, 4097, 1 << 16])
+            flips = {k for k in range(-(-size // block)) if check_rng.random() < 0.1}
+            boxes, runs = [], []
+            for _ in range(check_rng.randrange(0, 6) if size else 0):
+                inner = check_rng.randrange(1, min(size, 3000) + 1)
+                count = check_rng.randrange(1, 8)
+                stride = check_rng.randrange(inner, inner + 5000)
+                count = min(count, (size - inner) // stride + 1)
+                start = check_rng.randrange(0, size - (count - 1) * stride - inner + 1)
+                dest = Mem(inner * count)
+                dests.append(dest)
+                wanted.append(b"".join(content[start + i * stride :][:inner] for i in range(count)))
+                boxes.append(box(start, dest.addr, inner, (count,), (stride,), (inner,)))
+                runs += [(start + i * stride, inner) for i in range(count)]
+            expected += [(f, k) for k in sorted(touched_blocks(runs, block) & flips)]
+            files.append(ReadFile(str(tmp_path / f"native_{f}.distcp"), size, copies(*boxes),
+                                  table=table_of(content, block, flips)))
+        stats = eng.read(files, threads=threads, chunk_bytes=chunk, max_gap=check_rng.choice([0, 4096, 1 << 16]))
         reads[eng.name] = (stats, [d.bytes() for d in dests])
-        expected_failures = failures
+        assert stats.failed_blocks == expected
+        assert [d.bytes() for d in dests] == wanted
     assert reads["native"] == reads["python"]
-    assert reads["native"][0].failed_checks == expected_failures
-    assert reads["native"][1] == contents
+

@@ -33,6 +33,7 @@ import torch
 from _fakecuda import FAKE_NAME
 from dcp_native import CudaError
 from dcp_native._crc32c import crc32c
+from dcp_native.integrity import Table
 from dcp_native.engine import (
     CUDART_ENV,
     CudaStatus,
@@ -544,15 +545,16 @@ def test_host_and_device_files_in_one_read(engine, fake, tmp_path):
 
 
 @pytest.mark.parametrize("runtime", ["fake", "missing"])
-def test_checks_refused_for_device_files(engine, fake, tmp_path, monkeypatch, runtime):
+def test_tables_refused_for_device_files(engine, fake, tmp_path, monkeypatch, runtime):
     if runtime == "missing":
         monkeypatch.setenv(CUDART_ENV, str(tmp_path / "absent.so"))
     path = tmp_path / "f"
     path.write_bytes(b"x" * 100)
     dev = device_tensor(bytes(100))
-    with pytest.raises(ValueError, match="checks"):
+    table = Table(4096, 100, array("I", [crc32c(b"x" * 100)]))
+    with pytest.raises(ValueError, match="checksum table"):
         engine.read([ReadFile(str(path), 0, array("q", [0, dev.data_ptr(), 100, 0]),
-                              array("q", [crc32c(b"x" * 100), 0]), 0)], threads=1)
+                              table=table, device=0)], threads=1)
 
 
 def test_device_segment_needs_a_device(engine, fake, tmp_path):
