@@ -124,9 +124,28 @@ void check_lengths(size_t expected, size_t actual, const char* what) {
   }
 }
 
-std::vector<FaultSpec> fault_specs(py::handle faults) {
-  BufferView view = int64_view(faults, "faults");
-  return parse_fault_specs(int64_data(view), view.size() / 8);
+// The settings dcp_native.config.Config.native() passes to every call:
+// (fault triples, short-I/O cap, portable CRC32C, O_DIRECT refusal, CUDA
+// runtime library). The C++ side reads no environment variable.
+template <class Options>
+void apply_config(py::handle config, Options& options) {
+  const py::tuple values = config.cast<py::tuple>();
+  if (values.size() != 5) {
+    throw PlanError("config must be Config.native()'s 5-tuple");
+  }
+  BufferView view = int64_view(values[0], "faults");
+  options.faults = parse_fault_specs(int64_data(view), view.size() / 8);
+  options.short_io_cap = values[1].cast<int64_t>();
+  if (options.short_io_cap < 0) {
+    throw PlanError("the short-I/O cap must be non-negative");
+  }
+  options.crc32c = crc32c_select(values[2].cast<bool>());
+  const int64_t refusal = values[3].cast<int64_t>();
+  if (refusal < 0 || refusal > static_cast<int64_t>(DirectRefusal::kTransfer)) {
+    throw PlanError("unknown O_DIRECT refusal " + std::to_string(refusal));
+  }
+  options.direct_refusal = static_cast<DirectRefusal>(refusal);
+  options.cudart = values[4].cast<std::string>();
 }
 
 // A CRC argument: an int in [0, 2**32).
@@ -174,7 +193,7 @@ int device_argument(py::handle value) {
 
 py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
                          const py::sequence& segments, const py::sequence& crc_blocks,
-                         int64_t threads, bool sync, int64_t chunk_bytes, py::handle faults,
+                         int64_t threads, bool sync, int64_t chunk_bytes, py::handle config,
                          const py::sequence& devices, const py::sequence& streams,
                          py::handle pool, bool direct_io) {
   const size_t count = py::len(paths);
@@ -203,13 +222,10 @@ py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
   WriteOptions options;
   options.pool = pool_argument(pool);
   options.direct_io = direct_io;
-  options.direct_refusal = direct_refusal_from_env();
   options.threads = threads;
   options.sync = sync;
   options.chunk_bytes = chunk_bytes;
-  options.short_io_cap = short_io_cap_from_env();
-  options.faults = fault_specs(faults);
-  options.crc32c = crc32c_from_env();
+  apply_config(config, options);
   WriteResult result;
   {
     py::gil_scoped_release release;
@@ -224,7 +240,7 @@ py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
 
 py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes,
                         const py::sequence& copies, const py::sequence& tables, int64_t threads,
-                        int64_t max_gap, int64_t chunk_bytes, py::handle faults,
+                        int64_t max_gap, int64_t chunk_bytes, py::handle config,
                         const py::sequence& devices, const py::sequence& streams, py::handle pool,
                         bool direct_io) {
   const size_t count = py::len(paths);
@@ -263,13 +279,10 @@ py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes
   ReadOptions options;
   options.pool = pool_argument(pool);
   options.direct_io = direct_io;
-  options.direct_refusal = direct_refusal_from_env();
   options.threads = threads;
   options.max_gap = max_gap;
   options.chunk_bytes = chunk_bytes;
-  options.short_io_cap = short_io_cap_from_env();
-  options.faults = fault_specs(faults);
-  options.crc32c = crc32c_from_env();
+  apply_config(config, options);
   ReadStats stats;
   {
     py::gil_scoped_release release;
@@ -282,9 +295,9 @@ py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes
 // thread and back, so the GIL is kept.
 constexpr size_t kCrcGilFreeBytes = 64 << 10;
 
-uint32_t py_crc32c(py::handle data, py::handle crc) {
+uint32_t py_crc32c(py::handle data, py::handle crc, bool portable) {
   const uint32_t initial = crc_value(crc);
-  const Crc32cFunction function = crc32c_from_env();
+  const Crc32cFunction function = crc32c_select(portable);
   BufferView view = bytes_view(data, "data");
   if (view.size() < kCrcGilFreeBytes) {
     return function(view.data(), view.size(), initial);
@@ -293,17 +306,17 @@ uint32_t py_crc32c(py::handle data, py::handle crc) {
   return function(view.data(), view.size(), initial);
 }
 
-std::string py_crc32c_impl() {
+std::string py_crc32c_impl(bool portable) {
   const char* name = nullptr;
-  crc32c_from_env(&name);
+  crc32c_select(portable, &name);
   return name;
 }
 
-py::tuple py_cuda_status() {
+py::tuple py_cuda_status(const std::string& cudart) {
   CudaStatusInfo status;
   {
     py::gil_scoped_release release;
-    status = cuda_status();
+    status = cuda_status(cudart);
   }
   return py::make_tuple(status.usable, status.reason, status.library);
 }
@@ -311,9 +324,9 @@ py::tuple py_cuda_status() {
 // Resets the calling thread's last CUDA error (a failed cudaHostRegister by
 // torch sets it; torch raises it after its next kernel launch). False when no
 // runtime is loaded.
-bool py_cuda_clear_last_error() {
+bool py_cuda_clear_last_error(const std::string& cudart) {
   std::string reason;
-  const std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(&reason);
+  const std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(cudart, &reason);
   if (!runtime) {
     return false;
   }
@@ -321,9 +334,10 @@ bool py_cuda_clear_last_error() {
   return true;
 }
 
-std::shared_ptr<PinnedPool> make_pool(int64_t device, int64_t capacity, int64_t chunk_bytes) {
+std::shared_ptr<PinnedPool> make_pool(int64_t device, int64_t capacity, int64_t chunk_bytes,
+                                      const std::string& cudart) {
   py::gil_scoped_release release;
-  const CudaStatusInfo status = cuda_status();
+  const CudaStatusInfo status = cuda_status(cudart);
   if (!status.usable) {
     throw CudaUnavailableError("CUDA is not usable: " + status.reason);
   }
@@ -334,7 +348,8 @@ std::shared_ptr<PinnedPool> make_pool(int64_t device, int64_t capacity, int64_t 
   // last reference goes away in Python (a pool dropped without close()), the
   // deleter lets other Python threads run meanwhile.
   return std::shared_ptr<PinnedPool>(
-      new PinnedPool(require_cuda_runtime(), static_cast<int>(device), capacity, chunk_bytes),
+      new PinnedPool(require_cuda_runtime(cudart), static_cast<int>(device), capacity,
+                     chunk_bytes),
       [](PinnedPool* pool) {
         if (Py_IsInitialized() != 0 && PyGILState_Check() != 0) {
           py::gil_scoped_release unlocked;
@@ -417,9 +432,11 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PinnedPool, std::shared_ptr<PinnedPool>>(
       m, "PinnedPool",
       "Pinned host buffers for device staging, reused across calls (see dcp_native.engine).\n"
-      "PinnedPool(device, capacity, chunk_bytes): buffers of min(chunk_bytes, capacity // 2)\n"
-      "rounded down to 4096 bytes, allocated on first use, never more than capacity bytes.")
-      .def(py::init(&make_pool), py::arg("device"), py::arg("capacity"), py::arg("chunk_bytes"))
+      "PinnedPool(device, capacity, chunk_bytes, cudart): buffers of min(chunk_bytes,\n"
+      "capacity // 2) rounded down to 4096 bytes, allocated on first use, never more than\n"
+      "capacity bytes; cudart names the runtime library ('': the one torch loaded).")
+      .def(py::init(&make_pool), py::arg("device"), py::arg("capacity"), py::arg("chunk_bytes"),
+           py::arg("cudart") = "")
       .def_property_readonly("device", &PinnedPool::device)
       .def_property_readonly("capacity", &PinnedPool::capacity)
       .def_property_readonly("chunk_bytes", &PinnedPool::chunk_bytes)
@@ -443,21 +460,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("write_files", &py_write_files, py::arg("paths"), py::arg("blobs"), py::arg("segments"),
         py::arg("crc_blocks"), py::arg("threads"), py::arg("sync"), py::arg("chunk_bytes"),
-        py::arg("faults"), py::arg("devices"), py::arg("streams"), py::arg("pool"),
+        py::arg("config"), py::arg("devices"), py::arg("streams"), py::arg("pool"),
         py::arg("direct_io"),
         "Create each file and write its segments (flat int64 4-tuples (file_offset, kind, source,\n"
         "length)); device segments through the pool (None: one for the call). Returns (bytes\n"
         "written per file, per file array('I') of block CRC32Cs or None).");
   m.def("read_files", &py_read_files, py::arg("paths"), py::arg("min_sizes"), py::arg("copies"),
         py::arg("tables"), py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"),
-        py::arg("faults"), py::arg("devices"), py::arg("streams"), py::arg("pool"),
+        py::arg("config"), py::arg("devices"), py::arg("streams"), py::arg("pool"),
         py::arg("direct_io"),
         "Execute a read plan (flat int64 box records per file; per file None or a checksum\n"
         "table (block, size, crcs) to check every block read against). Returns (bytes_read,\n"
         "calls, failed_blocks).");
-  m.def("cuda_status", &py_cuda_status,
-        "(usable, reason, library) of the CUDA runtime DCP_NATIVE_CUDART selects now.");
-  m.def("cuda_clear_last_error", &py_cuda_clear_last_error,
+  m.def("cuda_status", &py_cuda_status, py::arg("cudart") = "",
+        "(usable, reason, library) of the CUDA runtime in the library cudart names ('': the\n"
+        "one torch loaded).");
+  m.def("cuda_clear_last_error", &py_cuda_clear_last_error, py::arg("cudart") = "",
         "Reset this thread's last CUDA runtime error; False when no runtime is loaded.");
   m.def("crc32c_combine", &py_crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
         py::arg("length_b"), "The CRC32C of a + b from crc32c(a), crc32c(b) and len(b).");
@@ -465,18 +483,14 @@ PYBIND11_MODULE(_C, m) {
         "Bytes this process moved with O_DIRECT so far (tests).");
   m.def("should_merge", &should_merge, py::arg("prev_len"), py::arg("gap"), py::arg("next_len"),
         py::arg("max_gap"), "The coalescing rule as the native engine applies it.");
-  m.def("crc32c", &py_crc32c, py::arg("data"), py::arg("crc") = 0,
-        "CRC32C of a C-contiguous buffer, continuing crc (the CRC32C of the bytes before it).\n"
-        "DCP_NATIVE_CRC32C=portable forces the table-driven implementation.");
-  m.def("crc32c_impl", &py_crc32c_impl,
-        "The CRC32C implementation in use: 'sse4.2', 'armv8' or 'portable'.");
+  m.def("crc32c", &py_crc32c, py::arg("data"), py::arg("crc") = 0, py::arg("portable") = false,
+        "CRC32C of a C-contiguous buffer, continuing crc (the CRC32C of the bytes before it);\n"
+        "portable: the table-driven implementation instead of the fastest.");
+  m.def("crc32c_impl", &py_crc32c_impl, py::arg("portable") = false,
+        "The CRC32C implementation crc32c uses: 'sse4.2', 'armv8' or 'portable'.");
   m.attr("MAX_IOVECS") = kMaxIovecs;
   m.attr("TINY_SPAN") = kTinySpan;
   m.attr("MAX_NDIM") = kMaxNdim;
-  m.attr("SHORT_IO_ENV") = kShortIoEnv;
-  m.attr("CRC32C_ENV") = kCrc32cEnv;
-  m.attr("CUDART_ENV") = kCudartEnv;
-  m.attr("NO_DIRECT_ENV") = kNoDirectEnv;
   m.attr("DEFAULT_STAGING_BYTES") = kDefaultStagingBytes;
   m.attr("DEFAULT_DEVICE_CHUNK_BYTES") = kDefaultDeviceChunkBytes;
   m.attr("PAGE_BYTES") = kPageBytes;

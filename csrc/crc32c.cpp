@@ -257,15 +257,8 @@ Crc32cFunction crc32c_best() noexcept { return best().function; }
 
 const char* crc32c_best_name() noexcept { return best().name; }
 
-Crc32cFunction crc32c_from_env(const char** name) {
-  const char* value = std::getenv(kCrc32cEnv);
-  Implementation chosen = best();
-  if (value != nullptr && value[0] != '\0' && std::strcmp(value, "auto") != 0) {
-    if (std::strcmp(value, "portable") != 0) {
-      throw PlanError(std::string(kCrc32cEnv) + "=" + value + " is not one of auto, portable");
-    }
-    chosen = {&crc32c_portable, "portable"};
-  }
+Crc32cFunction crc32c_select(bool portable, const char** name) noexcept {
+  const Implementation chosen = portable ? Implementation{&crc32c_portable, "portable"} : best();
   if (name != nullptr) {
     *name = chosen.name;
   }

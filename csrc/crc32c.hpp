@@ -16,11 +16,6 @@ namespace dcp_native {
 // checksum of a followed by b.
 using Crc32cFunction = uint32_t (*)(const void* data, size_t length, uint32_t crc) noexcept;
 
-// Environment variable that selects the implementation: unset, empty or
-// "auto" for the fastest this CPU has, "portable" for slicing-by-8 (tests and
-// benchmarks compare the two on machines with the instructions).
-constexpr const char* kCrc32cEnv = "DCP_NATIVE_CRC32C";
-
 // The fastest implementation this CPU supports, and its name ("sse4.2",
 // "armv8" or "portable").
 Crc32cFunction crc32c_best() noexcept;
@@ -29,10 +24,10 @@ const char* crc32c_best_name() noexcept;
 // Slicing-by-8 with tables: any CPU, about 1-2 GB/s.
 uint32_t crc32c_portable(const void* data, size_t length, uint32_t crc) noexcept;
 
-// The implementation DCP_NATIVE_CRC32C selects now, and its name; throws
-// PlanError for a value other than auto or portable. Read on every call
-// (engine calls read it once) so tests can set it with monkeypatch.
-Crc32cFunction crc32c_from_env(const char** name = nullptr);
+// The fastest implementation, or slicing-by-8 when `portable` (tests and
+// benchmarks compare the two on machines with the instructions;
+// DCP_NATIVE_CRC32C, see dcp_native/config.py), and its name.
+Crc32cFunction crc32c_select(bool portable, const char** name = nullptr) noexcept;
 
 // The CRC32C of a followed by b, from crc_a = crc32c(a), crc_b = crc32c(b)
 // and the length of b (zlib's crc32_combine for the Castagnoli polynomial):

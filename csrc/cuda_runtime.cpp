@@ -165,9 +165,7 @@ cuda::Stream CudaRuntime::copy_stream(int device) {
   return stream;
 }
 
-std::shared_ptr<CudaRuntime> find_cuda_runtime(std::string* reason) {
-  const char* env = std::getenv(kCudartEnv);
-  const std::string named = env != nullptr ? env : "";
+std::shared_ptr<CudaRuntime> find_cuda_runtime(const std::string& named, std::string* reason) {
   Registry& reg = registry();
   std::lock_guard<std::mutex> lock(reg.mutex);
   auto found = reg.runtimes.find(named);
@@ -193,18 +191,18 @@ std::shared_ptr<CudaRuntime> find_cuda_runtime(std::string* reason) {
   return runtime;
 }
 
-std::shared_ptr<CudaRuntime> require_cuda_runtime() {
+std::shared_ptr<CudaRuntime> require_cuda_runtime(const std::string& named) {
   std::string reason;
-  std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(&reason);
+  std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(named, &reason);
   if (!runtime) {
     throw CudaUnavailableError("CUDA is not usable: " + reason);
   }
   return runtime;
 }
 
-CudaStatusInfo cuda_status() {
+CudaStatusInfo cuda_status(const std::string& named) {
   CudaStatusInfo status;
-  std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(&status.reason);
+  std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(named, &status.reason);
   if (!runtime) {
     return status;
   }

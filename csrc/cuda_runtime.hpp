@@ -119,17 +119,17 @@ struct CudaStatusInfo {
   std::string library;
 };
 
-// The runtime DCP_NATIVE_CUDART selects now (read at every call, so tests can
-// switch it): the named library, or the libcudart this process has loaded.
-// A runtime that resolved is kept for the process; a failure is retried at
-// the next call (torch may initialise CUDA in between). Null on failure, with
-// the reason.
-std::shared_ptr<CudaRuntime> find_cuda_runtime(std::string* reason);
+// The runtime in the library `named` (DCP_NATIVE_CUDART, see
+// dcp_native/config.py), or, when it is empty, the libcudart this process has
+// loaded. A runtime that resolved is kept for the process; a failure is
+// retried at the next call (torch may initialise CUDA in between). Null on
+// failure, with the reason.
+std::shared_ptr<CudaRuntime> find_cuda_runtime(const std::string& named, std::string* reason);
 // find_cuda_runtime, throwing CudaUnavailableError with the reason.
-std::shared_ptr<CudaRuntime> require_cuda_runtime();
+std::shared_ptr<CudaRuntime> require_cuda_runtime(const std::string& named);
 // Whether the runtime is usable now: found, every symbol resolved, and at
 // least one device.
-CudaStatusInfo cuda_status();
+CudaStatusInfo cuda_status(const std::string& named);
 
 // Sets the calling thread's current device for a scope and restores the one
 // it had: worker threads must select the device before runtime calls, and

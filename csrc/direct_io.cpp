@@ -18,20 +18,6 @@ std::atomic<int64_t> g_direct_bytes{0};
 
 }  // namespace
 
-DirectRefusal direct_refusal_from_env() {
-  const char* value = std::getenv(kNoDirectEnv);
-  if (value == nullptr || value[0] == '\0') {
-    return DirectRefusal::kNone;
-  }
-  if (std::strcmp(value, "open") == 0) {
-    return DirectRefusal::kOpen;
-  }
-  if (std::strcmp(value, "transfer") == 0) {
-    return DirectRefusal::kTransfer;
-  }
-  throw PlanError(std::string(kNoDirectEnv) + "=" + value + " is not one of open, transfer");
-}
-
 int64_t direct_io_bytes() noexcept { return g_direct_bytes.load(std::memory_order_relaxed); }
 
 int DirectFile::open_once(const std::string& path, bool for_write, DirectRefusal refusal) {

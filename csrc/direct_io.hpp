@@ -15,14 +15,11 @@
 
 namespace dcp_native {
 
-// Test hook: DCP_NATIVE_TEST_NO_DIRECT=open|transfer makes the O_DIRECT open,
-// or every O_DIRECT transfer, fail with EINVAL as a
-// filesystem without O_DIRECT support does (tmpfs accepts it on recent
-// kernels, so the fallback needs a hook to be tested). Read at every engine
-// call; PlanError for another value.
-constexpr const char* kNoDirectEnv = "DCP_NATIVE_TEST_NO_DIRECT";
+// Test hook (DCP_NATIVE_TEST_NO_DIRECT, see dcp_native/config.py): the
+// O_DIRECT open, or every O_DIRECT transfer, fails with EINVAL as on a
+// filesystem without O_DIRECT support (tmpfs accepts it on recent kernels, so
+// the fallback needs a hook to be tested). In the order config.py numbers them.
 enum class DirectRefusal { kNone, kOpen, kTransfer };
-DirectRefusal direct_refusal_from_env();
 
 // Bytes moved with O_DIRECT by this process so far (tests: evidence that the
 // direct path ran, or did not).

@@ -13,24 +13,6 @@
 
 namespace dcp_native {
 
-int64_t short_io_cap_from_env() {
-  const char* value = std::getenv(kShortIoEnv);
-  if (value == nullptr || value[0] == '\0') {
-    return 0;
-  }
-  // Digits only: strtoll alone would also take signs, spaces and trailing junk.
-  bool digits = true;
-  for (const char* c = value; *c != '\0'; ++c) {
-    digits = digits && *c >= '0' && *c <= '9';
-  }
-  errno = 0;
-  const long long cap = digits ? std::strtoll(value, nullptr, 10) : -1;
-  if (!digits || errno != 0) {
-    throw PlanError(std::string(kShortIoEnv) + "=" + value + " is not a non-negative integer");
-  }
-  return static_cast<int64_t>(cap);
-}
-
 namespace {
 
 int open_with(const std::string& path, int flags, mode_t mode, const IoHooks& hooks) {

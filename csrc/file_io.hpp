@@ -20,14 +20,6 @@ namespace dcp_native {
 // Most iovecs in one preadv/pwritev call (Linux IOV_MAX).
 constexpr int kMaxIovecs = 1024;
 
-// Environment variable that caps every transfer at N bytes (tests only).
-constexpr const char* kShortIoEnv = "DCP_NATIVE_TEST_SHORT_IO";
-
-// DCP_NATIVE_TEST_SHORT_IO as a byte cap: 0 when unset, empty or "0" (no
-// cap); throws PlanError for anything but a non-negative integer. Read on
-// every engine call so tests can set it with monkeypatch.
-int64_t short_io_cap_from_env();
-
 // The test hooks of one engine call.
 struct IoHooks {
   // > 0: every pread/pwrite/preadv/pwritev moves at most this many bytes.

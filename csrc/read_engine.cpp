@@ -522,7 +522,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
   if (device) {
     pool = options.pool;
     if (!pool) {
-      pool = std::make_shared<PinnedPool>(require_cuda_runtime(), first_device,
+      pool = std::make_shared<PinnedPool>(require_cuda_runtime(options.cudart), first_device,
                                           kDefaultStagingBytes, kDefaultDeviceChunkBytes);
     }
     device_chunk_bytes = pool->chunk_bytes();

@@ -63,6 +63,8 @@ struct ReadOptions {
   // O_DIRECT for page-aligned pieces read into pinned buffers.
   bool direct_io = true;
   DirectRefusal direct_refusal = DirectRefusal::kNone;
+  // The CUDA runtime library to load for a call's own pool ("": torch's).
+  std::string cudart;
 };
 
 struct ReadStats {

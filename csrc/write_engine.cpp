@@ -456,7 +456,7 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
   if (has_device_memory(files, &first_device)) {
     pool = options.pool;
     if (!pool && first_device >= 0) {
-      pool = std::make_shared<PinnedPool>(require_cuda_runtime(), first_device,
+      pool = std::make_shared<PinnedPool>(require_cuda_runtime(options.cudart), first_device,
                                           kDefaultStagingBytes, kDefaultDeviceChunkBytes);
     }
     if (pool) {

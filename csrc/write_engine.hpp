@@ -56,6 +56,8 @@ struct WriteOptions {
   // O_DIRECT for page-aligned pieces written from pinned buffers.
   bool direct_io = true;
   DirectRefusal direct_refusal = DirectRefusal::kNone;
+  // The CUDA runtime library to load for a call's own pool ("": torch's).
+  std::string cudart;
 };
 
 struct WriteResult {

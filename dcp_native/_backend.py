@@ -1,4 +1,5 @@
-"""Engine choice: DCP_NATIVE_BACKEND=auto|native|python, read at every use.
+"""Engine choice: DCP_NATIVE_BACKEND=auto|native|python (see :mod:`dcp_native.config`), read at
+every use.
 
 ``auto`` (the default) uses the native engine when ``dcp_native._C`` imports and
 falls back to the pure-Python engine with one warning otherwise; ``native``
@@ -8,27 +9,19 @@ raises :class:`BackendUnavailableError` when the extension cannot be loaded;
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 
+from . import config
 from ._errors import BackendUnavailableError
 from .engine import Engine
 
-ENV = "DCP_NATIVE_BACKEND"
-_CHOICES = ("auto", "native", "python")
+ENV = config.BACKEND_ENV
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 _native_error: BaseException | None = None
 _warned = False
-
-
-def _requested() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in _CHOICES:
-        raise ValueError(f"{ENV}={value!r} is not one of {', '.join(_CHOICES)}")
-    return value
 
 
 def _load(name: str) -> Engine:
@@ -57,7 +50,7 @@ def _load(name: str) -> Engine:
 def get_engine() -> Engine:
     """The engine DCP_NATIVE_BACKEND selects now."""
     global _warned
-    requested = _requested()
+    requested = config.backend()
     if requested == "python":
         return _load("python")
     try:

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
+
+from . import config
 
 try:
     from ._C import crc32c as _native_crc32c
@@ -37,24 +38,21 @@ except ImportError:  # the extension is not built: the pure-Python implementatio
     _native_crc32c = None
     _native_impl = None
 
-#: Selects the native implementation: auto (the fastest) or portable (tables).
-ENV = "DCP_NATIVE_CRC32C"
-_CHOICES = ("", "auto", "portable")
-
-
-def crc32c(data, crc: int = 0) -> int:
+def crc32c(data, crc: int = 0, portable: bool | None = None) -> int:
     """The CRC32C of ``data`` (any C-contiguous buffer), continuing ``crc``.
 
     ``crc`` is the CRC32C of the bytes before ``data`` (0 for none), so a
-    checksum can be computed piece by piece.
+    checksum can be computed piece by piece. ``portable`` picks the native
+    implementation (None: as DCP_NATIVE_CRC32C says, see :mod:`dcp_native.config`).
 
     Example:
         >>> crc32c(bytes(32)) == 0x8A9136AA
         True
     """
+    if portable is None:
+        portable = config.current().portable_crc32c
     if _native_crc32c is not None:
-        return _native_crc32c(data, crc)
-    _check_env()
+        return _native_crc32c(data, crc, portable)
     return _crc32c_python(data, crc)
 
 
@@ -90,16 +88,8 @@ def implementation() -> str:
         >>> implementation() in ("sse4.2", "armv8", "portable", "python")
         True
     """
-    if _native_impl is not None:
-        return _native_impl()
-    _check_env()
-    return "python"
-
-
-def _check_env() -> None:
-    value = os.environ.get(ENV, "")
-    if value not in _CHOICES:
-        raise ValueError(f"{ENV}={value} is not one of auto, portable")
+    portable = config.current().portable_crc32c
+    return _native_impl(portable) if _native_impl is not None else "python"
 
 
 # --------------------------------------------------------------------------- pure Python

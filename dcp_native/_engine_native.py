@@ -2,8 +2,9 @@
 
 A thin adapter: plans cross into C++ as they are (flat int64 buffers, blobs,
 paths encoded with os.fsencode), and the C++ side validates them, releases
-the GIL and does all the I/O and checksums. DCP_NATIVE_FAULT is parsed here,
-by the parser both engines share. Importing this module raises ImportError
+the GIL and does all the I/O and checksums. The settings of
+:mod:`dcp_native.config` (fault injection, the CRC32C implementation, the CUDA
+runtime to load, ...) are passed to every call. Importing this module raises ImportError
 when the extension is not built, which dcp_native._backend turns into a
 fallback.
 
@@ -24,6 +25,7 @@ from typing import Optional, Sequence
 from ._C import PinnedPool as _PinnedPool
 from ._C import cuda_status as _cuda_status
 from ._C import read_files, write_files
+from . import config
 from .engine import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_DEVICE_CHUNK_BYTES,
@@ -35,7 +37,6 @@ from .engine import (
     ReadStats,
     WriteFile,
     WriteStats,
-    faults_from_env,
 )
 
 
@@ -62,7 +63,7 @@ class NativeEngine:
             threads,
             bool(sync),
             chunk_bytes,
-            faults_from_env(),
+            config.current().native(),
             [f.device for f in files],
             [f.stream for f in files],
             pool,
@@ -88,7 +89,7 @@ class NativeEngine:
             threads,
             max_gap,
             chunk_bytes,
-            faults_from_env(),
+            config.current().native(),
             [f.device for f in files],
             [f.stream for f in files],
             pool,
@@ -97,7 +98,7 @@ class NativeEngine:
         return ReadStats(bytes_read=bytes_read, calls=calls, failed_blocks=failed)
 
     def cuda_status(self) -> CudaStatus:
-        usable, reason, library = _cuda_status()
+        usable, reason, library = _cuda_status(config.current().cudart)
         return CudaStatus(usable=usable, reason=reason, library=library)
 
     def pinned_pool(
@@ -108,4 +109,4 @@ class NativeEngine:
     ) -> PinnedPool:
         """A ``_C.PinnedPool``: ``ValueError`` for a capacity under two pages, ``CudaError``
         when CUDA is not usable (see :meth:`cuda_status`)."""
-        return _PinnedPool(device, capacity, chunk_bytes)
+        return _PinnedPool(device, capacity, chunk_bytes, config.current().cudart)

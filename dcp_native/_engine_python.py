@@ -24,6 +24,7 @@ from array import array
 from itertools import repeat
 from typing import Callable, NamedTuple, Sequence
 
+from . import config
 from ._crc32c import crc32c, crc32c_combine
 from ._errors import CudaError, TruncatedFileError
 from ._fileio import CLOSE as _CLOSE
@@ -41,7 +42,6 @@ from .engine import (
     DEFAULT_MAX_GAP,
     DEFAULT_STAGING_BYTES,
     MAX_IOVECS,
-    SHORT_IO_ENV,
     SRC_BLOB,
     SRC_DEVICE,
     SRC_HOST,
@@ -50,7 +50,6 @@ from .engine import (
     ReadStats,
     WriteFile,
     WriteStats,
-    faults_from_env,
     should_merge,
 )
 
@@ -81,11 +80,12 @@ class PythonEngine:
         pool: object = None,
         direct_io: bool = True,
     ) -> WriteStats:
-        faults = _Faults(faults_from_env())
+        settings = config.current()
+        faults = _Faults(settings.fault_triples())
+        cap, portable = settings.short_io, settings.portable_crc32c
         _check_positive("threads", threads)
         _check_positive("chunk_bytes", chunk_bytes)
         _refuse_pool(pool)
-        cap = _short_io_cap()
         paths = [os.fsdecode(f.path) for f in files]
         calls: list[_Call] = []
         views: list[list[memoryview]] = []
@@ -118,7 +118,7 @@ class PythonEngine:
             if table is not None:
                 # Checksummed first, as csrc does: the write then copies hot bytes.
                 _checksum_range(table, call.offset, buffers, pieces[call.file],
-                                table.crcs.__setitem__)
+                                table.crcs.__setitem__, portable)
             _transfer(os.pwritev, "pwritev", fd, buffers, call.offset, call.nbytes, path, 0, cap,
                       faults)
             if sync:
@@ -150,13 +150,14 @@ class PythonEngine:
         pool: object = None,
         direct_io: bool = True,
     ) -> ReadStats:
-        faults = _Faults(faults_from_env())
+        settings = config.current()
+        faults = _Faults(settings.fault_triples())
+        cap, portable = settings.short_io, settings.portable_crc32c
         _check_positive("threads", threads)
         _check_positive("chunk_bytes", chunk_bytes)
         if max_gap < 0:
             raise ValueError(f"max_gap must be non-negative, got {max_gap}")
         _refuse_pool(pool)
-        cap = _short_io_cap()
         paths = [os.fsdecode(f.path) for f in files]
         calls: list[_Call] = []
         views: list[list[memoryview]] = []
@@ -202,7 +203,8 @@ class PythonEngine:
             _transfer(os.preadv, "preadv", fd, buffers, call.offset, call.nbytes, paths[f],
                       required[f], cap, faults)
             if table is not None:
-                _checksum_range(table, call.offset, buffers, pieces[f], _compare(f, table, failed))
+                _checksum_range(table, call.offset, buffers, pieces[f], _compare(f, table, failed),
+                                portable)
 
         def finish_file(index: int, fd: int) -> None:
             # Nothing read can be lost: a failed close (real or injected) is
@@ -397,16 +399,6 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be at least 1, got {value}")
 
 
-def _short_io_cap() -> int:
-    value = os.environ.get(SHORT_IO_ENV, "")
-    if not value:
-        return 0
-    # Digits only, as csrc/file_io.cpp: int() would also take signs, spaces and "_".
-    if not (value.isascii() and value.isdigit()) or int(value) > _INT64_MAX:
-        raise ValueError(f"{SHORT_IO_ENV}={value} is not a non-negative integer")
-    return int(value)
-
-
 def _int64_values(buffer, what: str) -> list[int]:
     """array('q') (or any 1-D C-contiguous int64 buffer) as a list of ints."""
     view = memoryview(buffer)
@@ -595,7 +587,7 @@ def _compare(f: int, table, failed: list):
     return compare
 
 
-def _checksum_range(table, offset: int, buffers: list, pieces: list, whole) -> None:
+def _checksum_range(table, offset: int, buffers: list, pieces: list, whole, portable: bool) -> None:
     """csrc's checksum_range (block_crc.hpp): the file bytes from ``offset`` held in order by
     ``buffers``. ``whole(k, crc)`` for every block they hold whole; ``(k, start, length, crc)``
     of the blocks they hold in part go to ``pieces``."""
@@ -613,7 +605,7 @@ def _checksum_range(table, offset: int, buffers: list, pieces: list, whole) -> N
             while used == len(buffers[i]):
                 i, used = i + 1, 0
             take = min(need, len(buffers[i]) - used)
-            crc = crc32c(buffers[i][used : used + take], crc)
+            crc = crc32c(buffers[i][used : used + take], crc, portable)
             used += take
             need -= take
         if start == 0 and stop - pos == length:

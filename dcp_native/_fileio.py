@@ -9,7 +9,7 @@ Two rules live here so that every Python-side open follows them:
   writing), checks ``fstat`` and refuses anything but a regular file with
   :class:`~dcp_native.CorruptCheckpointError` naming the file and its type.
 * **Every system call can be failed on purpose.** ``DCP_NATIVE_FAULT`` (parsed
-  by :func:`dcp_native.engine.faults_from_env`) makes the nth call of an
+  by :mod:`dcp_native.config`) makes the nth call of an
   operation fail within one *scope*: one engine call, or one commit. A
   :class:`Faults` is such a scope's counters; :func:`os_call` makes a call
   through it.
@@ -23,7 +23,8 @@ import stat
 from array import array
 
 from ._errors import CorruptCheckpointError
-from .engine import FAULT_OPS, faults_from_env
+from . import config
+from .config import FAULT_OPS
 
 OPEN, READ, WRITE, FSYNC, CLOSE, RENAME = range(len(FAULT_OPS))
 
@@ -40,7 +41,7 @@ class Faults:
 
     def __init__(self, triples: array | None = None) -> None:
         if triples is None:
-            triples = faults_from_env()
+            triples = config.current().fault_triples()
         self._specs: dict[tuple[int, int], int] = {}
         self._counters: list = [None] * len(FAULT_OPS)
         for op, error, nth in zip(triples[0::3], triples[1::3], triples[2::3]):

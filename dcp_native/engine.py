@@ -126,7 +126,8 @@ Errors
     every file descriptor is closed before the error is raised; nothing waits
     on a failed piece, so a failing call always returns.
 
-Testing hooks (read at every engine call, so tests can set them with monkeypatch)
+Testing hooks (:mod:`dcp_native.config` reads them at every engine call, so tests can set
+them with monkeypatch; engines receive them as arguments)
     ``DCP_NATIVE_TEST_SHORT_IO=N`` (N > 0) makes every pread/pwrite/preadv/
     pwritev transfer at most N bytes, so the loops that resume short transfers
     are exercised on any filesystem.
@@ -155,8 +156,6 @@ Testing hooks (read at every engine call, so tests can set them with monkeypatch
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
 from array import array
 from typing import Any, Optional, Protocol, Sequence
 
@@ -164,8 +163,6 @@ SRC_BLOB = 0
 SRC_HOST = 1
 SRC_DEVICE = 2
 
-#: Environment variable naming the CUDA runtime library to use instead of the loaded one.
-CUDART_ENV = "DCP_NATIVE_CUDART"
 #: Pinned staging memory of a pool made for one call (writer/reader default too).
 DEFAULT_STAGING_BYTES = 256 << 20
 #: Largest piece of device memory one pinned buffer holds.
@@ -180,12 +177,6 @@ TINY_SPAN = 4096
 #: Most iovecs in one pwritev/preadv call (Linux IOV_MAX).
 MAX_IOVECS = 1024
 
-SHORT_IO_ENV = "DCP_NATIVE_TEST_SHORT_IO"
-FAULT_ENV = "DCP_NATIVE_FAULT"
-#: The operations DCP_NATIVE_FAULT can fail; a fault triple names one by index.
-FAULT_OPS = ("open", "read", "write", "fsync", "close", "rename")
-#: Linux errno values are below 4096 (MAX_ERRNO).
-_MAX_ERRNO = 4095
 
 
 @dataclasses.dataclass
@@ -305,50 +296,3 @@ def should_merge(prev_len: int, gap: int, next_len: int, max_gap: int) -> bool:
     if gap < 0 or gap > max_gap:
         return False
     return 8 * gap <= min(prev_len, next_len) or prev_len + gap + next_len <= TINY_SPAN
-
-
-def faults_from_env(environ=None) -> array:
-    """DCP_NATIVE_FAULT as flat ``(op, errno, nth)`` triples, ``op`` an index into FAULT_OPS.
-
-    Both engines parse the variable here, so they accept and refuse exactly the
-    same values. Raises ValueError naming the variable for a malformed value.
-    """
-    value = (os.environ if environ is None else environ).get(FAULT_ENV, "")
-    triples = array("q")
-    if not value:
-        return triples
-    seen = set()
-    for item in value.split(","):
-        parts = item.split(":")
-        spec = _parse_fault(parts) if len(parts) == 3 else None
-        if spec is None:
-            raise ValueError(
-                f"{FAULT_ENV}={value!r}: {item!r} is not op:errno:nth (op one of "
-                f"{', '.join(FAULT_OPS)}; errno a name such as ENOSPC or a number in "
-                f"[1, {_MAX_ERRNO}]; nth a positive integer)"
-            )
-        if (spec[0], spec[2]) in seen:
-            raise ValueError(f"{FAULT_ENV}={value!r}: {item!r} fails a call another item fails")
-        seen.add((spec[0], spec[2]))
-        triples.extend(spec)
-    return triples
-
-
-def _parse_fault(parts: list[str]) -> tuple[int, int, int] | None:
-    op, name, nth = parts
-    if op not in FAULT_OPS or not _is_digits(nth) or int(nth) < 1 or int(nth) >= 1 << 63:
-        return None
-    if _is_digits(name):
-        number = int(name)
-    elif name.startswith("E") and isinstance(getattr(errno, name, None), int):
-        number = getattr(errno, name)
-    else:
-        return None
-    if not 1 <= number <= _MAX_ERRNO:
-        return None
-    return FAULT_OPS.index(op), number, int(nth)
-
-
-def _is_digits(text: str) -> bool:
-    # Digits only: int() would also take signs, spaces and "_".
-    return text.isascii() and text.isdigit()

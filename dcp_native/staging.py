@@ -62,6 +62,8 @@ from typing import Any
 
 import torch
 
+from . import config
+
 try:  # torch.distributed may be built without these
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - depends on the torch build
@@ -249,7 +251,7 @@ def _register_host(ptr: int, nbytes: int) -> bool:
         from ._C import cuda_clear_last_error
     except ImportError:
         return False
-    cuda_clear_last_error()
+    cuda_clear_last_error(config.current().cudart)
     return False
 
 

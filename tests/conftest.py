@@ -29,7 +29,7 @@ def fake(monkeypatch):
     """The fake CUDA runtime (tests/_fakecuda.py) selected for both engines, counters reset."""
     from _fakecuda import FAKE_NAME, Fake, fake_path
 
-    from dcp_native.engine import CUDART_ENV
+    from dcp_native.config import CUDART_ENV
 
     path = fake_path()
     if path is None:

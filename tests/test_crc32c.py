@@ -3,7 +3,6 @@ native hardware, native portable and pure-Python implementations."""
 
 from __future__ import annotations
 
-import os
 import platform
 import random
 import threading
@@ -46,14 +45,14 @@ def native():
 
 @pytest.fixture(params=["native", "portable", "python"])
 def crc(request, monkeypatch):
-    """One implementation as crc(data, crc=0)."""
+    """One implementation as crc(data, crc=0), selected as DCP_NATIVE_CRC32C selects it."""
     if request.param == "python":
         return _crc32c_python
     _C = native()
     monkeypatch.setenv(ENV, "auto" if request.param == "native" else "portable")
     expected = "portable" if request.param == "portable" else _C.crc32c_impl()
-    assert _C.crc32c_impl() == expected
-    return _C.crc32c
+    assert _crc32c.implementation() == expected
+    return _crc32c.crc32c
 
 
 def data(length: int, seed: int = 0) -> bytes:
@@ -132,17 +131,8 @@ def test_native_portable_python_agree(length, offset, seed, initial):
     _C = native()
     buffer = memoryview(data(length + offset, seed))[offset:]
     expected = _crc32c_python(buffer, initial)
-    old = os.environ.get(ENV)
-    try:
-        os.environ[ENV] = "auto"
-        assert _C.crc32c(buffer, initial) == expected
-        os.environ[ENV] = "portable"
-        assert _C.crc32c(buffer, initial) == expected
-    finally:
-        if old is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old
+    assert _C.crc32c(buffer, initial) == expected
+    assert _C.crc32c(buffer, initial, True) == expected
 
 
 def test_hardware_used_where_available():

@@ -33,9 +33,8 @@ import torch
 from _fakecuda import FAKE_NAME
 from dcp_native import CudaError
 from dcp_native._crc32c import crc32c
-from dcp_native.integrity import Table
+from dcp_native.config import CUDART_ENV
 from dcp_native.engine import (
-    CUDART_ENV,
     CudaStatus,
     DEFAULT_DEVICE_CHUNK_BYTES,
     DEFAULT_STAGING_BYTES,
@@ -45,6 +44,7 @@ from dcp_native.engine import (
     ReadFile,
     WriteFile,
 )
+from dcp_native.integrity import Table
 
 pytestmark = pytest.mark.fake_cuda
 
@@ -746,7 +746,6 @@ def test_native_defaults_match_the_contract():
     C = native_c()
     assert C.DEFAULT_STAGING_BYTES == DEFAULT_STAGING_BYTES
     assert C.DEFAULT_DEVICE_CHUNK_BYTES == DEFAULT_DEVICE_CHUNK_BYTES
-    assert C.CUDART_ENV == CUDART_ENV
 
 
 def test_python_engine_is_host_only(tmp_path, monkeypatch):
