@@ -1,6 +1,6 @@
-"""Loading what a checkpoint directory holds without running code it brings along.
+"""Every pickle dcp_native reads, read without running code it brings along.
 
-Two pickles live in a DCP checkpoint:
+Three kinds of pickle live in a DCP checkpoint:
 
 * ``.metadata``, which stock DCP loads with ``pickle.load``: a crafted file runs
   whatever it names. ``MetadataUnpickler`` imports only the globals some
@@ -10,10 +10,18 @@ Two pickles live in a DCP checkpoint:
 * the saved objects (BYTE_IO items, ``torch.save`` archives), which stock DCP
   loads with ``torch.load(weights_only=False)``. ``check_object`` lets one
   through only if ``torch.load(weights_only=True)`` loads it.
+* each tensor item's ``data.pkl``: ``parse_tensor_pickle`` reads its dtype,
+  size, stride and storage through an unpickler that knows only torch's
+  tensor rebuild functions, storage types and dtypes, and builds no tensor.
+
+``describe_pickle`` names the object a pickle holds from its opcodes alone
+(the command line's ``inspect`` and ``verify``): nothing is imported or called.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import importlib
 import io
@@ -22,7 +30,7 @@ import pickle
 import pickletools
 import re
 import zipfile
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from torch.distributed.checkpoint import metadata as _md
@@ -367,3 +375,255 @@ def _first_refused_global(stream: BinaryIO) -> str | None:
         if full is not None and not _allowed_by_torch(full):
             return full
     return None
+
+
+# ----------------------------------------------------------------------------- data.pkl of a tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedTensor:
+    """Where and how a saved tensor's elements lie in its item."""
+
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    #: In elements, from the first byte of the payload.
+    storage_offset: int = 0
+    #: Bytes of the stored storage (the payload length).
+    storage_nbytes: int | None = None
+
+
+
+class UnsupportedLayout(Exception):
+    """data.pkl holds something a strided copy cannot express; use torch.load."""
+
+
+class _Recorded(NamedTuple):
+    storage: object
+    storage_offset: int
+    size: tuple
+    stride: tuple
+    dtype: torch.dtype | None
+    metadata: object
+
+
+def _record_v2(storage, storage_offset, size, stride, requires_grad, hooks, metadata=None):
+    return _Recorded(storage, storage_offset, tuple(size), tuple(stride), None, metadata)
+
+
+def _record_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    return _Recorded(storage, storage_offset, tuple(size), tuple(stride), dtype, metadata)
+
+
+@functools.lru_cache(maxsize=None)
+def _storage_globals() -> dict:
+    table = {("torch", name): (dtype, 1) for dtype, name in _legacy_names().items()}
+    table[("torch.storage", "UntypedStorage")] = (torch.uint8, 0)
+    table[("torch", "UntypedStorage")] = (torch.uint8, 0)
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def _legacy_names() -> dict:
+    return dict(torch.storage._dtype_to_storage_type_map())
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_globals() -> dict:
+    return {
+        ("torch", name): value
+        for name, value in vars(torch).items()
+        if isinstance(value, torch.dtype)
+    }
+
+
+class _LayoutUnpickler(pickle.Unpickler):
+    """Reads ``data.pkl`` without building a tensor and without importing arbitrary globals."""
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _record_v2
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _record_v3
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        key = (module, name)
+        if key in _storage_globals():
+            return ("storage-type", key)
+        if key in _dtype_globals():
+            return _dtype_globals()[key]
+        raise UnsupportedLayout(f"data.pkl refers to {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsupportedLayout(f"unexpected persistent id {pid!r}")
+        _, storage_type, key, location, numel = pid
+        if not (isinstance(storage_type, tuple) and storage_type[0] == "storage-type"):
+            raise UnsupportedLayout(f"unexpected storage type {storage_type!r}")
+        dtype, typed = _storage_globals()[storage_type[1]]
+        return (dtype, typed, key, numel)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_tensor_pickle(data: bytes) -> SavedTensor:
+    """Dtype, size, stride and storage offset from a stock ``data.pkl``.
+
+    Raises:
+        UnsupportedLayout: the archive holds something other than one plain
+            dense tensor in storage ``0`` (use ``torch.load`` for it).
+    """
+    try:
+        obj = _LayoutUnpickler(io.BytesIO(data)).load()
+    except UnsupportedLayout:
+        raise
+    except Exception as exc:  # malformed pickle: leave the verdict to torch.load
+        raise UnsupportedLayout(f"data.pkl cannot be parsed: {exc}") from exc
+    if not isinstance(obj, _Recorded) or not isinstance(obj.storage, tuple):
+        raise UnsupportedLayout("data.pkl does not hold a single tensor")
+    if obj.metadata:
+        raise UnsupportedLayout(f"tensor metadata {obj.metadata!r} (conj/neg bits)")
+    storage_dtype, typed, key, numel = obj.storage
+    if key != "0":
+        raise UnsupportedLayout(f"storage key {key!r}")
+    dtype = obj.dtype if obj.dtype is not None else storage_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise UnsupportedLayout(f"dtype {dtype!r}")
+    nbytes = numel * (storage_dtype.itemsize if typed else 1)
+    if len(obj.size) != len(obj.stride) or any(
+        not isinstance(v, int) or v < 0 for v in (*obj.size, *obj.stride, obj.storage_offset)
+    ):
+        raise UnsupportedLayout(f"size {obj.size} / stride {obj.stride}")
+    return SavedTensor(dtype, obj.size, obj.stride, obj.storage_offset, nbytes)
+
+
+# ----------------------------------------------------------------------------- any pickle, described
+
+# Callables whose result is better named by what they build.
+_BUILDS = {
+    "torch._utils._rebuild_tensor_v2": "torch.Tensor",
+    "torch._utils._rebuild_tensor_v3": "torch.Tensor",
+    "torch._utils._rebuild_tensor": "torch.Tensor",
+    "torch._tensor._rebuild_from_type_v2": "torch.Tensor",
+    "torch._utils._rebuild_parameter": "torch.nn.Parameter",
+    "torch._utils._rebuild_parameter_with_state": "torch.nn.Parameter",
+    "_codecs.encode": "bytes",
+    "_io.BytesIO": "io.BytesIO",
+}
+_EMPTY = {
+    "EMPTY_DICT": "dict",
+    "EMPTY_LIST": "list",
+    "EMPTY_TUPLE": "tuple",
+    "EMPTY_SET": "set",
+    "NONE": "NoneType",
+    "NEWTRUE": "bool",
+    "NEWFALSE": "bool",
+}
+_FROM_MARK = {"TUPLE": "tuple", "LIST": "list", "DICT": "dict", "FROZENSET": "frozenset"}
+_SCALARS = (bool, int, float, str)
+
+
+def describe_pickle(data: bytes) -> tuple[str, Any]:
+    """(type name, value if a short scalar else None) of the object a pickle holds.
+
+    Follows the pickle's opcodes (``pickletools.genops``) on a stack of
+    descriptions: nothing is imported or called. Raises ValueError when the
+    bytes are not a pickle.
+    """
+    stack: list[tuple[str, Any]] = []
+    marks: list[int] = []
+    memo: dict[int, tuple[str, Any]] = {}
+
+    def pop_mark() -> list[tuple[str, Any]]:
+        at = marks.pop()
+        popped = stack[at:]
+        del stack[at:]
+        return popped
+
+    def built(callable_: tuple[str, Any], args: tuple[str, Any] | None = None) -> tuple[str, Any]:
+        kind, name = callable_
+        if kind != "global":
+            return ("object", None)
+        if name == "copyreg._reconstructor" and args and args[0] == "tuple" and args[1]:
+            return built(args[1][0])
+        name = _BUILDS.get(name, name)
+        return (name.removeprefix("builtins."), None)
+
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in ("PROTO", "FRAME", "READONLY_BUFFER"):
+                continue
+            if name == "STOP":
+                if len(stack) != 1:
+                    raise ValueError("STOP with an unbalanced stack")
+                kind, value = stack[0]
+                if kind == "global":
+                    return "type", None
+                short = isinstance(value, _SCALARS) and len(repr(value)) <= 60
+                return kind, value if short else None
+            if name == "MARK":
+                marks.append(len(stack))
+            elif name in _EMPTY:
+                stack.append((_EMPTY[name], {"NEWTRUE": True, "NEWFALSE": False}.get(name)))
+            elif name == "GLOBAL":
+                stack.append(("global", arg.replace(" ", ".")))
+            elif name == "INST":
+                pop_mark()
+                stack.append(built(("global", arg.replace(" ", "."))))
+            elif name == "STACK_GLOBAL":
+                attr, module = stack.pop(), stack.pop()
+                stack.append(("global", f"{module[1]}.{attr[1]}"))
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name == "REDUCE":
+                args = stack.pop()
+                stack.append(built(stack.pop(), args))
+            elif name == "NEWOBJ":
+                stack.pop()
+                stack.append(built(stack.pop()))
+            elif name == "NEWOBJ_EX":
+                del stack[-2:]
+                stack.append(built(stack.pop()))
+            elif name == "OBJ":
+                popped = pop_mark()
+                stack.append(built(popped[0]))
+            elif name == "BUILD":
+                stack.pop()
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                n = int(name[-1])
+                items = stack[-n:]
+                del stack[-n:]
+                stack.append(("tuple", items))
+            elif name in _FROM_MARK:
+                items = pop_mark()
+                stack.append((_FROM_MARK[name], items if name == "TUPLE" else None))
+            elif name in ("APPENDS", "SETITEMS", "ADDITEMS", "POP_MARK"):
+                pop_mark()
+            elif name == "APPEND":
+                stack.pop()
+            elif name == "SETITEM":
+                del stack[-2:]
+            elif name == "POP":
+                stack.pop()
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name == "PERSID":
+                stack.append(("persistent", None))
+            elif name == "BINPERSID":
+                stack[-1] = ("persistent", None)
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                stack.append(("extension", None))
+            elif name == "NEXT_BUFFER":
+                stack.append(("PickleBuffer", None))
+            elif not op.stack_before and len(op.stack_after) == 1:
+                label = "bytearray" if name == "BYTEARRAY8" else type(arg).__name__
+                stack.append((label, arg))
+            else:
+                raise ValueError(f"opcode {name}")
+    except (IndexError, KeyError, TypeError) as exc:
+        raise ValueError(f"malformed pickle ({type(exc).__name__})") from None
+    raise ValueError("no STOP opcode")

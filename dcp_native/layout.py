@@ -14,15 +14,15 @@ place. The zip CRC-32 of the payload is written as 0, as ``torch.save`` does
 under ``torch.serialization.set_crc32_options(False)``; ``torch.load`` does not
 check it (dcp_native keeps its own CRC32C of every payload instead).
 
-Items written by stock DCP are located by :func:`parse_archive_tail` (the
-central directory) and :func:`parse_tensor_pickle` (``data.pkl``), without
-running ``torch.load`` on the payload.
+Items written by stock DCP are located (by :mod:`dcp_native.checkpoint`) from
+:func:`parse_archive_tail` (the central directory), :func:`local_data_offset`
+and :func:`dcp_native._safe_pickle.parse_tensor_pickle` (``data.pkl``),
+without running ``torch.load`` on the payload.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import io
 import pickle
@@ -68,19 +68,6 @@ class TensorFrame(NamedTuple):
     payload_offset: int
     #: Total item length: header + payload + trailer.
     length: int
-
-
-@dataclasses.dataclass(frozen=True)
-class SavedTensor:
-    """Where and how a saved tensor's elements lie in its item."""
-
-    dtype: torch.dtype
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    #: In elements, from the first byte of the payload.
-    storage_offset: int = 0
-    #: Bytes of the stored storage (the payload length).
-    storage_nbytes: int | None = None
 
 
 # --------------------------------------------------------------------------- data.pkl
@@ -159,108 +146,6 @@ def contiguous_stride(size: tuple[int, ...]) -> tuple[int, ...]:
         stride.append(acc)
         acc *= max(s, 1)
     return tuple(reversed(stride))
-
-
-class UnsupportedLayout(Exception):
-    """data.pkl holds something a strided copy cannot express; use torch.load."""
-
-
-class _Recorded(NamedTuple):
-    storage: object
-    storage_offset: int
-    size: tuple
-    stride: tuple
-    dtype: torch.dtype | None
-    metadata: object
-
-
-def _record_v2(storage, storage_offset, size, stride, requires_grad, hooks, metadata=None):
-    return _Recorded(storage, storage_offset, tuple(size), tuple(stride), None, metadata)
-
-
-def _record_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-    return _Recorded(storage, storage_offset, tuple(size), tuple(stride), dtype, metadata)
-
-
-@functools.lru_cache(maxsize=None)
-def _storage_globals() -> dict:
-    table = {("torch", name): (dtype, 1) for dtype, name in _legacy_names().items()}
-    table[("torch.storage", "UntypedStorage")] = (torch.uint8, 0)
-    table[("torch", "UntypedStorage")] = (torch.uint8, 0)
-    return table
-
-
-@functools.lru_cache(maxsize=None)
-def _legacy_names() -> dict:
-    return dict(torch.storage._dtype_to_storage_type_map())
-
-
-@functools.lru_cache(maxsize=None)
-def _dtype_globals() -> dict:
-    return {
-        ("torch", name): value
-        for name, value in vars(torch).items()
-        if isinstance(value, torch.dtype)
-    }
-
-
-class _LayoutUnpickler(pickle.Unpickler):
-    """Reads ``data.pkl`` without building a tensor and without importing arbitrary globals."""
-
-    def find_class(self, module, name):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _record_v2
-        if module == "torch._utils" and name == "_rebuild_tensor_v3":
-            return _record_v3
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        key = (module, name)
-        if key in _storage_globals():
-            return ("storage-type", key)
-        if key in _dtype_globals():
-            return _dtype_globals()[key]
-        raise UnsupportedLayout(f"data.pkl refers to {module}.{name}")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UnsupportedLayout(f"unexpected persistent id {pid!r}")
-        _, storage_type, key, location, numel = pid
-        if not (isinstance(storage_type, tuple) and storage_type[0] == "storage-type"):
-            raise UnsupportedLayout(f"unexpected storage type {storage_type!r}")
-        dtype, typed = _storage_globals()[storage_type[1]]
-        return (dtype, typed, key, numel)
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_tensor_pickle(data: bytes) -> SavedTensor:
-    """Dtype, size, stride and storage offset from a stock ``data.pkl``.
-
-    Raises:
-        UnsupportedLayout: the archive holds something other than one plain
-            dense tensor in storage ``0`` (use ``torch.load`` for it).
-    """
-    try:
-        obj = _LayoutUnpickler(io.BytesIO(data)).load()
-    except UnsupportedLayout:
-        raise
-    except Exception as exc:  # malformed pickle: leave the verdict to torch.load
-        raise UnsupportedLayout(f"data.pkl cannot be parsed: {exc}") from exc
-    if not isinstance(obj, _Recorded) or not isinstance(obj.storage, tuple):
-        raise UnsupportedLayout("data.pkl does not hold a single tensor")
-    if obj.metadata:
-        raise UnsupportedLayout(f"tensor metadata {obj.metadata!r} (conj/neg bits)")
-    storage_dtype, typed, key, numel = obj.storage
-    if key != "0":
-        raise UnsupportedLayout(f"storage key {key!r}")
-    dtype = obj.dtype if obj.dtype is not None else storage_dtype
-    if not isinstance(dtype, torch.dtype):
-        raise UnsupportedLayout(f"dtype {dtype!r}")
-    nbytes = numel * (storage_dtype.itemsize if typed else 1)
-    if len(obj.size) != len(obj.stride) or any(
-        not isinstance(v, int) or v < 0 for v in (*obj.size, *obj.stride, obj.storage_offset)
-    ):
-        raise UnsupportedLayout(f"size {obj.size} / stride {obj.stride}")
-    return SavedTensor(dtype, obj.size, obj.stride, obj.storage_offset, nbytes)
 
 
 # --------------------------------------------------------------------------- zip writer
@@ -544,7 +429,3 @@ def local_data_offset(header: bytes, header_offset: int) -> int:
     if f[0] != _LOCAL_SIG:
         raise ArchiveError(f"no local header at archive offset {header_offset}")
     return header_offset + _LOCAL.size + f[9] + f[10]
-
-
-#: How many bytes of an item's head and tail a probe reads.
-PROBE_BYTES = 4096

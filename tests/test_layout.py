@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from dcp_native import layout
+from dcp_native import _safe_pickle, checkpoint, layout
 from dtypes import DTYPES, bits, make_tensor, tensor_bytes
 
 SID = layout.new_serialization_id()
@@ -78,13 +78,11 @@ def test_large_payloads_are_page_aligned_in_the_file():
 def test_parse_stock_archive(make):
     t = make()
     raw = _torch_save_bytes(t)
-    index = layout.parse_archive_tail(raw[-layout.PROBE_BYTES :], len(raw))
-    pkl_off, pkl_size = index.records["data.pkl"]
-    start = layout.local_data_offset(raw[pkl_off:], pkl_off)
-    saved = layout.parse_tensor_pickle(raw[start : start + pkl_size])
+    probe = checkpoint.PROBE_BYTES
+    view = checkpoint.ItemBytes(len(raw), raw[:probe], raw[-probe:])
+    located = checkpoint.locate_tensor(checkpoint.Archive(view))
+    saved, payload, size = located.saved, located.payload, located.payload_size
     assert saved.dtype == t.dtype and saved.size == tuple(t.shape) and saved.stride == t.stride()
-    hdr, size = index.records["data/0"]
-    payload = layout.local_data_offset(raw[hdr:], hdr)
     assert size == t.untyped_storage().nbytes()
     stored = torch.frombuffer(bytearray(raw[payload : payload + size]) or bytearray(1), dtype=torch.uint8)[:size]
     rebuilt = stored.view(t.dtype).as_strided(t.shape, t.stride(), saved.storage_offset)
@@ -93,13 +91,13 @@ def test_parse_stock_archive(make):
 
 def test_parse_rejects_what_a_strided_copy_cannot_express():
     # A tensor inside a container, and a pickle that names an arbitrary global.
-    with pytest.raises(layout.UnsupportedLayout):
-        layout.parse_tensor_pickle(
+    with pytest.raises(_safe_pickle.UnsupportedLayout):
+        _safe_pickle.parse_tensor_pickle(
             zipfile.ZipFile(io.BytesIO(_torch_save_bytes([torch.ones(2)]))).read("archive/data.pkl")
         )
     evil = b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85q\x01Rq\x02."
-    with pytest.raises(layout.UnsupportedLayout):
-        layout.parse_tensor_pickle(evil)
+    with pytest.raises(_safe_pickle.UnsupportedLayout):
+        _safe_pickle.parse_tensor_pickle(evil)
 
 
 def test_parse_tail_needs_whole_central_directory():
@@ -130,10 +128,10 @@ def test_zip64_archive_for_a_storage_over_4_gib(tmp_path):
         f.write(fr.trailer)
     assert (item_offset + fr.payload_offset) % 4096 == 0
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        tail = m[item_offset + fr.length - layout.PROBE_BYTES : item_offset + fr.length]
+        tail = m[item_offset + fr.length - checkpoint.PROBE_BYTES : item_offset + fr.length]
         index = layout.parse_archive_tail(tail, fr.length)
         assert index.records["data/0"][1] == numel * 2
-        head = m[item_offset : item_offset + layout.PROBE_BYTES]
+        head = m[item_offset : item_offset + checkpoint.PROBE_BYTES]
         assert layout.local_data_offset(head[index.records["data/0"][0] :], index.records["data/0"][0]) == fr.payload_offset
     # torch.load reads an archive from its first byte: copy the item into its own sparse file.
     single = tmp_path / "single.pt"

@@ -16,7 +16,8 @@ rounds, checked by the engine), and with ``--read-all`` every byte of every
 item, also of files without checksums.
 """
 
-from .common import UsageError, CommandFailed, describe_pickle
+from .._safe_pickle import describe_pickle
+from .common import UsageError, CommandFailed
 from .main import build_parser, main, quiet_warnings
 
 __all__ = ["main", "build_parser", "quiet_warnings", "describe_pickle", "UsageError", "CommandFailed"]

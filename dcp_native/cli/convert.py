@@ -98,7 +98,7 @@ def _convert_to_file(args: argparse.Namespace) -> int:
         rel = info.relative_path
         if rel not in file_sizes:
             try:
-                file_sizes[rel] = os.path.getsize(ck.file_path(rel))
+                file_sizes[rel] = os.path.getsize(ck.path(rel))
             except OSError:
                 file_sizes[rel] = 0
         stored[index.fqn] += max(0, min(info.length, file_sizes[rel] - info.offset))
@@ -137,7 +137,7 @@ def _convert_to_file(args: argparse.Namespace) -> int:
 
     try:
         # The planner decides how objects unpickle (--allow-pickle), not the reader.
-        reader = FileSystemReader(ck.path, allow_pickle=True)
+        reader = FileSystemReader(ck.directory, allow_pickle=True)
         dcp.load(flat, storage_reader=reader, planner=Planner(), no_dist=True)
     except BaseException as exc:  # DCP raises CheckpointException, a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):

@@ -9,32 +9,29 @@ from typing import Any, Sequence
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .. import layout
+from .._safe_pickle import describe_pickle
+from ..checkpoint import Archive, ArchiveError, Item
 from .common import (
     _BadMetadata,
-    _Checkpoint,
     CommandFailed,
-    describe_pickle,
     _describe_sidecar,
     _dtype_name,
     EXIT_OK,
     _human,
-    _Item,
+    _item_views,
     _json,
     _METADATA,
+    _Opened,
     _open_checkpoint,
-    _parse_archive,
-    _pickle_of,
     _plural,
     PROG,
-    _read_views,
     _written_by,
 )
 
 # --------------------------------------------------------------------------- inspect
 
 
-def _object_types(ck: _Checkpoint, items: list[_Item]) -> dict[tuple[str, int], tuple[str, Any]]:
+def _object_types(ck: _Opened, items: list[Item]) -> dict[tuple[str, int], tuple[str, Any]]:
     """(type name, short value) of each object item, from its data.pkl's opcodes."""
     sizes = _file_sizes(ck)
     readable = [
@@ -42,12 +39,14 @@ def _object_types(ck: _Checkpoint, items: list[_Item]) -> dict[tuple[str, int], 
         if not it.transformed and sizes.get(it.file, -1) >= it.offset + it.length
     ]
     out: dict[tuple[str, int], tuple[str, Any]] = {}
-    for item, view in _read_views(ck, readable):
+    for item, view in _item_views(ck, readable):
         try:
             if isinstance(view, OSError):
                 raise view
-            out[(item.file, item.offset)] = describe_pickle(_pickle_of(view, _parse_archive(view)))
-        except (layout.ArchiveError, ValueError, OSError):
+            archive = Archive(view)
+            archive.check_all()
+            out[(item.file, item.offset)] = describe_pickle(archive.data_pickle())
+        except (ArchiveError, ValueError, OSError):
             out[(item.file, item.offset)] = ("unknown (unreadable; run verify)", None)
     for it in items:
         if (it.file, it.offset) not in out:
@@ -56,21 +55,23 @@ def _object_types(ck: _Checkpoint, items: list[_Item]) -> dict[tuple[str, int], 
     return out
 
 
-def _file_sizes(ck: _Checkpoint) -> dict[str, int]:
+def _file_sizes(ck: _Opened) -> dict[str, int]:
     sizes = {}
     for rel in ck.files:
+        if rel in ck.refused:
+            continue
         try:
-            sizes[rel] = os.stat(ck.file_path(rel)).st_size
+            sizes[rel] = os.stat(ck.path(rel)).st_size
         except OSError:
             pass
     return sizes
 
 
-def _inspect_doc(ck: _Checkpoint) -> dict[str, Any]:
-    by_key: dict[str, list[_Item]] = collections.defaultdict(list)
-    for item in ck.items:
+def _inspect_doc(ck: _Opened) -> dict[str, Any]:
+    by_key: dict[str, list[Item]] = collections.defaultdict(list)
+    for item in ck.item_list:
         by_key[item.key].append(item)
-    objects = [it for it in ck.items if it.kind == "object"]
+    objects = [it for it in ck.item_list if it.kind == "object"]
     types = _object_types(ck, objects)
     tensors_out, objects_out = [], []
     for key, md in ck.metadata.state_dict_metadata.items():
@@ -103,7 +104,7 @@ def _inspect_doc(ck: _Checkpoint) -> dict[str, Any]:
     files_out = [{"name": rel, "bytes": sizes.get(rel)} for rel in ck.files]
     storage_meta = getattr(ck.metadata, "storage_meta", None)
     return {
-        "path": os.path.abspath(ck.path),
+        "path": os.path.abspath(ck.directory),
         "written_by": _written_by(ck.sidecar),
         "sidecar": ck.sidecar.status,
         "dcp_version": getattr(ck.metadata, "version", None),
@@ -134,7 +135,7 @@ def _table(rows: list[list[str]], right: Sequence[int] = ()) -> list[str]:
     return lines
 
 
-def _inspect_text(doc: dict[str, Any], ck: _Checkpoint) -> str:
+def _inspect_text(doc: dict[str, Any], ck: _Opened) -> str:
     t = doc["totals"]
     lines = [f"{doc['path']}: DCP checkpoint, {_describe_sidecar(ck.sidecar)}"]
     if doc["tensors"]:

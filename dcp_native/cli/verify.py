@@ -21,38 +21,30 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from .. import _fileio, integrity, layout
+from .. import _fileio, checkpoint
 from .._errors import IntegrityError
-from ..engine import ReadFile
-from ..plan import Box, encode_boxes
-from ..sidecar import TableInfo
+from .._safe_pickle import describe_pickle, parse_tensor_pickle
+from ..checkpoint import Archive, ArchiveError, FileRead, Item, ItemBytes, UnsupportedLayout
+from ..plan import Box
 from .common import (
     _BadMetadata,
-    _bytearray_address,
-    _Checkpoint,
     _checkpoint_dir,
-    describe_pickle,
     _describe_sidecar,
-    _dtype_name,
     _engine,
     EXIT_OK,
     EXIT_PROBLEMS,
     _human,
-    _Item,
-    _ItemView,
+    _item_views,
     _json,
     _looks_like_unfinished_save,
     _METADATA,
+    _Opened,
     _open_checkpoint,
     _os_error_text,
-    _parse_archive,
-    _pickle_of,
     _plural,
     _PROGRESS_MIN_BYTES,
     _PROGRESS_MIN_ITEMS,
     _READ_BUDGET,
-    _read_ranges,
-    _read_views,
     _threads,
     UsageError,
     _written_by,
@@ -119,19 +111,19 @@ class _Progress:
 class _Verifier:
     """The verify passes over one checkpoint; each appends to ``problems``."""
 
-    def __init__(self, ck: _Checkpoint, progress: str) -> None:
+    def __init__(self, ck: _Opened, progress: str) -> None:
         self.ck = ck
         self.problems: list[Problem] = []
         self.notes: list[str] = []
         self.progress_mode = progress
         self.sizes: dict[str, int] = {}
         #: Items whose bytes lie inside an existing file (later passes read only these).
-        self.readable: list[_Item] = []
+        self.readable: list[Item] = []
         self.checked_tensors = 0
         self.checked_objects = 0
         self.checked_files = 0
 
-    def problem(self, message: str, item: _Item | None = None, **where: Any) -> None:
+    def problem(self, message: str, item: Item | None = None, **where: Any) -> None:
         if item is not None:
             where = {"file": item.file, "offset": item.offset, "key": item.key, **where}
         self.problems.append(Problem(message, **where))
@@ -148,8 +140,8 @@ class _Verifier:
 
     def check_metadata(self) -> None:
         md = self.ck.metadata
-        saved: dict[str, dict[tuple, _Item]] = collections.defaultdict(dict)
-        for item in self.ck.items:
+        saved: dict[str, dict[tuple, Item]] = collections.defaultdict(dict)
+        for item in self.ck.item_list:
             saved[item.key][item.chunk_offsets] = item
             if item.key not in md.state_dict_metadata:
                 self.problem("the item's key is not in the metadata's state dict", item)
@@ -197,8 +189,8 @@ class _Verifier:
         self._check_sidecar_entries()
 
     def _check_overlaps(self) -> None:
-        by_file: dict[str, list[_Item]] = collections.defaultdict(list)
-        for item in self.ck.items:
+        by_file: dict[str, list[Item]] = collections.defaultdict(list)
+        for item in self.ck.item_list:
             by_file[item.file].append(item)
         for items in by_file.values():
             items.sort(key=lambda it: it.offset)
@@ -218,7 +210,7 @@ class _Verifier:
             self.problem(f"{sidecar.reason}; it is ignored", file=sidecar.name)
         if sidecar.status != "matching":
             return
-        known = {(it.file, it.offset): it for it in self.ck.items}
+        known = {(it.file, it.offset): it for it in self.ck.item_list}
         for rel, entries in sidecar.entries.items():
             for offset, entry in entries.items():
                 item = known.get((rel, offset))
@@ -237,11 +229,14 @@ class _Verifier:
     # -------------------------------------------------------------- pass 2: files and sizes
 
     def check_files(self) -> None:
-        by_file: dict[str, list[_Item]] = collections.defaultdict(list)
-        for item in self.ck.items:
+        by_file: dict[str, list[Item]] = collections.defaultdict(list)
+        for item in self.ck.item_list:
             by_file[item.file].append(item)
         for rel, items in sorted(by_file.items()):
-            path = self.ck.file_path(rel)
+            path = self.ck.path(rel)
+            if rel in self.ck.refused:
+                self.problem(f"the data file name {self.ck.refused[rel]}; it was not read", file=rel)
+                continue
             try:
                 st = os.stat(path)
             except FileNotFoundError:
@@ -273,7 +268,7 @@ class _Verifier:
         referenced = set(by_file)
         try:
             strays = sorted(
-                n for n in os.listdir(self.ck.path) if n.endswith(".distcp") and n not in referenced
+                n for n in os.listdir(self.ck.directory) if n.endswith(".distcp") and n not in referenced
             )
         except OSError:
             strays = []
@@ -296,7 +291,7 @@ class _Verifier:
             )
         progress = self._progress("verify", len(items), "items", 0)
         try:
-            for item, view in _read_views(self.ck, items):
+            for item, view in _item_views(self.ck, items):
                 progress.update(1)
                 if isinstance(view, OSError):
                     self.problem(f"cannot read the item: {_os_error_text(view)}", item)
@@ -308,68 +303,52 @@ class _Verifier:
                     else:
                         self._check_object(item, view)
                         self.checked_objects += 1
-                except layout.ArchiveError as exc:
+                except ArchiveError as exc:
                     self.problem(f"not a readable torch.save archive: {exc}", item)
                 except OSError as exc:
                     self.problem(f"cannot read the item: {_os_error_text(exc)}", item)
         finally:
             progress.close()
 
-    def _check_object(self, item: _Item, view: _ItemView) -> None:
-        archive = _parse_archive(view)
+    def _check_object(self, item: Item, view: ItemBytes) -> None:
+        archive = Archive(view)
+        archive.check_all()
         try:
-            describe_pickle(_pickle_of(view, archive))
+            describe_pickle(archive.data_pickle())
         except ValueError as exc:
             self.problem(f"data.pkl is not a valid pickle: {exc}", item)
 
-    def _check_tensor(self, item: _Item, view: _ItemView) -> None:
-        archive = _parse_archive(view)
-        data_pkl = _pickle_of(view, archive)
-        if "data/0" not in archive.records:
+    def _check_tensor(self, item: Item, view: ItemBytes) -> None:
+        archive = Archive(view)
+        archive.check_all()
+        data_pkl = archive.data_pickle()
+        if "data/0" not in archive.index:
             self.problem("the archive has no data/0 record (the tensor's storage)", item)
             return
-        payload, payload_size = archive.records["data/0"]
+        payload, payload_size = archive.record("data/0")
         try:
             describe_pickle(data_pkl)
         except ValueError as exc:
             self.problem(f"data.pkl is not a valid pickle: {exc}", item)
             return
         try:
-            saved = layout.parse_tensor_pickle(data_pkl)
-        except layout.UnsupportedLayout as exc:
+            saved = parse_tensor_pickle(data_pkl)
+        except UnsupportedLayout as exc:
             # Legitimate for tensors stock frames with torch.save (sparse, quantized, ...).
             self.notes.append(
                 f"{item.file}, offset {item.offset}, key {item.key!r}: a tensor layout "
                 f"dcp-native does not parse ({exc}); its archive was checked, its data.pkl not"
             )
             return
-        if item.dtype is not None and item.chunk_sizes is not None and (
-            saved.dtype != item.dtype or tuple(saved.size) != item.chunk_sizes
+        for problem in (
+            item.dtype is not None and item.chunk_sizes is not None
+            and checkpoint.metadata_mismatch(saved, item.dtype, item.chunk_sizes),
+            checkpoint.extent_problem(saved, payload_size),
         ):
-            self.problem(
-                f"data.pkl holds a {_dtype_name(saved.dtype)} tensor of shape {list(saved.size)}, "
-                f"the metadata declares {_dtype_name(item.dtype)} of shape "
-                f"{list(item.chunk_sizes)}",
-                item,
-            )
-        if saved.storage_nbytes is not None and saved.storage_nbytes != payload_size:
-            self.problem(
-                f"data.pkl declares a storage of {saved.storage_nbytes} bytes, the data/0 record "
-                f"holds {payload_size}",
-                item,
-            )
-        if all(s > 0 for s in saved.size):
-            last = saved.storage_offset + sum(
-                (n - 1) * st for n, st in zip(saved.size, saved.stride)
-            )
-            if (last + 1) * saved.dtype.itemsize > payload_size:
-                self.problem(
-                    f"the tensor's elements reach byte {(last + 1) * saved.dtype.itemsize} of "
-                    f"its storage, which has {payload_size}",
-                    item,
-                )
+            if problem:
+                self.problem(problem, item)
         entry = self.ck.sidecar.entries.get(item.file, {}).get(item.offset)
-        if entry is not None and len(entry) > 1 and entry[1] != payload:
+        if entry is not None and entry[1] != payload:
             self.problem(
                 f"the sidecar puts the payload at item offset {entry[1]}, the archive at {payload}",
                 item,
@@ -392,7 +371,7 @@ class _Verifier:
                 for it in items
                 for start in range(0, max(it.length, 1), _READ_BUDGET)
             ]
-            batch: list[tuple[_Item, int, int]] = []
+            batch: list[tuple[Item, int, int]] = []
             used = 0
             for piece in pieces:
                 if batch and used + piece[2] > _READ_BUDGET:
@@ -406,11 +385,11 @@ class _Verifier:
         finally:
             progress.close()
 
-    def _read_batch(self, batch: list[tuple[_Item, int, int]]) -> None:
+    def _read_batch(self, batch: list[tuple[Item, int, int]]) -> None:
         if not batch:
             return
         try:
-            _read_ranges(self.ck, [(it.file, it.offset + s, n) for it, s, n in batch])
+            self._read_ranges([(it.file, it.offset + s, n) for it, s, n in batch])
             return
         except OSError:
             pass
@@ -419,7 +398,7 @@ class _Verifier:
             if id(it) in failed:
                 continue
             try:
-                _read_ranges(self.ck, [(it.file, it.offset + s, n)])
+                self._read_ranges([(it.file, it.offset + s, n)])
             except OSError as exc:
                 failed.add(id(it))
                 self.problem(f"cannot read the item: {_os_error_text(exc)}", it)
@@ -438,47 +417,43 @@ class _Verifier:
         checked = 0
         try:
             for rel in files:
-                n = self._check_file(rel, tables[rel], progress)
+                n = self._check_file(rel, progress)
                 checked += n
                 self.checked_files += n > 0 or self.sizes[rel] == 0
         finally:
             progress.close()
         return checked
 
-    def _check_file(self, rel: str, info: TableInfo, progress: _Progress) -> int:
+    def _read_ranges(self, ranges: list[tuple[str, int, int]]) -> None:
+        checkpoint.read_ranges(_engine(), self.ck.directory, ranges, _threads())
+
+    def _check_file(self, rel: str, progress: _Progress) -> int:
+        table_file = checkpoint.table_name(rel)
         try:
-            table = integrity.load_table(
-                self.ck.file_path(info.file), info, self.ck.file_path(rel), self.sizes[rel]
-            )
+            table = self.ck.table(rel, self.sizes[rel])
         except IntegrityError as exc:
-            which = info.file if exc.filename == self.ck.file_path(info.file) else rel
+            which = table_file if exc.filename == self.ck.path(table_file) else rel
             self.problem(str(exc).split(": ", 1)[-1], file=which)
             return 0
         except OSError as exc:
-            self.problem(f"the checksum table cannot be read: {_os_error_text(exc)}", file=info.file)
+            self.problem(f"the checksum table cannot be read: {_os_error_text(exc)}", file=table_file)
             return 0
         block, size = table.block, table.size
         step = max(block, _READ_BUDGET // block * block)
-        owners = sorted((it.offset, it.offset + it.length, it.key) for it in self.ck.items
-                        if it.file == rel)
+        owners = [Box(it.offset, 0, it.length, key=it.key) for it in self.ck.item_list if it.file == rel]
         for start in range(0, size, step):
             n = min(step, size - start)
             buf = bytearray(n)
-            plan = integrity.CheckPlan(table)
-            plan.add_run(start, _bytearray_address(buf), n, None)
-            plan.finish()
-            rf = ReadFile(self.ck.file_path(rel), size, encode_boxes([Box(start, _bytearray_address(buf), n)]))
-            rf.checks = plan.records
+            read = FileRead(self.ck.path(rel), size, [Box(start, checkpoint.buffer_address(buf), n)], table)
             try:
-                stats = _engine().read([rf], threads=_threads())
+                _, failed = checkpoint.checked_read(_engine(), [read], threads=_threads())
             except OSError as exc:
                 self.problem(f"cannot be read: {_os_error_text(exc)}", file=rel, offset=start)
                 return start
-            for _, record in stats.failed_checks:
-                offset = plan.block_offsets[record]
-                key = next((k for a, b, k in owners if a <= offset < b or offset <= a < offset + block), None)
+            for _, offset in failed:
                 self.problem(f"checksum mismatch in the {block}-byte block: the bytes on disk are "
-                             "not those written", file=rel, offset=offset, key=key)
+                             "not those written", file=rel, offset=offset,
+                             key=checkpoint.owner(owners, offset, offset + block))
             progress.update(n)
         return size
 
@@ -488,7 +463,7 @@ class _Verifier:
         n_files = len(self.ck.files)
         total = sum(self.sizes.values())
         return (
-            f"{_plural(len(self.ck.items), 'item')} in {_plural(n_files, 'data file')} "
+            f"{_plural(len(self.ck.item_list), 'item')} in {_plural(n_files, 'data file')} "
             f"({_human(total)}); framing parsed for {_plural(self.checked_tensors, 'tensor item')} "
             f"and {_plural(self.checked_objects, 'object item')}"
         )

@@ -1,0 +1,475 @@
+"""The checkpoint model: what a checkpoint directory holds, and where the bytes of each item lie.
+
+The one place that opens a checkpoint, for every user: the reader's load
+planning (:mod:`dcp_native.load_plan`), the commit's clean-up
+(:mod:`dcp_native.commit`) and the command line. It loads ``.metadata`` with
+the restricted unpickler, reads the sidecar (which checks itself and its
+binding to the metadata), validates every item's file name and byte range,
+finds and checks the data files' checksum tables, and locates tensor payloads:
+from a sidecar entry checked against the framing, or from the item's own zip
+headers, every offset and length bounds-checked before anyone uses it.
+
+Nothing here opens a data file: they are read through the engine
+(:func:`checked_read`), which also checks their blocks against the tables.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import io
+import os
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from . import _fileio, _safe_pickle, integrity, layout, sidecar
+from ._errors import CorruptCheckpointError, IntegrityError
+from ._safe_pickle import SavedTensor, UnsupportedLayout
+from .engine import ReadFile, ReadStats
+from .layout import ArchiveError
+from .plan import Box, encode_boxes
+
+METADATA_NAME = ".metadata"
+#: How many bytes of an item's head and of its tail one probe reads.
+PROBE_BYTES = 4096
+#: Bytes of the end of an item read to find a central directory too large for a probe.
+_MAX_DIRECTORY_BYTES = 1 << 20
+
+
+def load_metadata(path: str) -> tuple[Metadata, bytes]:
+    """The DCP metadata at ``path`` and its raw bytes (the sidecar is bound to them).
+
+    Raises ``FileNotFoundError`` when it is missing, :class:`CorruptCheckpointError`
+    when it is not a regular file, names a global outside DCP's metadata
+    classes (nothing it names is imported) or is not DCP metadata, and
+    ``OSError`` for what the kernel refuses.
+    """
+    raw = _fileio.read_regular(path, None, what="metadata")
+    return _safe_pickle.load_metadata(io.BytesIO(raw), path), raw
+
+
+def table_name(data_file: str) -> str:
+    """The name of a data file's CRC32C table (beside it)."""
+    return data_file + integrity.SUFFIX
+
+
+def named_files(metadata_name: str, metadata: Any) -> set[str]:
+    """Every file one committed metadata names: its data files, their tables and its sidecar."""
+    keep = set()
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if isinstance(rel, str):
+            keep.update((rel, table_name(rel)))
+    save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
+    if save_id:
+        keep.add(sidecar.file_name(metadata_name, save_id))
+    return keep
+
+
+@dataclasses.dataclass
+class Item:
+    """One saved item (a tensor chunk or an object) and where it lies."""
+
+    key: str
+    kind: str  # "tensor" | "object"
+    file: str  # relative path
+    offset: int
+    length: int
+    transformed: bool
+    dtype: Any = None
+    chunk_offsets: tuple[int, ...] = ()
+    #: None: no chunk of the tensor's metadata starts at chunk_offsets.
+    chunk_sizes: tuple[int, ...] | None = None
+
+
+class Checkpoint:
+    """A checkpoint directory opened through one metadata file (``.metadata`` or ``__{rank}.metadata``)."""
+
+    def __init__(self, directory: str | os.PathLike, metadata_name: str = METADATA_NAME) -> None:
+        self.directory = str(directory)
+        self.metadata_name = metadata_name
+        self.metadata, raw = load_metadata(self.path(metadata_name))
+        self.sidecar = sidecar.read(self.directory, metadata_name, self.metadata, raw)
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.directory, rel)
+
+    def items(self) -> list[Item]:
+        """Every item of the metadata's storage_data, in its order."""
+        items = []
+        sd_md = self.metadata.state_dict_metadata
+        for index, info in (self.metadata.storage_data or {}).items():
+            md = sd_md.get(index.fqn)
+            item = Item(
+                key=index.fqn,
+                kind="tensor" if isinstance(md, TensorStorageMetadata) or index.offset is not None
+                else "object",
+                file=str(info.relative_path),
+                offset=int(info.offset),
+                length=int(info.length),
+                transformed=bool(getattr(info, "transform_descriptors", None)),
+            )
+            if isinstance(md, TensorStorageMetadata) and index.offset is not None:
+                item.dtype = md.properties.dtype
+                item.chunk_offsets = tuple(index.offset)
+                for chunk in md.chunks:
+                    if tuple(chunk.offsets) == item.chunk_offsets:
+                        item.chunk_sizes = tuple(chunk.sizes)
+                        break
+            items.append(item)
+        return items
+
+    def refused_name(self, rel: str) -> str | None:
+        """Why the data file name ``rel`` is refused (see :func:`path_problem`), or None."""
+        return path_problem(self.directory, os.path.realpath(self.directory), rel)
+
+    def entry(self, rel: str, offset: int) -> tuple[int, int] | None:
+        """The usable sidecar's ``(item length, payload offset)`` of the item at ``offset``."""
+        if not self.sidecar.usable:
+            return None
+        return self.sidecar.entries.get(rel, {}).get(offset)
+
+    def missing_table(self, rel: str) -> str | None:
+        """Why data file ``rel`` has no checksum table to trust (None: it has one)."""
+        if not self.sidecar.usable:
+            return self.sidecar.reason
+        if rel not in self.sidecar.tables:
+            return (f"the save wrote no checksum table for {rel} (written with checksums=False, "
+                    "or by the Python engine, which writes none by default)")
+        return None
+
+    def table(self, rel: str, data_size: int) -> integrity.Table:
+        """The checksum table of data file ``rel`` (``data_size`` bytes now), checked against the sidecar.
+
+        Raises :class:`IntegrityError` when the table is missing or is not the
+        one the save wrote (see :func:`dcp_native.integrity.load_table`).
+        """
+        info = self.sidecar.tables[rel]
+        check_relative_path(self.directory, os.path.realpath(self.directory), info.file, rel)
+        return integrity.load_table(self.path(info.file), info, self.path(rel), data_size)
+
+
+# --------------------------------------------------------------------------- item locations
+
+
+def validate_storage_data(directory: str, storage_data: Any) -> None:
+    """Refuse item locations that leave the directory or cannot be file ranges.
+
+    Every path must be a plain relative path inside the checkpoint directory
+    (no ``..``, not absolute, no NUL, no symlink that leads out), and every
+    offset and length non-negative integers whose sum fits in 63 bits.
+    """
+    if not isinstance(storage_data, dict):
+        raise CorruptCheckpointError(
+            f"{directory}: the metadata's storage_data is a {type(storage_data).__name__}, not a dict",
+            filename=directory,
+        )
+    root = os.path.realpath(directory)
+    checked: set[str] = set()
+    for index, info in storage_data.items():
+        key = getattr(index, "fqn", str(index))
+        rel = getattr(info, "relative_path", None)
+        offset = getattr(info, "offset", None)
+        length = getattr(info, "length", None)
+        if rel not in checked:
+            check_relative_path(directory, root, rel, key)
+            checked.add(rel)
+        if (
+            not isinstance(offset, int)
+            or not isinstance(length, int)
+            or offset < 0
+            or length < 0
+            or offset + length >= 1 << 63
+        ):
+            raise CorruptCheckpointError(
+                f"{directory}: item {key!r} in {rel} has offset {offset!r} and length {length!r}, "
+                "which are not a valid file range",
+                filename=os.path.join(directory, rel),
+                key=key,
+            )
+
+
+def check_relative_path(directory: str, root: str, rel: Any, key: str) -> None:
+    """Refuse a file name that is not a plain relative path inside ``directory`` (``root``: its realpath)."""
+    why = path_problem(directory, root, rel)
+    if why is not None:
+        named = isinstance(rel, str) and rel and "\0" not in rel and not os.path.isabs(rel)
+        raise CorruptCheckpointError(
+            f"{directory}: item {key!r} names the data file {rel!r}, which {why}; refusing to read it",
+            filename=os.path.join(directory, rel) if named else directory,
+            key=key,
+        )
+
+
+def path_problem(directory: str, root: str, rel: Any) -> str | None:
+    """Why ``rel`` is not a plain relative path inside ``directory`` (None: it is)."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a file name"
+    if "\0" in rel:
+        return "contains a NUL byte"
+    if os.path.isabs(rel):
+        return "is an absolute path"
+    if any(part == ".." for part in rel.replace("\\", "/").split("/")):
+        return "leaves the checkpoint directory through '..'"
+    resolved = os.path.realpath(os.path.join(directory, rel))
+    if os.path.commonpath([root, resolved]) != root or resolved == root:
+        return "resolves (through a symbolic link) outside the checkpoint directory"
+    return None
+
+
+def nbytes_of(dtype: Any, size: Sequence[int]) -> int:
+    n = dtype.itemsize
+    for s in size:
+        n *= s
+    return n
+
+
+def sidecar_payload(entry: tuple[int, int], length: int, offset: int, dtype: Any, size: Sequence[int]) -> int | None:
+    """The payload offset a sidecar entry gives for an item (``length`` bytes at ``offset``), or None.
+
+    dcp_native aligns a payload in the file and follows it with a trailer
+    whose length depends only on where the payload ends, so in an item of the
+    metadata's length one payload offset fits a ``dtype`` tensor of ``size``:
+    an entry that says otherwise (shifted, negative, past the end) gives None.
+    """
+    entry_length, payload = entry
+    nbytes = nbytes_of(dtype, size)
+    fits = (
+        entry_length == length
+        and (offset + payload) % layout.payload_alignment(nbytes) == 0
+        and payload + nbytes + layout.trailer_length(offset, payload, nbytes) == length
+    )
+    return payload if fits else None
+
+
+class ItemBytes:
+    """What was read of one item (its head and its tail); other ranges through ``fetch``.
+
+    Without ``fetch``, asking for bytes outside the head and tail raises
+    :class:`ArchiveError` (the reader then falls back to ``torch.load``).
+    """
+
+    def __init__(self, length: int, head: bytes, tail: bytes,
+                 fetch: Callable[[int, int], bytes] | None = None) -> None:
+        self.length = length
+        self.head = head
+        self.tail = tail
+        self.fetch = fetch
+
+    def get(self, start: int, n: int) -> bytes:
+        """Bytes ``[start, start + n)`` of the item (item-relative offsets)."""
+        if start < 0 or n < 0 or start + n > self.length:
+            raise ArchiveError(
+                f"bytes {start}..{start + n} of the item lie outside it ({self.length} bytes)"
+            )
+        if start + n <= len(self.head):
+            return self.head[start : start + n]
+        tail_start = self.length - len(self.tail)
+        if start >= tail_start:
+            return self.tail[start - tail_start : start - tail_start + n]
+        if self.fetch is None:
+            raise ArchiveError("need more bytes")
+        return self.fetch(start, n)
+
+
+class Archive:
+    """The records of one item's ``torch.save`` archive, each bounds-checked when asked for."""
+
+    def __init__(self, view: ItemBytes) -> None:
+        self.view = view
+        try:
+            index = layout.parse_archive_tail(view.tail, view.length)
+        except ArchiveError:
+            # A central directory larger than the probe: retry once with more of the item.
+            bigger = min(view.length, _MAX_DIRECTORY_BYTES)
+            if bigger <= len(view.tail) or view.fetch is None:
+                raise
+            view.tail = view.get(view.length - bigger, bigger)
+            index = layout.parse_archive_tail(view.tail, view.length)
+        #: record name -> (local header offset in the item, size)
+        self.index = index.records
+
+    def record(self, name: str) -> tuple[int, int]:
+        """``(data start in the item, size)`` of a record; ArchiveError if it is absent or out of bounds."""
+        if name not in self.index:
+            raise ArchiveError(f"the archive has no {name} record")
+        header_offset, size = self.index[name]
+        length = self.view.length
+        if header_offset + 30 > length:
+            raise ArchiveError(
+                f"record {name}: its local header (item offset {header_offset}) lies past the "
+                f"item's end ({length} bytes)"
+            )
+        data = layout.local_data_offset(self.view.get(header_offset, 30), header_offset)
+        if data + size > length:
+            raise ArchiveError(
+                f"record {name} ({size} bytes at item offset {data}) runs past the item's end "
+                f"({length} bytes)"
+            )
+        return data, size
+
+    def check_all(self) -> None:
+        for name in self.index:
+            self.record(name)
+
+    def data_pickle(self) -> bytes:
+        start, size = self.record("data.pkl")
+        return self.view.get(start, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocatedTensor:
+    saved: SavedTensor
+    #: Offset of the payload (the storage's first byte) from the item's first byte.
+    payload: int
+    payload_size: int
+
+
+def locate_tensor(archive: Archive) -> LocatedTensor:
+    """Where a stock-framed tensor's payload lies, from its archive.
+
+    Raises :class:`ArchiveError` for framing that is damaged or out of bounds
+    and :class:`UnsupportedLayout` for an archive that is not one plain dense
+    tensor (both: use ``torch.load`` for it, or report it).
+    """
+    pickled = archive.data_pickle()
+    payload, payload_size = archive.record("data/0")
+    saved = _safe_pickle.parse_tensor_pickle(pickled)
+    problem = extent_problem(saved, payload_size)
+    if problem is not None:
+        raise ArchiveError(problem)
+    return LocatedTensor(saved, payload, payload_size)
+
+
+def extent_problem(saved: SavedTensor, payload_size: int) -> str | None:
+    """Why the elements ``saved`` names do not lie inside a storage of ``payload_size`` bytes."""
+    if saved.storage_nbytes is not None and saved.storage_nbytes != payload_size:
+        return (f"data.pkl declares a storage of {saved.storage_nbytes} bytes, the data/0 record "
+                f"holds {payload_size}")
+    if any(s == 0 for s in saved.size):
+        return None
+    last = saved.storage_offset + sum((n - 1) * st for n, st in zip(saved.size, saved.stride))
+    if (last + 1) * saved.dtype.itemsize > payload_size:
+        return (f"the tensor's elements reach byte {(last + 1) * saved.dtype.itemsize} of "
+                f"its storage, which has {payload_size}")
+    return None
+
+
+def metadata_mismatch(saved: SavedTensor, dtype: Any, size: Sequence[int]) -> str | None:
+    """Why the tensor an archive holds is not the metadata's ``dtype`` chunk of ``size``."""
+    if saved.dtype == dtype and tuple(saved.size) == tuple(size):
+        return None
+    return (f"data.pkl holds a {saved.dtype} tensor of shape {list(saved.size)}, the metadata "
+            f"declares {dtype} of shape {list(size)}")
+
+
+# --------------------------------------------------------------------------- reading through the engine
+
+
+def buffer_address(buf: bytearray) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
+
+
+def probe(
+    items: Sequence[tuple[str, int, int]],
+    read: Callable[[dict[str, list[Box]]], None],
+    budget: int,
+    isolate: bool = False,
+) -> Iterator[tuple[int, ItemBytes | OSError]]:
+    """Head and tail of each ``(file, offset, length)`` item, read in rounds within ``budget`` bytes.
+
+    ``read`` runs one round's boxes (per data file) through the engine. Yields
+    ``(index in items, ItemBytes)``. With ``isolate``, a round that fails with
+    an ``OSError`` is read again item by item, and the items that still fail
+    yield their error instead.
+    """
+    per_round = max(1, budget // (2 * PROBE_BYTES))
+    for start in range(0, len(items), per_round):
+        batch = range(start, min(start + per_round, len(items)))
+        spans = {i: _probe_spans(*items[i]) for i in batch}
+        try:
+            read(_boxes([(items[i][0], off, buf) for i in batch for off, buf in spans[i]]))
+        except OSError:
+            if not isolate:
+                raise
+            for i in batch:
+                try:
+                    read(_boxes([(items[i][0], off, buf) for off, buf in spans[i]]))
+                except OSError as exc:
+                    yield i, exc
+                    continue
+                yield i, _item_bytes(items[i][2], spans[i])
+            continue
+        for i in batch:
+            yield i, _item_bytes(items[i][2], spans[i])
+
+
+def _probe_spans(rel: str, offset: int, length: int) -> list[tuple[int, bytearray]]:
+    if length <= 2 * PROBE_BYTES:
+        return [(offset, bytearray(length))]
+    return [(offset, bytearray(PROBE_BYTES)), (offset + length - PROBE_BYTES, bytearray(PROBE_BYTES))]
+
+
+def _item_bytes(length: int, spans: list[tuple[int, bytearray]]) -> ItemBytes:
+    head = bytes(spans[0][1])
+    return ItemBytes(length, head, bytes(spans[-1][1]) if len(spans) > 1 else head)
+
+
+def _boxes(ranges: Iterable[tuple[str, int, bytearray]], key: str | None = None) -> dict[str, list[Box]]:
+    boxes: dict[str, list[Box]] = {}
+    for rel, offset, buf in ranges:
+        if len(buf):
+            boxes.setdefault(rel, []).append(Box(offset, buffer_address(buf), len(buf), key=key))
+    return boxes
+
+
+def read_boxes(engine: Any, directory: str, boxes: dict[str, list[Box]], threads: int) -> None:
+    """Run ``boxes`` (per data file relative to ``directory``) through the engine, in one call."""
+    files = [ReadFile(os.path.join(directory, rel), 0, encode_boxes(bx)) for rel, bx in boxes.items() if bx]
+    if files:
+        engine.read(files, threads=threads)
+
+
+def read_ranges(
+    engine: Any, directory: str, ranges: Sequence[tuple[str, int, int]], threads: int
+) -> list[bytearray]:
+    """Read ``(relative path, offset, nbytes)`` ranges through the engine, in one call."""
+    bufs = [bytearray(n) for _, _, n in ranges]
+    read_boxes(engine, directory, _boxes((rel, offset, buf) for (rel, offset, _), buf in zip(ranges, bufs)), threads)
+    return bufs
+
+
+@dataclasses.dataclass
+class FileRead:
+    """The reads of one data file in one engine call, checked against ``table`` when given."""
+
+    path: str
+    min_size: int
+    boxes: list[Box]
+    table: integrity.Table | None = None
+    device: int = -1
+    stream: int = 0
+
+
+def checked_read(engine: Any, reads: Sequence[FileRead], **kwargs: Any) -> tuple[ReadStats, list[tuple[int, int]]]:
+    """One engine call; returns its stats and ``(index in reads, file offset)`` of every failed block.
+
+    The engine widens the reads of a file with a table to whole blocks and
+    checks every block they touch (see "Checks" in :mod:`dcp_native.engine`).
+    """
+    files = [ReadFile(r.path, r.min_size, encode_boxes(r.boxes), table=r.table, device=r.device,
+                      stream=r.stream) for r in reads]
+    stats = engine.read(files, **kwargs)
+    return stats, [(i, k * reads[i].table.block) for i, k in stats.failed_blocks]
+
+
+def owner(boxes: Iterable[Box], lo: int, hi: int) -> str | None:
+    """The key of a box that reads bytes of ``[lo, hi)`` (None: framing only)."""
+    for box in boxes:
+        if box.key is None:
+            continue
+        start, end = box.file_span
+        if start < hi and end > lo and any(f < hi and f + box.inner_bytes > lo for f, _ in box.runs_iter()):
+            return box.key
+    return None

@@ -1,0 +1,453 @@
+"""Load planning: one ``read_data`` call's ReadItems -> engine reads -> tensors handed back to DCP.
+
+Every tensor read becomes a strided copy of exactly the bytes it needs,
+straight into the destination tensor (:func:`dcp_native.plan.read_box`),
+handed to the engine with all the other reads of the same load (sorted,
+coalesced and spread over threads there). Where a payload lies comes from the
+checkpoint model (:mod:`dcp_native.checkpoint`): a sidecar entry checked
+against the metadata and framing, or, for checkpoints written by stock DCP,
+the item's own zip headers (two small probe reads per item, no
+``torch.load``). What a strided copy cannot do takes a buffered path with
+bounded memory: a destination of another dtype or device (read, then
+``copy_`` with DCP's casting), element-wise layouts (read the covering
+range, then ``copy_``), stream transforms and exotic payloads (read the item,
+then stock's decoding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint import filesystem as _stock
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
+
+from . import _device, _fileio, _safe_pickle, checkpoint, integrity, layout
+from ._backend import get_engine
+from ._errors import CheckpointError, CorruptCheckpointError, IntegrityError, TruncatedFileError
+from .checkpoint import ArchiveError, FileRead, UnsupportedLayout
+from .engine import ReadStats
+from .plan import Box, read_box
+
+#: A box whose runs are shorter than this, with more runs than _MANY_RUNS, is read
+#: as its covering range and scattered by torch (cheaper than one iovec per element).
+_SHORT_RUN = 512
+_MANY_RUNS = 64
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+@dataclasses.dataclass
+class _Buffered:
+    """A read into temporary memory followed by a step on the CPU."""
+
+    relative_path: str
+    file_offset: int
+    nbytes: int
+    finish: Callable[[memoryview], None]
+    key: str
+
+
+def _unpickles(planner: LoadPlanner, data: bytes) -> bool:
+    """Whether ``planner.load_bytes`` will unpickle ``data``: stock's does, and any bytes that
+    look like ``torch.save`` output (a zip archive, a pickle) are assumed to be."""
+    stock = getattr(type(planner), "load_bytes", None) is DefaultLoadPlanner.load_bytes
+    return stock or data.startswith(_TORCH_SAVE_MAGIC)
+
+
+class LoadRun:
+    """One read_data call of ``reader`` (a :class:`dcp_native.FileSystemReader`) for ``planner``."""
+
+    def __init__(self, reader: Any, planner: LoadPlanner) -> None:
+        self.reader = reader
+        self.planner = planner
+        self.engine = get_engine()
+        self.ck: checkpoint.Checkpoint | None = reader._checkpoint
+        self.storage_data = reader.storage_data
+        self.state_md = reader._metadata.state_dict_metadata if reader._metadata else {}
+        self.min_sizes: dict[str, int] = {}
+        self.stats = ReadStats()
+        self._chunks: dict[str, dict[tuple, Any]] = {}
+        #: data file -> its checksum table, for the files this read verifies
+        self.tables: dict[str, integrity.Table] = {}
+        #: (data file, CUDA device) -> boxes whose destinations are device memory
+        self.device_direct: dict[tuple[str, int], list[Box]] = {}
+        self._cuda_usable: bool | None = None
+        self._reqs_by_file: dict[str, list[ReadItem]] = {}
+
+    # -------------------------------------------------------------- helpers
+
+    def _path(self, rel: str) -> str:
+        return os.path.join(self.reader.path, rel)
+
+    def _info(self, req: ReadItem) -> _stock._StorageInfo:
+        return self.storage_data[req.storage_index]
+
+    def _chunk_size(self, req: ReadItem) -> tuple[torch.dtype, tuple[int, ...]]:
+        index = req.storage_index
+        chunks = self._chunks.get(index.fqn)
+        if chunks is None:
+            chunks = self._chunks[index.fqn] = {
+                tuple(c.offsets): c for c in self.state_md[index.fqn].chunks
+            }
+        return self.state_md[index.fqn].properties.dtype, tuple(chunks[tuple(index.offset)].sizes)
+
+    def _corrupt(self, req: ReadItem, info: Any, why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{info.relative_path}: item {req.storage_index.fqn!r} at offset {info.offset} {why}",
+            filename=self._path(info.relative_path),
+            key=req.storage_index.fqn,
+            offset=info.offset,
+        )
+
+    # -------------------------------------------------------------- engine calls
+
+    def _run_engine(
+        self,
+        boxes_by_file: dict[str, list[Box]],
+        device_boxes: dict[tuple[str, int], list[Box]] | None = None,
+    ) -> None:
+        """Host reads in one engine call (blocks checked against tables), device reads in one per device."""
+        host = [
+            FileRead(self._path(rel), self.min_sizes.get(rel, 0), boxes, self.tables.get(rel))
+            for rel, boxes in boxes_by_file.items() if boxes
+        ]
+        by_device: dict[int, list[FileRead]] = {}
+        for (rel, device), boxes in (device_boxes or {}).items():
+            if boxes:
+                by_device.setdefault(device, []).append(FileRead(
+                    self._path(rel), self.min_sizes.get(rel, 0), boxes,
+                    device=device, stream=_device.current_stream(device),
+                ))
+        failed = self._engine_read(host) if host else []
+        # Loads into CUDA memory: one engine call per device (a pool serves one device).
+        for device, reads in by_device.items():
+            self._engine_read(reads, device)
+        for index, offset in failed:
+            read = host[index]
+            block = read.table.block
+            key = checkpoint.owner(read.boxes, offset, offset + block)
+            raise IntegrityError(
+                f"{read.path}: checksum mismatch in the {block}-byte block at offset {offset}"
+                + (f", read for {key!r}" if key else "") + ": the data on disk is not what was written",
+                filename=read.path,
+                key=key,
+                offset=offset,
+            )
+
+    def _engine_read(self, reads: list[FileRead], device: int = -1) -> list[tuple[int, int]]:
+        kwargs: dict[str, Any] = {}
+        if device >= 0:
+            kwargs = {"pool": self.reader.staging_pool(self.engine, device), "direct_io": self.reader.direct_io}
+        try:
+            stats, failed = checkpoint.checked_read(
+                self.engine,
+                reads,
+                threads=self.reader.thread_count,
+                max_gap=self.reader.max_gap,
+                chunk_bytes=self.reader.chunk_bytes,
+                **kwargs,
+            )
+        except TruncatedFileError as exc:
+            raise self._explain_truncation(exc) from None
+        self.stats.bytes_read += stats.bytes_read
+        self.stats.calls += stats.calls
+        return failed
+
+    def _explain_truncation(self, exc: TruncatedFileError) -> TruncatedFileError:
+        for rel, reqs in self._reqs_by_file.items():
+            if os.path.abspath(self._path(rel)) != os.path.abspath(exc.filename):
+                continue
+            for req in reqs:
+                info = self._info(req)
+                if info.offset + info.length > exc.actual:
+                    return TruncatedFileError(
+                        exc.filename,
+                        max(exc.expected, info.offset + info.length),
+                        exc.actual,
+                        key=req.storage_index.fqn,
+                        offset=info.offset,
+                    )
+        return exc
+
+    # -------------------------------------------------------------- main flow
+
+    def execute(self, items: Sequence[ReadItem]) -> None:
+        for req in items:
+            info = self._info(req)
+            self._reqs_by_file.setdefault(info.relative_path, []).append(req)
+            end = info.offset + info.length
+            if end > self.min_sizes.get(info.relative_path, 0):
+                self.min_sizes[info.relative_path] = end
+        self._check_files()
+
+        direct: dict[str, list[Box]] = {}
+        commits: list[tuple[ReadItem, torch.Tensor]] = []
+        buffered: list[_Buffered] = []
+        unknown: list[ReadItem] = []
+        for req in items:
+            info = self._info(req)
+            if req.type == LoadItemType.BYTE_IO:
+                buffered.append(self._bytes_op(req, info))
+                continue
+            if info.transform_descriptors:
+                buffered.append(self._whole_item_op(req, info))
+                continue
+            entry = self.ck.entry(info.relative_path, info.offset) if self.ck else None
+            if entry is None:
+                unknown.append(req)
+                continue
+            dtype, size = self._chunk_size(req)
+            payload = checkpoint.sidecar_payload(entry, info.length, info.offset, dtype, size)
+            if payload is None:
+                raise self._corrupt(
+                    req, info,
+                    f"has a sidecar entry (item {entry[0]} bytes, payload at {entry[1]}) that does "
+                    f"not match the metadata's {dtype} tensor of size {list(size)} in an item of "
+                    f"{info.length} bytes",
+                )
+            saved = _safe_pickle.SavedTensor(dtype, size, layout.contiguous_stride(size), 0)
+            self._plan_tensor(req, info, saved, info.offset + payload, direct, commits, buffered)
+        if unknown:
+            self._probe(unknown, direct, commits, buffered)
+
+        self._execute_rounds(direct, buffered)
+        for req, target in commits:
+            self.planner.commit_tensor(req, target)
+
+    def _check_files(self) -> None:
+        """Sizes, then (with verify) tables, before anything is allocated or read.
+
+        A metadata file declaring absurd items fails here, naming file and
+        item. Only regular files are read (stat never blocks; a FIFO would
+        block open).
+        """
+        sizes: dict[str, int] = {}
+        for rel, needed in self.min_sizes.items():
+            path = self._path(rel)
+            try:
+                actual = sizes[rel] = _fileio.check_regular(path, "data file").st_size
+            except CorruptCheckpointError as exc:
+                key = self._reqs_by_file[rel][0].storage_index.fqn
+                raise CorruptCheckpointError(f"{exc} (it holds {key!r})", filename=path, key=key) from None
+            if actual < needed:
+                raise self._explain_truncation(TruncatedFileError(path, needed, actual))
+        if not self.reader.verify:
+            return
+        for rel, size in sizes.items():
+            key = self._reqs_by_file[rel][0].storage_index.fqn
+            why = self.ck.missing_table(rel) if self.ck else "no metadata was read"
+            if why is not None:
+                raise IntegrityError(
+                    f"verify=True, but {key!r} in {self._path(rel)} cannot be verified: {why}",
+                    filename=self._path(rel),
+                    key=key,
+                )
+            self.tables[rel] = self.ck.table(rel, size)
+            self.stats.bytes_read += self.ck.sidecar.tables[rel].size
+            self.stats.calls += 1
+
+    def _execute_rounds(self, direct: dict[str, list[Box]], buffered: list[_Buffered]) -> None:
+        """Direct copies go with the first round; buffered ones in rounds within the budget."""
+        budget = self.reader.memory_budget
+        pending = sorted(buffered, key=lambda b: (b.relative_path, b.file_offset))
+        first = True
+        i = 0
+        while first or i < len(pending):
+            boxes: dict[str, list[Box]] = {}
+            if first:
+                for rel, bx in direct.items():
+                    boxes.setdefault(rel, []).extend(bx)
+            used = 0
+            batch: list[tuple[_Buffered, bytearray]] = []
+            while i < len(pending) and (not batch or used + pending[i].nbytes <= budget):
+                op = pending[i]
+                buf = bytearray(op.nbytes)
+                batch.append((op, buf))
+                if op.nbytes:
+                    boxes.setdefault(op.relative_path, []).append(
+                        Box(op.file_offset, checkpoint.buffer_address(buf), op.nbytes, key=op.key)
+                    )
+                used += op.nbytes
+                i += 1
+            self._run_engine(boxes, self.device_direct if first else None)
+            for op, buf in batch:
+                try:
+                    op.finish(memoryview(buf))
+                except CheckpointError:
+                    raise
+                except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+                    raise CorruptCheckpointError(
+                        f"{op.relative_path}: item {op.key!r} at offset {op.file_offset} "
+                        f"cannot be decoded: {exc}",
+                        filename=self._path(op.relative_path),
+                        key=op.key,
+                        offset=op.file_offset,
+                    ) from exc
+            first = False
+
+    # -------------------------------------------------------------- tensor items
+
+    def _target(self, req: ReadItem) -> torch.Tensor:
+        target = self.planner.resolve_tensor(req).detach()
+        if tuple(target.shape) != tuple(req.lengths):
+            raise RuntimeError(
+                f"{req.dest_index.fqn}: the planner resolved a destination of size "
+                f"{tuple(target.shape)} for a read of size {tuple(req.lengths)}"
+            )
+        return target
+
+    def _plan_tensor(
+        self,
+        req: ReadItem,
+        info: _stock._StorageInfo,
+        saved: _safe_pickle.SavedTensor,
+        payload_file_offset: int,
+        direct: dict[str, list[Box]],
+        commits: list[tuple[ReadItem, torch.Tensor]],
+        buffered: list[_Buffered],
+    ) -> None:
+        if len(req.lengths) != len(saved.size) or any(
+            o < 0 or n < 0 or o + n > s for o, n, s in zip(req.storage_offsets, req.lengths, saved.size)
+        ):
+            raise self._corrupt(
+                req, info,
+                f"holds a chunk of size {list(saved.size)}; the read at offsets "
+                f"{list(req.storage_offsets)} of lengths {list(req.lengths)} exceeds it",
+            )
+        target = self._target(req)
+        itemsize = saved.dtype.itemsize
+        device = _device.cuda_index(target)
+        fast = (
+            target.dtype == saved.dtype
+            and target.layout == torch.strided
+            and not target.is_quantized
+            and type(target) is torch.Tensor
+            and (self._device_fast() if device >= 0 else target.device.type == "cpu")
+        )
+        if fast:
+            box = read_box(
+                payload_file_offset, itemsize, saved.stride, saved.storage_offset,
+                req.storage_offsets, req.lengths, target.data_ptr(), target.stride(),
+            )
+            if box is None:
+                commits.append((req, target))
+                return
+            overlapping = any(s == 0 for s in box.dest_strides)
+            if not overlapping and not (box.inner_bytes < _SHORT_RUN and box.runs > _MANY_RUNS):
+                box = dataclasses.replace(box, key=req.storage_index.fqn)
+                if device < 0:
+                    direct.setdefault(info.relative_path, []).append(box)
+                else:
+                    self.device_direct.setdefault((info.relative_path, device), []).append(box)
+                commits.append((req, target))
+                return
+        # Buffered: read the covering byte range of the box, let torch scatter/cast.
+        box = read_box(
+            payload_file_offset, itemsize, saved.stride, saved.storage_offset,
+            req.storage_offsets, req.lengths, 0, [0] * len(req.lengths),
+        )
+        if box is None:
+            self.planner.commit_tensor(req, target)
+            return
+        lo, hi = box.file_span
+        lengths = tuple(req.lengths)
+
+        def finish(buf: memoryview, target=target, req=req) -> None:
+            raw = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+            target.copy_(raw.view(saved.dtype).as_strided(lengths, saved.stride, 0))
+            self.planner.commit_tensor(req, target)
+
+        buffered.append(_Buffered(info.relative_path, lo, hi - lo, finish, req.storage_index.fqn))
+
+    def _device_fast(self) -> bool:
+        """Whether the engine reads straight into CUDA destinations (through pinned staging).
+
+        Not when the load verifies: checksums are checked on host memory, so
+        such items are read into a host buffer, checked, then copied.
+        """
+        if self.reader.verify:
+            return False
+        if self._cuda_usable is None:
+            status = getattr(self.engine, "cuda_status", None)
+            self._cuda_usable = bool(status is not None and status().usable)
+        return self._cuda_usable
+
+    # -------------------------------------------------------------- bytes / whole items
+
+    def _transform(self, req: ReadItem, info: _stock._StorageInfo, raw: memoryview) -> io.IOBase:
+        stream: Any = io.BytesIO(raw)
+        if info.transform_descriptors:
+            stream = self.reader.transforms.transform_load_stream(req, info.transform_descriptors, stream)
+        return stream
+
+    def _bytes_op(self, req: ReadItem, info: _stock._StorageInfo) -> _Buffered:
+        check = not self.reader.allow_pickle
+
+        def finish(buf: memoryview) -> None:
+            data = self._transform(req, info, buf).read(-1) if info.transform_descriptors else bytes(buf)
+            if check and _unpickles(self.planner, data):
+                # The planner would torch.load(weights_only=False) these bytes:
+                # first make sure that would import nothing weights_only refuses.
+                _safe_pickle.check_object(
+                    data, key=req.storage_index.fqn, filename=self._path(info.relative_path),
+                    offset=info.offset,
+                )
+            self.planner.load_bytes(req, io.BytesIO(data))
+
+        return _Buffered(info.relative_path, info.offset, info.length, finish, req.storage_index.fqn)
+
+    def _whole_item_op(self, req: ReadItem, info: _stock._StorageInfo) -> _Buffered:
+        """Stock's decoding: transforms, torch.load, narrow, copy."""
+
+        def finish(buf: memoryview) -> None:
+            stream = self._transform(req, info, buf)
+            if not stream.seekable():
+                stream = io.BytesIO(stream.read(-1))
+            tensor = torch.load(stream, map_location="cpu", weights_only=True)
+            tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+            target = self._target(req)
+            target.copy_(tensor)
+            self.planner.commit_tensor(req, target)
+
+        return _Buffered(info.relative_path, info.offset, info.length, finish, req.storage_index.fqn)
+
+    # -------------------------------------------------------------- stock items
+
+    def _probe(
+        self,
+        reqs: list[ReadItem],
+        direct: dict[str, list[Box]],
+        commits: list[tuple[ReadItem, torch.Tensor]],
+        buffered: list[_Buffered],
+    ) -> None:
+        """Locate payloads of items without sidecar entries from their zip headers."""
+        # Several reads may share one saved item (resharding): probe each item once.
+        by_item: dict[tuple[str, int], list[ReadItem]] = {}
+        for req in reqs:
+            info = self._info(req)
+            by_item.setdefault((info.relative_path, info.offset), []).append(req)
+        infos = [self._info(group[0]) for group in by_item.values()]
+        groups = list(by_item.values())
+        spans = [(info.relative_path, info.offset, info.length) for info in infos]
+        for i, view in checkpoint.probe(spans, self._run_engine, self.reader.memory_budget):
+            info = infos[i]
+            try:
+                located = checkpoint.locate_tensor(checkpoint.Archive(view))
+            except (ArchiveError, UnsupportedLayout):
+                located = None  # not a plain tensor archive: stock's decoding decides
+            for req in groups[i]:
+                if located is None:
+                    buffered.append(self._whole_item_op(req, info))
+                    continue
+                mismatch = checkpoint.metadata_mismatch(located.saved, *self._chunk_size(req))
+                if mismatch is not None:
+                    raise self._corrupt(req, info, mismatch.replace("data.pkl holds", "holds", 1))
+                self._plan_tensor(
+                    req, info, located.saved, info.offset + located.payload, direct, commits, buffered
+                )
