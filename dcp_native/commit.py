@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import io
 import os
 import re
 import socket
 import time
 from typing import Any
 
-from . import _fileio, integrity, sidecar
+from . import _fileio, checkpoint, sidecar
 from ._errors import CheckpointBusyError, CheckpointError
-from ._safe_pickle import load_metadata
 
 LOCK_NAME = ".dcp_native.lock"
 #: How long a save waits for another one's commit or clean-up before it gives up.
@@ -222,32 +220,15 @@ def committed_files(directory: str, known: dict[str, Any] | None = None) -> set[
     for name in names:
         if not _METADATA_RE.match(name):
             continue
-        if known and name in known:
-            keep |= referenced_files(name, known[name])
-            continue
-        path = os.path.join(directory, name)
-        try:
-            raw = _fileio.read_regular(path, None, what="metadata")
-            metadata = load_metadata(io.BytesIO(raw), path)
-        except FileNotFoundError:
-            continue
-        except (OSError, CheckpointError):
-            return None
-        keep |= referenced_files(name, metadata)
-    return keep
-
-
-def referenced_files(metadata_name: str, metadata) -> set[str]:
-    """The files one metadata names: its data files, their tables and its sidecar."""
-    keep = set()
-    for info in (getattr(metadata, "storage_data", None) or {}).values():
-        rel = getattr(info, "relative_path", None)
-        if isinstance(rel, str):
-            keep.add(rel)
-            keep.add(rel + integrity.SUFFIX)
-    save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
-    if save_id:
-        keep.add(sidecar.file_name(metadata_name, save_id))
+        metadata = (known or {}).get(name)
+        if metadata is None:
+            try:
+                metadata, _ = checkpoint.load_metadata(os.path.join(directory, name))
+            except FileNotFoundError:
+                continue
+            except (OSError, CheckpointError):
+                return None
+        keep |= checkpoint.named_files(name, metadata)
     return keep
 
 

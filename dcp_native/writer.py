@@ -34,13 +34,13 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import _device, commit, integrity, layout, sidecar
+from . import _device, checkpoint, commit, integrity, layout, sidecar
 from ._backend import get_engine
 from .engine import DEFAULT_STAGING_BYTES, SRC_BLOB, WriteFile
 from .plan import FileLayout
 from .staging import StagingArea
 
-_METADATA_NAME = ".metadata"
+_METADATA_NAME = checkpoint.METADATA_NAME
 
 
 @dataclasses.dataclass
@@ -431,7 +431,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
             # A failed save removes what it wrote (never another save's files:
             # the names carry this save's tag), then the save is over.
             for path in paths:
-                for name in (path, path + integrity.SUFFIX):
+                for name in (path, checkpoint.table_name(path)):
                     try:
                         os.unlink(name)
                     except OSError:
@@ -521,9 +521,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         for fl, crcs in zip(layouts, block_crcs):
             blob = integrity.encode_table(block, fl.size, crcs)
             segments = array("q", (0, SRC_BLOB, 0, len(blob)))
-            tables.append(WriteFile(fl.path + integrity.SUFFIX, blob, segments))
+            tables.append(WriteFile(checkpoint.table_name(fl.path), blob, segments))
             infos[fl.relative_path] = sidecar.TableInfo(
-                fl.relative_path + integrity.SUFFIX, len(blob), sidecar.digest(blob)
+                checkpoint.table_name(fl.relative_path), len(blob), sidecar.digest(blob)
             )
         engine.write(tables, threads=self.thread_count, sync=self.sync_files)
         for i, wr in enumerate(results):
