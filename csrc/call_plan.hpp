@@ -62,20 +62,10 @@ class CallBuilder {
     return call_.iov_count + needed <= kMaxIovecs && gap < chunk_bytes_ - call_.bytes;
   }
 
-  // Appends a gap to the open call; its iovec has a null base, replaced by the
-  // worker's scratch buffer when the call runs.
-  void add_gap(int64_t gap) {
-    iovs_.push_back(iovec{nullptr, static_cast<size_t>(gap)});
-    if (tags_ != nullptr) {
-      tags_->push_back(-1);
-    }
-    ++call_.iov_count;
-    call_.bytes += gap;
-  }
-
   // Appends `length` bytes at file `offset` to/from `memory`, continuing the
   // open call when it ends at `offset` and has room, splitting at the limits.
-  // A null `memory` is a gap (as add_gap's, but it may start or split calls).
+  // A null `memory` is a gap: its iovec's base is replaced by the worker's
+  // scratch when the call runs.
   void add(int64_t offset, char* memory, int64_t length, int64_t tag = -1) {
     while (length > 0) {
       if (open_ &&

@@ -245,4 +245,25 @@ void DeviceGuard::set(int device) {
   current_ = device;
 }
 
+StreamWaits::~StreamWaits() {
+  for (cuda::Event event : events_) {
+    runtime_.api().event_destroy(event);
+  }
+}
+
+void StreamWaits::wait(cuda::Stream copy, int device, int64_t stream, const char* role,
+                       const std::string& path) {
+  const cuda::Api& api = runtime_.api();
+  const std::string where = std::string(role) + " " + hex_address(static_cast<uintptr_t>(stream)) +
+                            " of device " + std::to_string(device) + " (for " + path + ")";
+  cuda::Event event = nullptr;
+  runtime_.check(api.event_create_with_flags(&event, cuda::kEventDisableTiming),
+                 "cudaEventCreateWithFlags for " + where);
+  events_.push_back(event);
+  runtime_.check(api.event_record(event, reinterpret_cast<cuda::Stream>(static_cast<uintptr_t>(stream))),
+                 "cudaEventRecord on " + where);
+  runtime_.check(api.stream_wait_event(copy, event, 0),
+                 "cudaStreamWaitEvent of the copy stream on " + where);
+}
+
 }  // namespace dcp_native

@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -147,6 +148,26 @@ class DeviceGuard {
   const CudaRuntime& runtime_;
   int previous_ = -1;
   int current_ = -1;
+};
+
+// Makes copy streams wait for the work queued so far on the caller's streams
+// (the kernels that write what a save copies, or the fill of what a load
+// overwrites), through events destroyed with this object (CUDA releases an
+// event still pending once it completes).
+class StreamWaits {
+ public:
+  explicit StreamWaits(const CudaRuntime& runtime) noexcept : runtime_(runtime) {}
+  StreamWaits(const StreamWaits&) = delete;
+  StreamWaits& operator=(const StreamWaits&) = delete;
+  ~StreamWaits();
+  // `copy` waits for `stream` of `device` (the caller has made `device`
+  // current); `role` and `path` name them in errors.
+  void wait(cuda::Stream copy, int device, int64_t stream, const char* role,
+            const std::string& path);
+
+ private:
+  const CudaRuntime& runtime_;
+  std::vector<cuda::Event> events_;
 };
 
 // "0x..." for addresses in error messages.

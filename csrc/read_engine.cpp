@@ -10,7 +10,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <utility>
 
 #include "call_plan.hpp"
@@ -161,8 +160,8 @@ struct ReadPlan {
   std::vector<IoCall> calls;
   // Per file: the size it must have, max(min_size, end of its furthest run).
   std::vector<int64_t> required;
-  // Scratch a worker needs: the largest gap, and for calls that are checked
-  // (whose gaps each keep their bytes) the most gap bytes of one call.
+  // Scratch a worker needs: the most gap bytes of one call (each gap has
+  // its own, for the checks).
   int64_t scratch_bytes = 0;
   ReadStats stats;
 };
@@ -191,7 +190,7 @@ void check_table(const ReadFileSpec& file, int64_t furthest) {
 // group, whatever the call limits: calls then split only between blocks' bytes
 // a call of the group holds in order, so every block is read whole.
 void pack_runs(const ReadFileSpec& file, const std::vector<Run>& runs, CallBuilder& builder,
-               int64_t max_gap, ReadPlan& plan) {
+               int64_t max_gap) {
   const bool checked = file.has_table;
   const int64_t block = file.grid.block;
   auto block_end = [&](int64_t pos) {
@@ -207,14 +206,9 @@ void pack_runs(const ReadFileSpec& file, const std::vector<Run>& runs, CallBuild
           checked ? gap >= 0 && (run.offset / block * block < block_end(end) ||
                                  should_merge(prev_length, gap, run.length, max_gap))
                   : should_merge(prev_length, gap, run.length, max_gap) && builder.can_extend(gap);
-      if (merge && gap > 0) {
-        if (checked) {
-          builder.add(end, nullptr, gap);
-        } else {
-          builder.add_gap(gap);
-        }
-        plan.scratch_bytes = std::max(plan.scratch_bytes, gap);
-      } else if (!merge) {
+      if (merge) {
+        builder.add(end, nullptr, gap);  // the call has room (unchecked) or splits (checked)
+      } else {
         if (checked) {
           builder.add(end, nullptr, block_end(end) - end);
         }
@@ -264,9 +258,9 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
     }
     const size_t first_call = plan.calls.size();
     builder.begin_file(f);
-    pack_runs(file, runs, builder, options.max_gap, plan);
+    pack_runs(file, runs, builder, options.max_gap);
     builder.end_file();
-    for (size_t c = first_call; c < plan.calls.size() && file.has_table; ++c) {
+    for (size_t c = first_call; c < plan.calls.size(); ++c) {
       int64_t gaps = 0;
       for (int i = 0; i < plan.calls[c].iov_count; ++i) {
         const iovec& iov = plan.iovs[plan.calls[c].first_iov + i];
@@ -432,42 +426,6 @@ void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char*
   }
 }
 
-// The events a read records on its consumers' streams, destroyed with it
-// (CUDA releases an event that is still pending once it completes).
-class ConsumerEvents {
- public:
-  explicit ConsumerEvents(CudaRuntime* runtime) noexcept : runtime_(runtime) {}
-  ConsumerEvents(const ConsumerEvents&) = delete;
-  ConsumerEvents& operator=(const ConsumerEvents&) = delete;
-  ~ConsumerEvents() {
-    for (cuda::Event event : events_) {
-      runtime_->api().event_destroy(event);
-    }
-  }
-
-  // Makes `copy` wait for the work queued so far on `stream_value` of `device`
-  // (the caller has made `device` current).
-  void wait(cuda::Stream copy, int device, int64_t stream_value) {
-    const cuda::Api& api = runtime_->api();
-    const std::string where = "the consumer stream " +
-                              hex_address(static_cast<uintptr_t>(stream_value)) + " of device " +
-                              std::to_string(device);
-    cuda::Event event = nullptr;
-    runtime_->check(api.event_create_with_flags(&event, cuda::kEventDisableTiming),
-                    "cudaEventCreateWithFlags for " + where);
-    events_.push_back(event);
-    runtime_->check(
-        api.event_record(event, reinterpret_cast<cuda::Stream>(static_cast<uintptr_t>(stream_value))),
-        "cudaEventRecord on " + where);
-    runtime_->check(api.stream_wait_event(copy, event, 0),
-                    "cudaStreamWaitEvent of the copy stream on " + where);
-  }
-
- private:
-  CudaRuntime* runtime_;
-  std::vector<cuda::Event> events_;
-};
-
 void refuse_device_table(const ReadFileSpec& file) {
   if (file.device >= 0 && file.has_table) {
     throw PlanError("read plan for " + file.path +
@@ -557,18 +515,20 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
   // Work queued on each consumer stream before the call (kernels still
   // writing the destinations, such as the fill of freshly allocated
   // tensors) completes before the copy streams write them.
-  ConsumerEvents consumers(runtime);
+  std::unique_ptr<StreamWaits> consumers;
   if (runtime != nullptr) {
-    std::set<std::pair<int, int64_t>> waits;
+    consumers.reset(new StreamWaits(*runtime));
+    std::map<std::pair<int, int64_t>, const std::string*> waits;
     for (const ReadFileSpec& file : files) {
       if (file.device >= 0) {
-        waits.emplace(file.device, file.stream);
+        waits.emplace(std::make_pair(file.device, file.stream), &file.path);
       }
     }
     DeviceGuard guard(*runtime);
     for (const auto& wait : waits) {
-      guard.set(wait.first);
-      consumers.wait(copy_stream(wait.first), wait.first, wait.second);
+      guard.set(wait.first.first);
+      consumers->wait(copy_stream(wait.first.first), wait.first.first, wait.first.second,
+                      "the consumer stream", *wait.second);
     }
   }
 
@@ -588,9 +548,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
     }
   };
   auto worker = [&]() {
-    // One scratch buffer per thread takes the gaps of its calls: in calls
-    // that are checked each gap has its own bytes, elsewhere nobody reads
-    // them, so they may overwrite each other.
+    // One scratch buffer per thread takes the gaps of its calls.
     std::unique_ptr<char[]> scratch(scratch_bytes > 0 ? new char[scratch_bytes] : nullptr);
     iovec local[kMaxIovecs];
     iovec checked[kMaxIovecs];
@@ -672,7 +630,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
           local[i] = planned[i];
           if (local[i].iov_base == nullptr) {
             local[i].iov_base = gap;
-            gap += file.has_table ? local[i].iov_len : 0;
+            gap += local[i].iov_len;
           }
         }
         // read_fully consumes its iovecs; the check needs them whole.

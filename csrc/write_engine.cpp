@@ -304,10 +304,7 @@ class DeviceStaging {
         consumed(slot);
       }
     }
-    for (cuda::Event event : producer_events_) {
-      runtime_.api().event_destroy(event);
-    }
-    producer_events_.clear();
+    producers_.reset();
     if (check && first != cuda::kSuccess) {
       runtime_.fail(first, operation);
     }
@@ -370,25 +367,12 @@ class DeviceStaging {
       const WriteFileSpec& file = files_[piece.file];
       producers.emplace(std::make_pair(file.device, file.stream), &file.path);
     }
-    const cuda::Api& api = runtime_.api();
+    producers_.reset(new StreamWaits(runtime_));
     for (const auto& producer : producers) {
       const int device = producer.first.first;
-      const int64_t stream_value = producer.first.second;
       guard.set(device);
-      const cuda::Stream copy = copy_stream(device);
-      const cuda::Stream stream =
-          reinterpret_cast<cuda::Stream>(static_cast<uintptr_t>(stream_value));
-      const std::string where = "the producer stream " +
-                                hex_address(static_cast<uintptr_t>(stream_value)) +
-                                " of device " + std::to_string(device) + " (writing " +
-                                *producer.second + ")";
-      cuda::Event event = nullptr;
-      runtime_.check(api.event_create_with_flags(&event, cuda::kEventDisableTiming),
-                     "cudaEventCreateWithFlags for " + where);
-      producer_events_.push_back(event);
-      runtime_.check(api.event_record(event, stream), "cudaEventRecord on " + where);
-      runtime_.check(api.stream_wait_event(copy, event, 0),
-                     "cudaStreamWaitEvent of the copy stream on " + where);
+      producers_->wait(copy_stream(device), device, producer.first.second, "the producer stream",
+                       *producer.second);
     }
   }
 
@@ -404,7 +388,7 @@ class DeviceStaging {
   std::thread thread_;
   // Only the issuer touches these until it is joined.
   std::map<int, cuda::Stream> streams_;
-  std::vector<cuda::Event> producer_events_;
+  std::unique_ptr<StreamWaits> producers_;
   bool finished_ = false;
 };
 
