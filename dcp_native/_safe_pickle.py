@@ -328,53 +328,26 @@ def _scan(data: bytes) -> tuple[bool, str | None]:
         # each a pickle of its own, then storage keys and raw storage bytes.
         stream = io.BytesIO(data)
         pickles = 4
-    for _ in range(pickles):
-        try:
-            refused = _first_refused_global(stream)
-        except Exception:
-            return False, None
-        if refused is not None:
-            return True, refused
-    return True, None
-
-
-def _first_refused_global(stream: BinaryIO) -> str | None:
-    """Reads one pickle from ``stream``; returns the first global torch does not allow."""
     from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
-    strings: list[str] = []  # what a STACK_GLOBAL would take its names from
-    memo: dict[int, str] = {}
-    memo_size = 0
-    top: str | None = None  # the string on top of the stack, if the top is one
-    for op, arg, _pos in pickletools.genops(stream):
-        name = op.name
-        full = None
-        if name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
-            index = memo_size if name == "MEMOIZE" else arg
-            memo_size += name == "MEMOIZE"
-            if top is not None:
-                memo[index] = top
-            continue  # the stack is unchanged
-        top = None
-        if name in ("GLOBAL", "INST"):
-            module, _, attr = arg.partition(" ")
+    for _ in range(pickles):
+        found: list[tuple[str, str]] = []
+        try:
+            _walk(stream, found)
+            decodes = True
+        except Exception:  # genops raises more than ValueError on some truncations
+            decodes = False
+        for module, name in found:
             # torch's unpickler renames Python 2 names as pickle does.
-            if (module, attr) in NAME_MAPPING:
-                module, attr = NAME_MAPPING[(module, attr)]
+            if (module, name) in NAME_MAPPING:
+                module, name = NAME_MAPPING[(module, name)]
             elif module in IMPORT_MAPPING:
                 module = IMPORT_MAPPING[module]
-            full = f"{module}.{attr}"
-        elif name == "STACK_GLOBAL" and len(strings) >= 2:
-            full = f"{strings[-2]}.{strings[-1]}"
-        elif isinstance(arg, str) and "UNICODE" in name:
-            top = arg
-        elif name in ("BINGET", "LONG_BINGET", "GET"):
-            top = memo.get(arg)
-        if top is not None:
-            strings.append(top)
-        if full is not None and not _allowed_by_torch(full):
-            return full
-    return None
+            if not _allowed_by_torch(f"{module}.{name}"):
+                return True, f"{module}.{name}"
+        if not decodes:
+            return False, None
+    return True, None
 
 
 # ----------------------------------------------------------------------------- data.pkl of a tensor
@@ -529,6 +502,13 @@ def describe_pickle(data: bytes) -> tuple[str, Any]:
     descriptions: nothing is imported or called. Raises ValueError when the
     bytes are not a pickle.
     """
+    return _walk(data)
+
+
+def _walk(source: bytes | BinaryIO, found: list[tuple[str, str]] | None = None) -> tuple[str, Any]:
+    """:func:`describe_pickle` of one pickle in ``source`` (from a stream: the next one),
+    appending ``(module, name)`` of every global it names to ``found``."""
+    found = [] if found is None else found
     stack: list[tuple[str, Any]] = []
     marks: list[int] = []
     memo: dict[int, tuple[str, Any]] = {}
@@ -549,7 +529,7 @@ def describe_pickle(data: bytes) -> tuple[str, Any]:
         return (name.removeprefix("builtins."), None)
 
     try:
-        for op, arg, _ in pickletools.genops(data):
+        for op, arg, _ in pickletools.genops(source):
             name = op.name
             if name in ("PROTO", "FRAME", "READONLY_BUFFER"):
                 continue
@@ -565,13 +545,16 @@ def describe_pickle(data: bytes) -> tuple[str, Any]:
                 marks.append(len(stack))
             elif name in _EMPTY:
                 stack.append((_EMPTY[name], {"NEWTRUE": True, "NEWFALSE": False}.get(name)))
-            elif name == "GLOBAL":
-                stack.append(("global", arg.replace(" ", ".")))
-            elif name == "INST":
-                pop_mark()
-                stack.append(built(("global", arg.replace(" ", "."))))
+            elif name in ("GLOBAL", "INST"):
+                found.append(tuple(arg.split(" ", 1)))
+                described = ("global", arg.replace(" ", "."))
+                if name == "INST":
+                    pop_mark()
+                    described = built(described)
+                stack.append(described)
             elif name == "STACK_GLOBAL":
                 attr, module = stack.pop(), stack.pop()
+                found.append((str(module[1]), str(attr[1])))
                 stack.append(("global", f"{module[1]}.{attr[1]}"))
             elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
                 memo[arg] = stack[-1]
