@@ -318,6 +318,10 @@ class Archive:
         return self.view.get(start, size)
 
 
+class BadExtent(ArchiveError):
+    """The elements a data.pkl names do not lie inside its stored storage."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LocatedTensor:
     saved: SavedTensor
@@ -338,7 +342,7 @@ def locate_tensor(archive: Archive) -> LocatedTensor:
     saved = _safe_pickle.parse_tensor_pickle(pickled)
     problem = extent_problem(saved, payload_size)
     if problem is not None:
-        raise ArchiveError(problem)
+        raise BadExtent(problem)
     return LocatedTensor(saved, payload, payload_size)
 
 

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 
 from .. import _fileio, checkpoint
 from .._errors import IntegrityError
-from .._safe_pickle import describe_pickle, parse_tensor_pickle
-from ..checkpoint import Archive, ArchiveError, FileRead, Item, ItemBytes, UnsupportedLayout
+from .._safe_pickle import describe_pickle
+from ..checkpoint import Archive, ArchiveError, FileRead, Item, UnsupportedLayout
 from ..plan import Box
 from .common import (
     _BadMetadata,
@@ -297,11 +297,13 @@ class _Verifier:
                     self.problem(f"cannot read the item: {_os_error_text(view)}", item)
                     continue
                 try:
+                    archive = Archive(view)
+                    archive.check_all()
                     if item.kind == "tensor":
-                        self._check_tensor(item, view)
+                        self._check_tensor(item, archive)
                         self.checked_tensors += 1
                     else:
-                        self._check_object(item, view)
+                        self._check_object(item, archive)
                         self.checked_objects += 1
                 except ArchiveError as exc:
                     self.problem(f"not a readable torch.save archive: {exc}", item)
@@ -310,29 +312,26 @@ class _Verifier:
         finally:
             progress.close()
 
-    def _check_object(self, item: Item, view: ItemBytes) -> None:
-        archive = Archive(view)
-        archive.check_all()
+    def _check_object(self, item: Item, archive: Archive) -> bool:
         try:
             describe_pickle(archive.data_pickle())
         except ValueError as exc:
             self.problem(f"data.pkl is not a valid pickle: {exc}", item)
+            return False
+        return True
 
-    def _check_tensor(self, item: Item, view: ItemBytes) -> None:
-        archive = Archive(view)
-        archive.check_all()
-        data_pkl = archive.data_pickle()
-        if "data/0" not in archive.index:
-            self.problem("the archive has no data/0 record (the tensor's storage)", item)
-            return
-        payload, payload_size = archive.record("data/0")
-        try:
-            describe_pickle(data_pkl)
-        except ValueError as exc:
-            self.problem(f"data.pkl is not a valid pickle: {exc}", item)
+    def _check_tensor(self, item: Item, archive: Archive) -> None:
+        """The archive, its data.pkl, and where the payload lies, against the metadata and sidecar.
+
+        Framing that is damaged or out of bounds raises ArchiveError (reported by the caller).
+        """
+        if not self._check_object(item, archive):
             return
         try:
-            saved = parse_tensor_pickle(data_pkl)
+            located = checkpoint.locate_tensor(archive)
+        except checkpoint.BadExtent as exc:
+            self.problem(str(exc), item)
+            return
         except UnsupportedLayout as exc:
             # Legitimate for tensors stock frames with torch.save (sparse, quantized, ...).
             self.notes.append(
@@ -340,17 +339,15 @@ class _Verifier:
                 f"dcp-native does not parse ({exc}); its archive was checked, its data.pkl not"
             )
             return
-        for problem in (
-            item.dtype is not None and item.chunk_sizes is not None
-            and checkpoint.metadata_mismatch(saved, item.dtype, item.chunk_sizes),
-            checkpoint.extent_problem(saved, payload_size),
-        ):
-            if problem:
-                self.problem(problem, item)
+        if item.dtype is not None and item.chunk_sizes is not None:
+            mismatch = checkpoint.metadata_mismatch(located.saved, item.dtype, item.chunk_sizes)
+            if mismatch:
+                self.problem(mismatch, item)
         entry = self.ck.sidecar.entries.get(item.file, {}).get(item.offset)
-        if entry is not None and entry[1] != payload:
+        if entry is not None and entry[1] != located.payload:
             self.problem(
-                f"the sidecar puts the payload at item offset {entry[1]}, the archive at {payload}",
+                f"the sidecar puts the payload at item offset {entry[1]}, "
+                f"the archive at {located.payload}",
                 item,
             )
 
