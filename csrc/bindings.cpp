@@ -117,13 +117,6 @@ py::object decode_path(const std::string& path) {
   return py::reinterpret_steal<py::object>(decoded);
 }
 
-void check_lengths(size_t expected, size_t actual, const char* what) {
-  if (expected != actual) {
-    throw PlanError(std::string(what) + " has " + std::to_string(actual) + " entries for " +
-                    std::to_string(expected) + " paths");
-  }
-}
-
 // The settings dcp_native.config.Config.native() passes to every call:
 // (fault triples, short-I/O cap, portable CRC32C, O_DIRECT refusal, CUDA
 // runtime library). The C++ side reads no environment variable.
@@ -191,32 +184,27 @@ int device_argument(py::handle value) {
   return static_cast<int>(device);
 }
 
-py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
-                         const py::sequence& segments, const py::sequence& crc_blocks,
-                         int64_t threads, bool sync, int64_t chunk_bytes, py::handle config,
-                         const py::sequence& devices, const py::sequence& streams,
-                         py::handle pool, bool direct_io) {
-  const size_t count = py::len(paths);
-  check_lengths(count, py::len(blobs), "blobs");
-  check_lengths(count, py::len(segments), "segments");
-  check_lengths(count, py::len(crc_blocks), "crc_blocks");
-  check_lengths(count, py::len(devices), "devices");
-  check_lengths(count, py::len(streams), "streams");
+// The plans arrive as the dataclasses of dcp_native.engine (WriteFile,
+// ReadFile), read attribute by attribute; their buffers are held until the
+// call returns.
+py::tuple py_write_files(const py::sequence& plan, int64_t threads, bool sync, int64_t chunk_bytes,
+                         py::handle config, py::handle pool, bool direct_io) {
+  const size_t count = py::len(plan);
   std::vector<BufferView> held;
   held.reserve(2 * count);
   std::vector<WriteFileSpec> files;
   files.reserve(count);
-  for (size_t i = 0; i < count; ++i) {
-    WriteFileSpec spec{encode_path(paths[i]), nullptr, 0, nullptr, 0};
-    held.push_back(bytes_view(blobs[i], "blob"));
+  for (const py::handle file : plan) {
+    WriteFileSpec spec{encode_path(file.attr("path")), nullptr, 0, nullptr, 0};
+    held.push_back(bytes_view(file.attr("blob"), "blob"));
     spec.blob = held.back().data();
     spec.blob_length = held.back().size();
-    held.push_back(int64_view(segments[i], "segments"));
+    held.push_back(int64_view(file.attr("segments"), "segments"));
     spec.segments = int64_data(held.back());
     spec.segments_length = held.back().size() / 8;
-    spec.crc_block = crc_blocks[i].cast<int64_t>();
-    spec.device = device_argument(devices[i]);
-    spec.stream = streams[i].cast<int64_t>();
+    spec.crc_block = file.attr("crc_block").cast<int64_t>();
+    spec.device = device_argument(file.attr("device"));
+    spec.stream = file.attr("stream").cast<int64_t>();
     files.push_back(std::move(spec));
   }
   WriteOptions options;
@@ -238,42 +226,30 @@ py::tuple py_write_files(const py::sequence& paths, const py::sequence& blobs,
   return py::make_tuple(py::cast(result.bytes_per_file), crcs);
 }
 
-py::tuple py_read_files(const py::sequence& paths, const py::sequence& min_sizes,
-                        const py::sequence& copies, const py::sequence& tables, int64_t threads,
-                        int64_t max_gap, int64_t chunk_bytes, py::handle config,
-                        const py::sequence& devices, const py::sequence& streams, py::handle pool,
-                        bool direct_io) {
-  const size_t count = py::len(paths);
-  check_lengths(count, py::len(min_sizes), "min_sizes");
-  check_lengths(count, py::len(devices), "devices");
-  check_lengths(count, py::len(streams), "streams");
-  check_lengths(count, py::len(copies), "copies");
-  check_lengths(count, py::len(tables), "tables");
+py::tuple py_read_files(const py::sequence& plan, int64_t threads, int64_t max_gap,
+                        int64_t chunk_bytes, py::handle config, py::handle pool, bool direct_io) {
+  const size_t count = py::len(plan);
   std::vector<BufferView> held;
   held.reserve(2 * count);
   std::vector<ReadFileSpec> files;
   files.reserve(count);
-  for (size_t i = 0; i < count; ++i) {
+  for (const py::handle file : plan) {
     ReadFileSpec spec;
-    spec.path = encode_path(paths[i]);
-    spec.min_size = min_sizes[i].cast<int64_t>();
-    held.push_back(int64_view(copies[i], "copies"));
+    spec.path = encode_path(file.attr("path"));
+    spec.min_size = file.attr("min_size").cast<int64_t>();
+    held.push_back(int64_view(file.attr("copies"), "copies"));
     spec.copies = int64_data(held.back());
     spec.copies_length = held.back().size() / 8;
-    if (!tables[i].is_none()) {
-      // (block, size, crcs): see dcp_native.engine.ReadFile.table.
-      const py::tuple table = tables[i].cast<py::tuple>();
-      if (table.size() != 3) {
-        throw PlanError("a table must be (block, size, crcs)");
-      }
-      spec.grid = BlockGrid{table[0].cast<int64_t>(), table[1].cast<int64_t>()};
-      held.push_back(int_view(table[2], 4, "IL", "crcs", "array('I')"));
+    const py::object table = file.attr("table");
+    if (!table.is_none()) {
+      spec.grid = BlockGrid{table.attr("block").cast<int64_t>(), table.attr("size").cast<int64_t>()};
+      held.push_back(int_view(table.attr("crcs"), 4, "IL", "crcs", "array('I')"));
       spec.crcs = reinterpret_cast<const uint32_t*>(held.back().data());
       spec.crc_count = held.back().size() / 4;
       spec.has_table = true;
     }
-    spec.device = device_argument(devices[i]);
-    spec.stream = streams[i].cast<int64_t>();
+    spec.device = device_argument(file.attr("device"));
+    spec.stream = file.attr("stream").cast<int64_t>();
     files.push_back(std::move(spec));
   }
   ReadOptions options;
@@ -458,20 +434,15 @@ PYBIND11_MODULE(_C, m) {
                (self.closed() ? " closed>" : ">");
       });
 
-  m.def("write_files", &py_write_files, py::arg("paths"), py::arg("blobs"), py::arg("segments"),
-        py::arg("crc_blocks"), py::arg("threads"), py::arg("sync"), py::arg("chunk_bytes"),
-        py::arg("config"), py::arg("devices"), py::arg("streams"), py::arg("pool"),
-        py::arg("direct_io"),
-        "Create each file and write its segments (flat int64 4-tuples (file_offset, kind, source,\n"
-        "length)); device segments through the pool (None: one for the call). Returns (bytes\n"
-        "written per file, per file array('I') of block CRC32Cs or None).");
-  m.def("read_files", &py_read_files, py::arg("paths"), py::arg("min_sizes"), py::arg("copies"),
-        py::arg("tables"), py::arg("threads"), py::arg("max_gap"), py::arg("chunk_bytes"),
-        py::arg("config"), py::arg("devices"), py::arg("streams"), py::arg("pool"),
-        py::arg("direct_io"),
-        "Execute a read plan (flat int64 box records per file; per file None or a checksum\n"
-        "table (block, size, crcs) to check every block read against). Returns (bytes_read,\n"
-        "calls, failed_blocks).");
+  m.def("write_files", &py_write_files, py::arg("files"), py::arg("threads"), py::arg("sync"),
+        py::arg("chunk_bytes"), py::arg("config"), py::arg("pool"), py::arg("direct_io"),
+        "Create each file (dcp_native.engine.WriteFile) and write its segments; device segments\n"
+        "through the pool (None: one for the call). Returns (bytes written per file, per file\n"
+        "array('I') of block CRC32Cs or None).");
+  m.def("read_files", &py_read_files, py::arg("files"), py::arg("threads"), py::arg("max_gap"),
+        py::arg("chunk_bytes"), py::arg("config"), py::arg("pool"), py::arg("direct_io"),
+        "Execute a read plan (dcp_native.engine.ReadFile per file, checked against its table\n"
+        "when it has one). Returns (bytes_read, calls, failed_blocks).");
   m.def("cuda_status", &py_cuda_status, py::arg("cudart") = "",
         "(usable, reason, library) of the CUDA runtime in the library cudart names ('': the\n"
         "one torch loaded).");

@@ -1,7 +1,7 @@
 """The native engine: the contract of :mod:`dcp_native.engine` executed by dcp_native._C.
 
-A thin adapter: plans cross into C++ as they are (flat int64 buffers, blobs,
-paths encoded with os.fsencode), and the C++ side validates them, releases
+A thin adapter: plans cross into C++ as they are (the WriteFile/ReadFile
+dataclasses, their flat int64 buffers and blobs), and the C++ side validates them, releases
 the GIL and does all the I/O and checksums. The settings of
 :mod:`dcp_native.config` (fault injection, the CRC32C implementation, the CUDA
 runtime to load, ...) are passed to every call. Importing this module raises ImportError
@@ -16,7 +16,6 @@ changes between calls).
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 # Importing names (not `from . import _C`) goes through sys.modules even when
@@ -56,18 +55,7 @@ class NativeEngine:
         direct_io: bool = True,
     ) -> WriteStats:
         written, crcs = write_files(
-            [os.fsencode(f.path) for f in files],
-            [f.blob for f in files],
-            [f.segments for f in files],
-            [f.crc_block for f in files],
-            threads,
-            bool(sync),
-            chunk_bytes,
-            config.current().native(),
-            [f.device for f in files],
-            [f.stream for f in files],
-            pool,
-            bool(direct_io),
+            files, threads, bool(sync), chunk_bytes, config.current().native(), pool, bool(direct_io)
         )
         return WriteStats(bytes_written=written, block_crcs=crcs)
 
@@ -82,18 +70,7 @@ class NativeEngine:
         direct_io: bool = True,
     ) -> ReadStats:
         bytes_read, calls, failed = read_files(
-            [os.fsencode(f.path) for f in files],
-            [f.min_size for f in files],
-            [f.copies for f in files],
-            [None if f.table is None else (f.table.block, f.table.size, f.table.crcs) for f in files],
-            threads,
-            max_gap,
-            chunk_bytes,
-            config.current().native(),
-            [f.device for f in files],
-            [f.stream for f in files],
-            pool,
-            bool(direct_io),
+            files, threads, max_gap, chunk_bytes, config.current().native(), pool, bool(direct_io)
         )
         return ReadStats(bytes_read=bytes_read, calls=calls, failed_blocks=failed)
 
