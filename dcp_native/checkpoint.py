@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from . import _fileio, _safe_pickle, integrity, layout, sidecar
-from ._errors import CorruptCheckpointError, IntegrityError
+from ._errors import CorruptCheckpointError
 from ._safe_pickle import SavedTensor, UnsupportedLayout
 from .engine import ReadFile, ReadStats
 from .layout import ArchiveError

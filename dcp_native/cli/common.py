@@ -234,6 +234,16 @@ def _open_checkpoint(path: str) -> _Opened:
         raise CommandFailed(_os_error_text(exc)) from None
 
 
+def _open_or_fail(path: str) -> _Opened:
+    """:func:`_open_checkpoint` for the commands that cannot report a damaged .metadata (exit 3)."""
+    try:
+        return _open_checkpoint(path)
+    except _BadMetadata as exc:
+        raise CommandFailed(
+            f"{os.path.join(path, _METADATA)} {exc} (run `{PROG} verify` on it)"
+        ) from None
+
+
 def _item_views(ck: Checkpoint, items: Sequence[Item]) -> Iterator[tuple[Item, ItemBytes | OSError]]:
     """Head and tail of each item through the engine, in rounds (an item that cannot be read
     yields its error); other ranges of an item are read on demand."""

@@ -21,14 +21,13 @@ from .._errors import CheckpointError
 from ..reader import FileSystemReader
 from ..writer import FileSystemWriter
 from .common import (
-    _BadMetadata,
     CommandFailed,
     _engine,
     EXIT_OK,
     _human,
     _METADATA,
     _one_line,
-    _open_checkpoint,
+    _open_or_fail,
     _os_error_text,
     _plural,
     PROG,
@@ -78,12 +77,7 @@ def _check_output(dst: str, force: bool, want_dir: bool) -> None:
 
 
 def _convert_to_file(args: argparse.Namespace) -> int:
-    try:
-        ck = _open_checkpoint(args.src)
-    except _BadMetadata as exc:
-        raise CommandFailed(
-            f"{os.path.join(args.src, _METADATA)} {exc} (run `{PROG} verify` on it)"
-        ) from None
+    ck = _open_or_fail(args.src)
     _check_output(args.dst, args.force, want_dir=False)
     sd_md = ck.metadata.state_dict_metadata
     keys = _select_keys(list(sd_md), args.keys, args.src)

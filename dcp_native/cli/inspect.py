@@ -12,19 +12,15 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from .._safe_pickle import describe_pickle
 from ..checkpoint import Archive, ArchiveError, Item
 from .common import (
-    _BadMetadata,
-    CommandFailed,
     _describe_sidecar,
     _dtype_name,
     EXIT_OK,
     _human,
     _item_views,
     _json,
-    _METADATA,
     _Opened,
-    _open_checkpoint,
+    _open_or_fail,
     _plural,
-    PROG,
     _written_by,
 )
 
@@ -167,12 +163,7 @@ def _inspect_text(doc: dict[str, Any], ck: _Opened) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    try:
-        ck = _open_checkpoint(args.path)
-    except _BadMetadata as exc:
-        raise CommandFailed(
-            f"{os.path.join(args.path, _METADATA)} {exc} (run `{PROG} verify` on it)"
-        ) from None
+    ck = _open_or_fail(args.path)
     doc = _inspect_doc(ck)
     if args.json:
         print(_json(doc))
