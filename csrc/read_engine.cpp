@@ -426,20 +426,7 @@ void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char*
   }
 }
 
-void refuse_device_table(const ReadFileSpec& file) {
-  if (file.device >= 0 && file.has_table) {
-    throw PlanError("read plan for " + file.path +
-                    ": a checksum table cannot be given for a file read into device memory "
-                    "(device " + std::to_string(file.device) + ")");
-  }
-}
-
-// Also refuses tables on device files, before the runtime is looked up: a
-// malformed plan is a ValueError whether or not CUDA is usable.
 bool has_device_files(const std::vector<ReadFileSpec>& files, int* device) {
-  for (const ReadFileSpec& file : files) {
-    refuse_device_table(file);
-  }
   for (const ReadFileSpec& file : files) {
     if (file.device >= 0 && file.copies_length > 0) {
       *device = file.device;
@@ -547,6 +534,16 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
       failed.emplace_back(static_cast<int64_t>(f), k);
     }
   };
+  // Checks the blocks a call read (whole, in `iovs`), on its thread.
+  auto check_call = [&](size_t index, const IoCall& call, const iovec* iovs) {
+    const size_t f = call.file;
+    if (files[f].has_table) {
+      shared_count[index] = checksum_range(
+          files[f].grid, call.offset, call.bytes, iovs, crc32c,
+          [&compare, f](int64_t k, uint32_t crc) { compare(f, k, crc); },
+          &shared_blocks[2 * index]);
+    }
+  };
   auto worker = [&]() {
     // One scratch buffer per thread takes the gaps of its calls.
     std::unique_ptr<char[]> scratch(scratch_bytes > 0 ? new char[scratch_bytes] : nullptr);
@@ -610,6 +607,9 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
           read_fully(fd, &rest, 1, call.offset + done, call.bytes - done, file.path, required,
                      hooks);
         }
+        // Checked in the pinned buffer, before anything reaches the device.
+        const iovec pinned{buffer, static_cast<size_t>(call.bytes)};
+        check_call(index, call, &pinned);
         copy_to_device(*runtime, stream, buffer, plan.iovs.data() + call.first_iov,
                        plan.iov_box.data() + call.first_iov, call.iov_count, call, file.path, file.device);
         cuda::Event event = nullptr;
@@ -636,13 +636,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
         // read_fully consumes its iovecs; the check needs them whole.
         std::copy(local, local + (file.has_table ? call.iov_count : 0), checked);
         read_fully(fd, local, call.iov_count, call.offset, call.bytes, file.path, required, hooks);
-        if (file.has_table) {
-          const size_t f = call.file;
-          shared_count[index] = checksum_range(
-              file.grid, call.offset, call.bytes, checked, crc32c,
-              [&compare, f](int64_t k, uint32_t crc) { compare(f, k, crc); },
-              &shared_blocks[2 * index]);
-        }
+        check_call(index, call, checked);
       }
       if (shared_file.finish_piece()) {
         direct[call.file].close();

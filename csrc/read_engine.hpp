@@ -3,7 +3,8 @@
 // and coalesced per file, packed into preadv calls and spread over threads;
 // coalescing gaps land in a per-thread scratch buffer, never in the caller's
 // memory. Files read with their checksum table are read in whole blocks,
-// each checked by the thread that read it. Files whose destinations are
+// each checked by the thread that read it (device files in the pinned
+// buffer, before the copy to the device). Files whose destinations are
 // device memory are read into pinned buffers and copied to the device on the
 // engine's copy stream while later pieces are read.
 #pragma once
@@ -41,7 +42,7 @@ struct ReadFileSpec {
   const uint32_t* crcs = nullptr;
   size_t crc_count = 0;
   BlockGrid grid;
-  bool has_table = false;  // even an empty one: not allowed for device files
+  bool has_table = false;
   // >= 0: every destination is device memory on this CUDA device.
   int device = -1;
   // The consumer's cudaStream_t as an integer (0: the legacy default stream):

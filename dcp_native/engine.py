@@ -101,8 +101,8 @@ Device memory (CUDA; see "GPU path" in DESIGN.md)
     copied to the device (``cudaMemcpy2DAsync`` for runs of one box of equal
     length at regular strides, pitches up to 2 GiB), overlapped with the reads of later pieces; the engine's
     stream is synchronized before the call returns, so the memory is ready for
-    any stream. ``table`` must be None for such files (``ValueError``): the
-    reader verifies through host memory instead.
+    any stream. With a ``table``, each call's blocks are checked in its
+    pinned buffer before the copy to the device.
 
     ``pool`` (optional, from :meth:`Engine.pinned_pool`) bounds and reuses the
     pinned memory across calls; without one a call with device memory uses a

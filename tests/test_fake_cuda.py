@@ -544,17 +544,34 @@ def test_host_and_device_files_in_one_read(engine, fake, tmp_path):
     pool.close()
 
 
-@pytest.mark.parametrize("runtime", ["fake", "missing"])
-def test_tables_refused_for_device_files(engine, fake, tmp_path, monkeypatch, runtime):
-    if runtime == "missing":
-        monkeypatch.setenv(CUDART_ENV, str(tmp_path / "absent.so"))
+@pytest.mark.parametrize("chunk", [4096, 1 << 16])
+def test_device_reads_checked_in_pinned_buffers(engine, fake, tmp_path, chunk):
+    """A table checks device reads as it checks host ones (widened to whole blocks, the
+    same failures and stats), in the pinned buffers, before the bytes reach the device."""
+    data = pattern(200_000, 7)
     path = tmp_path / "f"
-    path.write_bytes(b"x" * 100)
-    dev = device_tensor(bytes(100))
-    table = Table(4096, 100, array("I", [crc32c(b"x" * 100)]))
-    with pytest.raises(ValueError, match="checksum table"):
-        engine.read([ReadFile(str(path), 0, array("q", [0, dev.data_ptr(), 100, 0]),
-                              table=table, device=0)], threads=1)
+    path.write_bytes(data)
+    crcs = array("I", (crc32c(data[k : k + 4096]) for k in range(0, len(data), 4096)))
+    crcs[3] ^= 1
+    crcs[40] ^= 1
+    table = Table(4096, len(data), crcs)
+    # A column of a 400 x 500 matrix of bytes, and a run inside block 3.
+    col = device_tensor(bytes(400 * 100))
+    run = device_tensor(bytes(100))
+    plan = array("q", [0, col.data_ptr(), 100, 1, 400, 500, 100, 13_000, run.data_ptr(), 100, 0])
+    pool = engine.pinned_pool(0, 4 * chunk, chunk)
+    stats = call(engine.read, [ReadFile(str(path), 0, plan, table=table, device=0)], threads=3,
+                 chunk_bytes=chunk, pool=pool)
+    host = bytearray(40_100)
+    addr = ctypes.addressof((ctypes.c_char * len(host)).from_buffer(host))
+    host_plan = array("q", [0, addr, 100, 1, 400, 500, 100, 13_000, addr + 40_000, 100, 0])
+    expected = engine.read([ReadFile(str(path), 0, host_plan, table=table)], threads=3,
+                           chunk_bytes=chunk)
+    assert stats.failed_blocks == expected.failed_blocks == [(0, 3), (0, 40)]
+    assert bytes(host[:40_000]) == tensor_bytes(col, 40_000)
+    assert tensor_bytes(col, 40_000) == b"".join(data[i * 500 : i * 500 + 100] for i in range(400))
+    assert tensor_bytes(run, 100) == data[13_000:13_100]
+    pool.close()
 
 
 def test_device_segment_needs_a_device(engine, fake, tmp_path):
