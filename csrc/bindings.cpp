@@ -117,29 +117,6 @@ py::object decode_path(const std::string& path) {
   return py::reinterpret_steal<py::object>(decoded);
 }
 
-// The settings dcp_native.config.Config.native() passes to every call:
-// (fault triples, short-I/O cap, portable CRC32C, O_DIRECT refusal, CUDA
-// runtime library). The C++ side reads no environment variable.
-template <class Options>
-void apply_config(py::handle config, Options& options) {
-  const py::tuple values = config.cast<py::tuple>();
-  if (values.size() != 5) {
-    throw PlanError("config must be Config.native()'s 5-tuple");
-  }
-  BufferView view = int64_view(values[0], "faults");
-  options.faults = parse_fault_specs(int64_data(view), view.size() / 8);
-  options.short_io_cap = values[1].cast<int64_t>();
-  if (options.short_io_cap < 0) {
-    throw PlanError("the short-I/O cap must be non-negative");
-  }
-  options.crc32c = crc32c_select(values[2].cast<bool>());
-  const int64_t refusal = values[3].cast<int64_t>();
-  if (refusal < 0 || refusal > static_cast<int64_t>(DirectRefusal::kTransfer)) {
-    throw PlanError("unknown O_DIRECT refusal " + std::to_string(refusal));
-  }
-  options.direct_refusal = static_cast<DirectRefusal>(refusal);
-  options.cudart = values[4].cast<std::string>();
-}
 
 // A CRC argument: an int in [0, 2**32).
 uint32_t crc_value(py::handle object) {
@@ -184,6 +161,34 @@ int device_argument(py::handle value) {
   return static_cast<int>(device);
 }
 
+// The settings dcp_native.config.Config.native() passes to every call:
+// (fault triples, short-I/O cap, portable CRC32C, O_DIRECT refusal, CUDA
+// runtime library). The C++ side reads no environment variable.
+void apply_config(py::handle config, int64_t threads, int64_t chunk_bytes, py::handle pool,
+                  bool direct_io, EngineOptions& options) {
+  options.threads = threads;
+  options.chunk_bytes = chunk_bytes;
+  options.pool = pool_argument(pool);
+  options.direct_io = direct_io;
+  const py::tuple values = config.cast<py::tuple>();
+  if (values.size() != 5) {
+    throw PlanError("config must be Config.native()'s 5-tuple");
+  }
+  BufferView view = int64_view(values[0], "faults");
+  options.faults = parse_fault_specs(int64_data(view), view.size() / 8);
+  options.short_io_cap = values[1].cast<int64_t>();
+  if (options.short_io_cap < 0) {
+    throw PlanError("the short-I/O cap must be non-negative");
+  }
+  options.crc32c = crc32c_select(values[2].cast<bool>());
+  const int64_t refusal = values[3].cast<int64_t>();
+  if (refusal < 0 || refusal > static_cast<int64_t>(DirectRefusal::kTransfer)) {
+    throw PlanError("unknown O_DIRECT refusal " + std::to_string(refusal));
+  }
+  options.direct_refusal = static_cast<DirectRefusal>(refusal);
+  options.cudart = values[4].cast<std::string>();
+}
+
 // The plans arrive as the dataclasses of dcp_native.engine (WriteFile,
 // ReadFile), read attribute by attribute; their buffers are held until the
 // call returns.
@@ -208,12 +213,8 @@ py::tuple py_write_files(const py::sequence& plan, int64_t threads, bool sync, i
     files.push_back(std::move(spec));
   }
   WriteOptions options;
-  options.pool = pool_argument(pool);
-  options.direct_io = direct_io;
-  options.threads = threads;
   options.sync = sync;
-  options.chunk_bytes = chunk_bytes;
-  apply_config(config, options);
+  apply_config(config, threads, chunk_bytes, pool, direct_io, options);
   WriteResult result;
   {
     py::gil_scoped_release release;
@@ -253,12 +254,8 @@ py::tuple py_read_files(const py::sequence& plan, int64_t threads, int64_t max_g
     files.push_back(std::move(spec));
   }
   ReadOptions options;
-  options.pool = pool_argument(pool);
-  options.direct_io = direct_io;
-  options.threads = threads;
   options.max_gap = max_gap;
-  options.chunk_bytes = chunk_bytes;
-  apply_config(config, options);
+  apply_config(config, threads, chunk_bytes, pool, direct_io, options);
   ReadStats stats;
   {
     py::gil_scoped_release release;

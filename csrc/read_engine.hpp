@@ -17,10 +17,7 @@
 #include <vector>
 
 #include "block_crc.hpp"
-#include "crc32c.hpp"
-#include "direct_io.hpp"
-#include "fault_injection.hpp"
-#include "pinned_pool.hpp"
+#include "engine_options.hpp"
 
 namespace dcp_native {
 
@@ -50,22 +47,8 @@ struct ReadFileSpec {
   int64_t stream = 0;
 };
 
-struct ReadOptions {
-  int64_t threads = 1;
+struct ReadOptions : EngineOptions {
   int64_t max_gap = 0;
-  int64_t chunk_bytes = 1;
-  // Test hooks: cap on each syscall's transfer (0 for none), injected faults.
-  int64_t short_io_cap = 0;
-  std::vector<FaultSpec> faults;
-  // The CRC32C implementation for checks; null for the fastest.
-  Crc32cFunction crc32c = nullptr;
-  // Pinned staging for device files; null: a pool for the call.
-  std::shared_ptr<PinnedPool> pool;
-  // O_DIRECT for page-aligned pieces read into pinned buffers.
-  bool direct_io = true;
-  DirectRefusal direct_refusal = DirectRefusal::kNone;
-  // The CUDA runtime library to load for a call's own pool ("": torch's).
-  std::string cudart;
 };
 
 struct ReadStats {

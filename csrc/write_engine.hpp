@@ -15,10 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "crc32c.hpp"
-#include "direct_io.hpp"
-#include "fault_injection.hpp"
-#include "pinned_pool.hpp"
+#include "engine_options.hpp"
+
 
 namespace dcp_native {
 
@@ -42,22 +40,8 @@ struct WriteFileSpec {
   int64_t stream = 0;
 };
 
-struct WriteOptions {
-  int64_t threads = 1;
+struct WriteOptions : EngineOptions {
   bool sync = false;
-  int64_t chunk_bytes = 1;
-  // Test hooks: cap on each syscall's transfer (0 for none), injected faults.
-  int64_t short_io_cap = 0;
-  std::vector<FaultSpec> faults;
-  // The CRC32C implementation; null for the fastest.
-  Crc32cFunction crc32c = nullptr;
-  // Pinned staging for device segments; null: a pool for the call.
-  std::shared_ptr<PinnedPool> pool;
-  // O_DIRECT for page-aligned pieces written from pinned buffers.
-  bool direct_io = true;
-  DirectRefusal direct_refusal = DirectRefusal::kNone;
-  // The CUDA runtime library to load for a call's own pool ("": torch's).
-  std::string cudart;
 };
 
 struct WriteResult {
