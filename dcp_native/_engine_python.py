@@ -78,13 +78,7 @@ class PythonEngine:
         pool: object = None,
         direct_io: bool = True,
     ) -> WriteStats:
-        settings = config.current()
-        faults = _Faults(settings.fault_triples())
-        cap, portable = settings.short_io, settings.portable_crc32c
-        check_positive("threads", threads)
-        check_positive("chunk_bytes", chunk_bytes)
-        _refuse_pool(pool)
-        paths = [os.fsdecode(f.path) for f in files]
+        faults, cap, portable, paths = _begin(files, threads, chunk_bytes, pool)
         calls: list[Call] = []
         views: list[list[memoryview]] = []
         written = []
@@ -148,15 +142,9 @@ class PythonEngine:
         pool: object = None,
         direct_io: bool = True,
     ) -> ReadStats:
-        settings = config.current()
-        faults = _Faults(settings.fault_triples())
-        cap, portable = settings.short_io, settings.portable_crc32c
-        check_positive("threads", threads)
-        check_positive("chunk_bytes", chunk_bytes)
         if max_gap < 0:
             raise ValueError(f"max_gap must be non-negative, got {max_gap}")
-        _refuse_pool(pool)
-        paths = [os.fsdecode(f.path) for f in files]
+        faults, cap, portable, paths = _begin(files, threads, chunk_bytes, pool)
         calls: list[Call] = []
         views: list[list[memoryview]] = []
         required = []
@@ -232,9 +220,15 @@ class PythonEngine:
         raise CudaError(f"CUDA is not usable: {HOST_ONLY}", operation="pinned_pool")
 
 
-def _refuse_pool(pool: object) -> None:
+def _begin(files: Sequence, threads: int, chunk_bytes: int, pool: object) -> tuple:
+    """What both calls start with: arguments checked, settings read once, paths decoded."""
+    check_positive("threads", threads)
+    check_positive("chunk_bytes", chunk_bytes)
     if pool is not None:
         raise ValueError(f"a pinned pool was passed to a plan, but {HOST_ONLY}")
+    settings = config.current()
+    paths = [os.fsdecode(f.path) for f in files]
+    return _Faults(settings.fault_triples()), settings.short_io, settings.portable_crc32c, paths
 
 
 # --------------------------------------------------------------------------- execution
