@@ -102,11 +102,9 @@ class MetadataUnpickler(pickle.Unpickler):
         target = _ADMITTED.get((module, name))
         if target is not None:
             return _resolve(*target)
-        if module == "torch":
-            # vars(), not getattr(): torch's module __getattr__ imports submodules.
-            obj = vars(torch).get(name)
-            if isinstance(obj, torch.dtype):
-                return obj
+        dtype = _dtype_globals().get((module, name))
+        if dtype is not None:
+            return dtype
         raise RefusedGlobal(
             f"it refers to {module}.{name}, which DCP metadata never holds; refusing to import it"
         )
@@ -390,24 +388,16 @@ def _record_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtyp
 
 @functools.lru_cache(maxsize=None)
 def _storage_globals() -> dict:
-    table = {("torch", name): (dtype, 1) for dtype, name in _legacy_names().items()}
+    table = {("torch", name): (dtype, 1) for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
     table[("torch.storage", "UntypedStorage")] = (torch.uint8, 0)
     table[("torch", "UntypedStorage")] = (torch.uint8, 0)
     return table
 
 
 @functools.lru_cache(maxsize=None)
-def _legacy_names() -> dict:
-    return dict(torch.storage._dtype_to_storage_type_map())
-
-
-@functools.lru_cache(maxsize=None)
 def _dtype_globals() -> dict:
-    return {
-        ("torch", name): value
-        for name, value in vars(torch).items()
-        if isinstance(value, torch.dtype)
-    }
+    # vars(), not getattr(): torch's module __getattr__ imports submodules.
+    return {("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
 
 
 class _LayoutUnpickler(pickle.Unpickler):
