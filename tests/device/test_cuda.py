@@ -4,7 +4,7 @@ Every test here is marked ``cuda`` and skipped without a GPU; with
 ``DCP_NATIVE_REQUIRE_CUDA=1`` (the GPU check script sets it) a skip is a
 failure. The pipeline itself (pinned staging, overlap, strided copies,
 failures) is also tested without a GPU against the fake runtime in
-tests/test_fake_cuda.py; this file checks the real thing end to end: DCP's
+tests/device/test_fake_cuda.py; this file checks the real thing end to end: DCP's
 planners, torch's streams, stock interop and resharded loads into device
 memory.
 """

@@ -1,6 +1,6 @@
 """dcp.save / dcp.load of "device" state dicts through the writer and reader, against the fake CUDA runtime.
 
-tests/test_fake_cuda.py drives the engines' GPU pipelines directly; this file
+tests/device/test_fake_cuda.py drives the engines' GPU pipelines directly; this file
 checks the plumbing above them — which tensors the writer hands over as device
 memory, the producer stream, the pinned pools the writer and reader keep, the
 reader's device boxes (column views become 2-D copies), verified loads, and
