@@ -57,9 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser(
+    def command(name: str, func: Any, brief: str, description: str, on_checkpoint: bool) -> Any:
+        p = sub.add_parser(name, help=brief, description=description, epilog=EXIT_CODES_HELP,
+                           formatter_class=formatter)
+        p.set_defaults(func=func)
+        if on_checkpoint:
+            p.add_argument("path", metavar="PATH", help="checkpoint directory (the one holding .metadata)")
+            p.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
+        return p
+
+    command(
         "inspect",
-        help="list keys with dtype, shape, bytes, chunks and files",
+        cmd_inspect,
+        brief="list keys with dtype, shape, bytes, chunks and files",
         description=(
             "List every key of a DCP checkpoint: tensors with dtype, global shape, bytes,\n"
             "number of saved chunks and data files; objects (non-tensor entries) with\n"
@@ -67,16 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
             "(short scalars show their value); totals; and whether dcp_native wrote it\n"
             "(its sidecar is present and belongs to this save) or stock DCP."
         ),
-        epilog=EXIT_CODES_HELP,
-        formatter_class=formatter,
+        on_checkpoint=True,
     )
-    p.add_argument("path", metavar="PATH", help="checkpoint directory (the one holding .metadata)")
-    p.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
-    p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser(
+    p = command(
         "verify",
-        help="check that a checkpoint is intact (exit 0) or list what is wrong (exit 1)",
+        cmd_verify,
+        brief="check that a checkpoint is intact (exit 0) or list what is wrong (exit 1)",
         description=(
             "Check a DCP checkpoint without loading it: .metadata loads; every chunk of\n"
             "every tensor has a saved item; every data file exists and is long enough;\n"
@@ -91,11 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
             "with data files but no .metadata is reported as damaged (exit 1); one\n"
             "without either is not a checkpoint (exit 2)."
         ),
-        epilog=EXIT_CODES_HELP,
-        formatter_class=formatter,
+        on_checkpoint=True,
     )
-    p.add_argument("path", metavar="PATH", help="checkpoint directory (the one holding .metadata)")
-    p.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
     p.add_argument(
         "--read-all", action="store_true",
         help="also read every byte of every item (finds unreadable sectors; slow on big "
@@ -106,11 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bar on stderr; auto: when stderr is a terminal and the checkpoint has "
         f"{_PROGRESS_MIN_ITEMS}+ items or {_human(_PROGRESS_MIN_BYTES)}+ to read (default: auto)",
     )
-    p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser(
+    p = command(
         "convert",
-        help="DCP checkpoint <-> single torch.save file",
+        cmd_convert,
+        brief="DCP checkpoint <-> single torch.save file",
         description=(
             "Convert between a DCP checkpoint directory and a single torch.save file. The\n"
             "direction follows SRC: a directory (holding .metadata) becomes a torch.save\n"
@@ -122,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Objects are unpickled with torch.load(weights_only=True); --allow-pickle\n"
             "unpickles anything (this runs code from the input: trusted inputs only)."
         ),
-        epilog=EXIT_CODES_HELP,
-        formatter_class=formatter,
+        on_checkpoint=False,
     )
     p.add_argument("src", metavar="SRC", help="a DCP checkpoint directory, or a torch.save file")
     p.add_argument("dst", metavar="DST", help="the torch.save file, or DCP directory, to write")
@@ -140,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true",
         help="unpickle objects with weights_only=False (runs code from SRC; trusted inputs only)",
     )
-    p.set_defaults(func=cmd_convert)
     return parser
 
 
