@@ -61,15 +61,18 @@ def _unpickles(planner: LoadPlanner, data: bytes) -> bool:
 
 
 class LoadRun:
-    """One read_data call of ``reader`` (a :class:`dcp_native.FileSystemReader`) for ``planner``."""
+    """One read_data call for ``planner`` of ``reader`` (a :class:`dcp_native.FileSystemReader`:
+    its settings, transforms and staging pools), on checkpoint ``ck`` (None: no metadata read
+    here, so no sidecar) with the metadata DCP set the reader up with."""
 
-    def __init__(self, reader: Any, planner: LoadPlanner) -> None:
+    def __init__(self, reader: Any, planner: LoadPlanner, ck: checkpoint.Checkpoint | None,
+                 metadata: Any) -> None:
         self.reader = reader
         self.planner = planner
         self.engine = get_engine()
-        self.ck: checkpoint.Checkpoint | None = reader._checkpoint
+        self.ck = ck
         self.storage_data = reader.storage_data
-        self.state_md = reader._metadata.state_dict_metadata if reader._metadata else {}
+        self.state_md = metadata.state_dict_metadata if metadata is not None else {}
         self.min_sizes: dict[str, int] = {}
         self.stats = ReadStats()
         self._chunks: dict[str, dict[tuple, Any]] = {}

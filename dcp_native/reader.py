@@ -196,7 +196,7 @@ class FileSystemReader(_stock.FileSystemReader):
     # ------------------------------------------------------------------ reading
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        run = LoadRun(self, planner)
+        run = LoadRun(self, planner, self._checkpoint, self._metadata)
         run.execute(plan.items)
         self.last_read_stats = run.stats
         fut: Future[None] = Future()
