@@ -478,3 +478,25 @@ def test_convert_objects_follow_allow_pickle(engine_name, tmp_path, capsys):
     assert cli.main(["convert", str(ck), str(tmp_path / "b.pt"), "--allow-pickle"]) == 0
     got = torch.load(tmp_path / "b.pt", weights_only=False)
     assert got["cfg"].value == 4 and torch.equal(got["w"], torch.ones(3))
+
+
+def test_data_file_outside_the_checkpoint_is_never_read(engine_name, tmp_path, capsys):
+    """A metadata that names a data file outside its directory is reported, and nothing there is read."""
+    from dcp_native import cli
+
+    ck = tmp_path / "ck"
+    dcp.save({"a": torch.ones(4), "o": 3}, storage_writer=dcp_native.FileSystemWriter(ck), no_dist=True)
+    os.replace(data_file(ck), tmp_path / "outside.distcp")
+    with open(ck / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    for info in md.storage_data.values():
+        info.relative_path = "../outside.distcp"
+    with open(ck / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    assert cli.main(["verify", str(ck), "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]  # also: the sidecar is stale
+    (problem,) = [p for p in problems if p["file"] == "../outside.distcp"]
+    assert "leaves the checkpoint directory" in problem["message"]
+    assert cli.main(["inspect", str(ck), "--json"]) == 0
+    (obj,) = json.loads(capsys.readouterr().out)["objects"]
+    assert obj["type"].startswith("unknown")  # its pickle was not read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import mmap
 import os
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from dcp_native import _safe_pickle, checkpoint, layout
+from dcp_native.plan import Box
 from dtypes import DTYPES, bits, make_tensor, tensor_bytes
 
 SID = layout.new_serialization_id()
@@ -167,3 +169,85 @@ def test_trailer_length_without_framing():
     for nbytes in ((1 << 32) - 100, 1 << 32):  # ZIP64 records near and past 4 GiB
         frame = layout.frame_tensor(torch.uint8, (nbytes,), 12345, b"7" * 40)
         assert layout.trailer_length(12345, frame.payload_offset, nbytes) == len(frame.trailer)
+
+
+# --------------------------------------------------------------------------- the checkpoint model
+
+
+@pytest.mark.parametrize("size", [(0,), (3,), (1000, 17), (20000,)])
+@pytest.mark.parametrize("item_offset", [0, 100, 4095, 1 << 20])
+def test_sidecar_payload_accepts_only_the_framed_offset(size, item_offset):
+    """checkpoint.sidecar_payload: the payload offset dcp_native framed fits, every shift is refused."""
+    frame = layout.frame_tensor(torch.float32, size, item_offset, SID)
+    check = functools.partial(checkpoint.sidecar_payload, length=frame.length, offset=item_offset,
+                              dtype=torch.float32, size=size)
+    assert check((frame.length, frame.payload_offset)) == frame.payload_offset
+    for shift in (-4096, -64, -1, 1, 8, 64, 4096):
+        assert check((frame.length, frame.payload_offset + shift)) is None
+    assert check((frame.length + 1, frame.payload_offset)) is None
+
+
+def test_archive_records_are_bounds_checked():
+    """A record whose header or data lies outside the item is an ArchiveError, not a read."""
+    raw = _torch_save_bytes(torch.arange(10.0))
+    probe = checkpoint.PROBE_BYTES
+    view = checkpoint.ItemBytes(len(raw), raw[:probe], raw[-probe:])
+    archive = checkpoint.Archive(view)
+    archive.check_all()
+    header, size = archive.index["data/0"]
+    archive.index["data/0"] = (header, len(raw))  # data running past the item's end
+    with pytest.raises(checkpoint.ArchiveError, match="runs past the item's end"):
+        archive.record("data/0")
+    archive.index["data/0"] = (len(raw) - 10, size)  # a local header past the end
+    with pytest.raises(checkpoint.ArchiveError, match="past the item's end"):
+        archive.record("data/0")
+    with pytest.raises(checkpoint.ArchiveError, match="no data/1 record"):
+        archive.record("data/1")
+    with pytest.raises(checkpoint.ArchiveError, match="outside it"):
+        view.get(len(raw) - 4, 8)
+
+
+def test_item_bytes_fetch_only_what_the_probe_lacks():
+    raw = bytes(range(256)) * 64  # 16 KiB: head and tail of 4 KiB, a middle to fetch
+    asked = []
+
+    def fetch(start, n):
+        asked.append((start, n))
+        return raw[start : start + n]
+
+    view = checkpoint.ItemBytes(len(raw), raw[:4096], raw[-4096:], fetch)
+    assert view.get(10, 20) == raw[10:30] and view.get(len(raw) - 30, 20) == raw[-30:-10]
+    assert asked == []
+    assert view.get(5000, 100) == raw[5000:5100] and asked == [(5000, 100)]
+    with pytest.raises(checkpoint.ArchiveError, match="need more bytes"):
+        checkpoint.ItemBytes(len(raw), raw[:4096], raw[-4096:]).get(5000, 100)
+
+
+def test_a_failed_block_names_the_key_that_reads_it():
+    boxes = [
+        Box(0, 0, 100, key="header"),
+        Box(4096, 0, 16, (4,), (1024,), (16,), key="strided"),  # runs at 4096, 5120, 6144, 7168
+        Box(8192, 0, 4096, key="next"),
+    ]
+    assert checkpoint.owner(boxes, 0, 4096) == "header"
+    assert checkpoint.owner(boxes, 4096, 8192) == "strided"
+    assert checkpoint.owner(boxes, 8192, 12288) == "next"
+    assert checkpoint.owner(boxes, 12288, 16384) is None
+    assert checkpoint.owner([Box(4096, 0, 16, (2,), (8192,), (16,), key="gap")], 8192, 12288) is None
+
+
+@pytest.mark.parametrize(
+    "rel, why",
+    [
+        ("", "is not a file name"),
+        ("a\0b", "contains a NUL byte"),
+        ("/etc/passwd", "is an absolute path"),
+        ("x/../../y", "leaves the checkpoint directory"),
+        ("__0_0.distcp", None),
+    ],
+)
+def test_data_file_names_stay_inside_the_directory(tmp_path, rel, why):
+    got = checkpoint.path_problem(str(tmp_path), os.path.realpath(tmp_path), rel)
+    assert (got is None) if why is None else why in got
+    (tmp_path / "link").symlink_to("/")
+    assert "outside" in checkpoint.path_problem(str(tmp_path), os.path.realpath(tmp_path), "link/etc")
