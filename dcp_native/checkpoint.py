@@ -120,9 +120,20 @@ class Checkpoint:
             items.append(item)
         return items
 
-    def refused_name(self, rel: str) -> str | None:
-        """Why the data file name ``rel`` is refused (see :func:`path_problem`), or None."""
-        return path_problem(self.directory, os.path.realpath(self.directory), rel)
+    def data_file_size(self, rel: str) -> int:
+        """The size of data file ``rel``, a regular file inside the directory (``stat`` never blocks).
+
+        Raises :class:`CorruptCheckpointError` for a name that leads outside the
+        directory (see :func:`path_problem`) or a file that is not regular,
+        ``FileNotFoundError`` and ``OSError`` as ``stat`` does.
+        """
+        path = self.path(rel)
+        why = path_problem(self.directory, os.path.realpath(self.directory), rel)
+        if why is not None:
+            raise CorruptCheckpointError(
+                f"{path}: the data file name {why}; refusing to read it", filename=path
+            )
+        return _fileio.check_regular(path, "data file").st_size
 
     def entry(self, rel: str, offset: int) -> tuple[int, int] | None:
         """The usable sidecar's ``(item length, payload offset)`` of the item at ``offset``."""

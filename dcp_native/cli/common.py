@@ -208,8 +208,18 @@ class _Opened(Checkpoint):
         super().__init__(directory)
         self.item_list = self.items()
         self.files = sorted({item.file for item in self.item_list})
-        #: Data files whose names the model refuses (outside the directory, ...) -> why.
-        self.refused = {rel: why for rel in self.files if (why := self.refused_name(rel))}
+        self._sizes: dict[str, int] | None = None
+
+    def file_sizes(self) -> dict[str, int]:
+        """Sizes of the data files that can be read (missing, refused and irregular ones left out)."""
+        if self._sizes is None:
+            self._sizes = {}
+            for rel in self.files:
+                try:
+                    self._sizes[rel] = self.data_file_size(rel)
+                except OSError:
+                    pass
+        return self._sizes
 
 
 def _open_checkpoint(path: str) -> _Opened:

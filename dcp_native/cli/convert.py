@@ -87,15 +87,9 @@ def _convert_to_file(args: argparse.Namespace) -> int:
     # A tensor cannot hold more bytes than the items on disk that store it; a
     # metadata file declaring more is refused before anything is allocated.
     stored: dict[str, int] = collections.defaultdict(int)
-    file_sizes: dict[str, int] = {}
+    file_sizes = ck.file_sizes()
     for index, info in (ck.metadata.storage_data or {}).items():
-        rel = info.relative_path
-        if rel not in file_sizes:
-            try:
-                file_sizes[rel] = os.path.getsize(ck.path(rel))
-            except OSError:
-                file_sizes[rel] = 0
-        stored[index.fqn] += max(0, min(info.length, file_sizes[rel] - info.offset))
+        stored[index.fqn] += max(0, min(info.length, file_sizes.get(info.relative_path, 0) - info.offset))
     flat: dict[str, Any] = {}
     for key in keys:
         md = sd_md[key]

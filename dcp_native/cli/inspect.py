@@ -29,7 +29,7 @@ from .common import (
 
 def _object_types(ck: _Opened, items: list[Item]) -> dict[tuple[str, int], tuple[str, Any]]:
     """(type name, short value) of each object item, from its data.pkl's opcodes."""
-    sizes = _file_sizes(ck)
+    sizes = ck.file_sizes()
     readable = [
         it for it in items
         if not it.transformed and sizes.get(it.file, -1) >= it.offset + it.length
@@ -49,18 +49,6 @@ def _object_types(ck: _Opened, items: list[Item]) -> dict[tuple[str, int], tuple
             why = "stream-transformed" if it.transformed else "data file missing or short"
             out[(it.file, it.offset)] = (f"unknown ({why})", None)
     return out
-
-
-def _file_sizes(ck: _Opened) -> dict[str, int]:
-    sizes = {}
-    for rel in ck.files:
-        if rel in ck.refused:
-            continue
-        try:
-            sizes[rel] = os.stat(ck.path(rel)).st_size
-        except OSError:
-            pass
-    return sizes
 
 
 def _inspect_doc(ck: _Opened) -> dict[str, Any]:
@@ -96,7 +84,7 @@ def _inspect_doc(ck: _Opened) -> dict[str, Any]:
             if value is not None:
                 entry["value"] = value
             objects_out.append(entry)
-    sizes = _file_sizes(ck)
+    sizes = ck.file_sizes()
     files_out = [{"name": rel, "bytes": sizes.get(rel)} for rel in ck.files]
     storage_meta = getattr(ck.metadata, "storage_meta", None)
     return {

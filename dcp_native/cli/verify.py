@@ -14,15 +14,14 @@ import argparse
 import collections
 import dataclasses
 import os
-import stat
 import sys
 import time
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from .. import _fileio, checkpoint
-from .._errors import IntegrityError
+from .. import checkpoint
+from .._errors import CheckpointError, IntegrityError
 from .._safe_pickle import describe_pickle
 from ..checkpoint import Archive, ArchiveError, FileRead, Item, UnsupportedLayout
 from ..plan import Box
@@ -233,12 +232,8 @@ class _Verifier:
         for item in self.ck.item_list:
             by_file[item.file].append(item)
         for rel, items in sorted(by_file.items()):
-            path = self.ck.path(rel)
-            if rel in self.ck.refused:
-                self.problem(f"the data file name {self.ck.refused[rel]}; it was not read", file=rel)
-                continue
             try:
-                st = os.stat(path)
+                size = self.ck.data_file_size(rel)
             except FileNotFoundError:
                 keys = sorted({it.key for it in items})
                 shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
@@ -248,19 +243,19 @@ class _Verifier:
                     file=rel,
                 )
                 continue
+            except CheckpointError as exc:  # a name outside the directory, a FIFO, ...
+                self.problem(str(exc).removeprefix(f"{self.ck.path(rel)}: "), file=rel)
+                continue
             except OSError as exc:
                 self.problem(f"cannot stat the data file: {exc.strerror}", file=rel)
                 continue
-            if not stat.S_ISREG(st.st_mode):
-                self.problem(f"is {_fileio.file_kind(st.st_mode)}, not a regular file", file=rel)
-                continue
-            self.sizes[rel] = st.st_size
+            self.sizes[rel] = size
             for item in sorted(items, key=lambda it: it.offset):
                 end = item.offset + item.length
-                if end > st.st_size:
+                if end > size:
                     self.problem(
                         f"the file is truncated: the item ends at byte {end}, the file has "
-                        f"{st.st_size} bytes",
+                        f"{size} bytes",
                         item,
                     )
                 elif item.offset >= 0 and item.length >= 0:
