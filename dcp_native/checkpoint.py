@@ -386,56 +386,74 @@ def buffer_address(buf: bytearray) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
 
 
+def read_rounds(
+    groups: Sequence[Sequence[tuple[str, int, int]]],
+    read: Callable[[dict[str, list[Box]]], None],
+    budget: int,
+    isolate: bool = False,
+) -> Iterator[tuple[int, list[bytearray] | OSError]]:
+    """Read groups of ``(file, offset, nbytes)`` ranges in rounds of at most ``budget`` bytes.
+
+    ``read`` runs one round's boxes (per data file) through the engine; a
+    round holds whole groups, at least one. Yields ``(index in groups, its
+    buffers)``. With ``isolate``, a round that fails with an ``OSError`` is
+    read again group by group, and the groups that still fail yield their
+    error instead.
+    """
+    i = 0
+    while i < len(groups):
+        j, used = i, 0
+        while j < len(groups) and (j == i or used + sum(n for _, _, n in groups[j]) <= budget):
+            used += sum(n for _, _, n in groups[j])
+            j += 1
+        bufs = {k: [bytearray(n) for _, _, n in groups[k]] for k in range(i, j)}
+
+        def boxes(ks: Iterable[int]) -> dict[str, list[Box]]:
+            return _boxes((rel, off, buf) for k in ks for (rel, off, _), buf in zip(groups[k], bufs[k]))
+
+        try:
+            read(boxes(range(i, j)))
+        except OSError:
+            if not isolate:
+                raise
+            for k in range(i, j):
+                try:
+                    read(boxes([k]))
+                except OSError as exc:
+                    yield k, exc
+                    continue
+                yield k, bufs[k]
+        else:
+            yield from bufs.items()
+        i = j
+
+
 def probe(
     items: Sequence[tuple[str, int, int]],
     read: Callable[[dict[str, list[Box]]], None],
     budget: int,
     isolate: bool = False,
 ) -> Iterator[tuple[int, ItemBytes | OSError]]:
-    """Head and tail of each ``(file, offset, length)`` item, read in rounds within ``budget`` bytes.
-
-    ``read`` runs one round's boxes (per data file) through the engine. Yields
-    ``(index in items, ItemBytes)``. With ``isolate``, a round that fails with
-    an ``OSError`` is read again item by item, and the items that still fail
-    yield their error instead.
-    """
-    per_round = max(1, budget // (2 * PROBE_BYTES))
-    for start in range(0, len(items), per_round):
-        batch = range(start, min(start + per_round, len(items)))
-        spans = {i: _probe_spans(*items[i]) for i in batch}
-        try:
-            read(_boxes([(items[i][0], off, buf) for i in batch for off, buf in spans[i]]))
-        except OSError:
-            if not isolate:
-                raise
-            for i in batch:
-                try:
-                    read(_boxes([(items[i][0], off, buf) for off, buf in spans[i]]))
-                except OSError as exc:
-                    yield i, exc
-                    continue
-                yield i, _item_bytes(items[i][2], spans[i])
-            continue
-        for i in batch:
-            yield i, _item_bytes(items[i][2], spans[i])
+    """Head and tail of each ``(file, offset, length)`` item (:func:`read_rounds` of them)."""
+    spans = []
+    for rel, offset, length in items:
+        if length <= 2 * PROBE_BYTES:
+            spans.append([(rel, offset, length)])
+        else:
+            spans.append([(rel, offset, PROBE_BYTES), (rel, offset + length - PROBE_BYTES, PROBE_BYTES)])
+    for i, got in read_rounds(spans, read, budget, isolate):
+        if isinstance(got, OSError):
+            yield i, got
+        else:
+            head = bytes(got[0])
+            yield i, ItemBytes(items[i][2], head, bytes(got[-1]) if len(got) > 1 else head)
 
 
-def _probe_spans(rel: str, offset: int, length: int) -> list[tuple[int, bytearray]]:
-    if length <= 2 * PROBE_BYTES:
-        return [(offset, bytearray(length))]
-    return [(offset, bytearray(PROBE_BYTES)), (offset + length - PROBE_BYTES, bytearray(PROBE_BYTES))]
-
-
-def _item_bytes(length: int, spans: list[tuple[int, bytearray]]) -> ItemBytes:
-    head = bytes(spans[0][1])
-    return ItemBytes(length, head, bytes(spans[-1][1]) if len(spans) > 1 else head)
-
-
-def _boxes(ranges: Iterable[tuple[str, int, bytearray]], key: str | None = None) -> dict[str, list[Box]]:
+def _boxes(ranges: Iterable[tuple[str, int, bytearray]]) -> dict[str, list[Box]]:
     boxes: dict[str, list[Box]] = {}
     for rel, offset, buf in ranges:
         if len(buf):
-            boxes.setdefault(rel, []).append(Box(offset, buffer_address(buf), len(buf), key=key))
+            boxes.setdefault(rel, []).append(Box(offset, buffer_address(buf), len(buf)))
     return boxes
 
 

@@ -356,44 +356,28 @@ class _Verifier:
         """
         items = sorted(self.readable, key=lambda it: (it.file, it.offset))
         total = sum(it.length for it in items)
+        pieces = [
+            (it, [(it.file, it.offset + start, min(_READ_BUDGET, it.length - start))])
+            for it in items
+            for start in range(0, max(it.length, 1), _READ_BUDGET)
+        ]
+        engine, threads = _engine(), _threads()
+        failed: set[int] = set()
         progress = self._progress("verify --read-all", total, "bytes", total)
         try:
-            pieces = [
-                (it, start, min(_READ_BUDGET, it.length - start))
-                for it in items
-                for start in range(0, max(it.length, 1), _READ_BUDGET)
-            ]
-            batch: list[tuple[Item, int, int]] = []
-            used = 0
-            for piece in pieces:
-                if batch and used + piece[2] > _READ_BUDGET:
-                    self._read_batch(batch)
-                    progress.update(used)
-                    batch, used = [], 0
-                batch.append(piece)
-                used += piece[2]
-            self._read_batch(batch)
-            progress.update(used)
+            for k, got in checkpoint.read_rounds(
+                [ranges for _, ranges in pieces],
+                lambda boxes: checkpoint.read_boxes(engine, self.ck.directory, boxes, threads),
+                _READ_BUDGET,
+                isolate=True,
+            ):
+                item, ranges = pieces[k]
+                progress.update(ranges[0][2])
+                if isinstance(got, OSError) and id(item) not in failed:
+                    failed.add(id(item))
+                    self.problem(f"cannot read the item: {_os_error_text(got)}", item)
         finally:
             progress.close()
-
-    def _read_batch(self, batch: list[tuple[Item, int, int]]) -> None:
-        if not batch:
-            return
-        try:
-            self._read_ranges([(it.file, it.offset + s, n) for it, s, n in batch])
-            return
-        except OSError:
-            pass
-        failed = set()
-        for it, s, n in batch:
-            if id(it) in failed:
-                continue
-            try:
-                self._read_ranges([(it.file, it.offset + s, n)])
-            except OSError as exc:
-                failed.add(id(it))
-                self.problem(f"cannot read the item: {_os_error_text(exc)}", it)
 
     def check_checksums(self) -> int:
         """Read every data file that has a CRC32C table and check each block; returns bytes checked.
@@ -415,9 +399,6 @@ class _Verifier:
         finally:
             progress.close()
         return checked
-
-    def _read_ranges(self, ranges: list[tuple[str, int, int]]) -> None:
-        checkpoint.read_ranges(_engine(), self.ck.directory, ranges, _threads())
 
     def _check_file(self, rel: str, progress: _Progress) -> int:
         table_file = checkpoint.table_name(rel)
