@@ -82,6 +82,10 @@ class Item:
     #: None: no chunk of the tensor's metadata starts at chunk_offsets.
     chunk_sizes: tuple[int, ...] | None = None
 
+    def inside(self, file_size: int) -> bool:
+        """Whether the item is a valid range of a file of ``file_size`` bytes."""
+        return 0 <= self.offset and 0 <= self.length and self.offset + self.length <= file_size
+
 
 class Checkpoint:
     """A checkpoint directory opened through one metadata file (``.metadata`` or ``__{rank}.metadata``)."""
@@ -106,8 +110,9 @@ class Checkpoint:
                 kind="tensor" if isinstance(md, TensorStorageMetadata) or index.offset is not None
                 else "object",
                 file=str(info.relative_path),
-                offset=int(info.offset),
-                length=int(info.length),
+                # Not an integer (a damaged metadata): an invalid range, which nothing reads.
+                offset=info.offset if isinstance(info.offset, int) else -1,
+                length=info.length if isinstance(info.length, int) else -1,
                 transformed=bool(getattr(info, "transform_descriptors", None)),
             )
             if isinstance(md, TensorStorageMetadata) and index.offset is not None:

@@ -32,7 +32,7 @@ def _object_types(ck: _Opened, items: list[Item]) -> dict[tuple[str, int], tuple
     sizes = ck.file_sizes()
     readable = [
         it for it in items
-        if not it.transformed and sizes.get(it.file, -1) >= it.offset + it.length
+        if not it.transformed and it.file in sizes and it.inside(sizes[it.file])
     ]
     out: dict[tuple[str, int], tuple[str, Any]] = {}
     for item, view in _item_views(ck, readable):

@@ -252,14 +252,14 @@ class _Verifier:
             self.sizes[rel] = size
             for item in sorted(items, key=lambda it: it.offset):
                 end = item.offset + item.length
-                if end > size:
+                if item.inside(size):
+                    self.readable.append(item)
+                elif end > size:
                     self.problem(
                         f"the file is truncated: the item ends at byte {end}, the file has "
                         f"{size} bytes",
                         item,
                     )
-                elif item.offset >= 0 and item.length >= 0:
-                    self.readable.append(item)
         referenced = set(by_file)
         try:
             strays = sorted(
