@@ -377,10 +377,10 @@ def extent_problem(saved: SavedTensor, payload_size: int) -> str | None:
 
 
 def metadata_mismatch(saved: SavedTensor, dtype: Any, size: Sequence[int]) -> str | None:
-    """Why the tensor an archive holds is not the metadata's ``dtype`` chunk of ``size``."""
+    """Why the tensor an item holds (``saved``) is not the metadata's ``dtype`` chunk of ``size``."""
     if saved.dtype == dtype and tuple(saved.size) == tuple(size):
         return None
-    return (f"data.pkl holds a {saved.dtype} tensor of shape {list(saved.size)}, the metadata "
+    return (f"holds a {saved.dtype} tensor of shape {list(saved.size)}, the metadata "
             f"declares {dtype} of shape {list(size)}")
 
 

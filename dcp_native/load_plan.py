@@ -448,7 +448,7 @@ class LoadRun:
                     continue
                 mismatch = checkpoint.metadata_mismatch(located.saved, *self._chunk_size(req))
                 if mismatch is not None:
-                    raise self._corrupt(req, info, mismatch.replace("data.pkl holds", "holds", 1))
+                    raise self._corrupt(req, info, mismatch)
                 self._plan_tensor(
                     req, info, located.saved, info.offset + located.payload, direct, commits, buffered
                 )

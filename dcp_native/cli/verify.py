@@ -337,7 +337,7 @@ class _Verifier:
         if item.dtype is not None and item.chunk_sizes is not None:
             mismatch = checkpoint.metadata_mismatch(located.saved, item.dtype, item.chunk_sizes)
             if mismatch:
-                self.problem(mismatch, item)
+                self.problem(f"data.pkl {mismatch}", item)
         entry = self.ck.sidecar.entries.get(item.file, {}).get(item.offset)
         if entry is not None and entry[1] != located.payload:
             self.problem(
