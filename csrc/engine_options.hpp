@@ -1,4 +1,4 @@
-// What every engine call takes besides its plan (see dcp_native/engine.py).
+// What every engine call takes besides its plan (see "The engine contract" in docs/ARCHITECTURE.md).
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 // Executes read plans: boxes of runs copied from files into memory at raw
-// addresses (the record format is in dcp_native/engine.py). Runs are sorted
+// addresses (the record format is in docs/ARCHITECTURE.md). Runs are sorted
 // and coalesced per file, packed into preadv calls and spread over threads;
 // coalescing gaps land in a per-thread scratch buffer, never in the caller's
 // memory. Files read with their checksum table are read in whole blocks,

@@ -1,7 +1,7 @@
 // Executes write plans: each file is created (or truncated) and its segments,
 // from a Python-owned blob, raw host addresses or device memory, are written
 // at their offsets with pwritev calls spread over threads (the segment format
-// is in dcp_native/engine.py). Device memory is copied in pieces into pinned
+// is in docs/ARCHITECTURE.md). Device memory is copied in pieces into pinned
 // buffers on the engine's copy stream by one issuing thread that runs ahead
 // as far as the pool allows, and each piece is written by a worker once its
 // copy completed. Files that ask for it get the CRC32C of every block of
