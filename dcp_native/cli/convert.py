@@ -59,6 +59,16 @@ def _unwrap_checkpoint_exception(exc: BaseException) -> BaseException:
     return exc
 
 
+def _wrote(dst: str, values: dict[str, Any], size: str, total: int, what: str) -> int:
+    """Say what was written: ``values`` (the keys converted) of ``total`` keys."""
+    n_tensors = sum(isinstance(v, torch.Tensor) for v in values.values())
+    print(
+        f"wrote {dst}: {_plural(n_tensors, 'tensor')}, {_plural(len(values) - n_tensors, 'object')}"
+        f"{size} from {_plural(len(values), 'key')} of {total}{what}"
+    )
+    return EXIT_OK
+
+
 def _check_output(dst: str, force: bool, want_dir: bool) -> None:
     if os.path.lexists(dst):
         if want_dir:
@@ -158,13 +168,7 @@ def _convert_to_file(args: argparse.Namespace) -> int:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    n_tensors = sum(isinstance(v, torch.Tensor) for v in flat.values())
-    print(
-        f"wrote {args.dst}: {_plural(n_tensors, 'tensor')}, "
-        f"{_plural(len(flat) - n_tensors, 'object')} ({_human(os.path.getsize(args.dst))}) "
-        f"from {_plural(len(keys), 'key')} of {len(sd_md)}"
-    )
-    return EXIT_OK
+    return _wrote(args.dst, flat, f" ({_human(os.path.getsize(args.dst))})", len(sd_md), "")
 
 
 #: The pickled magic number that starts a torch.save file in the legacy (pre-zip) format.
@@ -240,13 +244,7 @@ def _convert_to_dcp(args: argparse.Namespace) -> int:
         if isinstance(err, OSError):
             raise CommandFailed(f"cannot write {args.dst}: {_os_error_text(err)}") from None
         raise
-    n_tensors = sum(isinstance(v, torch.Tensor) for v in chosen.values())
-    print(
-        f"wrote {args.dst}: {_plural(n_tensors, 'tensor')}, "
-        f"{_plural(len(chosen) - n_tensors, 'object')} from {_plural(len(keys), 'key')} of "
-        f"{len(flat)} (DCP checkpoint, written by dcp_native)"
-    )
-    return EXIT_OK
+    return _wrote(args.dst, chosen, "", len(flat), " (DCP checkpoint, written by dcp_native)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
