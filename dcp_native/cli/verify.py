@@ -20,7 +20,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from .. import checkpoint
+from .. import checkpoint, integrity
 from .._errors import CheckpointError, IntegrityError
 from .._safe_pickle import describe_pickle
 from ..checkpoint import Archive, ArchiveError, FileRead, Item, UnsupportedLayout
@@ -382,53 +382,58 @@ class _Verifier:
     def check_checksums(self) -> int:
         """Read every data file that has a CRC32C table and check each block; returns bytes checked.
 
-        The blocks are checked by the engine as it reads (ReadFile.checks), in
-        rounds of _READ_BUDGET bytes; a mismatch names the block's file offset
-        and the item that holds it.
+        The engine checks the blocks as it reads them (ReadFile.table), all
+        files together in rounds of _READ_BUDGET bytes; a mismatch names the
+        block's file offset and the item that holds it.
         """
-        tables = self.ck.sidecar.tables
-        files = [rel for rel in self.ck.files if rel in tables and rel in self.sizes]
-        total = sum(self.sizes[rel] for rel in files)
+        tables = {rel: table for rel in self.ck.files
+                  if rel in self.ck.sidecar.tables and rel in self.sizes
+                  and (table := self._table(rel)) is not None}
+        pieces = [
+            [(rel, start, min(_READ_BUDGET, table.size - start))]
+            for rel, table in tables.items()
+            for start in range(0, table.size, _READ_BUDGET)
+        ]
+        owners = {rel: [Box(it.offset, 0, it.length, key=it.key)
+                        for it in self.ck.item_list if it.file == rel] for rel in tables}
+        engine, threads = _engine(), _threads()
+
+        def read(boxes: dict[str, list[Box]]) -> None:
+            reads = [FileRead(self.ck.path(rel), tables[rel].size, bx, tables[rel]) for rel, bx in boxes.items()]
+            for i, offset in checkpoint.checked_read(engine, reads, threads=threads)[1]:
+                rel, block = list(boxes)[i], reads[i].table.block
+                self.problem(f"checksum mismatch in the {block}-byte block: the bytes on disk are "
+                             "not those written", file=rel, offset=offset,
+                             key=checkpoint.owner(owners[rel], offset, offset + block))
+
+        total = sum(table.size for table in tables.values())
         progress = self._progress("verify checksums", total, "bytes", total)
-        checked = 0
+        checked, unreadable = 0, set()
         try:
-            for rel in files:
-                n = self._check_file(rel, progress)
-                checked += n
-                self.checked_files += n > 0 or self.sizes[rel] == 0
+            for k, got in checkpoint.read_rounds(pieces, read, _READ_BUDGET, isolate=True):
+                rel, start, n = pieces[k][0]
+                progress.update(n)
+                if not isinstance(got, OSError):
+                    checked += n
+                elif rel not in unreadable:
+                    unreadable.add(rel)
+                    self.problem(f"cannot be read: {_os_error_text(got)}", file=rel, offset=start)
         finally:
             progress.close()
+        self.checked_files = len(tables) - len(unreadable)
         return checked
 
-    def _check_file(self, rel: str, progress: _Progress) -> int:
+    def _table(self, rel: str) -> integrity.Table | None:
+        """The checksum table of ``rel``, or None with the problem noted."""
         table_file = checkpoint.table_name(rel)
         try:
-            table = self.ck.table(rel, self.sizes[rel])
+            return self.ck.table(rel, self.sizes[rel])
         except IntegrityError as exc:
             which = table_file if exc.filename == self.ck.path(table_file) else rel
             self.problem(str(exc).split(": ", 1)[-1], file=which)
-            return 0
         except OSError as exc:
             self.problem(f"the checksum table cannot be read: {_os_error_text(exc)}", file=table_file)
-            return 0
-        block, size = table.block, table.size
-        step = max(block, _READ_BUDGET // block * block)
-        owners = [Box(it.offset, 0, it.length, key=it.key) for it in self.ck.item_list if it.file == rel]
-        for start in range(0, size, step):
-            n = min(step, size - start)
-            buf = bytearray(n)
-            read = FileRead(self.ck.path(rel), size, [Box(start, checkpoint.buffer_address(buf), n)], table)
-            try:
-                _, failed = checkpoint.checked_read(_engine(), [read], threads=_threads())
-            except OSError as exc:
-                self.problem(f"cannot be read: {_os_error_text(exc)}", file=rel, offset=start)
-                return start
-            for _, offset in failed:
-                self.problem(f"checksum mismatch in the {block}-byte block: the bytes on disk are "
-                             "not those written", file=rel, offset=offset,
-                             key=checkpoint.owner(owners, offset, offset + block))
-            progress.update(n)
-        return size
+        return None
 
     # -------------------------------------------------------------- report
 
