@@ -340,56 +340,53 @@ uint32_t py_crc32c_combine(py::handle crc_a, py::handle crc_b, int64_t length_b)
   return crc32c_combine(crc_value(crc_a), crc_value(crc_b), static_cast<uint64_t>(length_b));
 }
 
-// Raises `exception` (an instance) as the current Python error.
-void set_error(const py::object& exception) {
-  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exception.ptr())), exception.ptr());
+// Raises the exception make() builds as the current Python error (or the
+// error building it raised). dcp_native._errors is imported here, not at
+// module load: it imports nothing native, but _C must stay importable on its own.
+template <class Make>
+void set_error(Make&& make) {
+  try {
+    const py::object exception = make();
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exception.ptr())), exception.ptr());
+  } catch (py::error_already_set& nested) {
+    nested.restore();
+  }
+}
+
+py::object dcp_error(const char* name) {
+  return py::module_::import("dcp_native._errors").attr(name);
 }
 
 void translate(std::exception_ptr error) {
   try {
     std::rethrow_exception(error);
   } catch (const IoError& e) {
-    try {
-      // OSError(errno, message, filename) picks the subclass (FileNotFoundError, ...) itself.
-      py::object os_error = py::module_::import("builtins").attr("OSError");
-      set_error(os_error(e.error_number(), e.detail(), decode_path(e.path())));
-    } catch (py::error_already_set& nested) {
-      nested.restore();
-    }
+    // OSError(errno, message, filename) picks the subclass (FileNotFoundError, ...) itself.
+    set_error([&] {
+      return py::module_::import("builtins").attr("OSError")(e.error_number(), e.detail(),
+                                                             decode_path(e.path()));
+    });
   } catch (const CudaCallError& e) {
-    try {
-      py::object cuda_error = py::module_::import("dcp_native._errors").attr("CudaError");
-      set_error(cuda_error(e.what(), py::arg("operation") = e.operation(),
-                           py::arg("code") = e.code()));
-    } catch (py::error_already_set& nested) {
-      nested.restore();
-    }
+    set_error([&] {
+      return dcp_error("CudaError")(e.what(), py::arg("operation") = e.operation(),
+                                    py::arg("code") = e.code());
+    });
   } catch (const CudaUnavailableError& e) {
-    try {
-      py::object cuda_error = py::module_::import("dcp_native._errors").attr("CudaError");
-      set_error(cuda_error(e.what(), py::arg("operation") = "find the CUDA runtime",
-                           py::arg("code") = py::none()));
-    } catch (py::error_already_set& nested) {
-      nested.restore();
-    }
+    set_error([&] {
+      return dcp_error("CudaError")(e.what(), py::arg("operation") = "find the CUDA runtime",
+                                    py::arg("code") = py::none());
+    });
   } catch (const TruncatedError& e) {
-    try {
-      // Imported here, not at module load: dcp_native._errors imports
-      // nothing native, but _C must stay importable on its own.
-      py::object truncated = py::module_::import("dcp_native._errors").attr("TruncatedFileError");
-      set_error(truncated(decode_path(e.path()), e.expected(), e.actual()));
-    } catch (py::error_already_set& nested) {
-      nested.restore();
-    }
+    set_error([&] {
+      return dcp_error("TruncatedFileError")(decode_path(e.path()), e.expected(), e.actual());
+    });
   } catch (const NotRegularFileError& e) {
-    try {
-      // The path decoded as Python decodes it, then _fileio.not_regular's words.
-      py::object corrupt = py::module_::import("dcp_native._errors").attr("CorruptCheckpointError");
+    // The path decoded as Python decodes it, then _fileio.not_regular's words.
+    set_error([&] {
       py::object path = decode_path(e.path());
-      set_error(corrupt(path + py::str(e.detail()), py::arg("filename") = path));
-    } catch (py::error_already_set& nested) {
-      nested.restore();
-    }
+      return dcp_error("CorruptCheckpointError")(path + py::str(e.detail()),
+                                                 py::arg("filename") = path);
+    });
   }
 }
 

@@ -11,11 +11,7 @@
 #include "crc32c.hpp"
 
 #include <array>
-#include <cstdlib>
 #include <cstring>
-#include <string>
-
-#include "io_error.hpp"
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -203,27 +199,6 @@ DCP_NATIVE_CRC32C_TARGET uint32_t crc32c_hardware(const void* data, size_t lengt
 
 #endif  // DCP_NATIVE_CRC32C_TARGET
 
-struct Implementation {
-  Crc32cFunction function;
-  const char* name;
-};
-
-Implementation detect() noexcept {
-#if defined(DCP_NATIVE_CRC32C_TARGET)
-  if (cpu_has_crc32c()) {
-    return {&crc32c_hardware, kHardwareName};
-  }
-#endif
-  return {&crc32c_portable, "portable"};
-}
-
-const Implementation& best() noexcept {
-  static const Implementation implementation = detect();
-  return implementation;
-}
-
-}  // namespace
-
 uint32_t crc32c_portable(const void* data, size_t length, uint32_t crc) noexcept {
   const unsigned char* next = static_cast<const unsigned char*>(data);
   const ByteTables& t = kByteTables;
@@ -246,6 +221,22 @@ uint32_t crc32c_portable(const void* data, size_t length, uint32_t crc) noexcept
   return ~state;
 }
 
+struct Implementation {
+  Crc32cFunction function;
+  const char* name;
+};
+
+Implementation detect() noexcept {
+#if defined(DCP_NATIVE_CRC32C_TARGET)
+  if (cpu_has_crc32c()) {
+    return {&crc32c_hardware, kHardwareName};
+  }
+#endif
+  return {&crc32c_portable, "portable"};
+}
+
+}  // namespace
+
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) noexcept {
   // The initial value and final xor are affine terms that cancel: appending
   // b to a shifts a's finished CRC by b's length, and xoring b's CRC adds
@@ -253,12 +244,9 @@ uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) noexc
   return multiply_mod(zeros_operator(length_b), crc_a) ^ crc_b;
 }
 
-Crc32cFunction crc32c_best() noexcept { return best().function; }
-
-const char* crc32c_best_name() noexcept { return best().name; }
-
 Crc32cFunction crc32c_select(bool portable, const char** name) noexcept {
-  const Implementation chosen = portable ? Implementation{&crc32c_portable, "portable"} : best();
+  static const Implementation best = detect();
+  const Implementation chosen = portable ? Implementation{&crc32c_portable, "portable"} : best;
   if (name != nullptr) {
     *name = chosen.name;
   }

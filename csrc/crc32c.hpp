@@ -16,27 +16,16 @@ namespace dcp_native {
 // checksum of a followed by b.
 using Crc32cFunction = uint32_t (*)(const void* data, size_t length, uint32_t crc) noexcept;
 
-// The fastest implementation this CPU supports, and its name ("sse4.2",
-// "armv8" or "portable").
-Crc32cFunction crc32c_best() noexcept;
-const char* crc32c_best_name() noexcept;
-
-// Slicing-by-8 with tables: any CPU, about 1-2 GB/s.
-uint32_t crc32c_portable(const void* data, size_t length, uint32_t crc) noexcept;
-
-// The fastest implementation, or slicing-by-8 when `portable` (tests and
+// The fastest implementation this CPU supports, or the portable
+// slicing-by-8 one (any CPU, about 1-2 GB/s) when `portable` (tests and
 // benchmarks compare the two on machines with the instructions;
-// DCP_NATIVE_CRC32C, see dcp_native/config.py), and its name.
+// DCP_NATIVE_CRC32C, see dcp_native/config.py), and its name ("sse4.2",
+// "armv8" or "portable").
 Crc32cFunction crc32c_select(bool portable, const char** name = nullptr) noexcept;
 
 // The CRC32C of a followed by b, from crc_a = crc32c(a), crc_b = crc32c(b)
 // and the length of b (zlib's crc32_combine for the Castagnoli polynomial):
 // lets pieces of one block be checksummed apart, on different threads.
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) noexcept;
-
-// crc32c with the fastest implementation.
-inline uint32_t crc32c(const void* data, size_t length, uint32_t crc = 0) noexcept {
-  return crc32c_best()(data, length, crc);
-}
 
 }  // namespace dcp_native

@@ -521,7 +521,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
 
   WorkQueue queue(plan.calls.size());
   const size_t scratch_bytes = static_cast<size_t>(plan.scratch_bytes);
-  const Crc32cFunction crc32c = options.crc32c != nullptr ? options.crc32c : crc32c_best();
+  const Crc32cFunction crc32c = options.crc32c != nullptr ? options.crc32c : crc32c_select(false);
   // Each call's pieces of the blocks it shares with other calls, and the
   // blocks that failed their check (block_crc.hpp).
   std::vector<BlockPiece> shared_blocks(2 * plan.calls.size());

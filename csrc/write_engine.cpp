@@ -468,7 +468,7 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
   for (size_t f = 0; f < files.size(); ++f) {
     result.block_crcs[f].resize(static_cast<size_t>(plan.grids[f].blocks()));
   }
-  const Crc32cFunction crc32c = options.crc32c != nullptr ? options.crc32c : crc32c_best();
+  const Crc32cFunction crc32c = options.crc32c != nullptr ? options.crc32c : crc32c_select(false);
   // Each work item's pieces of the blocks it shares with others (block_crc.hpp).
   std::vector<BlockPiece> shared_blocks(2 * order.size());
   std::vector<int> shared_count(order.size(), 0);
