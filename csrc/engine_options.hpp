@@ -9,6 +9,7 @@
 #include "crc32c.hpp"
 #include "direct_io.hpp"
 #include "fault_injection.hpp"
+#include "io_error.hpp"
 #include "pinned_pool.hpp"
 
 namespace dcp_native {
@@ -30,5 +31,26 @@ struct EngineOptions {
   Crc32cFunction crc32c = nullptr;
   std::string cudart;
 };
+
+// What both engines require of the options; PlanError otherwise.
+inline void check_options(const EngineOptions& options) {
+  if (options.threads < 1) {
+    throw PlanError("threads must be at least 1, got " + std::to_string(options.threads));
+  }
+  if (options.chunk_bytes < 1) {
+    throw PlanError("chunk_bytes must be at least 1, got " + std::to_string(options.chunk_bytes));
+  }
+}
+
+// The pool a call whose first device memory is on `device` stages through:
+// the caller's, else one for the call; null for a call without device memory
+// (device -1).
+inline std::shared_ptr<PinnedPool> call_pool(const EngineOptions& options, int device) {
+  if (device >= 0 && !options.pool) {
+    return std::make_shared<PinnedPool>(require_cuda_runtime(options.cudart), device,
+                                        kDefaultStagingBytes, kDefaultDeviceChunkBytes);
+  }
+  return device >= 0 ? options.pool : nullptr;
+}
 
 }  // namespace dcp_native

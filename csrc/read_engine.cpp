@@ -426,14 +426,13 @@ void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char*
   }
 }
 
-bool has_device_files(const std::vector<ReadFileSpec>& files, int* device) {
+int first_device(const std::vector<ReadFileSpec>& files) {
   for (const ReadFileSpec& file : files) {
     if (file.device >= 0 && file.copies_length > 0) {
-      *device = file.device;
-      return true;
+      return file.device;
     }
   }
-  return false;
+  return -1;
 }
 
 }  // namespace
@@ -451,28 +450,12 @@ bool should_merge(int64_t prev_len, int64_t gap, int64_t next_len, int64_t max_g
 }
 
 ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& options) {
-  if (options.threads < 1) {
-    throw PlanError("threads must be at least 1, got " + std::to_string(options.threads));
-  }
-  if (options.chunk_bytes < 1) {
-    throw PlanError("chunk_bytes must be at least 1, got " + std::to_string(options.chunk_bytes));
-  }
+  check_options(options);
   if (options.max_gap < 0) {
     throw PlanError("max_gap must be non-negative, got " + std::to_string(options.max_gap));
   }
-  int first_device = -1;
-  std::shared_ptr<PinnedPool> pool;
-  int64_t device_chunk_bytes = options.chunk_bytes;
-  const bool device = has_device_files(files, &first_device);
-  if (device) {
-    pool = options.pool;
-    if (!pool) {
-      pool = std::make_shared<PinnedPool>(require_cuda_runtime(options.cudart), first_device,
-                                          kDefaultStagingBytes, kDefaultDeviceChunkBytes);
-    }
-    device_chunk_bytes = pool->chunk_bytes();
-  }
-  ReadPlan plan = plan_reads(files, options, device_chunk_bytes);
+  const std::shared_ptr<PinnedPool> pool = call_pool(options, first_device(files));
+  ReadPlan plan = plan_reads(files, options, pool ? pool->chunk_bytes() : options.chunk_bytes);
 
   std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
   std::unique_ptr<DirectFile[]> direct(new DirectFile[files.size()]);
@@ -481,7 +464,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
   const bool use_direct = direct_allowed(options.direct_io, hooks);
   std::unique_ptr<PinnedPool::Use> pool_use;
   CudaRuntime* runtime = nullptr;
-  if (device) {
+  if (pool) {
     pool_use.reset(new PinnedPool::Use(*pool));
     runtime = pool->runtime().get();
   }

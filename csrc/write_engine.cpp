@@ -410,44 +410,28 @@ void write_pinned(int fd, DirectFile& direct, bool use_direct, const char* buffe
   }
 }
 
-bool has_device_memory(const std::vector<WriteFileSpec>& files, int* device) {
+// The device of the first file with device memory, -1 for none (or for a
+// file without a device: planning reports it).
+int first_device(const std::vector<WriteFileSpec>& files) {
   for (const WriteFileSpec& file : files) {
     if (file.segments_length % 4 != 0) {
       continue;  // planning reports it
     }
     for (size_t i = 0; i < file.segments_length; i += 4) {
       if (file.segments[i + 1] == kSourceDevice && file.segments[i + 3] > 0) {
-        *device = file.device;
-        return true;
+        return file.device;
       }
     }
   }
-  return false;
+  return -1;
 }
 
 }  // namespace
 
 WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOptions& options) {
-  if (options.threads < 1) {
-    throw PlanError("threads must be at least 1, got " + std::to_string(options.threads));
-  }
-  if (options.chunk_bytes < 1) {
-    throw PlanError("chunk_bytes must be at least 1, got " + std::to_string(options.chunk_bytes));
-  }
-  int first_device = -1;
-  std::shared_ptr<PinnedPool> pool;
-  int64_t piece_bytes = 1;
-  if (has_device_memory(files, &first_device)) {
-    pool = options.pool;
-    if (!pool && first_device >= 0) {
-      pool = std::make_shared<PinnedPool>(require_cuda_runtime(options.cudart), first_device,
-                                          kDefaultStagingBytes, kDefaultDeviceChunkBytes);
-    }
-    if (pool) {
-      piece_bytes = pool->chunk_bytes();
-    }
-  }
-  WritePlan plan = plan_writes(files, options, piece_bytes);
+  check_options(options);
+  const std::shared_ptr<PinnedPool> pool = call_pool(options, first_device(files));
+  WritePlan plan = plan_writes(files, options, pool ? pool->chunk_bytes() : 1);
   plan.calls = interleave_files(plan.calls, files.size(), static_cast<size_t>(options.threads));
   std::vector<Work> order = schedule(plan);
   // Device pieces are numbered in the order workers take them, which is the
