@@ -369,7 +369,7 @@ class LoadRun:
         """Whether the engine reads straight into CUDA destinations (through pinned staging).
 
         Not (yet) when the load verifies: such items are read into a host
-        buffer, checked there, then copied (tests/test_fake_cuda_e2e.py pins
+        buffer, checked there, then copied (tests/device/test_fake_cuda_e2e.py pins
         this route; the engine can now check blocks in its pinned buffers too).
         """
         if self.reader.verify:
