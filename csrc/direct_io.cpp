@@ -2,11 +2,8 @@
 #include "direct_io.hpp"
 
 #include <fcntl.h>
-#include <unistd.h>
 
 #include <cerrno>
-#include <cstdlib>
-#include <cstring>
 
 #include "io_error.hpp"
 
@@ -39,50 +36,59 @@ int DirectFile::open_once(const std::string& path, bool for_write, DirectRefusal
   return state_ == 1 ? fd_ : -1;
 }
 
-template <class Transfer>
-bool DirectFile::run(const std::string& path, bool for_write, int64_t bytes,
-                     DirectRefusal refusal, Transfer&& transfer) {
-  const int fd = open_once(path, for_write, refusal);
-  if (fd < 0) {
-    return false;
-  }
-  // Only a refusal before any transfer of the file worked is the
-  // filesystem's answer to O_DIRECT; a later EINVAL is a real error.
-  const bool first = !succeeded_.load(std::memory_order_acquire);
-  try {
-    // The hook stands for a filesystem that refuses every O_DIRECT transfer.
-    if (refusal == DirectRefusal::kTransfer) {
-      throw IoError(EINVAL, for_write ? "pwrite (O_DIRECT)" : "pread (O_DIRECT)", path);
+template <class Move>
+void DirectFile::transfer(int fd, bool use_direct, bool for_write, char* buffer, int64_t offset,
+                          int64_t bytes, const std::string& path, DirectRefusal refusal,
+                          Move&& move) {
+  int64_t done = use_direct && offset % kPageBytes == 0 ? bytes / kPageBytes * kPageBytes : 0;
+  const int direct_fd = done > 0 ? open_once(path, for_write, refusal) : -1;
+  if (direct_fd < 0) {
+    done = 0;
+  } else {
+    // Only a refusal before any transfer of the file worked is the
+    // filesystem's answer to O_DIRECT; a later EINVAL is a real error.
+    const bool first = !succeeded_.load(std::memory_order_acquire);
+    try {
+      // The hook stands for a filesystem that refuses every O_DIRECT transfer.
+      if (refusal == DirectRefusal::kTransfer) {
+        throw IoError(EINVAL, for_write ? "pwrite (O_DIRECT)" : "pread (O_DIRECT)", path);
+      }
+      move(direct_fd, buffer, offset, done);
+      succeeded_.store(true, std::memory_order_release);
+      g_direct_bytes.fetch_add(done, std::memory_order_relaxed);
+    } catch (const IoError& error) {
+      if (error.error_number() != EINVAL || !first) {
+        throw;
+      }
+      std::lock_guard<std::mutex> lock(mutex_);
+      state_ = 2;  // the descriptor stays open until close(): another thread may use it
+      done = 0;
     }
-    transfer(fd);
-  } catch (const IoError& error) {
-    if (error.error_number() != EINVAL || !first) {
-      throw;
-    }
-    std::lock_guard<std::mutex> lock(mutex_);
-    state_ = 2;  // the descriptor stays open until close(): another thread may use it
-    return false;
   }
-  succeeded_.store(true, std::memory_order_release);
-  g_direct_bytes.fetch_add(bytes, std::memory_order_relaxed);
-  return true;
+  if (done < bytes) {
+    move(fd, buffer + done, offset + done, bytes - done);
+  }
 }
 
-bool DirectFile::write(const std::string& path, const char* buffer, int64_t bytes,
-                       int64_t offset, const IoHooks& hooks, DirectRefusal refusal) {
-  return run(path, true, bytes, refusal, [&](int fd) {
-    // pwritev never writes through its iovecs; the cast only fits iovec.
-    iovec iov{const_cast<char*>(buffer), static_cast<size_t>(bytes)};
-    write_fully(fd, &iov, 1, offset, bytes, path, hooks);
-  });
+void DirectFile::write(int fd, bool use_direct, const char* buffer, int64_t offset,
+                       int64_t bytes, const std::string& path, const IoHooks& hooks,
+                       DirectRefusal refusal) {
+  // pwritev never writes through its iovecs; the cast only fits iovec.
+  transfer(fd, use_direct, true, const_cast<char*>(buffer), offset, bytes, path, refusal,
+           [&](int to, char* from, int64_t at, int64_t length) {
+             iovec iov{from, static_cast<size_t>(length)};
+             write_fully(to, &iov, 1, at, length, path, hooks);
+           });
 }
 
-bool DirectFile::read(const std::string& path, char* buffer, int64_t bytes, int64_t offset,
-                      int64_t required, const IoHooks& hooks, DirectRefusal refusal) {
-  return run(path, false, bytes, refusal, [&](int fd) {
-    iovec iov{buffer, static_cast<size_t>(bytes)};
-    read_fully(fd, &iov, 1, offset, bytes, path, required, hooks);
-  });
+void DirectFile::read(int fd, bool use_direct, char* buffer, int64_t offset, int64_t bytes,
+                      const std::string& path, int64_t required, const IoHooks& hooks,
+                      DirectRefusal refusal) {
+  transfer(fd, use_direct, false, buffer, offset, bytes, path, refusal,
+           [&](int from, char* to, int64_t at, int64_t length) {
+             iovec iov{to, static_cast<size_t>(length)};
+             read_fully(from, &iov, 1, at, length, path, required, hooks);
+           });
 }
 
 void DirectFile::close() noexcept {

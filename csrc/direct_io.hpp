@@ -25,10 +25,14 @@ enum class DirectRefusal { kNone, kOpen, kTransfer };
 // direct path ran, or did not).
 int64_t direct_io_bytes() noexcept;
 
+// O_DIRECT and the page size: pinned buffers, their size and aligned file
+// pieces are multiples of it.
+constexpr int64_t kPageBytes = 4096;
+
 // Whether a call may use O_DIRECT at all: asked for, and the short-transfer
 // test hook (if set) keeps transfers page-aligned.
 inline bool direct_allowed(bool direct_io, const IoHooks& hooks) noexcept {
-  return direct_io && hooks.short_io_cap % 4096 == 0;
+  return direct_io && hooks.short_io_cap % kPageBytes == 0;
 }
 
 class DirectFile {
@@ -38,26 +42,29 @@ class DirectFile {
   DirectFile& operator=(const DirectFile&) = delete;
   ~DirectFile() { close_quietly(fd_); }
 
-  // Transfers `bytes` (page multiple) at `offset` (page-aligned) from/to
-  // `buffer` (page-aligned) with O_DIRECT. False when the file cannot use
-  // O_DIRECT (nothing transferred: the caller uses its buffered descriptor);
-  // other failures throw IoError, a file that is no longer regular
-  // NotRegularFileError (both opens go through open_regular, so a FIFO
-  // swapped in between them cannot block). The normal descriptor must already
-  // be open (for writes it created and truncated the file).
-  bool write(const std::string& path, const char* buffer, int64_t bytes, int64_t offset,
-             const IoHooks& hooks, DirectRefusal refusal);
-  bool read(const std::string& path, char* buffer, int64_t bytes, int64_t offset,
-            int64_t required, const IoHooks& hooks, DirectRefusal refusal);
+  // Moves `bytes` at `offset` between the file and `buffer` (pinned, so
+  // page-aligned): its whole pages with O_DIRECT when `use_direct`, `offset`
+  // is page-aligned and the file accepts O_DIRECT, the rest through `fd`, the
+  // normal descriptor, which must already be open (for writes it created and
+  // truncated the file). Failures throw IoError, a file that is no longer
+  // regular NotRegularFileError (both opens go through open_regular, so a
+  // FIFO swapped in between them cannot block).
+  void write(int fd, bool use_direct, const char* buffer, int64_t offset, int64_t bytes,
+             const std::string& path, const IoHooks& hooks, DirectRefusal refusal);
+  void read(int fd, bool use_direct, char* buffer, int64_t offset, int64_t bytes,
+            const std::string& path, int64_t required, const IoHooks& hooks,
+            DirectRefusal refusal);
 
   // Closes the descriptor (the file's last piece is done).
   void close() noexcept;
 
  private:
   int open_once(const std::string& path, bool for_write, DirectRefusal refusal);
-  template <class Transfer>
-  bool run(const std::string& path, bool for_write, int64_t bytes, DirectRefusal refusal,
-           Transfer&& transfer);
+  // move(fd, buffer, offset, bytes) moves the O_DIRECT part through the
+  // O_DIRECT descriptor, then the rest through `fd`.
+  template <class Move>
+  void transfer(int fd, bool use_direct, bool for_write, char* buffer, int64_t offset,
+                int64_t bytes, const std::string& path, DirectRefusal refusal, Move&& move);
 
   std::mutex mutex_;
   int state_ = 0;  // 0: not tried, 1: open, 2: unavailable

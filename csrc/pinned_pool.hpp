@@ -13,12 +13,9 @@
 #include <vector>
 
 #include "cuda_runtime.hpp"
+#include "direct_io.hpp"
 
 namespace dcp_native {
-
-// O_DIRECT and the page size: buffers, their size and aligned file pieces
-// are multiples of it.
-constexpr int64_t kPageBytes = 4096;
 
 // A call with device memory and no pool stages through a pool of this many
 // bytes in buffers of at most kDefaultDeviceChunkBytes, made for the call

@@ -577,19 +577,8 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
           }
         }();
         PendingCopy& entry = pending->add(buffer, file.device, stream, file.path);
-        int64_t done = 0;
-        if (use_direct && call.offset % kPageBytes == 0) {
-          const int64_t aligned = call.bytes / kPageBytes * kPageBytes;
-          if (aligned > 0 && direct[call.file].read(file.path, buffer, aligned, call.offset,
-                                                    required, hooks, options.direct_refusal)) {
-            done = aligned;
-          }
-        }
-        if (done < call.bytes) {
-          iovec rest{buffer + done, static_cast<size_t>(call.bytes - done)};
-          read_fully(fd, &rest, 1, call.offset + done, call.bytes - done, file.path, required,
-                     hooks);
-        }
+        direct[call.file].read(fd, use_direct, buffer, call.offset, call.bytes, file.path,
+                               required, hooks, options.direct_refusal);
         // Checked in the pinned buffer, before anything reaches the device.
         const iovec pinned{buffer, static_cast<size_t>(call.bytes)};
         check_call(index, call, &pinned);

@@ -66,20 +66,14 @@ int64_t collect_segments(const WriteFileSpec& file, std::vector<Segment>& segmen
       }
       // pwritev never writes through its iovecs; the cast only fits iovec.
       memory = const_cast<char*>(file.blob) + source;
-    } else if (kind == kSourceHost) {
+    } else if (kind == kSourceHost || kind == kSourceDevice) {
       int64_t source_end = 0;
       if (source < 0 || __builtin_add_overflow(source, length, &source_end) ||
           (source == 0 && length > 0)) {
-        bad_segment(file.path, i, "host address " + std::to_string(source) + " is invalid");
+        bad_segment(file.path, i, (kind == kSourceHost ? "host address " : "device address ") +
+                                      std::to_string(source) + " is invalid");
       }
-      memory = reinterpret_cast<char*>(static_cast<uintptr_t>(source));
-    } else if (kind == kSourceDevice) {
-      int64_t source_end = 0;
-      if (source < 0 || __builtin_add_overflow(source, length, &source_end) ||
-          (source == 0 && length > 0)) {
-        bad_segment(file.path, i, "device address " + std::to_string(source) + " is invalid");
-      }
-      if (file.device < 0 && length > 0) {
+      if (kind == kSourceDevice && file.device < 0 && length > 0) {
         bad_segment(file.path, i,
                     "device memory, but the file's device is " + std::to_string(file.device));
       }
@@ -392,24 +386,6 @@ class DeviceStaging {
   bool finished_ = false;
 };
 
-// Writes a piece from a pinned buffer: its page-aligned part with O_DIRECT
-// when allowed and accepted, the rest through the normal descriptor.
-void write_pinned(int fd, DirectFile& direct, bool use_direct, const char* buffer,
-                  int64_t offset, int64_t length, const std::string& path, const IoHooks& hooks,
-                  DirectRefusal refusal) {
-  int64_t done = 0;
-  if (use_direct && offset % kPageBytes == 0) {
-    const int64_t aligned = length / kPageBytes * kPageBytes;
-    if (aligned > 0 && direct.write(path, buffer, aligned, offset, hooks, refusal)) {
-      done = aligned;
-    }
-  }
-  if (done < length) {
-    iovec iov{const_cast<char*>(buffer) + done, static_cast<size_t>(length - done)};
-    write_fully(fd, &iov, 1, offset + done, length - done, path, hooks);
-  }
-}
-
 // The device of the first file with device memory, -1 for none (or for a
 // file without a device: planning reports it).
 int first_device(const std::vector<WriteFileSpec>& files) {
@@ -529,8 +505,8 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
                       "cudaEventSynchronize after the " + d2h_operation(file.path, piece, file.device));
         const int fd = shared[piece.file].acquire(
             [&file, &hooks]() { return open_for_write(file.path, hooks); });
-        write_pinned(fd, direct[piece.file], use_direct, slot->buffer, piece.offset,
-                     piece.length, file.path, hooks, options.direct_refusal);
+        direct[piece.file].write(fd, use_direct, slot->buffer, piece.offset, piece.length,
+                                 file.path, hooks, options.direct_refusal);
         if (options.sync) {
           start_writeback(fd, piece.offset, piece.length);
         }
