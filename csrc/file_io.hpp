@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <utility>
 
 #include "fault_injection.hpp"
 
@@ -108,11 +109,7 @@ class SharedFile {
   // owns the descriptor through release().
   bool finish_piece() noexcept { return pieces_left_.fetch_sub(1, std::memory_order_acq_rel) == 1; }
 
-  int release() noexcept {
-    int fd = fd_;
-    fd_ = -1;
-    return fd;
-  }
+  int release() noexcept { return std::exchange(fd_, -1); }
 
  private:
   std::mutex mutex_;
@@ -129,11 +126,7 @@ class FdGuard {
   FdGuard& operator=(const FdGuard&) = delete;
   ~FdGuard() { close_quietly(fd_); }
   int get() const noexcept { return fd_; }
-  int release() noexcept {
-    int fd = fd_;
-    fd_ = -1;
-    return fd;
-  }
+  int release() noexcept { return std::exchange(fd_, -1); }
 
  private:
   int fd_;

@@ -28,25 +28,13 @@ std::string describe(int error_number, const std::string& operation, int64_t off
 
 // What a non-regular file is, in _fileio.file_kind's words and order.
 const char* file_kind(mode_t mode) {
-  if (S_ISDIR(mode)) {
-    return "a directory";
-  }
-  if (S_ISFIFO(mode)) {
-    return "a FIFO";
-  }
-  if (S_ISSOCK(mode)) {
-    return "a socket";
-  }
-  if (S_ISCHR(mode)) {
-    return "a character device";
-  }
-  if (S_ISBLK(mode)) {
-    return "a block device";
-  }
-  if (S_ISLNK(mode)) {
-    return "a symbolic link";
-  }
-  return "not a regular file";
+  return S_ISDIR(mode)    ? "a directory"
+         : S_ISFIFO(mode) ? "a FIFO"
+         : S_ISSOCK(mode) ? "a socket"
+         : S_ISCHR(mode)  ? "a character device"
+         : S_ISBLK(mode)  ? "a block device"
+         : S_ISLNK(mode)  ? "a symbolic link"
+                          : "not a regular file";
 }
 
 std::string not_regular_detail(mode_t mode, const std::string& what) {
@@ -67,13 +55,12 @@ std::string errno_message(int error_number) {
   return message;
 }
 
-IoError::IoError(int error_number, std::string operation, std::string path, int64_t offset)
+IoError::IoError(int error_number, const std::string& operation, std::string path,
+                 int64_t offset)
     : std::runtime_error(describe(error_number, operation, offset) + ": " + path),
       error_number_(error_number),
-      operation_(std::move(operation)),
       path_(std::move(path)),
-      offset_(offset),
-      detail_(describe(error_number_, operation_, offset_)) {}
+      detail_(describe(error_number, operation, offset)) {}
 
 TruncatedError::TruncatedError(std::string path, int64_t expected, int64_t actual)
     : std::runtime_error(path + " is truncated: the checkpoint needs at least " +

@@ -17,21 +17,18 @@ namespace dcp_native {
 class IoError : public std::runtime_error {
  public:
   // offset < 0 means the operation has no file offset (open, fsync, close).
-  IoError(int error_number, std::string operation, std::string path, int64_t offset = -1);
+  IoError(int error_number, const std::string& operation, std::string path,
+          int64_t offset = -1);
 
   int error_number() const noexcept { return error_number_; }
-  const std::string& operation() const noexcept { return operation_; }
   const std::string& path() const noexcept { return path_; }
-  int64_t offset() const noexcept { return offset_; }
   // The OS message with the operation and offset, without the path: Python's
   // OSError prints the path itself from its filename attribute.
   const std::string& detail() const noexcept { return detail_; }
 
  private:
   int error_number_;
-  std::string operation_;
   std::string path_;
-  int64_t offset_;
   std::string detail_;
 };
 

@@ -98,12 +98,18 @@ void PinnedPool::release(char* buffer) {
   released_.notify_one();
 }
 
-void PinnedPool::free_all_locked() {
+cuda::Error PinnedPool::free_all_locked() {
+  // Every buffer is freed even if one fails; the first failure is returned.
+  cuda::Error first = cuda::kSuccess;
   for (char* buffer : all_) {
-    runtime_->api().free_host(buffer);
+    const cuda::Error code = runtime_->api().free_host(buffer);
+    if (first == cuda::kSuccess) {
+      first = code;
+    }
   }
   all_.clear();
   free_.clear();
+  return first;
 }
 
 void PinnedPool::close() {
@@ -117,17 +123,8 @@ void PinnedPool::close() {
   }
   DeviceGuard device(*runtime_);
   device.set(device_);
-  // Every buffer is freed even if one fails; the first failure is reported.
-  cuda::Error first = cuda::kSuccess;
-  for (char* buffer : all_) {
-    const cuda::Error code = runtime_->api().free_host(buffer);
-    if (first == cuda::kSuccess) {
-      first = code;
-    }
-  }
-  all_.clear();
-  free_.clear();
-  runtime_->check(first, "cudaFreeHost of the pinned pool of device " + std::to_string(device_));
+  runtime_->check(free_all_locked(),
+                  "cudaFreeHost of the pinned pool of device " + std::to_string(device_));
 }
 
 PinnedPool::Use::Use(PinnedPool& pool) : pool_(pool) {

@@ -68,7 +68,7 @@ class PinnedPool {
 
  private:
   char* take_locked(std::unique_lock<std::mutex>& lock);
-  void free_all_locked();
+  cuda::Error free_all_locked();
 
   std::shared_ptr<CudaRuntime> runtime_;
   int device_;
