@@ -144,13 +144,13 @@ inline std::vector<IoCall> interleave_files(const std::vector<IoCall>& calls, si
 }
 
 // One SharedFile per file of a plan, each expecting as many pieces as the
-// plan has calls for it.
-inline std::unique_ptr<SharedFile[]> share_files(size_t file_count,
-                                                 const std::vector<IoCall>& calls) {
+// plan has work items (calls, device pieces: anything with a `file`) for it.
+template <class Item>
+std::unique_ptr<SharedFile[]> share_files(size_t file_count, const std::vector<Item>& items) {
   std::unique_ptr<SharedFile[]> files(new SharedFile[file_count]);
   std::vector<int64_t> pieces(file_count, 0);
-  for (const IoCall& call : calls) {
-    ++pieces[call.file];
+  for (const Item& item : items) {
+    ++pieces[item.file];
   }
   for (size_t f = 0; f < file_count; ++f) {
     files[f].set_pieces(pieces[f]);

@@ -100,10 +100,12 @@ struct DevicePiece {
 enum class WorkKind { kCall, kDevice };
 
 // One unit of work for the threads: a write call or a device piece (by its
-// position in issue order). Each checksums what it writes (block_crc.hpp).
+// position in issue order) of file `file`. Each checksums what it writes
+// (block_crc.hpp).
 struct Work {
   WorkKind kind;
   size_t index;
+  size_t file;
 };
 
 struct WritePlan {
@@ -199,11 +201,11 @@ std::vector<Work> schedule(const WritePlan& plan) {
   std::vector<Work> order;
   order.reserve(plan.calls.size() + plan.device_pieces.size());
   for (size_t c = 0; c < plan.calls.size(); ++c) {
-    order.push_back(Work{WorkKind::kCall, c});
     const size_t f = plan.calls[c].file;
+    order.push_back(Work{WorkKind::kCall, c, f});
     if (--calls_left[f] == 0) {
       for (size_t p : pieces[f]) {
-        order.push_back(Work{WorkKind::kDevice, p});
+        order.push_back(Work{WorkKind::kDevice, p, f});
       }
     }
   }
@@ -442,20 +444,7 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
     }
   };
 
-  std::unique_ptr<SharedFile[]> shared = share_files(files.size(), plan.calls);
-  std::vector<int64_t> device_pieces_per_file(files.size(), 0);
-  for (const DevicePiece& piece : pieces) {
-    ++device_pieces_per_file[piece.file];
-  }
-  for (size_t f = 0; f < files.size(); ++f) {
-    if (device_pieces_per_file[f] > 0) {
-      int64_t calls = 0;
-      for (const IoCall& call : plan.calls) {
-        calls += call.file == f ? 1 : 0;
-      }
-      shared[f].set_pieces(calls + device_pieces_per_file[f]);
-    }
-  }
+  std::unique_ptr<SharedFile[]> shared = share_files(files.size(), order);
   std::unique_ptr<DirectFile[]> direct(new DirectFile[files.size()]);
   FaultInjector faults(options.faults);
   const IoHooks hooks{options.short_io_cap, &faults};
@@ -537,24 +526,16 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
   if (staging) {
     staging->start();
   }
-  try {
-    run_workers(queue, std::min(static_cast<size_t>(options.threads), queue.size()), worker);
-  } catch (...) {
-    if (staging) {
-      staging->finish(false);
-    }
-    throw;
-  }
+  // On failure, staging's destructor joins the issuer and cleans up.
+  run_workers(queue, std::min(static_cast<size_t>(options.threads), queue.size()), worker);
   if (staging) {
     staging->finish(true);
     queue.rethrow_if_failed();
   }
   std::vector<std::vector<BlockPiece>> by_file(files.size());
   for (size_t i = 0; i < order.size(); ++i) {
-    const size_t f = order[i].kind == WorkKind::kCall ? plan.calls[order[i].index].file
-                                                      : pieces[order[i].index].file;
-    by_file[f].insert(by_file[f].end(), &shared_blocks[2 * i],
-                      &shared_blocks[2 * i] + shared_count[i]);
+    std::vector<BlockPiece>& joined = by_file[order[i].file];
+    joined.insert(joined.end(), &shared_blocks[2 * i], &shared_blocks[2 * i] + shared_count[i]);
   }
   for (size_t f = 0; f < files.size(); ++f) {
     uint32_t* out = result.block_crcs[f].data();
