@@ -4,8 +4,6 @@
 #include <sys/uio.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstring>
 #include <deque>
 #include <map>
 #include <memory>
@@ -320,24 +318,17 @@ class PendingCopies {
   char* take_oldest() {
     PendingCopy pending = list_.front();
     list_.pop_front();
-    // Released if the wait fails: the runtime reported the copies finished or dead.
-    struct Release {
-      PinnedPool& pool;
-      char* buffer;
-      bool keep = false;
-      ~Release() {
-        if (!keep) {
-          pool.release(buffer);
-        }
-      }
-    } release{pool_, pending.buffer};
-    guard_.set(pending.device);
-    const cuda::Error code = runtime_.api().event_synchronize(pending.event);
-    runtime_.api().event_destroy(pending.event);
-    runtime_.check(code, "cudaEventSynchronize after the H2D copies of " + *pending.path +
-                             " to device " +
-                             std::to_string(pending.device));
-    release.keep = true;
+    try {
+      guard_.set(pending.device);
+      const cuda::Error code = runtime_.api().event_synchronize(pending.event);
+      runtime_.api().event_destroy(pending.event);
+      runtime_.check(code, "cudaEventSynchronize after the H2D copies of " + *pending.path +
+                               " to device " + std::to_string(pending.device));
+    } catch (...) {
+      // Released even so: the runtime reported the copies finished or dead.
+      pool_.release(pending.buffer);
+      throw;
+    }
     return pending.buffer;
   }
 
@@ -385,21 +376,15 @@ void copy_to_device(const CudaRuntime& runtime, cuda::Stream stream, const char*
   while (i < pieces.size()) {
     const Piece& first = pieces[i];
     size_t j = i + 1;
-    int64_t source_pitch = 0;
-    uintptr_t dest_pitch = 0;
-    if (j < pieces.size() && pieces[j].length == first.length && pieces[j].dest > first.dest &&
-        pieces[j].box == first.box) {
-      source_pitch = pieces[j].at - first.at;
-      dest_pitch = pieces[j].dest - first.dest;
-      if (dest_pitch >= static_cast<uintptr_t>(first.length) && source_pitch >= first.length &&
-          dest_pitch <= kMaxPitch && source_pitch <= static_cast<int64_t>(kMaxPitch)) {
-        while (j < pieces.size() && pieces[j].length == first.length && pieces[j].box == first.box &&
-               pieces[j].at - pieces[j - 1].at == source_pitch &&
-               pieces[j].dest > pieces[j - 1].dest && pieces[j].dest - pieces[j - 1].dest == dest_pitch) {
-          ++j;
-        }
-      } else {
-        j = i + 1;
+    // The pitches to the next piece, if it continues the first (the loop checks).
+    const int64_t source_pitch = j < pieces.size() ? pieces[j].at - first.at : 0;
+    const uintptr_t dest_pitch = j < pieces.size() ? pieces[j].dest - first.dest : 0;
+    if (dest_pitch >= static_cast<uintptr_t>(first.length) && source_pitch >= first.length &&
+        dest_pitch <= kMaxPitch && source_pitch <= static_cast<int64_t>(kMaxPitch)) {
+      while (j < pieces.size() && pieces[j].length == first.length && pieces[j].box == first.box &&
+             pieces[j].at - pieces[j - 1].at == source_pitch &&
+             pieces[j].dest > pieces[j - 1].dest && pieces[j].dest - pieces[j - 1].dest == dest_pitch) {
+        ++j;
       }
     }
     const size_t rows = j - i;
