@@ -245,25 +245,43 @@ void DeviceGuard::set(int device) {
   current_ = device;
 }
 
-StreamWaits::~StreamWaits() {
+CallStreams::~CallStreams() {
   for (cuda::Event event : events_) {
     runtime_.api().event_destroy(event);
   }
 }
 
-void StreamWaits::wait(cuda::Stream copy, int device, int64_t stream, const char* role,
-                       const std::string& path) {
+cuda::Stream CallStreams::get(int device) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = streams_.find(device);
+  if (found != streams_.end()) {
+    return found->second;
+  }
+  const cuda::Stream stream = runtime_.copy_stream(device);
+  streams_.emplace(device, stream);
+  return stream;
+}
+
+void CallStreams::wait_for(DeviceGuard& guard, const CallerStreams& streams, const char* role) {
   const cuda::Api& api = runtime_.api();
-  const std::string where = std::string(role) + " " + hex_address(static_cast<uintptr_t>(stream)) +
-                            " of device " + std::to_string(device) + " (for " + path + ")";
-  cuda::Event event = nullptr;
-  runtime_.check(api.event_create_with_flags(&event, cuda::kEventDisableTiming),
-                 "cudaEventCreateWithFlags for " + where);
-  events_.push_back(event);
-  runtime_.check(api.event_record(event, reinterpret_cast<cuda::Stream>(static_cast<uintptr_t>(stream))),
-                 "cudaEventRecord on " + where);
-  runtime_.check(api.stream_wait_event(copy, event, 0),
-                 "cudaStreamWaitEvent of the copy stream on " + where);
+  for (const auto& caller : streams) {
+    const int device = caller.first.first;
+    const int64_t stream = caller.first.second;
+    guard.set(device);
+    const cuda::Stream copy = get(device);
+    const std::string where = std::string(role) + " " +
+                              hex_address(static_cast<uintptr_t>(stream)) + " of device " +
+                              std::to_string(device) + " (for " + *caller.second + ")";
+    cuda::Event event = nullptr;
+    runtime_.check(api.event_create_with_flags(&event, cuda::kEventDisableTiming),
+                   "cudaEventCreateWithFlags for " + where);
+    events_.push_back(event);
+    runtime_.check(
+        api.event_record(event, reinterpret_cast<cuda::Stream>(static_cast<uintptr_t>(stream))),
+        "cudaEventRecord on " + where);
+    runtime_.check(api.stream_wait_event(copy, event, 0),
+                   "cudaStreamWaitEvent of the copy stream on " + where);
+  }
 }
 
 }  // namespace dcp_native

@@ -12,9 +12,10 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <vector>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace dcp_native {
 
@@ -150,23 +151,34 @@ class DeviceGuard {
   int current_ = -1;
 };
 
-// Makes copy streams wait for the work queued so far on the caller's streams
-// (the kernels that write what a save copies, or the fill of what a load
-// overwrites), through events destroyed with this object (CUDA releases an
-// event still pending once it completes).
-class StreamWaits {
+// The caller's streams of a call, (device, cudaStream_t as an integer), each
+// with the path that names it in errors.
+using CallerStreams = std::map<std::pair<int, int64_t>, const std::string*>;
+
+// The copy streams one engine call uses, by device, made to wait for the
+// work queued so far on the caller's streams (the kernels that write what a
+// save copies, or the fill of what a load overwrites) through events
+// destroyed with this object (CUDA releases an event still pending once it
+// completes). get() is thread-safe.
+class CallStreams {
  public:
-  explicit StreamWaits(const CudaRuntime& runtime) noexcept : runtime_(runtime) {}
-  StreamWaits(const StreamWaits&) = delete;
-  StreamWaits& operator=(const StreamWaits&) = delete;
-  ~StreamWaits();
-  // `copy` waits for `stream` of `device` (the caller has made `device`
-  // current); `role` and `path` name them in errors.
-  void wait(cuda::Stream copy, int device, int64_t stream, const char* role,
-            const std::string& path);
+  explicit CallStreams(CudaRuntime& runtime) noexcept : runtime_(runtime) {}
+  CallStreams(const CallStreams&) = delete;
+  CallStreams& operator=(const CallStreams&) = delete;
+  ~CallStreams();
+
+  // The copy stream of `device` (CudaRuntime::copy_stream), noted as used.
+  cuda::Stream get(int device);
+  // Makes the copy stream of each caller's stream's device wait for it;
+  // `guard` selects the devices, `role` names the streams in errors.
+  void wait_for(DeviceGuard& guard, const CallerStreams& streams, const char* role);
+  // The copy streams used so far, by device.
+  const std::map<int, cuda::Stream>& used() const noexcept { return streams_; }
 
  private:
-  const CudaRuntime& runtime_;
+  CudaRuntime& runtime_;
+  std::mutex mutex_;
+  std::map<int, cuda::Stream> streams_;
   std::vector<cuda::Event> events_;
 };
 

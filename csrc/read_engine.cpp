@@ -453,38 +453,20 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
     pool_use.reset(new PinnedPool::Use(*pool));
     runtime = pool->runtime().get();
   }
-  // Copy streams by device, shared by the workers (created under a lock).
-  std::mutex streams_mutex;
-  std::map<int, cuda::Stream> streams;
-  auto copy_stream = [&](int dev) {
-    std::lock_guard<std::mutex> lock(streams_mutex);
-    auto found = streams.find(dev);
-    if (found != streams.end()) {
-      return found->second;
-    }
-    const cuda::Stream stream = runtime->copy_stream(dev);
-    streams.emplace(dev, stream);
-    return stream;
-  };
-
   // Work queued on each consumer stream before the call (kernels still
   // writing the destinations, such as the fill of freshly allocated
   // tensors) completes before the copy streams write them.
-  std::unique_ptr<StreamWaits> consumers;
+  std::unique_ptr<CallStreams> streams;
   if (runtime != nullptr) {
-    consumers.reset(new StreamWaits(*runtime));
-    std::map<std::pair<int, int64_t>, const std::string*> waits;
+    streams.reset(new CallStreams(*runtime));
+    CallerStreams consumers;
     for (const ReadFileSpec& file : files) {
       if (file.device >= 0) {
-        waits.emplace(std::make_pair(file.device, file.stream), &file.path);
+        consumers.emplace(std::make_pair(file.device, file.stream), &file.path);
       }
     }
     DeviceGuard guard(*runtime);
-    for (const auto& wait : waits) {
-      guard.set(wait.first.first);
-      consumers->wait(copy_stream(wait.first.first), wait.first.first, wait.first.second,
-                      "the consumer stream", *wait.second);
-    }
+    streams->wait_for(guard, consumers, "the consumer stream");
   }
 
   WorkQueue queue(plan.calls.size());
@@ -555,7 +537,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
         device_guard->set(file.device);
         const cuda::Stream stream = [&] {
           try {
-            return copy_stream(file.device);
+            return streams->get(file.device);
           } catch (...) {
             pool->release(buffer);
             throw;
@@ -609,7 +591,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
     // Every worker waited for its own copies; the streams are synchronised
     // too, so that nothing of this call is left on them when it returns.
     DeviceGuard guard(*runtime);
-    for (const auto& used : streams) {
+    for (const auto& used : streams->used()) {
       guard.set(used.first);
       runtime->check(runtime->api().stream_synchronize(used.second),
                      "cudaStreamSynchronize of the copy stream of device " +

@@ -233,7 +233,7 @@ class DeviceStaging {
   DeviceStaging(const std::vector<WriteFileSpec>& files, const std::vector<DevicePiece>& pieces,
                 PinnedPool& pool, WorkQueue& queue)
       : files_(files), pieces_(pieces), pool_(pool), runtime_(*pool.runtime()), queue_(queue),
-        slots_(pieces.size()) {}
+        slots_(pieces.size()), streams_(new CallStreams(runtime_)) {}
   DeviceStaging(const DeviceStaging&) = delete;
   DeviceStaging& operator=(const DeviceStaging&) = delete;
   ~DeviceStaging() { finish(false); }
@@ -280,7 +280,7 @@ class DeviceStaging {
     DeviceGuard guard(runtime_);
     cuda::Error first = cuda::kSuccess;
     std::string operation;
-    for (const auto& used : streams_) {
+    for (const auto& used : streams_->used()) {
       const cuda::Error code = [&] {
         try {
           guard.set(used.first);
@@ -300,7 +300,7 @@ class DeviceStaging {
         consumed(slot);
       }
     }
-    producers_.reset();
+    streams_.reset();
     if (check && first != cuda::kSuccess) {
       runtime_.fail(first, operation);
     }
@@ -310,12 +310,19 @@ class DeviceStaging {
   void issue_all() {
     try {
       DeviceGuard guard(runtime_);
-      wait_for_producers(guard);
+      // Work queued on each producer stream before the call (the kernels
+      // that wrote the tensors) completes before the copy stream reads it.
+      CallerStreams producers;
+      for (const DevicePiece& piece : pieces_) {
+        const WriteFileSpec& file = files_[piece.file];
+        producers.emplace(std::make_pair(file.device, file.stream), &file.path);
+      }
+      streams_->wait_for(guard, producers, "the producer stream");
       for (size_t k = 0; k < pieces_.size(); ++k) {
         const DevicePiece& piece = pieces_[k];
         const WriteFileSpec& file = files_[piece.file];
         guard.set(file.device);
-        const cuda::Stream stream = copy_stream(file.device);
+        const cuda::Stream stream = streams_->get(file.device);
         char* buffer = pool_.acquire(queue_.failed_flag());
         if (buffer == nullptr) {
           return;  // the call failed
@@ -345,33 +352,6 @@ class DeviceStaging {
     }
   }
 
-  cuda::Stream copy_stream(int device) {
-    auto found = streams_.find(device);
-    if (found != streams_.end()) {
-      return found->second;
-    }
-    const cuda::Stream stream = runtime_.copy_stream(device);
-    streams_.emplace(device, stream);
-    return stream;
-  }
-
-  // Work queued on each producer stream before the call (the kernels that
-  // wrote the tensors) completes before the copy stream reads the memory.
-  void wait_for_producers(DeviceGuard& guard) {
-    std::map<std::pair<int, int64_t>, const std::string*> producers;
-    for (const DevicePiece& piece : pieces_) {
-      const WriteFileSpec& file = files_[piece.file];
-      producers.emplace(std::make_pair(file.device, file.stream), &file.path);
-    }
-    producers_.reset(new StreamWaits(runtime_));
-    for (const auto& producer : producers) {
-      const int device = producer.first.first;
-      guard.set(device);
-      producers_->wait(copy_stream(device), device, producer.first.second, "the producer stream",
-                       *producer.second);
-    }
-  }
-
   const std::vector<WriteFileSpec>& files_;
   const std::vector<DevicePiece>& pieces_;
   PinnedPool& pool_;
@@ -382,9 +362,8 @@ class DeviceStaging {
   std::condition_variable issued_changed_;
   size_t issued_ = 0;
   std::thread thread_;
-  // Only the issuer touches these until it is joined.
-  std::map<int, cuda::Stream> streams_;
-  std::unique_ptr<StreamWaits> producers_;
+  // Only the issuer uses it until it is joined; reset by finish().
+  std::unique_ptr<CallStreams> streams_;
   bool finished_ = false;
 };
 
