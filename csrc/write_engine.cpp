@@ -112,34 +112,17 @@ struct WritePlan {
   std::vector<iovec> iovs;
   std::vector<IoCall> calls;
   std::vector<int64_t> bytes_per_file;
-  // Per file: its blocks (block 0: no checksums).
+  // Per file: its blocks (block 0: no checksums), and its device pieces.
   std::vector<BlockGrid> grids;
-  std::vector<DevicePiece> device_pieces;
+  std::vector<std::vector<DevicePiece>> device_pieces;
 };
-
-// A file's device pieces: every `piece_bytes` bytes of its device segments
-// (the pool's buffer size).
-void plan_device_pieces(size_t file, const std::vector<Segment>& segments, int64_t piece_bytes,
-                        WritePlan& plan) {
-  for (const Segment& segment : segments) {
-    if (!segment.device) {
-      continue;
-    }
-    const int64_t end = segment.offset + segment.length;
-    for (int64_t pos = segment.offset; pos < end; pos += piece_bytes) {
-      const uintptr_t source = reinterpret_cast<uintptr_t>(segment.source) +
-                               static_cast<uintptr_t>(pos - segment.offset);
-      plan.device_pieces.push_back(
-          DevicePiece{file, pos, std::min(piece_bytes, end - pos), source});
-    }
-  }
-}
 
 WritePlan plan_writes(const std::vector<WriteFileSpec>& files, const WriteOptions& options,
                       int64_t piece_bytes) {
   WritePlan plan;
   plan.bytes_per_file.reserve(files.size());
   plan.grids.resize(files.size());
+  plan.device_pieces.resize(files.size());
   CallBuilder builder(plan.iovs, plan.calls, options.chunk_bytes);
   std::vector<Segment> segments;  // reused across files
   auto before = [](const Segment& a, const Segment& b) { return a.offset < b.offset; };
@@ -156,7 +139,6 @@ WritePlan plan_writes(const std::vector<WriteFileSpec>& files, const WriteOption
     }
     builder.begin_file(f);
     int64_t covered = 0;  // end of the previous segment
-    bool has_device = false;
     for (const Segment& segment : segments) {
       // Overlapping segments would race between threads: the plan is wrong.
       if (segment.offset < covered) {
@@ -170,42 +152,43 @@ WritePlan plan_writes(const std::vector<WriteFileSpec>& files, const WriteOption
                         std::to_string(covered) + ", " + std::to_string(segment.offset) + ")");
       }
       covered = segment.offset + segment.length;
-      if (segment.device) {
-        has_device = true;
-      } else {
+      if (!segment.device) {
         builder.add(segment.offset, segment.source, segment.length);
+        continue;
+      }
+      // Device memory is copied in pieces of `piece_bytes` (the pool's buffer size).
+      for (int64_t pos = segment.offset; pos < covered; pos += piece_bytes) {
+        const uintptr_t source = reinterpret_cast<uintptr_t>(segment.source) +
+                                 static_cast<uintptr_t>(pos - segment.offset);
+        plan.device_pieces[f].push_back(
+            DevicePiece{f, pos, std::min(piece_bytes, covered - pos), source});
       }
     }
     builder.end_file();
-    if (has_device) {
-      plan_device_pieces(f, segments, piece_bytes, plan);
-    }
     plan.grids[f] = BlockGrid{file.crc_block, file.crc_block > 0 ? covered : 0};
   }
   return plan;
 }
 
 // The order in which threads take the work: the calls, and a file's device
-// pieces after its last call, so files open and close in the waves of
-// interleave_files.
-std::vector<Work> schedule(const WritePlan& plan) {
-  const size_t file_count = plan.grids.size();
-  std::vector<size_t> calls_left(file_count, 0);
+// pieces after its last call (every file has one), so files open and close
+// in the waves of interleave_files. Device pieces are appended to `pieces`
+// in that order, which is the order the issuer copies them in: a worker
+// waiting for piece k then only waits for buffers that pieces before k
+// hold, and those are taken.
+std::vector<Work> schedule(const WritePlan& plan, std::vector<DevicePiece>& pieces) {
+  std::vector<size_t> calls_left(plan.grids.size(), 0);
   for (const IoCall& call : plan.calls) {
     ++calls_left[call.file];
   }
-  std::vector<std::vector<size_t>> pieces(file_count);
-  for (size_t p = 0; p < plan.device_pieces.size(); ++p) {
-    pieces[plan.device_pieces[p].file].push_back(p);
-  }
   std::vector<Work> order;
-  order.reserve(plan.calls.size() + plan.device_pieces.size());
   for (size_t c = 0; c < plan.calls.size(); ++c) {
     const size_t f = plan.calls[c].file;
     order.push_back(Work{WorkKind::kCall, c, f});
     if (--calls_left[f] == 0) {
-      for (size_t p : pieces[f]) {
-        order.push_back(Work{WorkKind::kDevice, p, f});
+      for (const DevicePiece& piece : plan.device_pieces[f]) {
+        order.push_back(Work{WorkKind::kDevice, pieces.size(), f});
+        pieces.push_back(piece);
       }
     }
   }
@@ -390,18 +373,8 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
   const std::shared_ptr<PinnedPool> pool = call_pool(options, first_device(files));
   WritePlan plan = plan_writes(files, options, pool ? pool->chunk_bytes() : 1);
   plan.calls = interleave_files(plan.calls, files.size(), static_cast<size_t>(options.threads));
-  std::vector<Work> order = schedule(plan);
-  // Device pieces are numbered in the order workers take them, which is the
-  // order the issuer copies them in: a worker waiting for piece k then only
-  // waits for buffers that pieces before k hold, and those are taken.
   std::vector<DevicePiece> pieces;
-  pieces.reserve(plan.device_pieces.size());
-  for (Work& work : order) {
-    if (work.kind == WorkKind::kDevice) {
-      pieces.push_back(plan.device_pieces[work.index]);
-      work.index = pieces.size() - 1;
-    }
-  }
+  const std::vector<Work> order = schedule(plan, pieces);
 
   WriteResult result;
   result.bytes_per_file = std::move(plan.bytes_per_file);
