@@ -5,8 +5,8 @@
 #include <link.h>
 
 #include <cstdio>
-#include <cstdlib>
 #include <fstream>
+#include <type_traits>
 #include <utility>
 
 namespace dcp_native {
@@ -50,38 +50,36 @@ std::string mapped_cudart() {
   return "";
 }
 
-template <class Function>
-bool resolve(void* handle, const char* name, Function& out, const std::string& library,
-             std::string* reason) {
-  void* symbol = dlsym(handle, name);
-  if (symbol == nullptr) {
-    *reason = std::string("symbol ") + name + " missing in " + library;
-    return false;
-  }
-  out = reinterpret_cast<Function>(symbol);
-  return true;
-}
-
+// Resolves every function of `api`; false with the reason at the first one
+// missing.
 bool resolve_all(void* handle, const std::string& library, cuda::Api& api, std::string* reason) {
-  return resolve(handle, "cudaGetErrorString", api.get_error_string, library, reason) &&
-         resolve(handle, "cudaGetLastError", api.get_last_error, library, reason) &&
-         resolve(handle, "cudaGetDeviceCount", api.get_device_count, library, reason) &&
-         resolve(handle, "cudaGetDevice", api.get_device, library, reason) &&
-         resolve(handle, "cudaSetDevice", api.set_device, library, reason) &&
-         resolve(handle, "cudaStreamCreateWithFlags", api.stream_create_with_flags, library,
-                 reason) &&
-         resolve(handle, "cudaStreamDestroy", api.stream_destroy, library, reason) &&
-         resolve(handle, "cudaStreamSynchronize", api.stream_synchronize, library, reason) &&
-         resolve(handle, "cudaStreamWaitEvent", api.stream_wait_event, library, reason) &&
-         resolve(handle, "cudaEventCreateWithFlags", api.event_create_with_flags, library,
-                 reason) &&
-         resolve(handle, "cudaEventRecord", api.event_record, library, reason) &&
-         resolve(handle, "cudaEventSynchronize", api.event_synchronize, library, reason) &&
-         resolve(handle, "cudaEventDestroy", api.event_destroy, library, reason) &&
-         resolve(handle, "cudaMemcpyAsync", api.memcpy_async, library, reason) &&
-         resolve(handle, "cudaMemcpy2DAsync", api.memcpy_2d_async, library, reason) &&
-         resolve(handle, "cudaHostAlloc", api.host_alloc, library, reason) &&
-         resolve(handle, "cudaFreeHost", api.free_host, library, reason);
+  bool ok = true;
+  auto get = [&](auto& function, const char* name) {
+    void* symbol = ok ? dlsym(handle, name) : nullptr;
+    if (ok && symbol == nullptr) {
+      *reason = std::string("symbol ") + name + " missing in " + library;
+      ok = false;
+    }
+    function = reinterpret_cast<std::remove_reference_t<decltype(function)>>(symbol);
+  };
+  get(api.get_error_string, "cudaGetErrorString");
+  get(api.get_last_error, "cudaGetLastError");
+  get(api.get_device_count, "cudaGetDeviceCount");
+  get(api.get_device, "cudaGetDevice");
+  get(api.set_device, "cudaSetDevice");
+  get(api.stream_create_with_flags, "cudaStreamCreateWithFlags");
+  get(api.stream_destroy, "cudaStreamDestroy");
+  get(api.stream_synchronize, "cudaStreamSynchronize");
+  get(api.stream_wait_event, "cudaStreamWaitEvent");
+  get(api.event_create_with_flags, "cudaEventCreateWithFlags");
+  get(api.event_record, "cudaEventRecord");
+  get(api.event_synchronize, "cudaEventSynchronize");
+  get(api.event_destroy, "cudaEventDestroy");
+  get(api.memcpy_async, "cudaMemcpyAsync");
+  get(api.memcpy_2d_async, "cudaMemcpy2DAsync");
+  get(api.host_alloc, "cudaHostAlloc");
+  get(api.free_host, "cudaFreeHost");
+  return ok;
 }
 
 // Opens the library the environment selects: a handle, or null with the reason.
