@@ -64,10 +64,6 @@ class BufferView {
   bool held_ = false;
 };
 
-BufferView bytes_view(py::handle object, const char* what) {
-  return BufferView(object, PyBUF_STRIDES, what);
-}
-
 // A 1-D buffer of `itemsize`-byte integers whose format is one of `formats`
 // (array('q') or array('I'), numpy, a memoryview of either); anything else
 // is a plan built wrongly, so a ValueError rather than a reinterpretation.
@@ -104,8 +100,7 @@ std::string encode_path(py::handle path) {
   if (PyUnicode_FSConverter(path.ptr(), &encoded) == 0) {
     throw py::error_already_set();
   }
-  py::bytes bytes = py::reinterpret_steal<py::bytes>(encoded);
-  return std::string(bytes);
+  return std::string(py::reinterpret_steal<py::bytes>(encoded));
 }
 
 py::object decode_path(const std::string& path) {
@@ -117,6 +112,12 @@ py::object decode_path(const std::string& path) {
   return py::reinterpret_steal<py::object>(decoded);
 }
 
+// f() with the GIL released (it must not touch Python objects).
+template <class F>
+auto without_gil(F&& f) {
+  py::gil_scoped_release release;
+  return f();
+}
 
 // A CRC argument: an int in [0, 2**32).
 uint32_t crc_value(py::handle object) {
@@ -201,7 +202,7 @@ py::tuple py_write_files(const py::sequence& plan, int64_t threads, bool sync, i
   files.reserve(count);
   for (const py::handle file : plan) {
     WriteFileSpec spec{encode_path(file.attr("path")), nullptr, 0, nullptr, 0};
-    held.push_back(bytes_view(file.attr("blob"), "blob"));
+    held.push_back(BufferView(file.attr("blob"), PyBUF_STRIDES, "blob"));
     spec.blob = held.back().data();
     spec.blob_length = held.back().size();
     held.push_back(int64_view(file.attr("segments"), "segments"));
@@ -215,11 +216,7 @@ py::tuple py_write_files(const py::sequence& plan, int64_t threads, bool sync, i
   WriteOptions options;
   options.sync = sync;
   apply_config(config, threads, chunk_bytes, pool, direct_io, options);
-  WriteResult result;
-  {
-    py::gil_scoped_release release;
-    result = write_files(files, options);
-  }
+  const WriteResult result = without_gil([&] { return write_files(files, options); });
   py::list crcs;
   for (size_t i = 0; i < count; ++i) {
     crcs.append(files[i].crc_block > 0 ? uint32_array(result.block_crcs[i]) : py::none());
@@ -256,11 +253,7 @@ py::tuple py_read_files(const py::sequence& plan, int64_t threads, int64_t max_g
   ReadOptions options;
   options.max_gap = max_gap;
   apply_config(config, threads, chunk_bytes, pool, direct_io, options);
-  ReadStats stats;
-  {
-    py::gil_scoped_release release;
-    stats = read_files(files, options);
-  }
+  const ReadStats stats = without_gil([&] { return read_files(files, options); });
   return py::make_tuple(stats.bytes_read, stats.calls, py::cast(stats.failed_blocks));
 }
 
@@ -271,7 +264,7 @@ constexpr size_t kCrcGilFreeBytes = 64 << 10;
 uint32_t py_crc32c(py::handle data, py::handle crc, bool portable) {
   const uint32_t initial = crc_value(crc);
   const Crc32cFunction function = crc32c_select(portable);
-  BufferView view = bytes_view(data, "data");
+  BufferView view(data, PyBUF_STRIDES, "data");
   if (view.size() < kCrcGilFreeBytes) {
     return function(view.data(), view.size(), initial);
   }
@@ -286,11 +279,7 @@ std::string py_crc32c_impl(bool portable) {
 }
 
 py::tuple py_cuda_status(const std::string& cudart) {
-  CudaStatusInfo status;
-  {
-    py::gil_scoped_release release;
-    status = cuda_status(cudart);
-  }
+  const CudaStatusInfo status = without_gil([&] { return cuda_status(cudart); });
   return py::make_tuple(status.usable, status.reason, status.library);
 }
 
@@ -298,8 +287,7 @@ py::tuple py_cuda_status(const std::string& cudart) {
 // torch sets it; torch raises it after its next kernel launch). False when no
 // runtime is loaded.
 bool py_cuda_clear_last_error(const std::string& cudart) {
-  std::string reason;
-  const std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(cudart, &reason);
+  const std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(cudart, nullptr);
   if (!runtime) {
     return false;
   }
@@ -324,11 +312,10 @@ std::shared_ptr<PinnedPool> make_pool(int64_t device, int64_t capacity, int64_t 
       new PinnedPool(require_cuda_runtime(cudart), static_cast<int>(device), capacity,
                      chunk_bytes),
       [](PinnedPool* pool) {
+        std::unique_ptr<PinnedPool> owned(pool);
         if (Py_IsInitialized() != 0 && PyGILState_Check() != 0) {
           py::gil_scoped_release unlocked;
-          delete pool;
-        } else {
-          delete pool;
+          owned.reset();
         }
       });
 }
