@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <tuple>
 #include <vector>
 
 #include "crc32c.hpp"
@@ -80,8 +81,7 @@ int checksum_range(const BlockGrid& grid, int64_t offset, int64_t bytes, const i
 template <class Done>
 void join_pieces(std::vector<BlockPiece>& pieces, const BlockGrid& grid, Done&& done) {
   std::sort(pieces.begin(), pieces.end(), [](const BlockPiece& a, const BlockPiece& b) {
-    return a.block != b.block ? a.block < b.block
-                              : a.start != b.start ? a.start < b.start : a.length < b.length;
+    return std::tie(a.block, a.start, a.length) < std::tie(b.block, b.start, b.length);
   });
   for (size_t first = 0; first < pieces.size();) {
     const int64_t k = pieces[first].block;

@@ -13,13 +13,6 @@ namespace dcp_native {
 
 namespace {
 
-const char* const kNotLoaded =
-    "libcudart not loaded in this process (import torch and initialise CUDA first)";
-
-std::string describe_error(const std::string& operation, int code, const std::string& text) {
-  return operation + ": " + text + " (cudaError " + std::to_string(code) + ")";
-}
-
 // The path the dynamic loader opened for a handle (a soname alone says
 // little when several CUDA versions are installed).
 std::string handle_path(void* handle, const std::string& fallback) {
@@ -108,7 +101,7 @@ void* open_library(const std::string& named, std::string* library, std::string* 
       return handle;
     }
   }
-  *reason = kNotLoaded;
+  *reason = "libcudart not loaded in this process (import torch and initialise CUDA first)";
   return nullptr;
 }
 
@@ -128,7 +121,8 @@ Registry& registry() {
 }  // namespace
 
 CudaCallError::CudaCallError(std::string operation, int code, const std::string& error_string)
-    : std::runtime_error(describe_error(operation, code, error_string)),
+    : std::runtime_error(operation + ": " + error_string + " (cudaError " +
+                         std::to_string(code) + ")"),
       operation_(std::move(operation)),
       code_(code) {}
 
@@ -252,12 +246,10 @@ CallStreams::~CallStreams() {
 cuda::Stream CallStreams::get(int device) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto found = streams_.find(device);
-  if (found != streams_.end()) {
-    return found->second;
+  if (found == streams_.end()) {
+    found = streams_.emplace(device, runtime_.copy_stream(device)).first;
   }
-  const cuda::Stream stream = runtime_.copy_stream(device);
-  streams_.emplace(device, stream);
-  return stream;
+  return found->second;
 }
 
 void CallStreams::wait_for(DeviceGuard& guard, const CallerStreams& streams, const char* role) {

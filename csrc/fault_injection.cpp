@@ -8,14 +8,8 @@
 
 namespace dcp_native {
 
-namespace {
-
-// Linux errno values are below 4096 (MAX_ERRNO).
-constexpr int64_t kMaxErrno = 4095;
-
-}  // namespace
-
 std::vector<FaultSpec> parse_fault_specs(const int64_t* values, size_t length) {
+  constexpr int64_t kMaxErrno = 4095;  // Linux errno values are below 4096 (MAX_ERRNO)
   if (length % 3 != 0) {
     throw PlanError("faults has " + std::to_string(length) +
                     " values, not a multiple of 3 (op, errno, nth)");

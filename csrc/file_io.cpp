@@ -41,10 +41,8 @@ ssize_t transfer_once(Direction direction, int fd, const iovec* iov, int count, 
 }
 
 const char* operation_name(Direction direction, int count) {
-  if (direction == Direction::kRead) {
-    return count == 1 ? "pread" : "preadv";
-  }
-  return count == 1 ? "pwrite" : "pwritev";
+  return direction == Direction::kRead ? (count == 1 ? "pread" : "preadv")
+                                       : (count == 1 ? "pwrite" : "pwritev");
 }
 
 void transfer_fully(Direction direction, int fd, iovec* iov, int count, int64_t offset,

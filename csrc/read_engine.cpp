@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "call_plan.hpp"
@@ -32,7 +33,7 @@ struct Run {
 bool run_before(const Run& a, const Run& b) noexcept {
   // Ties on offset are ordered by length so that the merge decisions, hence
   // the stats, do not depend on the order of the records.
-  return a.offset != b.offset ? a.offset < b.offset : a.length < b.length;
+  return std::tie(a.offset, a.length) < std::tie(b.offset, b.length);
 }
 
 [[noreturn]] void bad_record(const std::string& path, size_t index, const std::string& why) {
@@ -254,22 +255,19 @@ ReadPlan plan_reads(const std::vector<ReadFileSpec>& files, const ReadOptions& o
     if (!std::is_sorted(runs.begin(), runs.end(), run_before)) {
       std::sort(runs.begin(), runs.end(), run_before);
     }
-    const size_t first_call = plan.calls.size();
     builder.begin_file(f);
     pack_runs(file, runs, builder, options.max_gap);
     builder.end_file();
-    for (size_t c = first_call; c < plan.calls.size(); ++c) {
-      int64_t gaps = 0;
-      for (int i = 0; i < plan.calls[c].iov_count; ++i) {
-        const iovec& iov = plan.iovs[plan.calls[c].first_iov + i];
-        gaps += iov.iov_base == nullptr ? static_cast<int64_t>(iov.iov_len) : 0;
-      }
-      plan.scratch_bytes = std::max(plan.scratch_bytes, gaps);
-    }
   }
   for (const IoCall& call : plan.calls) {
     plan.stats.bytes_read += call.bytes;
     plan.stats.calls += call.iov_count > 0 ? 1 : 0;
+    int64_t gaps = 0;
+    for (int i = 0; i < call.iov_count; ++i) {
+      const iovec& iov = plan.iovs[call.first_iov + i];
+      gaps += iov.iov_base == nullptr ? static_cast<int64_t>(iov.iov_len) : 0;
+    }
+    plan.scratch_bytes = std::max(plan.scratch_bytes, gaps);
   }
   return plan;
 }
