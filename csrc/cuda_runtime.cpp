@@ -105,19 +105,6 @@ void* open_library(const std::string& named, std::string* library, std::string* 
   return nullptr;
 }
 
-struct Registry {
-  std::mutex mutex;
-  // By the value of DCP_NATIVE_CUDART ("" when unset).
-  std::map<std::string, std::shared_ptr<CudaRuntime>> runtimes;
-};
-
-Registry& registry() {
-  // Leaked on purpose: runtimes must outlive static destructors at exit,
-  // when other threads may still be finishing calls.
-  static Registry* instance = new Registry();
-  return *instance;
-}
-
 }  // namespace
 
 CudaCallError::CudaCallError(std::string operation, int code, const std::string& error_string)
@@ -158,29 +145,30 @@ cuda::Stream CudaRuntime::copy_stream(int device) {
 }
 
 std::shared_ptr<CudaRuntime> find_cuda_runtime(const std::string& named, std::string* reason) {
-  Registry& reg = registry();
-  std::lock_guard<std::mutex> lock(reg.mutex);
-  auto found = reg.runtimes.find(named);
-  if (found != reg.runtimes.end()) {
+  // By the value of DCP_NATIVE_CUDART ("" when unset). Leaked on purpose:
+  // runtimes must outlive static destructors at exit, when other threads may
+  // still be finishing calls.
+  static std::mutex& mutex = *new std::mutex();
+  static auto& runtimes = *new std::map<std::string, std::shared_ptr<CudaRuntime>>();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = runtimes.find(named);
+  if (found != runtimes.end()) {
     return found->second;
   }
   std::string library;
   std::string why;
-  void* handle = open_library(named, &library, &why);
   cuda::Api api{};
-  if (handle != nullptr && !resolve_all(handle, library, api, &why)) {
+  void* handle = open_library(named, &library, &why);
+  if (handle != nullptr && resolve_all(handle, library, api, &why)) {
+    return runtimes.emplace(named, std::make_shared<CudaRuntime>(api, library)).first->second;
+  }
+  if (handle != nullptr) {
     dlclose(handle);
-    handle = nullptr;
   }
-  if (handle == nullptr) {
-    if (reason != nullptr) {
-      *reason = why;
-    }
-    return nullptr;
+  if (reason != nullptr) {
+    *reason = why;
   }
-  auto runtime = std::make_shared<CudaRuntime>(api, library);
-  reg.runtimes.emplace(named, runtime);
-  return runtime;
+  return nullptr;
 }
 
 std::shared_ptr<CudaRuntime> require_cuda_runtime(const std::string& named) {
