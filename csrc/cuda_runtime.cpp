@@ -81,7 +81,7 @@ void* open_library(const std::string& named, std::string* library, std::string* 
     void* handle = dlopen(named.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (handle == nullptr) {
       const char* error = dlerror();
-      *reason = std::string("cannot load ") + kCudartEnv + "=" + named + ": " +
+      *reason = "cannot load DCP_NATIVE_CUDART=" + named + ": " +
                 (error != nullptr ? error : "dlopen failed");
       return nullptr;
     }

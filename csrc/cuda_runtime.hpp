@@ -19,9 +19,6 @@
 
 namespace dcp_native {
 
-// Environment variable naming the runtime library to load instead (tests).
-constexpr const char* kCudartEnv = "DCP_NATIVE_CUDART";
-
 namespace cuda {
 
 // cudaError_t is an enum, int-sized in the runtime's ABI.

@@ -15,6 +15,14 @@ namespace dcp_native {
 
 namespace {
 
+struct stat stat_file(int fd, const std::string& path) {
+  struct stat info {};
+  if (::fstat(fd, &info) != 0) {
+    throw IoError(errno, "fstat", path);
+  }
+  return info;
+}
+
 int open_with(const std::string& path, int flags, mode_t mode, const IoHooks& hooks) {
   // One count per open attempt, whatever the file turns out to be.
   if (const int injected = hooks.fault(FaultOp::kOpen)) {
@@ -127,12 +135,9 @@ int open_regular(const std::string& path, int flags, mode_t mode) {
     return -1;
   }
   FdGuard guard(fd);
-  struct stat info {};
-  if (::fstat(fd, &info) != 0) {
-    throw IoError(errno, "fstat", path);
-  }
-  if (!S_ISREG(info.st_mode)) {
-    throw NotRegularFileError(path, info.st_mode, "data file");
+  const mode_t kind = stat_file(fd, path).st_mode;
+  if (!S_ISREG(kind)) {
+    throw NotRegularFileError(path, kind, "data file");
   }
   // O_NONBLOCK means nothing for a regular file today, but cleared it cannot
   // change what later calls do. F_GETFL keeps O_DIRECT in the flags set back.
@@ -152,11 +157,7 @@ int open_for_write(const std::string& path, const IoHooks& hooks) {
 }
 
 int64_t file_size(int fd, const std::string& path) {
-  struct stat info {};
-  if (::fstat(fd, &info) != 0) {
-    throw IoError(errno, "fstat", path);
-  }
-  return static_cast<int64_t>(info.st_size);
+  return static_cast<int64_t>(stat_file(fd, path).st_size);
 }
 
 void sync_file(int fd, const std::string& path, const IoHooks& hooks) {

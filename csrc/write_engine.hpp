@@ -11,12 +11,10 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include "engine_options.hpp"
-
 
 namespace dcp_native {
 
