@@ -410,21 +410,6 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
     staging.reset(new DeviceStaging(files, pieces, *pool, queue));
   }
 
-  auto finish_file = [&](size_t f) {
-    const WriteFileSpec& file = files[f];
-    SharedFile& shared_file = shared[f];
-    if (shared_file.finish_piece()) {
-      // The last piece's worker syncs and closes, so files finish in
-      // parallel instead of in a serial pass at the end.
-      direct[f].close();
-      FdGuard guard(shared_file.release());
-      if (options.sync) {
-        sync_file(guard.get(), file.path, hooks);
-      }
-      close_file(guard.release(), file.path, hooks);
-    }
-  };
-
   auto worker = [&]() {
     std::unique_ptr<DeviceGuard> device_guard;
     if (staging) {
@@ -433,9 +418,11 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
     size_t index = 0;
     while (queue.next(index)) {
       const Work& work = order[index];
+      const WriteFileSpec& file = files[work.file];
+      SharedFile& shared_file = shared[work.file];
+      auto open = [&file, &hooks]() { return open_for_write(file.path, hooks); };
       if (work.kind == WorkKind::kDevice) {
         const DevicePiece& piece = pieces[work.index];
-        const WriteFileSpec& file = files[piece.file];
         Slot* slot = staging->wait_issued(work.index);
         if (slot == nullptr) {
           return;  // the call failed; the error is recorded
@@ -444,35 +431,40 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
         CudaRuntime& runtime = staging->runtime();
         runtime.check(runtime.api().event_synchronize(slot->event),
                       "cudaEventSynchronize after the " + d2h_operation(file.path, piece, file.device));
-        const int fd = shared[piece.file].acquire(
-            [&file, &hooks]() { return open_for_write(file.path, hooks); });
-        direct[piece.file].write(fd, use_direct, slot->buffer, piece.offset, piece.length,
-                                 file.path, hooks, options.direct_refusal);
+        const int fd = shared_file.acquire(open);
+        direct[work.file].write(fd, use_direct, slot->buffer, piece.offset, piece.length,
+                                file.path, hooks, options.direct_refusal);
         if (options.sync) {
           start_writeback(fd, piece.offset, piece.length);
         }
         const iovec pinned{slot->buffer, static_cast<size_t>(piece.length)};
-        checksum(index, piece.file, piece.offset, piece.length, &pinned);
+        checksum(index, work.file, piece.offset, piece.length, &pinned);
         staging->consumed(*slot);
-        finish_file(piece.file);
-        continue;
-      }
-      const IoCall& call = plan.calls[work.index];
-      const WriteFileSpec& file = files[call.file];
-      const int fd =
-          shared[call.file].acquire([&file, &hooks]() { return open_for_write(file.path, hooks); });
-      if (call.iov_count > 0) {
-        // Checksummed first: the write then copies bytes the CRC brought into
-        // cache. Each call runs once, on one thread, so it may then consume
-        // its own iovecs.
-        checksum(index, call.file, call.offset, call.bytes, plan.iovs.data() + call.first_iov);
-        write_fully(fd, plan.iovs.data() + call.first_iov, call.iov_count, call.offset,
-                    call.bytes, file.path, hooks);
-        if (options.sync) {
-          start_writeback(fd, call.offset, call.bytes);
+      } else {
+        const IoCall& call = plan.calls[work.index];
+        const int fd = shared_file.acquire(open);
+        if (call.iov_count > 0) {
+          // Checksummed first: the write then copies bytes the CRC brought
+          // into cache. Each call runs once, on one thread, so it may then
+          // consume its own iovecs.
+          checksum(index, work.file, call.offset, call.bytes, plan.iovs.data() + call.first_iov);
+          write_fully(fd, plan.iovs.data() + call.first_iov, call.iov_count, call.offset,
+                      call.bytes, file.path, hooks);
+          if (options.sync) {
+            start_writeback(fd, call.offset, call.bytes);
+          }
         }
       }
-      finish_file(call.file);
+      if (shared_file.finish_piece()) {
+        // The last piece's worker syncs and closes, so files finish in
+        // parallel instead of in a serial pass at the end.
+        direct[work.file].close();
+        FdGuard guard(shared_file.release());
+        if (options.sync) {
+          sync_file(guard.get(), file.path, hooks);
+        }
+        close_file(guard.release(), file.path, hooks);
+      }
     }
   };
   if (staging) {
