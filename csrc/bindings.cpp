@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,37 +32,32 @@ namespace {
 
 // A Py_buffer held for the lifetime of the object: the exporter (bytes,
 // bytearray, array, memoryview, numpy) keeps the memory alive and, for
-// resizable objects, refuses to resize it while the view exists.
+// resizable objects, refuses to resize it while the view exists. Released
+// also when the constructor throws (PyBuffer_Release ignores a view that was
+// never filled).
 class BufferView {
  public:
-  BufferView(py::handle object, int flags, const char* what) {
-    if (PyObject_GetBuffer(object.ptr(), &view_, flags) != 0) {
+  BufferView(py::handle object, int flags, const char* what) : view_(new Py_buffer()) {
+    if (PyObject_GetBuffer(object.ptr(), view_.get(), flags) != 0) {
       throw py::error_already_set();
     }
-    held_ = true;
-    if (!PyBuffer_IsContiguous(&view_, 'C')) {
+    if (!PyBuffer_IsContiguous(view_.get(), 'C')) {
       throw PlanError(std::string(what) + " must be a C-contiguous buffer");
     }
   }
-  BufferView(const BufferView&) = delete;
-  BufferView& operator=(const BufferView&) = delete;
-  BufferView(BufferView&& other) noexcept : view_(other.view_), held_(other.held_) {
-    other.held_ = false;
-  }
-  BufferView& operator=(BufferView&&) = delete;
-  ~BufferView() {
-    if (held_) {
-      PyBuffer_Release(&view_);
-    }
-  }
 
-  const char* data() const noexcept { return static_cast<const char*>(view_.buf); }
-  size_t size() const noexcept { return static_cast<size_t>(view_.len); }
-  const Py_buffer& view() const noexcept { return view_; }
+  const char* data() const noexcept { return static_cast<const char*>(view_->buf); }
+  size_t size() const noexcept { return static_cast<size_t>(view_->len); }
+  const Py_buffer& view() const noexcept { return *view_; }
 
  private:
-  Py_buffer view_{};
-  bool held_ = false;
+  struct Release {
+    void operator()(Py_buffer* view) const noexcept {
+      PyBuffer_Release(view);
+      delete view;
+    }
+  };
+  std::unique_ptr<Py_buffer, Release> view_;
 };
 
 // A 1-D buffer of `itemsize`-byte integers whose format is one of `formats`
