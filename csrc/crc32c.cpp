@@ -149,22 +149,27 @@ const char* const kHardwareName = "armv8";
 bool cpu_has_crc32c() noexcept { return (getauxval(AT_HWCAP) & HWCAP_CRC32) != 0; }
 #endif
 
-// Three adjacent streams of `stream` bytes from `next`, joined into `crc`.
-DCP_NATIVE_CRC32C_TARGET inline uint32_t three_streams(uint32_t crc, const unsigned char* next,
-                                                       size_t stream,
+// While at least three streams of `stream` bytes are left: the three
+// adjacent streams from `next`, joined into `crc` (next and length advance).
+DCP_NATIVE_CRC32C_TARGET inline uint32_t three_streams(uint32_t crc, const unsigned char*& next,
+                                                       size_t& length, size_t stream,
                                                        const ShiftTables& tables) noexcept {
-  uint64_t crc0 = crc;
-  uint64_t crc1 = 0;
-  uint64_t crc2 = 0;
-  const unsigned char* const end = next + stream;
-  do {
-    crc0 = step8(crc0, next);
-    crc1 = step8(crc1, next + stream);
-    crc2 = step8(crc2, next + 2 * stream);
-    next += 8;
-  } while (next < end);
-  const uint32_t joined = shift(tables, static_cast<uint32_t>(crc0)) ^ static_cast<uint32_t>(crc1);
-  return shift(tables, joined) ^ static_cast<uint32_t>(crc2);
+  for (; length >= 3 * stream; length -= 3 * stream) {
+    uint64_t crc0 = crc;
+    uint64_t crc1 = 0;
+    uint64_t crc2 = 0;
+    const unsigned char* const end = next + stream;
+    do {
+      crc0 = step8(crc0, next);
+      crc1 = step8(crc1, next + stream);
+      crc2 = step8(crc2, next + 2 * stream);
+      next += 8;
+    } while (next < end);
+    next += 2 * stream;
+    const uint32_t joined = shift(tables, static_cast<uint32_t>(crc0)) ^ static_cast<uint32_t>(crc1);
+    crc = shift(tables, joined) ^ static_cast<uint32_t>(crc2);
+  }
+  return crc;
 }
 
 DCP_NATIVE_CRC32C_TARGET uint32_t crc32c_hardware(const void* data, size_t length,
@@ -176,16 +181,8 @@ DCP_NATIVE_CRC32C_TARGET uint32_t crc32c_hardware(const void* data, size_t lengt
     state = step1(state, *next++);
     --length;
   }
-  while (length >= 3 * kLongStream) {
-    state = three_streams(state, next, kLongStream, kLongShift);
-    next += 3 * kLongStream;
-    length -= 3 * kLongStream;
-  }
-  while (length >= 3 * kShortStream) {
-    state = three_streams(state, next, kShortStream, kShortShift);
-    next += 3 * kShortStream;
-    length -= 3 * kShortStream;
-  }
+  state = three_streams(state, next, length, kLongStream, kLongShift);
+  state = three_streams(state, next, length, kShortStream, kShortShift);
   uint64_t state64 = state;
   for (; length >= 8; length -= 8, next += 8) {
     state64 = step8(state64, next);
