@@ -523,14 +523,11 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
         // A buffer of the pool if one is free, else this worker's oldest
         // (its copies done), else wait for another worker's.
         char* buffer = pool->try_acquire();
-        if (buffer == nullptr && !pending->empty()) {
-          buffer = pending->take_oldest();
+        if (buffer == nullptr) {
+          buffer = !pending->empty() ? pending->take_oldest() : pool->acquire(queue.failed_flag());
         }
         if (buffer == nullptr) {
-          buffer = pool->acquire(queue.failed_flag());
-          if (buffer == nullptr) {
-            return;  // the call failed; the error is recorded
-          }
+          return;  // the call failed; the error is recorded
         }
         device_guard->set(file.device);
         const cuda::Stream stream = [&] {
