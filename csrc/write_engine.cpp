@@ -6,8 +6,6 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
-#include <cstdio>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
