@@ -208,21 +208,16 @@ DeviceGuard::~DeviceGuard() {
 }
 
 void DeviceGuard::set(int device) {
-  if (device == current_) {
-    return;
-  }
-  if (previous_ < 0) {
-    int previous = 0;
+  if (device != current_ && previous_ < 0) {
+    int previous = 0;  // previous_ stays -1 if cudaGetDevice fails
     runtime_.check(runtime_.api().get_device(&previous), "cudaGetDevice");
-    previous_ = previous;
-    current_ = previous;
-    if (device == previous) {
-      return;
-    }
+    previous_ = current_ = previous;
   }
-  runtime_.check(runtime_.api().set_device(device),
-                 "cudaSetDevice(" + std::to_string(device) + ")");
-  current_ = device;
+  if (device != current_) {
+    runtime_.check(runtime_.api().set_device(device),
+                   "cudaSetDevice(" + std::to_string(device) + ")");
+    current_ = device;
+  }
 }
 
 CallStreams::~CallStreams() {
