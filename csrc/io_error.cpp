@@ -18,6 +18,18 @@ namespace {
 }
 [[maybe_unused]] const char* strerror_result(const char* result, const char*) { return result; }
 
+// strerror() for any thread: strerror itself may share one static buffer.
+std::string errno_message(int error_number) {
+  char buffer[256];
+  buffer[0] = '\0';
+  const char* message =
+      strerror_result(strerror_r(error_number, buffer, sizeof(buffer)), buffer);
+  if (message == nullptr || message[0] == '\0') {
+    return "Unknown error " + std::to_string(error_number);
+  }
+  return message;
+}
+
 std::string describe(int error_number, const std::string& operation, int64_t offset) {
   std::string text = errno_message(error_number) + " (" + operation;
   if (offset >= 0) {
@@ -43,17 +55,6 @@ std::string not_regular_detail(mode_t mode, const std::string& what) {
 }
 
 }  // namespace
-
-std::string errno_message(int error_number) {
-  char buffer[256];
-  buffer[0] = '\0';
-  const char* message =
-      strerror_result(strerror_r(error_number, buffer, sizeof(buffer)), buffer);
-  if (message == nullptr || message[0] == '\0') {
-    return "Unknown error " + std::to_string(error_number);
-  }
-  return message;
-}
 
 IoError::IoError(int error_number, const std::string& operation, std::string path,
                  int64_t offset)

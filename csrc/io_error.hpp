@@ -73,7 +73,4 @@ class PlanError : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-// strerror() for any thread: strerror itself may share one static buffer.
-std::string errno_message(int error_number);
-
 }  // namespace dcp_native
