@@ -166,7 +166,8 @@ DCP_NATIVE_CRC32C_TARGET inline uint32_t three_streams(uint32_t crc, const unsig
       next += 8;
     } while (next < end);
     next += 2 * stream;
-    const uint32_t joined = shift(tables, static_cast<uint32_t>(crc0)) ^ static_cast<uint32_t>(crc1);
+    const uint32_t joined =
+        shift(tables, static_cast<uint32_t>(crc0)) ^ static_cast<uint32_t>(crc1);
     crc = shift(tables, joined) ^ static_cast<uint32_t>(crc2);
   }
   return crc;

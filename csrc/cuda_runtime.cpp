@@ -30,14 +30,10 @@ std::string mapped_cudart() {
   std::ifstream maps("/proc/self/maps");
   std::string line;
   while (std::getline(maps, line)) {
+    // The path starts at the line's first '/', its file name after the last.
     const size_t slash = line.find('/');
-    if (slash == std::string::npos) {
-      continue;
-    }
-    const std::string path = line.substr(slash);
-    const size_t base = path.rfind('/');
-    if (path.compare(base + 1, 12, "libcudart.so") == 0) {
-      return path;
+    if (slash != std::string::npos && line.compare(line.rfind('/') + 1, 12, "libcudart.so") == 0) {
+      return line.substr(slash);
     }
   }
   return "";
