@@ -235,26 +235,24 @@ def _begin(files: Sequence, threads: int, chunk_bytes: int, pool: object) -> tup
 
 
 def _execute(
-    work: list,
+    work: list[Call],
     file_count: int,
     threads: int,
     scratch_bytes: int,
-    open_file: Callable[[int], int] | None,
-    run_call: Callable[[int, Call, "memoryview | None"], None] | None,
-    finish_file: Callable[[int, int], None] | None,
+    open_file: Callable[[int], int],
+    run_call: Callable[[int, Call, "memoryview | None"], None],
+    finish_file: Callable[[int, int], None],
 ) -> None:
-    """Runs the work on up to ``threads`` threads (the caller is one of them).
+    """Runs the calls on up to ``threads`` threads (the caller is one of them), in order.
 
-    ``work`` holds calls and plain callables (checksum work), in the order the
-    threads take them. A file is opened by the first call that needs it and
-    finished (synced, closed) by whichever thread completes its last one, so
-    few descriptors are open at once. The first error stops the other threads
-    and is raised here, after every descriptor is closed.
+    A file is opened by the first call that needs it and finished (synced,
+    closed) by whichever thread completes its last one, so few descriptors are
+    open at once. The first error stops the other threads and is raised here,
+    after every descriptor is closed.
     """
     pieces = [0] * file_count
     for call in work:
-        if type(call) is Call:
-            pieces[call.file] += 1
+        pieces[call.file] += 1
     fds: list[int | None] = [None] * file_count
     file_locks = [threading.Lock() for _ in range(file_count)]
     lock = threading.Lock()
@@ -284,9 +282,6 @@ def _execute(
                         return
                     state["next"] = i + 1
                 call = work[i]
-                if type(call) is not Call:
-                    call()
-                    continue
                 fd = acquire(call.file)
                 if call.parts:
                     run_call(fd, call, scratch)
