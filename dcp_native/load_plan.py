@@ -366,14 +366,8 @@ class LoadRun:
         buffered.append(_Buffered(info.relative_path, lo, hi - lo, finish, req.storage_index.fqn))
 
     def _device_fast(self) -> bool:
-        """Whether the engine reads straight into CUDA destinations (through pinned staging).
-
-        Not (yet) when the load verifies: such items are read into a host
-        buffer, checked there, then copied (tests/device/test_fake_cuda_e2e.py pins
-        this route; the engine can now check blocks in its pinned buffers too).
-        """
-        if self.reader.verify:
-            return False
+        """Whether the engine reads straight into CUDA destinations (through pinned staging;
+        verified loads too: the engine checks each block in its pinned buffer)."""
         if self._cuda_usable is None:
             status = getattr(self.engine, "cuda_status", None)
             self._cuda_usable = bool(status is not None and status().usable)
