@@ -415,17 +415,14 @@ def _maybe_profile(spec: dict, fn: Callable[[], Any]) -> Any:
 
 
 def _sidecar_payloads(path: str) -> tuple[Any, dict[tuple[str, int], int]]:
-    """The metadata, and (data file, item offset) -> payload offset in the item, from the sidecar."""
-    from dcp_native import sidecar
-    from dcp_native._safe_pickle import load_metadata
+    """The metadata, and (data file, item offset) -> payload offset in the item, from the sidecar
+    (through dcp_native's checkpoint model, which checks it against the metadata)."""
+    from dcp_native.checkpoint import Checkpoint
 
-    with open(os.path.join(path, ".metadata"), "rb") as f:
-        raw = f.read()
-    md = load_metadata(io.BytesIO(raw), path)
-    side = sidecar.read(path, ".metadata", md, raw)
-    if not side.usable:
-        raise AssertionError(f"{path}: {side.reason}")
-    return md, {(rel, off): e[1] for rel, rows in side.entries.items() for off, e in rows.items()}
+    ck = Checkpoint(path)
+    if not ck.sidecar.usable:
+        raise AssertionError(f"{path}: {ck.sidecar.reason}")
+    return ck.metadata, {(rel, off): e[1] for rel, rows in ck.sidecar.entries.items() for off, e in rows.items()}
 
 
 def payload_locations(path: str) -> dict[str, tuple[str, int]]:
