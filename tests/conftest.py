@@ -26,8 +26,8 @@ def engine(engine_name):
 
 @pytest.fixture
 def fake(monkeypatch):
-    """The fake CUDA runtime (tests/_fakecuda.py) selected for both engines, counters reset."""
-    from _fakecuda import FAKE_NAME, Fake, fake_path
+    """The fake CUDA runtime (tests/helpers.py) selected for both engines, counters reset."""
+    from helpers import FAKE_NAME, Fake, fake_path
 
     from dcp_native.config import CUDART_ENV
 

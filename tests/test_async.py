@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 import dcp_native
 import dcp_native.writer as writer_module
 from dcp_native.staging import StagedStateDict, StagingArea, StagingBusyError
-from _dist import run_ranks
+from helpers import run_ranks
 
 #: Seconds a gated write waits at most for the test to open the gate.
 GATE_S = 20.0

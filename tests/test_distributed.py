@@ -37,7 +37,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dcp_native
-from _dist import run_ranks
+from helpers import run_ranks
 
 pytestmark = pytest.mark.multiprocess
 

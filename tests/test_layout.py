@@ -14,7 +14,7 @@ import torch
 
 from dcp_native import _safe_pickle, checkpoint, layout
 from dcp_native.plan import Box
-from dtypes import DTYPES, bits, make_tensor, tensor_bytes
+from helpers import DTYPES, bits, make_tensor, tensor_bytes
 
 SID = layout.new_serialization_id()
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from dcp_native.plan import Box, collapse, read_box
-from dtypes import make_tensor, tensor_bytes
+from helpers import make_tensor, tensor_bytes
 
 DTYPES = [torch.uint8, torch.int16, torch.float32, torch.float64]
 

@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
-from _dist import run_ranks
+from helpers import run_ranks
 from helpers import data_file, data_files, failure, in_child
 
 

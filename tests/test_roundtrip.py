@@ -17,7 +17,7 @@ from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTra
 
 import dcp_native
 from helpers import data_file, data_files, sidecar_file
-from dtypes import DCP_DTYPES, bits, blank_like, make_tensor
+from helpers import DCP_DTYPES, bits, blank_like, make_tensor
 
 
 class MyTestModule(torch.nn.Module):

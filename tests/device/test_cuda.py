@@ -23,9 +23,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_native
 from dcp_native._backend import get_engine
-from _dist import run_ranks
-from dtypes import DCP_DTYPES, blank_like, make_tensor, tensor_bytes
-from helpers import failure
+from helpers import DCP_DTYPES, blank_like, failure, make_tensor, run_ranks, tensor_bytes
 
 pytestmark = [
     pytest.mark.cuda,

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _fakecuda import FAKE_NAME
+from helpers import FAKE_NAME
 from dcp_native import CudaError
 from dcp_native._crc32c import crc32c
 from dcp_native.config import CUDART_ENV
