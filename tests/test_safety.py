@@ -559,7 +559,7 @@ def _rank_local_saves(path: str) -> list[str]:
 
 @pytest.mark.multiprocess
 def test_rank_local_saves_keep_each_ranks_checkpoint(engine_name, tmp_path):
-    from _dist import run_ranks
+    from helpers import run_ranks
 
     listings = run_ranks(2, _rank_local_saves, str(tmp_path), engine=engine_name, timeout=120)
     names = listings[-1]
