@@ -33,6 +33,7 @@ import zipfile
 from typing import Any, BinaryIO, NamedTuple
 
 import torch
+from torch import _weights_only_unpickler as _wo
 from torch.distributed.checkpoint import metadata as _md
 
 from ._errors import CorruptCheckpointError, RefusedObjectError
@@ -51,10 +52,7 @@ _CORE = ("ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata"
 _ADMITTED: dict[tuple[str, str], tuple[str, str]] = {
     # 2.0+: the package as it is today. TensorProperties and its memory format
     # enum moved here in 2.3, StorageMeta arrived in 2.4.
-    **{(_MD, name): (_MD, name) for name in _CORE},
-    (_MD, "TensorProperties"): (_MD, "TensorProperties"),
-    (_MD, "_MEM_FORMAT_ENCODING"): (_MD, "_MEM_FORMAT_ENCODING"),
-    (_MD, "StorageMeta"): (_MD, "StorageMeta"),
+    **{(_MD, name): (_MD, name) for name in (*_CORE, "TensorProperties", "_MEM_FORMAT_ENCODING", "StorageMeta")},
     (_FS, "_StorageInfo"): (_FS, "_StorageInfo"),
     # 1.13 wrote the same classes from torch.distributed._shard.checkpoint. Stock
     # still resolves that name (the old package aliases itself to the new one),
@@ -77,10 +75,8 @@ _ADMITTED: dict[tuple[str, str], tuple[str, str]] = {
     # Python 3.13 pickles paths from pathlib._local (3.14 from pathlib again): the
     # same classes, which pathlib re-exports. A path from the other platform loads
     # as its pure variant (stock cannot instantiate it at all).
-    ("pathlib", "PosixPath"): ("pathlib", "PurePosixPath" if os.name == "nt" else "PosixPath"),
-    ("pathlib", "WindowsPath"): ("pathlib", "WindowsPath" if os.name == "nt" else "PureWindowsPath"),
-    ("pathlib._local", "PosixPath"): ("pathlib", "PurePosixPath" if os.name == "nt" else "PosixPath"),
-    ("pathlib._local", "WindowsPath"): ("pathlib", "WindowsPath" if os.name == "nt" else "PureWindowsPath"),
+    **{(module, cls): ("pathlib", cls if (cls == "WindowsPath") == (os.name == "nt") else "Pure" + cls)
+       for module in ("pathlib", "pathlib._local") for cls in ("PosixPath", "WindowsPath")},
 }
 
 
@@ -111,12 +107,8 @@ class MetadataUnpickler(pickle.Unpickler):
 
 
 def load_metadata(f: BinaryIO, path: str) -> _md.Metadata:
-    """Unpickle DCP metadata from ``f`` (read from ``path``), refusing foreign globals.
-
-    Raises:
-        CorruptCheckpointError: the file is not DCP metadata, or names a global
-            outside DCP's metadata classes (nothing it names is imported).
-    """
+    """Unpickle DCP metadata from ``f`` (read from ``path``); CorruptCheckpointError when it is
+    not DCP metadata or names a global outside DCP's metadata classes (nothing it names is imported)."""
     try:
         metadata = MetadataUnpickler(f).load()
     except RefusedGlobal as exc:
@@ -153,53 +145,23 @@ _REASON_PREFIXES = (
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def check_object(
-    data: bytes | memoryview,
-    *,
-    key: str,
-    filename: str,
-    offset: int,
-    map_location: Any = "cpu",
-) -> Any:
-    """Refuse a saved object unless ``torch.load(weights_only=True)`` would load it.
+def check_object(data: bytes | memoryview, *, key: str, filename: str, offset: int) -> Any:
+    """The saved object ``data`` (``torch.save`` output of one non-tensor item, at ``offset`` of
+    ``filename``) as ``torch.load(weights_only=True)`` loads it on the CPU; refused otherwise.
 
-    ``data`` is what ``torch.save(obj)`` wrote for one non-tensor item of a
-    checkpoint: a zip archive, or the legacy non-zip stream. The check is one
-    ``torch.load(..., weights_only=True)`` of the bytes, so it allows exactly
-    what torch does, including globals the user allowed with
-    ``torch.serialization.add_safe_globals`` or the ``safe_globals`` context
-    manager. torch's weights-only unpickler imports nothing: it looks globals
-    up in its allowlists and calls only what it found there.
-
-    Args:
-        data: the item's bytes.
-        key: the checkpoint key of the item, for messages.
-        filename: the file the bytes were read from, for messages.
-        offset: where in ``filename`` they start, for messages.
-        map_location: passed to ``torch.load``; ``"cpu"`` by default, so that
-            the check needs no device (stock DCP's own ``torch.load`` of the
-            same bytes restores the saved devices).
-
-    Returns:
-        The object as ``torch.load(weights_only=True, map_location=map_location)``
-        loads it, for a caller that wants to use it rather than load it again.
+    The check is that one load, so it allows exactly what torch does, including
+    globals the user allowed with ``torch.serialization.add_safe_globals`` or the
+    ``safe_globals`` context manager. torch's weights-only unpickler imports
+    nothing: it looks globals up in its allowlists and calls only what it found there.
 
     Raises:
-        RefusedObjectError: loading the bytes needs something torch's
-            weights-only load refuses; ``refused`` names the global when there
-            is one.
-        CorruptCheckpointError: the bytes are not a torch.save archive or
-            pickle at all.
-
-    Example:
-        >>> import io, torch
-        >>> buf = io.BytesIO(); torch.save({"step": 7}, buf)
-        >>> check_object(buf.getvalue(), key="step", filename="__0_0.distcp", offset=0)
-        {'step': 7}
+        RefusedObjectError: torch's weights-only load refuses it (``refused``
+            names the global when there is one).
+        CorruptCheckpointError: the bytes are not a torch.save archive or pickle at all.
     """
-    where = f"{filename} at offset {offset}"
+    where = (key, filename, offset)
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True, mmap=False)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         message = _ANSI.sub("", str(exc))
         reason = _torch_reason(message)
@@ -207,25 +169,23 @@ def check_object(
         if refused is None:
             decodes, refused = _scan(bytes(data))
             if not decodes:
-                raise _undecodable(where, key, filename, offset, reason) from None
-        raise _refusal(where, key, filename, offset, refused, reason) from None
+                raise _undecodable(*where, reason) from None
+        raise _refusal(*where, refused, reason) from None
     except RuntimeError as exc:
         # TorchScript archives (and legacy .tar files, from real files only) are
         # refused outright under weights_only=True.
         message = _ANSI.sub("", str(exc))
         if "Cannot use ``weights_only=True``" in message:
             reason = message.split(". ", 1)[0].strip()  # the rest is torch's advice
-            raise _refusal(where, key, filename, offset, None, reason) from None
-        raise _undecodable(where, key, filename, offset, _exc_text(exc, message)) from None
+            raise _refusal(*where, None, reason) from None
+        raise _undecodable(*where, _exc_text(exc, message)) from None
     except Warning:
         raise  # torch's warnings, turned into errors by the caller's filters
     except Exception as exc:  # a malformed archive or pickle raises many types
-        raise _undecodable(where, key, filename, offset, _exc_text(exc, str(exc))) from None
+        raise _undecodable(*where, _exc_text(exc, str(exc))) from None
 
 
-def _refusal(
-    where: str, key: str, filename: str, offset: int, refused: str | None, reason: str
-) -> RefusedObjectError:
+def _refusal(key: str, filename: str, offset: int, refused: str | None, reason: str) -> RefusedObjectError:
     trust_checkpoint = (
         "if you trust this checkpoint, read it with "
         "dcp_native.FileSystemReader(path, allow_pickle=True)"
@@ -238,7 +198,7 @@ def _refusal(
         if "must be imported" in reason:  # DTensors, nested tensors: torch says what to import
             what += f" ({reason})"
         module = refused.rpartition(".")[0]
-        if module in _blocked_modules():
+        if module in getattr(_wo, "_blocklisted_modules", ("sys", "os", "posix", "nt")):
             advice = f"no allowlist admits it (torch blocks the module {module}); {trust_checkpoint}"
         else:
             advice = (
@@ -247,7 +207,7 @@ def _refusal(
                 f"torch.serialization.safe_globals context manager); {trust_checkpoint}"
             )
     return RefusedObjectError(
-        f"{where}: the saved object {key!r} {what}; loading it could run code the "
+        f"{filename} at offset {offset}: the saved object {key!r} {what}; loading it could run code the "
         f"checkpoint brings along, so it was not loaded. {advice[0].upper()}{advice[1:]}",
         refused=refused,
         key=key,
@@ -256,9 +216,9 @@ def _refusal(
     )
 
 
-def _undecodable(where: str, key: str, filename: str, offset: int, reason: str) -> CorruptCheckpointError:
+def _undecodable(key: str, filename: str, offset: int, reason: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"{where}: the saved object {key!r} cannot be decoded as a torch.save archive or pickle ({reason})",
+        f"{filename} at offset {offset}: the saved object {key!r} cannot be decoded as a torch.save archive or pickle ({reason})",
         key=key,
         filename=filename,
         offset=offset,
@@ -290,17 +250,9 @@ def _refused_in_message(message: str) -> str | None:
     return None
 
 
-def _blocked_modules() -> frozenset:
-    from torch import _weights_only_unpickler as wo
-
-    return frozenset(getattr(wo, "_blocklisted_modules", ("sys", "os", "posix", "nt")))
-
-
 def _allowed_by_torch(full_path: str) -> bool:
-    from torch import _weights_only_unpickler as wo
-
     try:
-        return full_path in wo._get_allowed_globals() or full_path in wo._get_user_allowed_globals()
+        return full_path in _wo._get_allowed_globals() or full_path in _wo._get_user_allowed_globals()
     except AttributeError:  # a torch without these helpers: report every global
         return False
 
@@ -331,7 +283,7 @@ def _scan(data: bytes) -> tuple[bool, str | None]:
     for _ in range(pickles):
         found: list[tuple[str, str]] = []
         try:
-            _walk(stream, found)
+            describe_pickle(stream, found)
             decodes = True
         except Exception:  # genops raises more than ValueError on some truncations
             decodes = False
@@ -364,7 +316,6 @@ class SavedTensor:
     storage_nbytes: int | None = None
 
 
-
 class UnsupportedLayout(Exception):
     """data.pkl holds something a strided copy cannot express; use torch.load."""
 
@@ -388,10 +339,9 @@ def _record_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtyp
 
 @functools.lru_cache(maxsize=None)
 def _storage_globals() -> dict:
+    """(module, name) of a storage class -> (its dtype, whether it is typed)."""
     table = {("torch", name): (dtype, 1) for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
-    table[("torch.storage", "UntypedStorage")] = (torch.uint8, 0)
-    table[("torch", "UntypedStorage")] = (torch.uint8, 0)
-    return table
+    return {**table, ("torch.storage", "UntypedStorage"): (torch.uint8, 0), ("torch", "UntypedStorage"): (torch.uint8, 0)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -404,10 +354,8 @@ class _LayoutUnpickler(pickle.Unpickler):
     """Reads ``data.pkl`` without building a tensor and without importing arbitrary globals."""
 
     def find_class(self, module, name):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _record_v2
-        if module == "torch._utils" and name == "_rebuild_tensor_v3":
-            return _record_v3
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3"):
+            return _record_v2 if name.endswith("2") else _record_v3
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         key = (module, name)
@@ -472,32 +420,27 @@ _BUILDS = {
     "_codecs.encode": "bytes",
     "_io.BytesIO": "io.BytesIO",
 }
-_EMPTY = {
-    "EMPTY_DICT": "dict",
-    "EMPTY_LIST": "list",
-    "EMPTY_TUPLE": "tuple",
-    "EMPTY_SET": "set",
-    "NONE": "NoneType",
-    "NEWTRUE": "bool",
-    "NEWFALSE": "bool",
+#: Opcodes that push a constant description.
+_PUSH = {
+    "EMPTY_DICT": ("dict", None), "EMPTY_LIST": ("list", None), "EMPTY_TUPLE": ("tuple", None),
+    "EMPTY_SET": ("set", None), "NONE": ("NoneType", None), "NEWTRUE": ("bool", True),
+    "NEWFALSE": ("bool", False), "PERSID": ("persistent", None), "EXT1": ("extension", None),
+    "EXT2": ("extension", None), "EXT4": ("extension", None), "NEXT_BUFFER": ("PickleBuffer", None),
 }
+#: Opcodes that pop what they use and push nothing, with how many items they pop.
+_DROP = {"BUILD": 1, "APPEND": 1, "POP": 1, "SETITEM": 2}
 _FROM_MARK = {"TUPLE": "tuple", "LIST": "list", "DICT": "dict", "FROZENSET": "frozenset"}
 _SCALARS = (bool, int, float, str)
 
 
-def describe_pickle(data: bytes) -> tuple[str, Any]:
-    """(type name, value if a short scalar else None) of the object a pickle holds.
+def describe_pickle(source: bytes | BinaryIO, found: list[tuple[str, str]] | None = None) -> tuple[str, Any]:
+    """(type name, value if a short scalar else None) of the object a pickle holds (from a
+    stream: the next one), appending ``(module, name)`` of every global it names to ``found``.
 
     Follows the pickle's opcodes (``pickletools.genops``) on a stack of
     descriptions: nothing is imported or called. Raises ValueError when the
     bytes are not a pickle.
     """
-    return _walk(data)
-
-
-def _walk(source: bytes | BinaryIO, found: list[tuple[str, str]] | None = None) -> tuple[str, Any]:
-    """:func:`describe_pickle` of one pickle in ``source`` (from a stream: the next one),
-    appending ``(module, name)`` of every global it names to ``found``."""
     found = [] if found is None else found
     stack: list[tuple[str, Any]] = []
     marks: list[int] = []
@@ -533,8 +476,11 @@ def _walk(source: bytes | BinaryIO, found: list[tuple[str, str]] | None = None) 
                 return kind, value if short else None
             if name == "MARK":
                 marks.append(len(stack))
-            elif name in _EMPTY:
-                stack.append((_EMPTY[name], {"NEWTRUE": True, "NEWFALSE": False}.get(name)))
+            elif name in _PUSH:
+                stack.append(_PUSH[name])
+            elif name in _DROP:
+                for _ in range(_DROP[name]):
+                    stack.pop()
             elif name in ("GLOBAL", "INST"):
                 found.append(tuple(arg.split(" ", 1)))
                 described = ("global", arg.replace(" ", "."))
@@ -555,43 +501,23 @@ def _walk(source: bytes | BinaryIO, found: list[tuple[str, str]] | None = None) 
             elif name == "REDUCE":
                 args = stack.pop()
                 stack.append(built(stack.pop(), args))
-            elif name == "NEWOBJ":
-                stack.pop()
-                stack.append(built(stack.pop()))
-            elif name == "NEWOBJ_EX":
-                del stack[-2:]
+            elif name in ("NEWOBJ", "NEWOBJ_EX"):
+                del stack[-(1 if name == "NEWOBJ" else 2):]
                 stack.append(built(stack.pop()))
             elif name == "OBJ":
-                popped = pop_mark()
-                stack.append(built(popped[0]))
-            elif name == "BUILD":
-                stack.pop()
+                stack.append(built(pop_mark()[0]))
             elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
                 n = int(name[-1])
-                items = stack[-n:]
-                del stack[-n:]
-                stack.append(("tuple", items))
+                stack[-n:] = [("tuple", stack[-n:])]
             elif name in _FROM_MARK:
                 items = pop_mark()
                 stack.append((_FROM_MARK[name], items if name == "TUPLE" else None))
             elif name in ("APPENDS", "SETITEMS", "ADDITEMS", "POP_MARK"):
                 pop_mark()
-            elif name == "APPEND":
-                stack.pop()
-            elif name == "SETITEM":
-                del stack[-2:]
-            elif name == "POP":
-                stack.pop()
             elif name == "DUP":
                 stack.append(stack[-1])
-            elif name == "PERSID":
-                stack.append(("persistent", None))
             elif name == "BINPERSID":
                 stack[-1] = ("persistent", None)
-            elif name in ("EXT1", "EXT2", "EXT4"):
-                stack.append(("extension", None))
-            elif name == "NEXT_BUFFER":
-                stack.append(("PickleBuffer", None))
             elif not op.stack_before and len(op.stack_after) == 1:
                 label = "bytearray" if name == "BYTEARRAY8" else type(arg).__name__
                 stack.append((label, arg))
