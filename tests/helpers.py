@@ -4,6 +4,7 @@ Sections:
 
 * checkpoint files and errors: the files of a checkpoint directory, DCP's wrapped errors,
   a forked child, a call bounded by a timeout (for FIFOs that would block an open);
+* one-process saves and loads: a state dict, ``save`` / ``load`` through dcp_native, ``same``;
 * dtypes: every dtype torch can save, deterministic tensors of any dtype, their bytes;
 * multi-rank runs: ``run_ranks`` (gloo ranks on this machine);
 * the fake CUDA runtime: where it is built, and its test-only exports through ctypes;
@@ -109,6 +110,105 @@ def in_child(fn: Callable[[], str]) -> tuple[int, str]:
     os.close(r)
     _, status = os.waitpid(pid, 0)
     return os.WEXITSTATUS(status), out.decode()
+
+
+#: Long enough for a slow shared machine, short enough that a hang fails quickly.
+HANG_TIMEOUT_S = 15.0
+
+
+def unblock_fifo(path: str) -> None:
+    """Opens the FIFO at both ends for a moment, so that an open() blocked on it returns."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def bounded(call: Callable[[], Any], *, fifo: str | None = None) -> Any:
+    """``call()`` in a daemon thread; its result, or its exception re-raised here.
+
+    If it is still running after HANG_TIMEOUT_S, the FIFO is opened to release it and the
+    test fails: something opened a non-regular file without O_NONBLOCK.
+    """
+    import threading
+
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="bounded-call", daemon=True)
+    thread.start()
+    thread.join(HANG_TIMEOUT_S)
+    if thread.is_alive():
+        if fifo is not None:
+            unblock_fifo(fifo)
+        thread.join(5.0)
+        pytest.fail(f"blocked for {HANG_TIMEOUT_S:.0f} s with {fifo} in the checkpoint "
+                    "(a blocking open?)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def bounded_error(call: Callable[[], Any], *, fifo: str | None = None) -> Exception | None:
+    """:func:`bounded`, but the exception ``call()`` raised is returned (None if it returned)."""
+    try:
+        bounded(call, fifo=fifo)
+    except Exception as exc:  # noqa: BLE001 - a hang (pytest.fail) is not an Exception
+        return exc
+    return None
+
+
+# ==================== one-process saves and loads ================================================
+
+
+def state(scale: float, n: int = 4, rows: int = 64, cols: int = 129) -> dict:
+    """A state dict of ``n`` float tensors of growing size, a small one and an object."""
+    g = torch.Generator().manual_seed(int(scale * 1000))
+    sd = {f"w{i}": torch.randn(rows * (i + 1), cols, generator=g) * scale for i in range(n)}
+    sd["small"] = torch.arange(5.0) * scale
+    sd["step"] = int(scale * 10)
+    return sd
+
+
+def save(sd: dict, path, **kw) -> None:
+    """``dcp.save`` through dcp_native's writer, checksums on unless ``checksums=`` says."""
+    import torch.distributed.checkpoint as dcp
+
+    import dcp_native
+
+    kw.setdefault("checksums", True)
+    dcp.save(sd, storage_writer=dcp_native.FileSystemWriter(path, **kw), no_dist=True)
+
+
+def blank(like: dict) -> dict:
+    """Destinations for ``like``: tensors full of -7, objects -1."""
+    return {
+        k: torch.full_like(v, -7.0) if isinstance(v, torch.Tensor) else -1 for k, v in like.items()
+    }
+
+
+def load(path, like: dict, reader=None, **reader_kw) -> dict:
+    """``dcp.load`` of ``like``'s keys (dcp_native's reader unless ``reader``); the values."""
+    import torch.distributed.checkpoint as dcp
+
+    import dcp_native
+
+    out = blank(like)
+    reader = reader or dcp_native.FileSystemReader(path, **reader_kw)
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    """Equal values, key by key (tensors exactly)."""
+    return all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
 
 
 # ==================== dtypes =====================================================================

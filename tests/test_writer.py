@@ -1,4 +1,10 @@
-"""async_save through dcp_native's writer (its AsyncStager), on both engines.
+"""Saves through dcp_native's writer, on both engines.
+
+* What a save writes: tagged data files, their checksum tables, the sidecar, the lock; stock's
+  metadata, nothing of dcp_native pickled into it; short transfers resumed; an unwritable
+  destination fails the save.
+
+async_save through the writer (its AsyncStager):
 
 * What is saved are the values at the call, though training changes the
   tensors (and other entries) as soon as the call returns.
@@ -15,6 +21,9 @@
   AsyncSaveResponse).
 * CUDA tensors (marked ``cuda``): staged from device memory.
 
+The commit protocol (overwrites, concurrent saves, killed and failed saves):
+tests/test_commit.py.
+
 Slow writes are simulated by holding the engine's write until the test opens
 a gate, so every ordering checked here is forced, not hoped for.
 """
@@ -22,6 +31,7 @@ a gate, so every ordering checked here is forced, not hoped for.
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import os
 import pickle
@@ -36,7 +46,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 import dcp_native
 import dcp_native.writer as writer_module
 from dcp_native.staging import StagedStateDict, StagingArea, StagingBusyError
-from helpers import run_ranks
+from helpers import data_files, failure, run_ranks, sidecar_file
 
 #: Seconds a gated write waits at most for the test to open the gate.
 GATE_S = 20.0
@@ -150,6 +160,56 @@ def result_of(resp):
     return getattr(resp, "upload_completion", resp).result(timeout=60)
 
 
+# ----------------------------------------------------------------- what a save writes
+
+
+def save_sync(sd, path, **kw) -> None:
+    dcp.save(sd, storage_writer=dcp_native.FileSystemWriter(path, **kw), no_dist=True)
+
+
+def test_sidecar_and_files(engine_name, tmp_path):
+    sd = {"a": torch.randn(100), "b": torch.randn(5, 5)}
+    save_sync(sd, tmp_path, checksums=True)
+    (data,) = data_files(tmp_path)
+    tag = data.split(".")[1]
+    names = sorted(os.listdir(tmp_path))
+    assert names == [
+        ".dcp_native.lock", ".metadata", f".metadata.{tag}.dcp_native", data, data + ".crc32c"
+    ]
+    assert sidecar_file(tmp_path) == str(tmp_path / f".metadata.{tag}.dcp_native")
+    raw = (tmp_path / f".metadata.{tag}.dcp_native").read_bytes()
+    assert raw.startswith(b"DCPNSIDE")
+    doc = json.loads(raw[56:])
+    assert doc["format"] == "dcp_native" and doc["version"] == 2 and len(doc["items"][data]) == 2
+    assert doc["tables"][data]["file"] == data + ".crc32c"
+    assert doc["tables"][data]["size"] == os.path.getsize(tmp_path / (data + ".crc32c"))
+    # The metadata is stock's: no dcp_native class is pickled into it.
+    assert b"dcp_native" not in (tmp_path / ".metadata").read_bytes()
+
+
+@pytest.mark.parametrize("short", ["1", "7", "4096"])
+def test_short_transfers_round_trip(engine_name, tmp_path, monkeypatch, short):
+    """Every transfer cut to ``short`` bytes (DCP_NATIVE_TEST_SHORT_IO): resumed until complete."""
+    sd = state(1.5)
+    monkeypatch.setenv("DCP_NATIVE_TEST_SHORT_IO", short)
+    save_sync(sd, tmp_path, thread_count=3, checksums=True)
+    out = zeros_like(sd)
+    dcp.load(out, storage_reader=dcp_native.FileSystemReader(tmp_path, verify=True), no_dist=True)
+    assert_same(out, sd)
+
+
+def test_unwritable_destination(engine_name, tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/dcp_native_cannot_write_here"
+    else:
+        target = tmp_path / "ro"
+        target.mkdir()
+        os.chmod(target, 0o500)
+    with pytest.raises(CheckpointException) as ei:
+        save_sync(state(1.0), target)
+    assert isinstance(failure(ei), OSError)
+
+
 # ----------------------------------------------------------------- values at call time
 
 
@@ -174,8 +234,9 @@ def test_checkpoint_id_only(engine_name, tmp_path):
     want = snapshot(sd)
     fut = dcp_native.async_save(sd, checkpoint_id=tmp_path, no_dist=True)
     mutate(sd)
-    result_of(fut)
+    assert result_of(fut) is not None
     assert_same(load(tmp_path, want), want)
+    assert os.path.exists(sidecar_file(tmp_path))
 
 
 def test_stock_reads_async_checkpoint(engine_name, tmp_path):

@@ -2,18 +2,17 @@
 
 A checkpoint directory may be hostile: a FIFO in place of a data file would
 block open() forever, a device file would be read, a planted symbolic link
-would redirect a write. Every case runs the engine call in a daemon thread
-joined with a timeout, so a hang fails the test instead of blocking the suite.
+would redirect a write. Every case runs the engine call bounded by a timeout
+(helpers.bounded_error), so a hang fails the test instead of blocking the suite.
+What dcp.load and the command line do with such files: tests/test_reader.py.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
 import stat
-import threading
 from array import array
 
 import pytest
@@ -21,23 +20,13 @@ import pytest
 from dcp_native._errors import CorruptCheckpointError
 from dcp_native._fileio import not_regular
 from dcp_native.engine import SRC_BLOB, SRC_HOST, ReadFile, WriteFile
+from helpers import Mem, bounded_error
 
 FAULT_ENV = "DCP_NATIVE_FAULT"
-#: Long enough for a slow shared machine, short enough that a hang fails quickly.
-HANG_TIMEOUT_S = 10.0
 SIZE = 4096
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class Mem:
-    """Host memory with a raw address (a bytearray pinned by a ctypes view)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.buf = bytearray(data)
-        self._pin = (ctypes.c_char * len(self.buf)).from_buffer(self.buf)
-        self.addr = ctypes.addressof(self._pin)
 
 
 def read_plan(path: str, dest: Mem, size: int = SIZE) -> ReadFile:
@@ -47,40 +36,6 @@ def read_plan(path: str, dest: Mem, size: int = SIZE) -> ReadFile:
 
 def write_plan(path: str, src: Mem, size: int = SIZE) -> WriteFile:
     return WriteFile(path, b"", array("q", [0, SRC_HOST, src.addr, size]))
-
-
-def unblock_fifo(path: str) -> None:
-    """Opens the FIFO at both ends for a moment: an open() blocked on it returns."""
-    try:
-        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
-    except OSError:
-        pass
-
-
-def bounded(call, *, unblock=None) -> BaseException | None:
-    """Runs ``call()`` in a daemon thread; the exception it raised, None if it returned.
-
-    Fails the test if it has not finished within HANG_TIMEOUT_S (after ``unblock()``, which
-    lets a thread blocked in open() of a FIFO go, so it does not outlive the test).
-    """
-    outcome: list = []
-
-    def target() -> None:
-        try:
-            call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            outcome.append(exc)
-        else:
-            outcome.append(None)
-
-    thread = threading.Thread(target=target, name="special-file-call", daemon=True)
-    thread.start()
-    thread.join(HANG_TIMEOUT_S)
-    if thread.is_alive():
-        if unblock is not None:
-            unblock()
-        pytest.fail(f"the engine call did not return within {HANG_TIMEOUT_S} s (blocked in open?)")
-    return outcome[0]
 
 
 def assert_refused(exc: BaseException | None, path: str, mode: int) -> None:
@@ -114,9 +69,8 @@ def unix_socket(tmp_path):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_read_fifo_refused(engine, tmp_path, threads):
     path = make_fifo(tmp_path)
-    dest = Mem(bytes(SIZE))
-    exc = bounded(lambda: engine.read([read_plan(path, dest)], threads=threads),
-                  unblock=lambda: unblock_fifo(path))
+    dest = Mem(data=bytes(SIZE))
+    exc = bounded_error(lambda: engine.read([read_plan(path, dest)], threads=threads), fifo=path)
     assert_refused(exc, path, stat.S_IFIFO)
 
 
@@ -127,8 +81,8 @@ def test_read_fifo_with_writer_refused(engine, tmp_path):
     writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     try:
         os.write(writer, b"x" * 100)
-        dest = Mem(bytes(SIZE))
-        exc = bounded(lambda: engine.read([read_plan(path, dest)], threads=1))
+        dest = Mem(data=bytes(SIZE))
+        exc = bounded_error(lambda: engine.read([read_plan(path, dest)], threads=1))
         assert_refused(exc, path, stat.S_IFIFO)
         assert os.read(reader, 200) == b"x" * 100  # nothing was consumed
     finally:
@@ -139,8 +93,8 @@ def test_read_fifo_with_writer_refused(engine, tmp_path):
 def test_read_directory_refused(engine, tmp_path):
     path = str(tmp_path / "__0_0.distcp")
     os.mkdir(path)
-    dest = Mem(bytes(SIZE))
-    exc = bounded(lambda: engine.read([read_plan(path, dest)], threads=1))
+    dest = Mem(data=bytes(SIZE))
+    exc = bounded_error(lambda: engine.read([read_plan(path, dest)], threads=1))
     assert_refused(exc, path, stat.S_IFDIR)
 
 
@@ -148,8 +102,8 @@ def test_read_symlink_to_dev_zero_refused(engine, tmp_path):
     """Reads follow symbolic links, but a link to a device is refused by what it points to."""
     path = str(tmp_path / "__0_0.distcp")
     os.symlink("/dev/zero", path)
-    dest = Mem(b"\xee" * SIZE)
-    exc = bounded(lambda: engine.read([read_plan(path, dest)], threads=1))
+    dest = Mem(data=b"\xee" * SIZE)
+    exc = bounded_error(lambda: engine.read([read_plan(path, dest)], threads=1))
     assert_refused(exc, path, stat.S_IFCHR)
     assert bytes(dest.buf) == b"\xee" * SIZE  # nothing was read
 
@@ -161,15 +115,15 @@ def test_read_symlink_to_regular_file_allowed(engine, tmp_path):
     target.write_bytes(data)
     path = str(tmp_path / "__0_0.distcp")
     os.symlink(target, path)
-    dest = Mem(bytes(SIZE))
-    assert bounded(lambda: engine.read([read_plan(path, dest)], threads=1)) is None
+    dest = Mem(data=bytes(SIZE))
+    assert bounded_error(lambda: engine.read([read_plan(path, dest)], threads=1)) is None
     assert bytes(dest.buf) == data
 
 
 def test_read_socket_refused(engine, unix_socket):
     # Linux refuses open() of a socket file with ENXIO before fstat could see it.
-    dest = Mem(bytes(SIZE))
-    exc = bounded(lambda: engine.read([read_plan(unix_socket, dest)], threads=1))
+    dest = Mem(data=bytes(SIZE))
+    exc = bounded_error(lambda: engine.read([read_plan(unix_socket, dest)], threads=1))
     if isinstance(exc, CorruptCheckpointError):
         assert_refused(exc, unix_socket, stat.S_IFSOCK)
     else:
@@ -185,13 +139,13 @@ def test_read_refused_among_regular_files(engine, tmp_path):
         with open(path, "wb") as f:
             f.write(os.urandom(SIZE))
         paths.append(path)
-        dests.append(Mem(bytes(SIZE)))
+        dests.append(Mem(data=bytes(SIZE)))
     os.remove(paths[2])
     os.mkfifo(paths[2])
     before = len(os.listdir("/proc/self/fd"))
-    exc = bounded(
+    exc = bounded_error(
         lambda: engine.read([read_plan(p, d) for p, d in zip(paths, dests)], threads=3),
-        unblock=lambda: unblock_fifo(paths[2]),
+        fifo=paths[2],
     )
     assert_refused(exc, paths[2], stat.S_IFIFO)
     assert len(os.listdir("/proc/self/fd")) == before
@@ -204,9 +158,9 @@ def test_read_refused_among_regular_files(engine, tmp_path):
 def test_write_fifo_without_reader(engine, tmp_path, threads):
     """O_NONBLOCK makes the open fail at once with ENXIO instead of waiting for a reader."""
     path = make_fifo(tmp_path)
-    src = Mem(os.urandom(SIZE))
-    exc = bounded(lambda: engine.write([write_plan(path, src)], threads=threads, sync=False),
-                  unblock=lambda: unblock_fifo(path))
+    src = Mem(data=os.urandom(SIZE))
+    exc = bounded_error(lambda: engine.write([write_plan(path, src)], threads=threads, sync=False),
+                        fifo=path)
     assert isinstance(exc, OSError) and not isinstance(exc, CorruptCheckpointError), repr(exc)
     assert (exc.errno, exc.filename) == (errno.ENXIO, path)
     assert exc.strerror == f"{os.strerror(errno.ENXIO)} (open)"
@@ -217,8 +171,8 @@ def test_write_fifo_with_reader_refused(engine, tmp_path):
     path = make_fifo(tmp_path)
     reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        src = Mem(os.urandom(SIZE))
-        exc = bounded(lambda: engine.write([write_plan(path, src)], threads=1, sync=True))
+        src = Mem(data=os.urandom(SIZE))
+        exc = bounded_error(lambda: engine.write([write_plan(path, src)], threads=1, sync=True))
         assert_refused(exc, path, stat.S_IFIFO)
         assert os.read(reader, 1) == b""  # EOF: the writer went without writing anything
     finally:
@@ -228,8 +182,8 @@ def test_write_fifo_with_reader_refused(engine, tmp_path):
 def test_write_directory_refused(engine, tmp_path):
     path = str(tmp_path / "__0_0.distcp")
     os.mkdir(path)
-    src = Mem(os.urandom(SIZE))
-    exc = bounded(lambda: engine.write([write_plan(path, src)], threads=1, sync=False))
+    src = Mem(data=os.urandom(SIZE))
+    exc = bounded_error(lambda: engine.write([write_plan(path, src)], threads=1, sync=False))
     # open(O_WRONLY) of a directory fails in the kernel already.
     assert isinstance(exc, IsADirectoryError), repr(exc)
     assert exc.filename == path
@@ -244,8 +198,8 @@ def test_write_never_follows_a_symlink(engine, tmp_path, target):
         target = str(victim)
     path = str(tmp_path / "__0_0.distcp")
     os.symlink(target, path)
-    src = Mem(os.urandom(SIZE))
-    exc = bounded(lambda: engine.write([write_plan(path, src)], threads=1, sync=False))
+    src = Mem(data=os.urandom(SIZE))
+    exc = bounded_error(lambda: engine.write([write_plan(path, src)], threads=1, sync=False))
     assert isinstance(exc, OSError), repr(exc)
     assert (exc.errno, exc.filename) == (errno.ELOOP, path)
     if target == str(victim):
@@ -253,8 +207,8 @@ def test_write_never_follows_a_symlink(engine, tmp_path, target):
 
 
 def test_write_socket_refused(engine, unix_socket):
-    src = Mem(os.urandom(SIZE))
-    exc = bounded(lambda: engine.write([write_plan(unix_socket, src)], threads=1, sync=False))
+    src = Mem(data=os.urandom(SIZE))
+    exc = bounded_error(lambda: engine.write([write_plan(unix_socket, src)], threads=1, sync=False))
     assert isinstance(exc, OSError), repr(exc)
     assert exc.filename == unix_socket
     if not isinstance(exc, CorruptCheckpointError):
@@ -265,7 +219,7 @@ def test_write_regular_file_unchanged(engine, tmp_path):
     """Regular files are written as before (O_NONBLOCK cleared again changes nothing)."""
     path = str(tmp_path / "__0_0.distcp")
     data = os.urandom(3 * SIZE + 5)
-    src = Mem(data)
+    src = Mem(data=data)
     written = engine.write([WriteFile(path, b"", array("q", [0, SRC_HOST, src.addr, len(data)]))],
                            threads=3, sync=True, chunk_bytes=SIZE)
     assert written.bytes_written == [len(data)]
@@ -280,7 +234,7 @@ def test_fault_first_open_still_fails_read(engine, tmp_path, monkeypatch):
     path = str(tmp_path / "__0_0.distcp")
     with open(path, "wb") as f:
         f.write(bytes(SIZE))
-    dest = Mem(bytes(SIZE))
+    dest = Mem(data=bytes(SIZE))
     monkeypatch.setenv(FAULT_ENV, "open:EIO:1")
     with pytest.raises(OSError) as info:
         engine.read([read_plan(path, dest)], threads=1)
@@ -305,14 +259,11 @@ def test_fault_counts_refused_opens(engine, tmp_path, monkeypatch):
     path = str(tmp_path / "__1_0.distcp")
     with open(path, "wb") as f:
         f.write(bytes(SIZE))
-    dests = [Mem(bytes(SIZE)), Mem(bytes(SIZE))]
+    dests = [Mem(data=bytes(SIZE)), Mem(data=bytes(SIZE))]
     monkeypatch.setenv(FAULT_ENV, "open:EIO:1")
     # One thread opens the files in order: the FIFO's open is the one that fails.
-    exc = bounded(lambda: engine.read([read_plan(fifo, dests[0]), read_plan(path, dests[1])],
-                                      threads=1),
-                  unblock=lambda: unblock_fifo(fifo))
+    exc = bounded_error(lambda: engine.read([read_plan(fifo, dests[0]), read_plan(path, dests[1])],
+                                            threads=1),
+                        fifo=fifo)
     assert isinstance(exc, OSError) and not isinstance(exc, CorruptCheckpointError), repr(exc)
     assert (exc.errno, exc.filename) == (errno.EIO, fifo)
-
-
-# --------------------------------------------------------------------------- Python O_DIRECT
