@@ -580,7 +580,7 @@ def _rank_load_row_colwise(path: str) -> tuple[int, int, int, list[str]]:
     failures: list[str] = []
     targets, want = _targets({"row": ((dist.get_world_size(),), (Shard(1),))})
     # The read plan itself; checksum verification, which completes the 4 KiB
-    # blocks these unaligned runs touch, is covered in test_reliability.py.
+    # blocks these unaligned runs touch, is covered in test_integrity.py.
     reader = dcp_native.FileSystemReader(path, verify=False)
     dcp.load(targets, storage_reader=reader)
     _check(failures, "row as Shard(1)", targets["row"].to_local(), want["row"])
