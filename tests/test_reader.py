@@ -783,16 +783,6 @@ VERIFY = pytest.mark.parametrize("verify", [False, True], ids=["verify_off", "ve
 
 
 @VERIFY
-def test_load_fifo_data_file_refused(engine_name, template, tmp_path, verify):
-    ck, fifo = hostile(template, tmp_path, "data")
-    err = load_error(ck, verify, fifo)
-    assert type(err) is dcp_native.CorruptCheckpointError, repr(err)
-    assert err.filename == fifo
-    assert err.key in fifo_state()
-    assert "FIFO" in str(err) and "not a regular file" in str(err)
-
-
-@VERIFY
 def test_load_fifo_checksum_table(engine_name, template, tmp_path, verify):
     ck, fifo = hostile(template, tmp_path, "table")
     if not verify:
@@ -803,21 +793,6 @@ def test_load_fifo_checksum_table(engine_name, template, tmp_path, verify):
     assert isinstance(err, dcp_native.IntegrityError), repr(err)
     assert err.filename == fifo
     assert "cannot be verified" in str(err) and "not a regular file" in str(err)
-
-
-@VERIFY
-def test_load_fifo_sidecar_ignored(engine_name, template, tmp_path, verify):
-    ck, fifo = hostile(template, tmp_path, "sidecar")
-    if not verify:
-        # Without the sidecar the reader parses each item's headers instead.
-        assert_same(fifo_load(ck, verify, fifo), fifo_state())
-        return
-    err = load_error(ck, verify, fifo)
-    assert isinstance(err, dcp_native.IntegrityError), repr(err)
-    assert "cannot be verified" in str(err)
-    # ... and says why: the sidecar cannot be read, being a FIFO.
-    assert os.path.basename(fifo) in str(err) and "cannot be read" in str(err)
-    assert "FIFO" in str(err)
 
 
 @VERIFY
@@ -834,33 +809,39 @@ def test_load_fifo_metadata_refused(engine_name, template, tmp_path, verify):
     assert ".metadata is missing" not in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("kind", ["directory", "dev-zero"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dev-zero"])
 def test_load_data_file_not_regular_refused(engine_name, template, tmp_path, kind):
     ck, path = hostile(template, tmp_path, "data", kind)
     for verify in (False, True):
-        err = load_error(ck, verify)
+        err = load_error(ck, verify, path if kind == "fifo" else None)
         assert type(err) is dcp_native.CorruptCheckpointError, repr(err)
         assert err.key in fifo_state()
         assert os.path.basename(path) in str(err)
-        if kind == "directory":
-            assert err.filename == path
-            assert "a directory, not a regular file" in str(err)
-        else:
+        if kind == "dev-zero":
             # Refused before it is opened: the link leaves the checkpoint
             # directory (a path check, which names the directory).
             assert err.filename in (path, ck)
             why = ("outside the checkpoint directory", "not a regular file")
             assert any(text in str(err) for text in why), str(err)
+        else:
+            assert err.filename == path
+            assert "not a regular file" in str(err)
+            assert ("FIFO" if kind == "fifo" else "a directory, not a regular file") in str(err)
 
 
-@pytest.mark.parametrize("kind", ["directory", "dev-zero"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dev-zero"])
 def test_load_sidecar_not_regular_ignored(engine_name, template, tmp_path, kind):
     ck, path = hostile(template, tmp_path, "sidecar", kind)
-    assert_same(fifo_load(ck, verify=False), fifo_state())
-    err = load_error(ck, verify=True)
+    fifo = path if kind == "fifo" else None
+    # Without the sidecar the reader parses each item's headers instead.
+    assert_same(fifo_load(ck, verify=False, fifo=fifo), fifo_state())
+    err = load_error(ck, verify=True, fifo=fifo)
     assert isinstance(err, dcp_native.IntegrityError), repr(err)
+    assert "cannot be verified" in str(err)
+    # ... and says why: the sidecar cannot be read, and what it is.
     assert os.path.basename(path) in str(err) and "cannot be read" in str(err)
-    assert ("a directory" if kind == "directory" else "a character device") in str(err)
+    what = {"fifo": "FIFO", "directory": "a directory", "dev-zero": "a character device"}[kind]
+    assert what in str(err)
 
 
 def test_load_fifo_lock_file_unused(engine_name, template, tmp_path):
