@@ -5,19 +5,11 @@ without a process group. ``inspect`` and ``verify`` never run code from the
 checkpoint: ``.metadata`` is read by an unpickler that admits only DCP's
 metadata classes, and objects saved as bytes are described from their pickle
 opcodes (``pickletools``), never unpickled. They read only item headers and
-trailers (a few KiB per item), in batches through the engine.
-
-``verify`` runs in passes, each adding problems to one list so that every
-problem is reported, not only the first: metadata, data files and sizes, item
-framing (zip end records, central directory, local headers, ``data.pkl``
-against the metadata, the sidecar against the archive), the CRC32C of every
-4 KiB block of each data file that has a checksum table (read in bounded
-rounds, checked by the engine), and with ``--read-all`` every byte of every
-item, also of files without checksums.
+trailers (a few KiB per item), in batches through the engine; ``verify`` also
+reads the data files that have checksum tables (see :mod:`.verify`).
 """
 
-from .._safe_pickle import describe_pickle
-from .common import UsageError, CommandFailed
+from .common import CommandFailed, UsageError
 from .main import build_parser, main, quiet_warnings
 
-__all__ = ["main", "build_parser", "quiet_warnings", "describe_pickle", "UsageError", "CommandFailed"]
+__all__ = ["main", "build_parser", "quiet_warnings", "UsageError", "CommandFailed"]

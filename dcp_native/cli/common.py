@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
+import collections
 import functools
-import io
 import json
 import os
-from typing import Any, Iterator, Sequence
-
-import torch
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .. import checkpoint
 from .._backend import get_engine
 from .._errors import BackendUnavailableError, CheckpointError
-from ..checkpoint import Checkpoint, Item, ItemBytes
+from ..checkpoint import Archive, ArchiveError, Checkpoint, Item
 from ..reader import default_thread_count
 from ..sidecar import Sidecar
 
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
-EXIT_USAGE = 2
-EXIT_FAILED = 3
-EXIT_BUG = 4
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_FAILED, EXIT_BUG = range(5)
 
 PROG = "dcp-native"
 _METADATA = checkpoint.METADATA_NAME
 #: Bytes of temporary buffers verify and inspect hold at once.
 _READ_BUDGET = 64 << 20
-#: Items per batch of header reads (also the progress bar's step).
+#: Items per batch of header reads.
 _ITEMS_PER_ROUND = 1024
 #: Progress bar (auto) for checkpoints with at least this many items or bytes to read.
 _PROGRESS_MIN_ITEMS = 1000
@@ -57,53 +51,34 @@ class CommandFailed(Exception):
 # --------------------------------------------------------------------------- small helpers
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     if n < 1024:
         return f"{n} B"
-    value = float(n)
     for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if value < 1024 or unit == "PiB":
-            return f"{value:.1f} {unit}"
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else (plural or word + 's')}"
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word if n == 1 else word + 's'}"
 
 
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
+def _listing(names: Iterable[str], most: int) -> str:
+    """The first ``most`` names, comma-separated, with ", ..." when there are more."""
+    names = list(names)
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
 def _os_error_text(exc: OSError) -> str:
     if exc.filename and exc.strerror and not isinstance(exc, CheckpointError):
         return f"{exc.filename}: {exc.strerror}"
     return _one_line(exc)
-
-
-def _weights_only_reason(exc: BaseException) -> str:
-    """The line of torch.load's weights_only refusal that names the refused global."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        for line in text.split(marker, 1)[1].splitlines():
-            if line.strip():
-                return line.strip().split(". ", 1)[0]
-    return _one_line(exc)
-
-
-def _torch_load_objects(source: Any, weights_only: bool, **kwargs: Any) -> Any:
-    """torch.load, with io.BytesIO allowed under weights_only (DCP saves BytesIO values as such)."""
-    if not weights_only:
-        return torch.load(source, weights_only=False, **kwargs)
-    with torch.serialization.safe_globals([io.BytesIO]):
-        return torch.load(source, weights_only=True, **kwargs)
 
 
 def _engine():
@@ -114,10 +89,6 @@ def _engine():
         raise UsageError(_one_line(exc)) from None
 
 
-def _threads() -> int:
-    return default_thread_count()
-
-
 def _json(doc: Any) -> str:
     """Indented JSON with lists of scalars (shapes, file names) kept on one line."""
     nonce = os.urandom(6).hex()
@@ -126,9 +97,9 @@ def _json(doc: Any) -> str:
     def walk(x: Any) -> Any:
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list) and any(isinstance(v, (dict, list)) for v in x):
+            return [walk(v) for v in x]
         if isinstance(x, list):
-            if any(isinstance(v, (dict, list)) for v in x):
-                return [walk(v) for v in x]
             token = f"{nonce}:{len(inline)}"
             inline[json.dumps(token)] = json.dumps(x)
             return token
@@ -140,32 +111,22 @@ def _json(doc: Any) -> str:
     return text
 
 
-def _keys_match(key: str, pattern: str) -> bool:
-    prefix = pattern if pattern.endswith(".") else pattern + "."
-    return key == pattern or key.startswith(prefix)
-
-
 def _select_keys(keys: Sequence[str], patterns: Sequence[str] | None, where: str) -> list[str]:
     """Keys named by ``patterns`` (exact keys or dotted prefixes), in checkpoint order."""
     if not patterns:
         return list(keys)
     chosen = set()
     for pattern in patterns:
-        hits = [k for k in keys if _keys_match(k, pattern)]
+        prefix = pattern.rstrip(".") + "."
+        hits = [k for k in keys if k == pattern or k.startswith(prefix)]
         if not hits:
-            raise UsageError(
-                f"no key in {where} is {pattern!r} or starts with {pattern.rstrip('.') + '.'!r} "
-                f"(list them with `{PROG} inspect {where}`)"
-            )
+            raise UsageError(f"no key in {where} is {pattern!r} or starts with {prefix!r} "
+                             f"(list them with `{PROG} inspect {where}`)")
         chosen.update(hits)
     return [k for k in keys if k in chosen]
 
 
 # --------------------------------------------------------------------------- the checkpoint
-
-
-class _BadMetadata(Exception):
-    """``.metadata`` exists but does not load (the message says why, without the path)."""
 
 
 def _written_by(sc: Sidecar) -> str:
@@ -193,81 +154,76 @@ def _checkpoint_dir(path: str) -> str:
     return path
 
 
-def _looks_like_unfinished_save(directory: str) -> list[str]:
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    return sorted(n for n in names if n.endswith(".distcp") or n.startswith(_METADATA))
-
-
 class _Opened(Checkpoint):
-    """A checkpoint as the commands see it: its items listed once."""
+    """A checkpoint as the commands see it: its items listed, grouped by file and stat'ed once."""
 
     def __init__(self, directory: str) -> None:
         super().__init__(directory)
         self.item_list = self.items()
-        self.files = sorted({item.file for item in self.item_list})
-        self._sizes: dict[str, int] | None = None
+        by_file = collections.defaultdict(list)
+        for item in sorted(self.item_list, key=lambda it: it.offset):
+            by_file[item.file].append(item)
+        #: Each data file's items, by offset, the files by name.
+        self.by_file: dict[str, list[Item]] = dict(sorted(by_file.items()))
+        self.files = list(self.by_file)
+        #: Sizes of the data files that can be read; why the others cannot.
+        self.sizes: dict[str, int] = {}
+        self.size_errors: dict[str, OSError] = {}
+        for rel in self.files:
+            try:
+                self.sizes[rel] = self.data_file_size(rel)
+            except OSError as exc:
+                self.size_errors[rel] = exc
+        #: Items whose bytes lie inside their file, by file and offset.
+        self.readable = [it for rel, items in self.by_file.items() for it in items
+                         if rel in self.sizes and it.inside(self.sizes[rel])]
 
-    def file_sizes(self) -> dict[str, int]:
-        """Sizes of the data files that can be read (missing, refused and irregular ones left out)."""
-        if self._sizes is None:
-            self._sizes = {}
-            for rel in self.files:
-                try:
-                    self._sizes[rel] = self.data_file_size(rel)
-                except OSError:
-                    pass
-        return self._sizes
 
-
-def _open_checkpoint(path: str) -> _Opened:
-    """The checkpoint at ``path``; UsageError when it is none, _BadMetadata when it does not load."""
+def _open_checkpoint(path: str, damaged: Callable[[str], None] | None = None) -> _Opened | None:
+    """The checkpoint at ``path``: UsageError when it is none. A ``.metadata`` that does not load,
+    or is missing beside data files, goes to ``damaged`` (verify: None is returned) or, without
+    it, raises (exit 2 for a missing one, 3 for one that does not load)."""
     directory = _checkpoint_dir(path)
     md_path = os.path.join(directory, _METADATA)
     try:
         return _Opened(directory)
     except FileNotFoundError:
-        found = _looks_like_unfinished_save(directory)
-        hint = (
-            f" (it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}: "
-            "an unfinished save, or .metadata was lost)"
-            if found
-            else ""
-        )
-        raise UsageError(f"{directory} is not a DCP checkpoint: it has no {_METADATA}{hint}") from None
+        try:
+            found = sorted(n for n in os.listdir(directory) if n.endswith(".distcp") or n.startswith(_METADATA))
+        except OSError:
+            found = []
+        if damaged is None or not found:
+            hint = f" (it holds {_listing(found, 3)}: an unfinished save, or .metadata was lost)" if found else ""
+            raise UsageError(f"{directory} is not a DCP checkpoint: it has no {_METADATA}{hint}") from None
+        damaged(f"missing: the directory holds {_listing(found, 3)} but no committed {_METADATA} "
+                "(the save did not finish, or the file was lost)")
     except CheckpointError as exc:  # not a regular file, refused, or not DCP metadata
-        text = _one_line(exc)
-        raise _BadMetadata(text[len(md_path):].lstrip(":").strip() if text.startswith(md_path) else text) from None
+        why = _one_line(exc).removeprefix(md_path).lstrip(":").strip()
+        if damaged is None:
+            raise CommandFailed(f"{md_path} {why} (run `{PROG} verify` on it)") from None
+        damaged(why)
     except OSError as exc:
         raise CommandFailed(_os_error_text(exc)) from None
+    return None
 
 
-def _open_or_fail(path: str) -> _Opened:
-    """:func:`_open_checkpoint` for the commands that cannot report a damaged .metadata (exit 3)."""
-    try:
-        return _open_checkpoint(path)
-    except _BadMetadata as exc:
-        raise CommandFailed(
-            f"{os.path.join(path, _METADATA)} {exc} (run `{PROG} verify` on it)"
-        ) from None
-
-
-def _item_views(ck: Checkpoint, items: Sequence[Item]) -> Iterator[tuple[Item, ItemBytes | OSError]]:
-    """Head and tail of each item through the engine, in rounds (an item that cannot be read
-    yields its error); other ranges of an item are read on demand."""
-    engine, threads = _engine(), _threads()
-
-    def read(boxes: dict) -> None:
-        checkpoint.read_boxes(engine, ck.directory, boxes, threads)
+def _archives(ck: Checkpoint, items: Sequence[Item]) -> Iterator[tuple[Item, Archive | Exception]]:
+    """Each item's archive, its records bounds-checked, or the ArchiveError or OSError that
+    stopped it. Heads and tails are read through the engine in rounds; other ranges on demand."""
+    engine, threads = _engine(), default_thread_count()
 
     def fetch(item: Item, start: int, n: int) -> bytes:
         return bytes(checkpoint.read_ranges(engine, ck.directory, [(item.file, item.offset + start, n)], threads)[0])
 
     spans = [(it.file, it.offset, it.length) for it in items]
     budget = _ITEMS_PER_ROUND * 2 * checkpoint.PROBE_BYTES
+    read = functools.partial(checkpoint.read_boxes, engine, ck.directory, threads=threads)
     for i, view in checkpoint.probe(spans, read, budget, isolate=True):
         if not isinstance(view, OSError):
             view.fetch = functools.partial(fetch, items[i])
+            try:
+                view = Archive(view)
+                view.check_all()
+            except (ArchiveError, OSError) as exc:
+                view = exc
         yield items[i], view

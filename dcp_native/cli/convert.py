@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
+import math
 import os
 import pickle
 import zipfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -17,77 +19,76 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .. import _fileio
-from .._errors import CheckpointError
 from ..reader import FileSystemReader
 from ..writer import FileSystemWriter
 from .common import (
-    CommandFailed,
-    _engine,
-    EXIT_OK,
-    _human,
-    _METADATA,
-    _one_line,
-    _open_or_fail,
-    _os_error_text,
-    _plural,
-    PROG,
-    _select_keys,
-    _torch_load_objects,
-    UsageError,
-    _weights_only_reason,
+    CommandFailed, _engine, EXIT_OK, _human, _METADATA, _one_line, _open_checkpoint, _os_error_text,
+    _plural, PROG, _select_keys, UsageError,
 )
 
-# --------------------------------------------------------------------------- convert
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The line of torch.load's weights_only refusal that names the refused global."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    for line in text.split(marker, 1)[1].splitlines() if marker in text else ():
+        if line.strip():
+            return line.strip().split(". ", 1)[0]
+    return _one_line(exc)
 
 
-class _PickleRefused(Exception):
-    """torch.load(weights_only=True) refused an object.
-
-    Not a ValueError or UnpicklingError: the reader would wrap those as corruption.
-    """
-
-
-class _Unimportable(Exception):
-    """An object's pickle names code that this environment cannot import."""
+def _torch_load(source: Any, weights_only: bool, **kwargs: Any) -> Any:
+    """torch.load, with io.BytesIO allowed under weights_only (DCP saves BytesIO values as such)."""
+    if not weights_only:
+        return torch.load(source, weights_only=False, **kwargs)
+    with torch.serialization.safe_globals([io.BytesIO]):
+        return torch.load(source, weights_only=True, **kwargs)
 
 
-def _unwrap_checkpoint_exception(exc: BaseException) -> BaseException:
-    failures = getattr(exc, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        return first[0] if isinstance(first, tuple) else first
-    return exc
+def _run_dcp(call: Callable[[], Any], on_os_error: Callable[[str], str]) -> None:
+    """Run a dcp.load or dcp.save; the error it wraps (in CheckpointException, a BaseException)
+    is raised as such, an OSError as CommandFailed(``on_os_error(the error's text)``)."""
+    try:
+        call()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        failures = getattr(exc, "failures", None)
+        err = next(iter(failures.values())) if isinstance(failures, dict) and failures else exc
+        err = err[0] if isinstance(err, tuple) else err
+        if isinstance(err, (UsageError, CommandFailed)):
+            raise err from None
+        if isinstance(err, OSError):
+            raise CommandFailed(on_os_error(_os_error_text(err))) from None
+        raise
 
 
 def _wrote(dst: str, values: dict[str, Any], size: str, total: int, what: str) -> int:
     """Say what was written: ``values`` (the keys converted) of ``total`` keys."""
     n_tensors = sum(isinstance(v, torch.Tensor) for v in values.values())
-    print(
-        f"wrote {dst}: {_plural(n_tensors, 'tensor')}, {_plural(len(values) - n_tensors, 'object')}"
-        f"{size} from {_plural(len(values), 'key')} of {total}{what}"
-    )
+    print(f"wrote {dst}: {_plural(n_tensors, 'tensor')}, {_plural(len(values) - n_tensors, 'object')}"
+          f"{size} from {_plural(len(values), 'key')} of {total}{what}")
     return EXIT_OK
 
 
 def _check_output(dst: str, force: bool, want_dir: bool) -> None:
-    if os.path.lexists(dst):
-        if want_dir:
-            if not os.path.isdir(dst):
-                raise UsageError(f"{dst} exists and is not a directory")
-            if os.listdir(dst) and not force:
-                raise UsageError(f"{dst} exists and is not empty (--force writes into it)")
-        else:
-            if os.path.isdir(dst):
-                raise UsageError(f"{dst} is a directory; give the path of the file to write")
-            if not force:
-                raise UsageError(f"{dst} exists (--force overwrites it)")
+    if want_dir and os.path.lexists(dst):
+        if not os.path.isdir(dst):
+            raise UsageError(f"{dst} exists and is not a directory")
+        if os.listdir(dst) and not force:
+            raise UsageError(f"{dst} exists and is not empty (--force writes into it)")
+    elif os.path.lexists(dst):
+        if os.path.isdir(dst):
+            raise UsageError(f"{dst} is a directory; give the path of the file to write")
+        if not force:
+            raise UsageError(f"{dst} exists (--force overwrites it)")
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise UsageError(f"{parent}: no such directory")
 
 
 def _convert_to_file(args: argparse.Namespace) -> int:
-    ck = _open_or_fail(args.src)
+    ck = _open_checkpoint(args.src)
     _check_output(args.dst, args.force, want_dir=False)
     sd_md = ck.metadata.state_dict_metadata
     keys = _select_keys(list(sd_md), args.keys, args.src)
@@ -97,62 +98,40 @@ def _convert_to_file(args: argparse.Namespace) -> int:
     # A tensor cannot hold more bytes than the items on disk that store it; a
     # metadata file declaring more is refused before anything is allocated.
     stored: dict[str, int] = collections.defaultdict(int)
-    file_sizes = ck.file_sizes()
-    for index, info in (ck.metadata.storage_data or {}).items():
-        stored[index.fqn] += max(0, min(info.length, file_sizes.get(info.relative_path, 0) - info.offset))
+    for it in ck.item_list:
+        stored[it.key] += max(0, min(it.length, ck.sizes.get(it.file, 0) - it.offset))
     flat: dict[str, Any] = {}
     for key in keys:
         md = sd_md[key]
-        if isinstance(md, TensorStorageMetadata):
-            nbytes = md.properties.dtype.itemsize
-            for s in md.size:
-                nbytes *= s
-            if nbytes > stored[key]:
-                raise CommandFailed(
-                    f"{key!r}: the metadata declares a tensor of {nbytes} bytes, but its items "
-                    f"in the data files hold {stored[key]} bytes; refusing to allocate it "
-                    f"(run `{PROG} verify {args.src}`)"
-                )
-            flat[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        else:
+        if not isinstance(md, TensorStorageMetadata):
             flat[key] = None
+        elif (nbytes := md.properties.dtype.itemsize * math.prod(md.size)) > stored[key]:
+            raise CommandFailed(
+                f"{key!r}: the metadata declares a tensor of {nbytes} bytes, but its items in the "
+                f"data files hold {stored[key]} bytes; refusing to allocate it (run `{PROG} verify {args.src}`)")
+        else:
+            flat[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
     objects: dict[str, Any] = {}
-    weights_only = not args.allow_pickle
 
     class Planner(DefaultLoadPlanner):
         # DCP's own load_bytes unpickles with weights_only=False; we only do with --allow-pickle.
+        # Its errors are not ValueError or UnpicklingError: the reader would wrap those as corruption.
         def load_bytes(self, read_item, value):
+            key = read_item.dest_index.fqn
             try:
-                objects[read_item.dest_index.fqn] = _torch_load_objects(value, weights_only)
+                objects[key] = _torch_load(value, not args.allow_pickle)
             except pickle.UnpicklingError as exc:
-                raise _PickleRefused(
-                    f"{read_item.dest_index.fqn!r} ({_weights_only_reason(exc)})"
-                ) from None
+                raise UsageError(f"torch.load(weights_only=True) refuses object {key!r} "
+                                 f"({_weights_only_reason(exc)}); if you trust {args.src}, "
+                                 "rerun with --allow-pickle") from None
             except (AttributeError, ImportError) as exc:
-                raise _Unimportable(
-                    f"object {read_item.dest_index.fqn!r}: {_one_line(exc)}"
-                ) from None
+                raise CommandFailed(f"cannot unpickle object {key!r}: {_one_line(exc)} "
+                                    "(is its package installed?)") from None
 
-    try:
-        # The planner decides how objects unpickle (--allow-pickle), not the reader.
-        reader = FileSystemReader(ck.directory, allow_pickle=True)
-        dcp.load(flat, storage_reader=reader, planner=Planner(), no_dist=True)
-    except BaseException as exc:  # DCP raises CheckpointException, a BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        err = _unwrap_checkpoint_exception(exc)
-        if isinstance(err, _PickleRefused):
-            raise UsageError(
-                f"torch.load(weights_only=True) refuses object {err}; if you trust "
-                f"{args.src}, rerun with --allow-pickle"
-            ) from None
-        if isinstance(err, _Unimportable):
-            raise CommandFailed(f"cannot unpickle {err} (is its package installed?)") from None
-        if isinstance(err, OSError):
-            raise CommandFailed(
-                f"cannot load {args.src}: {_os_error_text(err)} (run `{PROG} verify` on it)"
-            ) from None
-        raise
+    # The planner decides how objects unpickle (--allow-pickle), not the reader.
+    reader = FileSystemReader(ck.directory, allow_pickle=True)
+    _run_dcp(lambda: dcp.load(flat, storage_reader=reader, planner=Planner(), no_dist=True),
+             lambda why: f"cannot load {args.src}: {why} (run `{PROG} verify` on it)")
     flat.update(objects)
 
     out: Any = flat
@@ -175,49 +154,31 @@ def _convert_to_file(args: argparse.Namespace) -> int:
 _LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:]
 
 
-def _is_torch_save_file(path: str) -> bool:
+def _load_input(src: str, weights_only: bool) -> Any:
+    """The object in torch.save file ``src``; what is not one is a UsageError."""
     try:
-        fd = _fileio.open_regular(path, what="input")
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        start = os.pread(fd, 64, 0)
-    finally:
-        os.close(fd)
-    return zipfile.is_zipfile(path) or _LEGACY_MAGIC in start[:16]
-
-
-def _torch_load(src: str, weights_only: bool) -> Any:
-    try:
-        if not _is_torch_save_file(src):
-            raise UsageError(
-                f"{src} is not a torch.save file (neither a zip archive nor torch's legacy format)"
-            )
+        fd = _fileio.open_regular(src, what="input")  # refuses a FIFO, which zipfile would block on
+        try:
+            start = os.pread(fd, 64, 0)
+        finally:
+            os.close(fd)
+        is_zip = zipfile.is_zipfile(src)
     except OSError as exc:
         raise UsageError(_os_error_text(exc)) from None
+    if not is_zip and _LEGACY_MAGIC not in start[:16]:
+        raise UsageError(f"{src} is not a torch.save file (neither a zip archive nor torch's legacy format)")
     try:
-        try:
-            return _torch_load_objects(src, weights_only, map_location="cpu", mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Files in the legacy (non-zip) format cannot be memory-mapped.
-            return _torch_load_objects(src, weights_only, map_location="cpu")
+        # Files in the legacy (non-zip) format cannot be memory-mapped.
+        return _torch_load(src, weights_only, map_location="cpu", mmap=is_zip)
     except pickle.UnpicklingError as exc:
         if weights_only and "Unsupported global" in str(exc):
-            raise UsageError(
-                f"torch.load(weights_only=True) refuses {src} ({_weights_only_reason(exc)}); "
-                "if you trust the file, rerun with --allow-pickle"
-            ) from None
-        raise UsageError(
-            f"{src} is not a readable torch.save file: {_weights_only_reason(exc)}"
-        ) from None
+            raise UsageError(f"torch.load(weights_only=True) refuses {src} ({_weights_only_reason(exc)}); "
+                             "if you trust the file, rerun with --allow-pickle") from None
+        raise UsageError(f"{src} is not a readable torch.save file: {_weights_only_reason(exc)}") from None
     except OSError as exc:
         raise UsageError(_os_error_text(exc)) from None
     except (AttributeError, ImportError) as exc:
-        raise CommandFailed(
-            f"cannot unpickle {src}: {_one_line(exc)} (is its package installed?)"
-        ) from None
+        raise CommandFailed(f"cannot unpickle {src}: {_one_line(exc)} (is its package installed?)") from None
     except (RuntimeError, EOFError, ValueError) as exc:
         raise UsageError(f"{src} is not a readable torch.save file: {_one_line(exc)}") from None
 
@@ -225,32 +186,21 @@ def _torch_load(src: str, weights_only: bool) -> Any:
 def _convert_to_dcp(args: argparse.Namespace) -> int:
     _check_output(args.dst, args.force, want_dir=True)
     _engine()
-    obj = _torch_load(args.src, weights_only=not args.allow_pickle)
+    obj = _load_input(args.src, weights_only=not args.allow_pickle)
     if not isinstance(obj, Mapping):
         raise UsageError(f"{args.src} holds a {type(obj).__name__}, not a state dict (a dict)")
     flat, mapping = flatten_state_dict(dict(obj))
     keys = _select_keys(list(flat), args.keys, args.src)
     chosen = {k: flat[k] for k in keys}
-    if args.flat:
-        state_dict = chosen
-    else:
-        state_dict = unflatten_state_dict(chosen, {k: mapping[k] for k in keys})
-    try:
-        dcp.save(state_dict, storage_writer=FileSystemWriter(args.dst), no_dist=True)
-    except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        err = _unwrap_checkpoint_exception(exc)
-        if isinstance(err, OSError):
-            raise CommandFailed(f"cannot write {args.dst}: {_os_error_text(err)}") from None
-        raise
+    state_dict = chosen if args.flat else unflatten_state_dict(chosen, {k: mapping[k] for k in keys})
+    _run_dcp(lambda: dcp.save(state_dict, storage_writer=FileSystemWriter(args.dst), no_dist=True),
+             lambda why: f"cannot write {args.dst}: {why}")
     return _wrote(args.dst, chosen, "", len(flat), " (DCP checkpoint, written by dcp_native)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    src = args.src
-    if os.path.isdir(src) or os.path.basename(os.path.normpath(src)) == _METADATA:
+    if os.path.isdir(args.src) or os.path.basename(os.path.normpath(args.src)) == _METADATA:
         return _convert_to_file(args)
-    if not os.path.exists(src):
-        raise UsageError(f"{src}: no such file or directory")
+    if not os.path.exists(args.src):
+        raise UsageError(f"{args.src}: no such file or directory")
     return _convert_to_dcp(args)

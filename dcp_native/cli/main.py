@@ -10,25 +10,12 @@ import warnings
 from typing import Any, Sequence
 
 from .common import (
-    CommandFailed,
-    EXIT_BUG,
-    EXIT_CODES_HELP,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    _human,
-    _one_line,
-    _os_error_text,
-    PROG,
-    _PROGRESS_MIN_BYTES,
-    _PROGRESS_MIN_ITEMS,
-    UsageError,
+    CommandFailed, EXIT_BUG, EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_USAGE, _human, _one_line,
+    _os_error_text, PROG, _PROGRESS_MIN_BYTES, _PROGRESS_MIN_ITEMS, UsageError,
 )
+from .convert import cmd_convert
 from .inspect import cmd_inspect
 from .verify import cmd_verify
-from .convert import cmd_convert
-
-# --------------------------------------------------------------------------- argument parsing
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,16 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         on_checkpoint=True,
     )
-    p.add_argument(
-        "--read-all", action="store_true",
-        help="also read every byte of every item (finds unreadable sectors; slow on big "
-        "checkpoints)",
-    )
-    p.add_argument(
-        "--progress", choices=("auto", "always", "never"), default="auto",
-        help="progress bar on stderr; auto: when stderr is a terminal and the checkpoint has "
-        f"{_PROGRESS_MIN_ITEMS}+ items or {_human(_PROGRESS_MIN_BYTES)}+ to read (default: auto)",
-    )
+    p.add_argument("--read-all", action="store_true",
+                   help="also read every byte of every item (finds unreadable sectors; slow on big checkpoints)")
+    p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                   help="progress bar on stderr; auto: when stderr is a terminal and the checkpoint has "
+                   f"{_PROGRESS_MIN_ITEMS}+ items or {_human(_PROGRESS_MIN_BYTES)}+ to read (default: auto)")
 
     p = command(
         "convert",
@@ -130,37 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", metavar="SRC", help="a DCP checkpoint directory, or a torch.save file")
     p.add_argument("dst", metavar="DST", help="the torch.save file, or DCP directory, to write")
-    p.add_argument(
-        "--keys", nargs="+", action="extend", metavar="K",
-        help="convert only these keys; K takes the key K and every key under it (K.*), in "
-        "the dotted names `inspect` lists, e.g. --keys model.layer1 step. A K that "
-        "matches nothing is an error (exit 2)",
-    )
+    p.add_argument("--keys", nargs="+", action="extend", metavar="K",
+                   help="convert only these keys; K takes the key K and every key under it (K.*), in "
+                   "the dotted names `inspect` lists, e.g. --keys model.layer1 step. A K that "
+                   "matches nothing is an error (exit 2)")
     p.add_argument("--flat", action="store_true", help="write dotted keys, not nested dicts")
     p.add_argument("-f", "--force", action="store_true",
                    help="overwrite an existing DST file, or write into a non-empty DST directory")
-    p.add_argument(
-        "--allow-pickle", action="store_true",
-        help="unpickle objects with weights_only=False (runs code from SRC; trusted inputs only)",
-    )
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="unpickle objects with weights_only=False (runs code from SRC; trusted inputs only)")
     return parser
-
-
-# --------------------------------------------------------------------------- main
 
 
 def quiet_warnings() -> None:
     # DCP warns about its own normal use (no process group, deprecations); a user of
     # the command cannot act on those. Others are printed on one line.
-    for pattern in (
-        ".*torch.distributed is disabled.*",
-        ".*TypedStorage is deprecated.*",
-        ".*overwriting since.*",
-        "Failed to initialize NumPy.*",
-    ):
+    for pattern in (".*torch.distributed is disabled.*", ".*TypedStorage is deprecated.*",
+                    ".*overwriting since.*", "Failed to initialize NumPy.*"):
         warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
     def one_line(message: Any, category: Any, *args: Any, **kwargs: Any) -> str:
         text = str(message).strip().splitlines()
         return f"{PROG}: warning: {text[0] if text else category.__name__}\n"
@@ -175,8 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     :func:`quiet_warnings` first; this function leaves the process's warning
     filters alone, so that it can be called in-process.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UsageError as exc:
@@ -196,9 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"{PROG}: failed: {_os_error_text(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    except SystemExit:
+        raise
     except BaseException as exc:  # a bug: show it, with a code of its own
-        if isinstance(exc, SystemExit):
-            raise
         traceback.print_exc()
         print(f"{PROG}: internal error (a bug in dcp-native, please report it): "
               f"{_one_line(exc)}", file=sys.stderr)
