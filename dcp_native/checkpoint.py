@@ -1,16 +1,11 @@
 """The checkpoint model: what a checkpoint directory holds, and where the bytes of each item lie.
 
-The one place that opens a checkpoint, for every user: the reader's load
-planning (:mod:`dcp_native.load_plan`), the commit's clean-up
-(:mod:`dcp_native.commit`) and the command line. It loads ``.metadata`` with
-the restricted unpickler, reads the sidecar (which checks itself and its
-binding to the metadata), validates every item's file name and byte range,
-finds and checks the data files' checksum tables, and locates tensor payloads:
-from a sidecar entry checked against the framing, or from the item's own zip
-headers, every offset and length bounds-checked before anyone uses it.
-
-Nothing here opens a data file: they are read through the engine
-(:func:`checked_read`), which also checks their blocks against the tables.
+The one place that opens a checkpoint (for load planning, the commit's clean-up and the command
+line): ``.metadata`` through the restricted unpickler, the sidecar (which checks itself and its
+binding to the metadata), every item's file name and byte range, the data files' checksum tables,
+and tensor payloads, from a sidecar entry checked against the framing or from the item's own zip
+headers; every offset and length is bounds-checked before anyone uses it. Data files are read
+only through the engine (:func:`checked_read` also checks their blocks against the tables).
 """
 
 from __future__ import annotations
@@ -18,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import io
+import math
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -40,10 +36,8 @@ _MAX_DIRECTORY_BYTES = 1 << 20
 def load_metadata(path: str) -> tuple[Metadata, bytes]:
     """The DCP metadata at ``path`` and its raw bytes (the sidecar is bound to them).
 
-    Raises ``FileNotFoundError`` when it is missing, :class:`CorruptCheckpointError`
-    when it is not a regular file, names a global outside DCP's metadata
-    classes (nothing it names is imported) or is not DCP metadata, and
-    ``OSError`` for what the kernel refuses.
+    ``FileNotFoundError`` when it is missing; :class:`CorruptCheckpointError` when it is not a
+    regular file or not DCP metadata, or names a global outside DCP's metadata classes.
     """
     raw = _fileio.read_regular(path, None, what="metadata")
     return _safe_pickle.load_metadata(io.BytesIO(raw), path), raw
@@ -126,12 +120,8 @@ class Checkpoint:
         return items
 
     def data_file_size(self, rel: str) -> int:
-        """The size of data file ``rel``, a regular file inside the directory (``stat`` never blocks).
-
-        Raises :class:`CorruptCheckpointError` for a name that leads outside the
-        directory (see :func:`path_problem`) or a file that is not regular,
-        ``FileNotFoundError`` and ``OSError`` as ``stat`` does.
-        """
+        """The size of data file ``rel`` (``stat`` never blocks); CorruptCheckpointError for a name
+        that leads outside the directory (:func:`path_problem`) or a file that is not regular."""
         path = self.path(rel)
         why = path_problem(self.directory, os.path.realpath(self.directory), rel)
         if why is not None:
@@ -156,11 +146,8 @@ class Checkpoint:
         return None
 
     def table(self, rel: str, data_size: int) -> integrity.Table:
-        """The checksum table of data file ``rel`` (``data_size`` bytes now), checked against the sidecar.
-
-        Raises :class:`IntegrityError` when the table is missing or is not the
-        one the save wrote (see :func:`dcp_native.integrity.load_table`).
-        """
+        """The checksum table of data file ``rel`` (``data_size`` bytes now), checked against the
+        sidecar (:func:`dcp_native.integrity.load_table`: IntegrityError when it cannot vouch)."""
         info = self.sidecar.tables[rel]
         check_relative_path(self.directory, os.path.realpath(self.directory), info.file, rel)
         return integrity.load_table(self.path(info.file), info, self.path(rel), data_size)
@@ -191,13 +178,8 @@ def validate_storage_data(directory: str, storage_data: Any) -> None:
         if rel not in checked:
             check_relative_path(directory, root, rel, key)
             checked.add(rel)
-        if (
-            not isinstance(offset, int)
-            or not isinstance(length, int)
-            or offset < 0
-            or length < 0
-            or offset + length >= 1 << 63
-        ):
+        if not (isinstance(offset, int) and isinstance(length, int)
+                and 0 <= offset and 0 <= length and offset + length < 1 << 63):
             raise CorruptCheckpointError(
                 f"{directory}: item {key!r} in {rel} has offset {offset!r} and length {length!r}, "
                 "which are not a valid file range",
@@ -234,13 +216,6 @@ def path_problem(directory: str, root: str, rel: Any) -> str | None:
     return None
 
 
-def nbytes_of(dtype: Any, size: Sequence[int]) -> int:
-    n = dtype.itemsize
-    for s in size:
-        n *= s
-    return n
-
-
 def sidecar_payload(entry: tuple[int, int], length: int, offset: int, dtype: Any, size: Sequence[int]) -> int | None:
     """The payload offset a sidecar entry gives for an item (``length`` bytes at ``offset``), or None.
 
@@ -250,7 +225,7 @@ def sidecar_payload(entry: tuple[int, int], length: int, offset: int, dtype: Any
     an entry that says otherwise (shifted, negative, past the end) gives None.
     """
     entry_length, payload = entry
-    nbytes = nbytes_of(dtype, size)
+    nbytes = dtype.itemsize * math.prod(size)
     fits = (
         entry_length == length
         and (offset + payload) % layout.payload_alignment(nbytes) == 0
@@ -259,6 +234,7 @@ def sidecar_payload(entry: tuple[int, int], length: int, offset: int, dtype: Any
     return payload if fits else None
 
 
+@dataclasses.dataclass
 class ItemBytes:
     """What was read of one item (its head and its tail); other ranges through ``fetch``.
 
@@ -266,12 +242,10 @@ class ItemBytes:
     :class:`ArchiveError` (the reader then falls back to ``torch.load``).
     """
 
-    def __init__(self, length: int, head: bytes, tail: bytes,
-                 fetch: Callable[[int, int], bytes] | None = None) -> None:
-        self.length = length
-        self.head = head
-        self.tail = tail
-        self.fetch = fetch
+    length: int
+    head: bytes
+    tail: bytes
+    fetch: Callable[[int, int], bytes] | None = None
 
     def get(self, start: int, n: int) -> bytes:
         """Bytes ``[start, start + n)`` of the item (item-relative offsets)."""
@@ -356,24 +330,14 @@ def locate_tensor(archive: Archive) -> LocatedTensor:
     pickled = archive.data_pickle()
     payload, payload_size = archive.record("data/0")
     saved = _safe_pickle.parse_tensor_pickle(pickled)
-    problem = extent_problem(saved, payload_size)
-    if problem is not None:
-        raise BadExtent(problem)
-    return LocatedTensor(saved, payload, payload_size)
-
-
-def extent_problem(saved: SavedTensor, payload_size: int) -> str | None:
-    """Why the elements ``saved`` names do not lie inside a storage of ``payload_size`` bytes."""
     if saved.storage_nbytes is not None and saved.storage_nbytes != payload_size:
-        return (f"data.pkl declares a storage of {saved.storage_nbytes} bytes, the data/0 record "
-                f"holds {payload_size}")
-    if any(s == 0 for s in saved.size):
-        return None
+        raise BadExtent(f"data.pkl declares a storage of {saved.storage_nbytes} bytes, the data/0 "
+                        f"record holds {payload_size}")
     last = saved.storage_offset + sum((n - 1) * st for n, st in zip(saved.size, saved.stride))
-    if (last + 1) * saved.dtype.itemsize > payload_size:
-        return (f"the tensor's elements reach byte {(last + 1) * saved.dtype.itemsize} of "
-                f"its storage, which has {payload_size}")
-    return None
+    if all(saved.size) and (last + 1) * saved.dtype.itemsize > payload_size:
+        raise BadExtent(f"the tensor's elements reach byte {(last + 1) * saved.dtype.itemsize} of "
+                        f"its storage, which has {payload_size}")
+    return LocatedTensor(saved, payload, payload_size)
 
 
 def metadata_mismatch(saved: SavedTensor, dtype: Any, size: Sequence[int]) -> str | None:
@@ -397,24 +361,24 @@ def read_rounds(
     budget: int,
     isolate: bool = False,
 ) -> Iterator[tuple[int, list[bytearray] | OSError]]:
-    """Read groups of ``(file, offset, nbytes)`` ranges in rounds of at most ``budget`` bytes.
+    """Read groups of ``(file, offset, nbytes[, key])`` ranges in rounds of at most ``budget`` bytes.
 
-    ``read`` runs one round's boxes (per data file) through the engine; a
-    round holds whole groups, at least one. Yields ``(index in groups, its
-    buffers)``. With ``isolate``, a round that fails with an ``OSError`` is
-    read again group by group, and the groups that still fail yield their
-    error instead.
+    ``read`` runs one round's boxes (per data file; ``key`` names a box in errors) through the
+    engine; a round holds whole groups, at least one. Yields ``(index in groups, its buffers)``
+    after each round. With ``isolate``, a round that fails with an ``OSError`` is read again
+    group by group, and the groups that still fail yield their error instead.
     """
+    sizes = [sum(r[2] for r in group) for group in groups]
     i = 0
     while i < len(groups):
-        j, used = i, 0
-        while j < len(groups) and (j == i or used + sum(n for _, _, n in groups[j]) <= budget):
-            used += sum(n for _, _, n in groups[j])
+        j, used = i + 1, sizes[i]
+        while j < len(groups) and used + sizes[j] <= budget:
+            used += sizes[j]
             j += 1
-        bufs = {k: [bytearray(n) for _, _, n in groups[k]] for k in range(i, j)}
+        bufs = {k: [bytearray(r[2]) for r in groups[k]] for k in range(i, j)}
 
         def boxes(ks: Iterable[int]) -> dict[str, list[Box]]:
-            return _boxes((rel, off, buf) for k in ks for (rel, off, _), buf in zip(groups[k], bufs[k]))
+            return _boxes((*r[:2], buf, *r[3:]) for k in ks for r, buf in zip(groups[k], bufs[k]))
 
         try:
             read(boxes(range(i, j)))
@@ -440,12 +404,9 @@ def probe(
     isolate: bool = False,
 ) -> Iterator[tuple[int, ItemBytes | OSError]]:
     """Head and tail of each ``(file, offset, length)`` item (:func:`read_rounds` of them)."""
-    spans = []
-    for rel, offset, length in items:
-        if length <= 2 * PROBE_BYTES:
-            spans.append([(rel, offset, length)])
-        else:
-            spans.append([(rel, offset, PROBE_BYTES), (rel, offset + length - PROBE_BYTES, PROBE_BYTES)])
+    spans = [[(rel, off, n)] if n <= 2 * PROBE_BYTES
+             else [(rel, off, PROBE_BYTES), (rel, off + n - PROBE_BYTES, PROBE_BYTES)]
+             for rel, off, n in items]
     for i, got in read_rounds(spans, read, budget, isolate):
         if isinstance(got, OSError):
             yield i, got
@@ -454,11 +415,12 @@ def probe(
             yield i, ItemBytes(items[i][2], head, bytes(got[-1]) if len(got) > 1 else head)
 
 
-def _boxes(ranges: Iterable[tuple[str, int, bytearray]]) -> dict[str, list[Box]]:
+def _boxes(ranges: Iterable[tuple]) -> dict[str, list[Box]]:
+    """``(file, offset, buffer[, key])`` ranges as boxes per file (empty ones left out)."""
     boxes: dict[str, list[Box]] = {}
-    for rel, offset, buf in ranges:
+    for rel, offset, buf, *key in ranges:
         if len(buf):
-            boxes.setdefault(rel, []).append(Box(offset, buffer_address(buf), len(buf)))
+            boxes.setdefault(rel, []).append(Box(offset, buffer_address(buf), len(buf), key=(key or [None])[0]))
     return boxes
 
 

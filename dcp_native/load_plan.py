@@ -17,6 +17,7 @@ then stock's decoding).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import pickle
@@ -78,8 +79,12 @@ class LoadRun:
         self._chunks: dict[str, dict[tuple, Any]] = {}
         #: data file -> its checksum table, for the files this read verifies
         self.tables: dict[str, integrity.Table] = {}
-        #: (data file, CUDA device) -> boxes whose destinations are device memory
+        #: Reads straight into destinations: data file -> boxes into host memory,
+        #: (data file, CUDA device) -> boxes into device memory; then the tensors to commit.
+        self.direct: dict[str, list[Box]] = {}
         self.device_direct: dict[tuple[str, int], list[Box]] = {}
+        self.commits: list[tuple[ReadItem, torch.Tensor]] = []
+        self.buffered: list[_Buffered] = []
         self._cuda_usable: bool | None = None
         self._reqs_by_file: dict[str, list[ReadItem]] = {}
 
@@ -100,13 +105,13 @@ class LoadRun:
             }
         return self.state_md[index.fqn].properties.dtype, tuple(chunks[tuple(index.offset)].sizes)
 
-    def _corrupt(self, req: ReadItem, info: Any, why: str) -> CorruptCheckpointError:
+    def _corrupt(self, rel: str, key: str, offset: int, why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
-            f"{info.relative_path}: item {req.storage_index.fqn!r} at offset {info.offset} {why}",
-            filename=self._path(info.relative_path),
-            key=req.storage_index.fqn,
-            offset=info.offset,
+            f"{rel}: item {key!r} at offset {offset} {why}", filename=self._path(rel), key=key, offset=offset
         )
+
+    def _bad_item(self, req: ReadItem, info: Any, why: str) -> CorruptCheckpointError:
+        return self._corrupt(info.relative_path, req.storage_index.fqn, info.offset, why)
 
     # -------------------------------------------------------------- engine calls
 
@@ -127,7 +132,18 @@ class LoadRun:
                     device=device, stream=_device.current_stream(device) if device >= 0 else 0,
                 ))
         for device, reads in calls.items():
-            for index, offset in self._engine_read(reads, device):
+            staging = ({"pool": self.reader.staging_pool(self.engine, device), "direct_io": self.reader.direct_io}
+                       if device >= 0 else {})
+            try:
+                stats, failed = checkpoint.checked_read(
+                    self.engine, reads, threads=self.reader.thread_count, max_gap=self.reader.max_gap,
+                    chunk_bytes=self.reader.chunk_bytes, **staging,
+                )
+            except TruncatedFileError as exc:
+                raise self._explain_truncation(exc) from None
+            self.stats.bytes_read += stats.bytes_read
+            self.stats.calls += stats.calls
+            for index, offset in failed:
                 read = reads[index]
                 block = read.table.block
                 key = checkpoint.owner(read.boxes, offset, offset + block)
@@ -139,25 +155,6 @@ class LoadRun:
                     key=key,
                     offset=offset,
                 )
-
-    def _engine_read(self, reads: list[FileRead], device: int) -> list[tuple[int, int]]:
-        kwargs: dict[str, Any] = {}
-        if device >= 0:
-            kwargs = {"pool": self.reader.staging_pool(self.engine, device), "direct_io": self.reader.direct_io}
-        try:
-            stats, failed = checkpoint.checked_read(
-                self.engine,
-                reads,
-                threads=self.reader.thread_count,
-                max_gap=self.reader.max_gap,
-                chunk_bytes=self.reader.chunk_bytes,
-                **kwargs,
-            )
-        except TruncatedFileError as exc:
-            raise self._explain_truncation(exc) from None
-        self.stats.bytes_read += stats.bytes_read
-        self.stats.calls += stats.calls
-        return failed
 
     def _explain_truncation(self, exc: TruncatedFileError) -> TruncatedFileError:
         for rel, reqs in self._reqs_by_file.items():
@@ -186,17 +183,11 @@ class LoadRun:
                 self.min_sizes[info.relative_path] = end
         self._check_files()
 
-        direct: dict[str, list[Box]] = {}
-        commits: list[tuple[ReadItem, torch.Tensor]] = []
-        buffered: list[_Buffered] = []
         unknown: list[ReadItem] = []
         for req in items:
             info = self._info(req)
-            if req.type == LoadItemType.BYTE_IO:
-                buffered.append(self._bytes_op(req, info))
-                continue
-            if info.transform_descriptors:
-                buffered.append(self._whole_item_op(req, info))
+            if req.type == LoadItemType.BYTE_IO or info.transform_descriptors:
+                self.buffered.append(self._whole_item_op(req, info))
                 continue
             entry = self.ck.entry(info.relative_path, info.offset) if self.ck else None
             if entry is None:
@@ -205,19 +196,18 @@ class LoadRun:
             dtype, size = self._chunk_size(req)
             payload = checkpoint.sidecar_payload(entry, info.length, info.offset, dtype, size)
             if payload is None:
-                raise self._corrupt(
+                raise self._bad_item(
                     req, info,
                     f"has a sidecar entry (item {entry[0]} bytes, payload at {entry[1]}) that does "
                     f"not match the metadata's {dtype} tensor of size {list(size)} in an item of "
                     f"{info.length} bytes",
                 )
             saved = _safe_pickle.SavedTensor(dtype, size, layout.contiguous_stride(size), 0)
-            self._plan_tensor(req, info, saved, info.offset + payload, direct, commits, buffered)
+            self._plan_tensor(req, info, saved, info.offset + payload)
         if unknown:
-            self._probe(unknown, direct, commits, buffered)
-
-        self._execute_rounds(direct, buffered)
-        for req, target in commits:
+            self._probe(unknown)
+        self._execute_rounds()
+        for req, target in self.commits:
             self.planner.commit_tensor(req, target)
 
     def _check_files(self) -> None:
@@ -252,44 +242,28 @@ class LoadRun:
             self.stats.bytes_read += self.ck.sidecar.tables[rel].size
             self.stats.calls += 1
 
-    def _execute_rounds(self, direct: dict[str, list[Box]], buffered: list[_Buffered]) -> None:
+    def _execute_rounds(self) -> None:
         """Direct copies go with the first round; buffered ones in rounds within the budget."""
-        budget = self.reader.memory_budget
-        pending = sorted(buffered, key=lambda b: (b.relative_path, b.file_offset))
-        first = True
-        i = 0
-        while first or i < len(pending):
-            boxes: dict[str, list[Box]] = {}
-            if first:
-                for rel, bx in direct.items():
-                    boxes.setdefault(rel, []).extend(bx)
-            used = 0
-            batch: list[tuple[_Buffered, bytearray]] = []
-            while i < len(pending) and (not batch or used + pending[i].nbytes <= budget):
-                op = pending[i]
-                buf = bytearray(op.nbytes)
-                batch.append((op, buf))
-                if op.nbytes:
-                    boxes.setdefault(op.relative_path, []).append(
-                        Box(op.file_offset, checkpoint.buffer_address(buf), op.nbytes, key=op.key)
-                    )
-                used += op.nbytes
-                i += 1
-            self._run_engine(boxes, self.device_direct if first else None)
-            for op, buf in batch:
-                try:
-                    op.finish(memoryview(buf))
-                except CheckpointError:
-                    raise
-                except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
-                    raise CorruptCheckpointError(
-                        f"{op.relative_path}: item {op.key!r} at offset {op.file_offset} "
-                        f"cannot be decoded: {exc}",
-                        filename=self._path(op.relative_path),
-                        key=op.key,
-                        offset=op.file_offset,
-                    ) from exc
-            first = False
+        ops = sorted(self.buffered, key=lambda b: (b.relative_path, b.file_offset))
+        first = [(self.direct, self.device_direct)]
+
+        def read(boxes: dict[str, list[Box]]) -> None:
+            host, device = first.pop() if first else ({}, None)
+            for rel, bx in boxes.items():
+                host.setdefault(rel, []).extend(bx)
+            self._run_engine(host, device)
+
+        groups = [[(op.relative_path, op.file_offset, op.nbytes, op.key)] for op in ops]
+        for k, (buf,) in checkpoint.read_rounds(groups, read, self.reader.memory_budget):
+            op = ops[k]
+            try:
+                op.finish(memoryview(buf))
+            except CheckpointError:
+                raise
+            except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+                raise self._corrupt(op.relative_path, op.key, op.file_offset, f"cannot be decoded: {exc}") from exc
+        if first:  # nothing buffered
+            read({})
 
     # -------------------------------------------------------------- tensor items
 
@@ -302,26 +276,19 @@ class LoadRun:
             )
         return target
 
-    def _plan_tensor(
-        self,
-        req: ReadItem,
-        info: _stock._StorageInfo,
-        saved: _safe_pickle.SavedTensor,
-        payload_file_offset: int,
-        direct: dict[str, list[Box]],
-        commits: list[tuple[ReadItem, torch.Tensor]],
-        buffered: list[_Buffered],
-    ) -> None:
+    def _plan_tensor(self, req: ReadItem, info: _stock._StorageInfo, saved: _safe_pickle.SavedTensor,
+                     payload_file_offset: int) -> None:
         if len(req.lengths) != len(saved.size) or any(
             o < 0 or n < 0 or o + n > s for o, n, s in zip(req.storage_offsets, req.lengths, saved.size)
         ):
-            raise self._corrupt(
+            raise self._bad_item(
                 req, info,
                 f"holds a chunk of size {list(saved.size)}; the read at offsets "
                 f"{list(req.storage_offsets)} of lengths {list(req.lengths)} exceeds it",
             )
         target = self._target(req)
-        itemsize = saved.dtype.itemsize
+        box_at = functools.partial(read_box, payload_file_offset, saved.dtype.itemsize, saved.stride,
+                                   saved.storage_offset, req.storage_offsets, req.lengths)
         device = _device.cuda_index(target)
         fast = (
             target.dtype == saved.dtype
@@ -331,27 +298,21 @@ class LoadRun:
             and (self._device_fast() if device >= 0 else target.device.type == "cpu")
         )
         if fast:
-            box = read_box(
-                payload_file_offset, itemsize, saved.stride, saved.storage_offset,
-                req.storage_offsets, req.lengths, target.data_ptr(), target.stride(),
-            )
+            box = box_at(target.data_ptr(), target.stride())
             if box is None:
-                commits.append((req, target))
+                self.commits.append((req, target))
                 return
             overlapping = any(s == 0 for s in box.dest_strides)
             if not overlapping and not (box.inner_bytes < _SHORT_RUN and box.runs > _MANY_RUNS):
                 box = dataclasses.replace(box, key=req.storage_index.fqn)
                 if device < 0:
-                    direct.setdefault(info.relative_path, []).append(box)
+                    self.direct.setdefault(info.relative_path, []).append(box)
                 else:
                     self.device_direct.setdefault((info.relative_path, device), []).append(box)
-                commits.append((req, target))
+                self.commits.append((req, target))
                 return
         # Buffered: read the covering byte range of the box, let torch scatter/cast.
-        box = read_box(
-            payload_file_offset, itemsize, saved.stride, saved.storage_offset,
-            req.storage_offsets, req.lengths, 0, [0] * len(req.lengths),
-        )
+        box = box_at(0, [0] * len(req.lengths))
         if box is None:
             self.planner.commit_tensor(req, target)
             return
@@ -363,7 +324,7 @@ class LoadRun:
             target.copy_(raw.view(saved.dtype).as_strided(lengths, saved.stride, 0))
             self.planner.commit_tensor(req, target)
 
-        buffered.append(_Buffered(info.relative_path, lo, hi - lo, finish, req.storage_index.fqn))
+        self.buffered.append(_Buffered(info.relative_path, lo, hi - lo, finish, req.storage_index.fqn))
 
     def _device_fast(self) -> bool:
         """Whether the engine reads straight into CUDA destinations (through pinned staging;
@@ -375,52 +336,35 @@ class LoadRun:
 
     # -------------------------------------------------------------- bytes / whole items
 
-    def _transform(self, req: ReadItem, info: _stock._StorageInfo, raw: memoryview) -> io.IOBase:
-        stream: Any = io.BytesIO(raw)
-        if info.transform_descriptors:
-            stream = self.reader.transforms.transform_load_stream(req, info.transform_descriptors, stream)
-        return stream
-
-    def _bytes_op(self, req: ReadItem, info: _stock._StorageInfo) -> _Buffered:
-        check = not self.reader.allow_pickle
+    def _whole_item_op(self, req: ReadItem, info: _stock._StorageInfo) -> _Buffered:
+        """Read the whole item, then stock's decoding: transforms, then the bytes to the planner
+        (objects), or torch.load, narrow and copy (tensors)."""
+        key, check = req.storage_index.fqn, not self.reader.allow_pickle
 
         def finish(buf: memoryview) -> None:
-            data = self._transform(req, info, buf).read(-1) if info.transform_descriptors else bytes(buf)
+            data: Any = buf
+            if info.transform_descriptors:
+                data = self.reader.transforms.transform_load_stream(
+                    req, info.transform_descriptors, io.BytesIO(buf)).read(-1)
+            if req.type != LoadItemType.BYTE_IO:
+                tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                target = self._target(req)
+                target.copy_(narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths))
+                self.planner.commit_tensor(req, target)
+                return
+            data = bytes(data)
             if check and _unpickles(self.planner, data):
                 # The planner would torch.load(weights_only=False) these bytes:
                 # first make sure that would import nothing weights_only refuses.
-                _safe_pickle.check_object(
-                    data, key=req.storage_index.fqn, filename=self._path(info.relative_path),
-                    offset=info.offset,
-                )
+                _safe_pickle.check_object(data, key=key, filename=self._path(info.relative_path),
+                                          offset=info.offset)
             self.planner.load_bytes(req, io.BytesIO(data))
 
-        return _Buffered(info.relative_path, info.offset, info.length, finish, req.storage_index.fqn)
-
-    def _whole_item_op(self, req: ReadItem, info: _stock._StorageInfo) -> _Buffered:
-        """Stock's decoding: transforms, torch.load, narrow, copy."""
-
-        def finish(buf: memoryview) -> None:
-            stream = self._transform(req, info, buf)
-            if not stream.seekable():
-                stream = io.BytesIO(stream.read(-1))
-            tensor = torch.load(stream, map_location="cpu", weights_only=True)
-            tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
-            target = self._target(req)
-            target.copy_(tensor)
-            self.planner.commit_tensor(req, target)
-
-        return _Buffered(info.relative_path, info.offset, info.length, finish, req.storage_index.fqn)
+        return _Buffered(info.relative_path, info.offset, info.length, finish, key)
 
     # -------------------------------------------------------------- stock items
 
-    def _probe(
-        self,
-        reqs: list[ReadItem],
-        direct: dict[str, list[Box]],
-        commits: list[tuple[ReadItem, torch.Tensor]],
-        buffered: list[_Buffered],
-    ) -> None:
+    def _probe(self, reqs: list[ReadItem]) -> None:
         """Locate payloads of items without sidecar entries from their zip headers."""
         # Several reads may share one saved item (resharding): probe each item once.
         by_item: dict[tuple[str, int], list[ReadItem]] = {}
@@ -438,11 +382,9 @@ class LoadRun:
                 located = None  # not a plain tensor archive: stock's decoding decides
             for req in groups[i]:
                 if located is None:
-                    buffered.append(self._whole_item_op(req, info))
+                    self.buffered.append(self._whole_item_op(req, info))
                     continue
                 mismatch = checkpoint.metadata_mismatch(located.saved, *self._chunk_size(req))
                 if mismatch is not None:
-                    raise self._corrupt(req, info, mismatch)
-                self._plan_tensor(
-                    req, info, located.saved, info.offset + located.payload, direct, commits, buffered
-                )
+                    raise self._bad_item(req, info, mismatch)
+                self._plan_tensor(req, info, located.saved, info.offset + located.payload)
