@@ -1,4 +1,4 @@
-"""The on-disk format: how an item's bytes are framed in a data file. Pure functions, no I/O.
+"""The on-disk format: where each item's bytes go in a data file, and how they are framed.
 
 A tensor item is framed exactly as stock DCP frames it: a ``torch.save`` zip
 archive holding one storage, written from its first byte at the item's offset
@@ -14,6 +14,10 @@ place. The zip CRC-32 of the payload is written as 0, as ``torch.save`` does
 under ``torch.serialization.set_crc32_options(False)``; ``torch.load`` does not
 check it (dcp_native keeps its own CRC32C of every payload instead).
 
+:func:`lay_out` places one rank's items in its data files as stock does (its
+assignment of items to files, byte items first, its framing of everything the
+fast path does not cover) and returns the engine's write plan of each file.
+
 Items written by stock DCP are located (by :mod:`dcp_native.checkpoint`) from
 :func:`parse_archive_tail` (the central directory), :func:`local_data_offset`
 and :func:`dcp_native._safe_pickle.parse_tensor_pickle` (``data.pkl``),
@@ -23,15 +27,25 @@ without running ``torch.load`` on the payload.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import io
+import math
+import os
 import pickle
 import secrets
 import struct
 import zlib
-from typing import NamedTuple
+from array import array
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
+from torch.distributed.checkpoint import filesystem as _stock
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+
+from . import _device
+from .engine import SRC_BLOB, SRC_DEVICE, SRC_HOST, WriteFile
 
 ARCHIVE_NAME = "archive"
 #: Record data alignment used by torch.save (miniz's kFieldAlignment).
@@ -120,9 +134,7 @@ def _legacy_storage_types() -> dict:
 @functools.lru_cache(maxsize=4096)
 def tensor_pickle(dtype: torch.dtype, size: tuple[int, ...]) -> bytes:
     """``data.pkl`` of a contiguous CPU tensor, byte-identical to ``torch.save``'s."""
-    numel = 1
-    for s in size:
-        numel *= s
+    numel = math.prod(size)
     stride = contiguous_stride(size)
     hooks = collections.OrderedDict()
     if dtype in _v3_dtypes():
@@ -166,68 +178,49 @@ class _ZipBuilder:
         self.parts: list[bytes] = []
         self.central: list[bytes] = []
 
-    def _local(self, name: bytes, size: int, align: int) -> tuple[bytes, bool]:
-        header_offset = self.cursor
-        zip64 = size >= _U32_MAX or header_offset >= _U32_MAX
+    def _entry(self, name: str, size: int, crc: int, align: int) -> tuple[bytes, bytes]:
+        """Local header and data descriptor of a record at the cursor; notes its directory entry."""
+        full = f"{ARCHIVE_NAME}/{name}".encode()
+        zip64 = size >= _U32_MAX or self.cursor >= _U32_MAX
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
-        start = self.base + header_offset + _LOCAL.size + len(name) + len(extra)
-        extra += _padding_extra(start, align)
+        extra += _padding_extra(self.base + self.cursor + _LOCAL.size + len(full) + len(extra), align)
         flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
-        local = _LOCAL.pack(_LOCAL_SIG, 0, flags, 0, 0, 0, 0, 0, 0, len(name), len(extra))
-        return local + name + extra, zip64
+        local = _LOCAL.pack(_LOCAL_SIG, 0, flags, 0, 0, 0, 0, 0, 0, len(full), len(extra))
+        self._central(name, size, crc, self.cursor)
+        return local + full + extra, _descriptor(size, crc, zip64)
 
-    def _central(self, name: bytes, size: int, crc: int, header_offset: int) -> None:
-        extra = b""
-        fields = []
-        size32 = size
-        if size >= _U32_MAX:
-            fields += [size, size]
-            size32 = _U32_MAX
-        offset32 = header_offset
+    def _central(self, name: str, size: int, crc: int, header_offset: int) -> None:
+        full = f"{ARCHIVE_NAME}/{name}".encode()
+        fields = [size, size] if size >= _U32_MAX else []
         if header_offset >= _U32_MAX:
             fields.append(header_offset)
-            offset32 = _U32_MAX
-        if fields:
-            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
+        extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+        size32, offset32 = min(size, _U32_MAX), min(header_offset, _U32_MAX)
         flags = _FLAG_UTF8 | (_FLAG_DESCRIPTOR if size else 0)
         self.central.append(
             _CENTRAL.pack(
                 _CENTRAL_SIG, 0, 0, flags, 0, 0, 0, crc, size32, size32,
-                len(name), len(extra), 0, 0, 0, 0, offset32,
+                len(full), len(extra), 0, 0, 0, 0, offset32,
             )
-            + name
+            + full
             + extra
         )
 
-    @staticmethod
-    def _descriptor(size: int, crc: int, zip64: bool) -> bytes:
-        if not size:
-            return b""
-        if zip64:
-            return _DESC64.pack(_DESCRIPTOR_SIG, crc, size, size)
-        return _DESC32.pack(_DESCRIPTOR_SIG, crc, size, size)
-
-    def record(self, name: str, data: bytes) -> None:
-        full = f"{ARCHIVE_NAME}/{name}".encode()
-        header_offset = self.cursor
-        local, zip64 = self._local(full, len(data), RECORD_ALIGN)
-        crc = zlib.crc32(data)
-        piece = local + data + self._descriptor(len(data), crc, zip64)
+    def _add(self, piece: bytes) -> None:
         self.parts.append(piece)
         self.cursor += len(piece)
-        self._central(full, len(data), crc, header_offset)
+
+    def record(self, name: str, data: bytes) -> None:
+        crc = zlib.crc32(data)
+        local, descriptor = self._entry(name, len(data), crc, RECORD_ALIGN)
+        self._add(local + data + descriptor)
 
     def payload(self, name: str, size: int, align: int) -> tuple[bytes, int]:
-        """Local header of the payload record; returns (header tail, payload offset)."""
-        full = f"{ARCHIVE_NAME}/{name}".encode()
-        header_offset = self.cursor
-        local, zip64 = self._local(full, size, align)
-        self.parts.append(local)
-        self.cursor += len(local)
-        payload_offset = self.cursor
+        """Local header of the payload record; returns (its data descriptor, payload offset)."""
+        local, descriptor = self._entry(name, size, 0, align)
+        self._add(local)
         self.cursor += size
-        self._central(full, size, 0, header_offset)
-        return self._descriptor(size, 0, zip64), payload_offset
+        return descriptor, self.cursor - size
 
     def end(self) -> bytes:
         cd = b"".join(self.central)
@@ -242,6 +235,12 @@ class _ZipBuilder:
         else:
             tail += _EOCD.pack(_EOCD_SIG, 0, 0, n, n, len(cd), cd_offset, 0)
         return tail
+
+
+def _descriptor(size: int, crc: int, zip64: bool) -> bytes:
+    if not size:
+        return b""
+    return (_DESC64 if zip64 else _DESC32).pack(_DESCRIPTOR_SIG, crc, size, size)
 
 
 def new_serialization_id() -> bytes:
@@ -269,10 +268,7 @@ def frame_tensor(
 
 
 def _nbytes(dtype: torch.dtype, size) -> int:
-    n = dtype.itemsize
-    for s in size:
-        n *= s
-    return n
+    return dtype.itemsize * math.prod(size)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -299,8 +295,8 @@ def _header_records(dtype, size) -> list[tuple[str, bytes]]:
 
 def _trailer(zb: _ZipBuilder, descriptor: bytes, serialization_id: bytes) -> bytes:
     """Everything after the payload: its descriptor, the last records, the directory, the end."""
-    zb.parts = [descriptor]
-    zb.cursor += len(descriptor)
+    zb.parts = []
+    zb._add(descriptor)
     zb.record("version", b"3\n")
     zb.record(".data/serialization_id", serialization_id)
     return b"".join(zb.parts) + zb.end()
@@ -331,11 +327,10 @@ def _trailer_length(item_offset: int, payload_offset: int, nbytes: int) -> int:
     zb = _ZipBuilder(item_offset)
     # The directory entries of the records before the payload: fixed-size fields and names.
     for name, _ in _header_records(torch.uint8, (1,)):
-        zb._central(f"{ARCHIVE_NAME}/{name}".encode(), 1, 0, 0)
-    full = f"{ARCHIVE_NAME}/data/0".encode()
-    zb._central(full, nbytes, 0, 0)
+        zb._central(name, 1, 0, 0)
+    zb._central("data/0", nbytes, 0, 0)
     zb.cursor = payload_offset + nbytes
-    return len(_trailer(zb, zb._descriptor(nbytes, 0, nbytes >= _U32_MAX), b"0" * 40))
+    return len(_trailer(zb, _descriptor(nbytes, 0, nbytes >= _U32_MAX), b"0" * 40))
 
 
 # --------------------------------------------------------------------------- zip reader
@@ -429,3 +424,216 @@ def local_data_offset(header: bytes, header_offset: int) -> int:
     if f[0] != _LOCAL_SIG:
         raise ArchiveError(f"no local header at archive offset {header_offset}")
     return header_offset + _LOCAL.size + f[9] + f[10]
+
+
+# --------------------------------------------------------------------------- a rank's data files
+
+
+@dataclasses.dataclass
+class StorageInfo(_stock._StorageInfo):
+    """Stock's storage info plus what only dcp_native needs; never reaches ``.metadata``."""
+
+    #: Offset of the tensor payload from the item's first byte (-1: not a framed tensor).
+    payload_offset: int = -1
+    #: The data file's checksum table (a :class:`~dcp_native.sidecar.TableInfo`), if written.
+    table: Any = None
+
+    def stock(self) -> _stock._StorageInfo:
+        return _stock._StorageInfo(
+            self.relative_path, self.offset, self.length, self.transform_descriptors
+        )
+
+
+class FileLayout:
+    """One data file: its items back to back, and the segments the engine writes them from."""
+
+    def __init__(self, directory: str | os.PathLike, name: str) -> None:
+        self.path = os.path.join(directory, name)
+        self.relative_path = name
+        self.size = 0
+        self.blob = bytearray()
+        self.segments = array("q")
+        #: CUDA device of the SRC_DEVICE segments (-1: none): one per engine call.
+        self.device = -1
+        #: What the host and device segments point into, alive until the write returns.
+        self.tensors: list[torch.Tensor] = []
+
+    def _append(self, kind: int, source: int, nbytes: int) -> int:
+        offset = self.size
+        if nbytes:
+            self.segments.extend((offset, kind, source, nbytes))
+            self.size += nbytes
+        return offset
+
+    def add_bytes(self, data: bytes | bytearray | memoryview) -> int:
+        """Append inline bytes; return their file offset."""
+        offset = self._append(SRC_BLOB, len(self.blob), len(data))
+        self.blob += data
+        return offset
+
+    def add_tensor(self, tensor: torch.Tensor, device: int) -> int:
+        """Append a dense tensor's memory (on CUDA ``device``, or the host for -1); its offset."""
+        self.tensors.append(tensor)
+        if device >= 0 and tensor.nbytes:
+            self.device = device
+        return self._append(SRC_HOST if device < 0 else SRC_DEVICE, tensor.data_ptr(), tensor.nbytes)
+
+    def write_file(self, crc_block: int = 0, stream: int = 0) -> WriteFile:
+        """The engine's plan of this file (``stream``: the producer's, for device segments)."""
+        return WriteFile(self.path, self.blob, self.segments, crc_block, self.device,
+                         stream if self.device >= 0 else 0)
+
+
+def data_file_name(prefix: str, n: int, tag: str) -> str:
+    """Stock's ``__{rank}_{n}.distcp`` with the save's tag: ``__{rank}_{n}.{tag}.distcp``."""
+    return f"{prefix}{n}{'.' + tag if tag else ''}{_stock.DEFAULT_SUFFIX}"
+
+
+def lay_out(
+    items: Sequence[WriteItem],
+    resolve: Callable[[WriteItem], Any],
+    directory: str | os.PathLike,
+    prefix: str,
+    tag: str,
+    *,
+    files: int,
+    transforms: Any,
+    cuda_usable: Callable[[], bool],
+) -> tuple[list[FileLayout], list[WriteResult]]:
+    """Place one rank's ``items`` (their data from ``resolve``) in its data files.
+
+    ``files``: that many files, items assigned as stock's single_file_per_rank
+    does; 0: one file per item. ``transforms``: stock's stream transforms
+    (items then framed by stock's code), or None. CUDA tensors are written
+    from device memory when ``cuda_usable()`` (see :class:`_DeviceRoute`).
+    """
+    groups = _split_by_size_and_type(files, items) if files else [[item] for item in items]
+    serialization_id = new_serialization_id()
+    route = _DeviceRoute(cuda_usable)
+    layouts, results = [], []
+    for n, group in enumerate(groups):
+        fl = FileLayout(directory, data_file_name(prefix, n, tag))
+        layouts.append(fl)
+        # Byte items first, then tensors: stock's order within a file.
+        for item in sorted(group, key=lambda wi: wi.type != WriteItemType.BYTE_IO):
+            data = resolve(item)
+            if transforms is not None:
+                results.append(_add_transformed(fl, item, data, transforms))
+            else:
+                results.append(_add_item(fl, item, data, serialization_id, route))
+    return layouts, results
+
+
+def _item_nbytes(item: WriteItem) -> int:
+    return _nbytes(item.tensor_data.properties.dtype, item.tensor_data.size)
+
+
+def _split_by_size_and_type(bins: int, items: Sequence[WriteItem]) -> list[list[WriteItem]]:
+    """Stock's assignment of items to files: byte items round-robin, tensors greedily by size.
+
+    Stock's own function sizes items with ``torch._utils._element_size``,
+    which raises for some dtypes (``torch.bits8``).
+    """
+    if bins <= 1:
+        return [list(items)]
+    buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
+    sizes = [0] * bins
+    byte_items = [wi for wi in items if wi.type == WriteItemType.BYTE_IO]
+    for i, wi in enumerate(byte_items):
+        buckets[i % bins].append(wi)
+    tensor_items = [wi for wi in items if wi.type != WriteItemType.BYTE_IO]
+    for wi in sorted(tensor_items, key=_item_nbytes, reverse=True):
+        idx = min(range(bins), key=sizes.__getitem__)
+        buckets[idx].append(wi)
+        sizes[idx] += _item_nbytes(wi)
+    return buckets
+
+
+class _DeviceRoute:
+    """Which CUDA tensors of one save are written from device memory.
+
+    All of them on one device (the first one met) when the engine can use the
+    CUDA runtime: an engine call stages device bytes through one pinned pool,
+    which belongs to one device. Tensors on other devices, and every CUDA
+    tensor when the runtime is not usable, are copied to the host first.
+    """
+
+    def __init__(self, cuda_usable: Callable[[], bool]) -> None:
+        self.cuda_usable = cuda_usable
+        self.usable: bool | None = None
+        self.device = -1
+
+    def takes(self, tensor: torch.Tensor) -> bool:
+        index = _device.cuda_index(tensor)
+        if index < 0:
+            return False
+        if self.usable is None:
+            self.usable = self.cuda_usable()
+        if not self.usable:
+            return False
+        if self.device < 0:
+            self.device = index
+        return index == self.device
+
+
+def _dense(tensor: torch.Tensor, on_device: bool) -> torch.Tensor | None:
+    """The dense tensor whose memory is written as the payload, or None (framed by torch.save).
+
+    Non-contiguous, expanded, conjugated and negated tensors are materialised
+    (their logical values are saved, as stock does); device tensors are copied
+    to the host unless ``on_device``. Sparse, quantized and subclassed tensors
+    return None.
+    """
+    if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+        return None
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
+        return None
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu" and not on_device:
+        tensor = tensor.cpu()
+    if tensor.is_conj():
+        tensor = tensor.resolve_conj()
+    if tensor.is_neg():
+        tensor = tensor.resolve_neg()
+    return tensor.contiguous()
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A host tensor that ``torch.save`` writes alone (not with the rest of a larger storage)."""
+    tensor = tensor.detach().cpu()
+    return tensor.clone() if tensor.untyped_storage().size() != tensor.nbytes else tensor
+
+
+def _add_item(fl: FileLayout, item: WriteItem, data: Any, serialization_id: bytes,
+              route: _DeviceRoute) -> WriteResult:
+    if item.type == WriteItemType.BYTE_IO:
+        offset = fl.add_bytes(data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data))
+        info = StorageInfo(fl.relative_path, offset, fl.size - offset)
+        return WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info)
+    on_device = route.takes(data)
+    tensor = _dense(data, on_device)
+    if tensor is None:
+        buf = io.BytesIO()
+        torch.save(_host_copy(data), buf)
+        offset = fl.add_bytes(buf.getbuffer())
+        info = StorageInfo(fl.relative_path, offset, fl.size - offset)
+    else:
+        frame = frame_tensor(tensor.dtype, tuple(tensor.shape), fl.size, serialization_id)
+        offset = fl.add_bytes(frame.header)
+        fl.add_tensor(tensor, route.device if on_device else -1)
+        fl.add_bytes(frame.trailer)
+        info = StorageInfo(fl.relative_path, offset, frame.length, payload_offset=frame.payload_offset)
+    return WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info)
+
+
+def _add_transformed(fl: FileLayout, item: WriteItem, data: Any, transforms: Any) -> WriteResult:
+    """An item through stock's stream transforms, framed by stock's own code."""
+    if isinstance(data, torch.Tensor):
+        data = _host_copy(data)
+    buf = io.BytesIO()
+    framed = _stock._write_item(
+        transforms, buf, data, item, fl.relative_path, _stock.SerializationFormat.TORCH_SAVE
+    )
+    info = StorageInfo(fl.relative_path, fl.add_bytes(buf.getbuffer()), framed.storage_data.length,
+                       framed.storage_data.transform_descriptors)
+    return WriteResult(index=item.index, size_in_bytes=framed.size_in_bytes, storage_data=info)

@@ -1,25 +1,23 @@
-"""Read and write planning: DCP items -> byte-level plans for the engine. Pure functions.
+"""Boxes: the strided copies of one tensor read, for the engine's read plan. Pure functions.
 
-Read side: a :class:`ReadItem` asks for a box (``storage_offsets``/``lengths``)
-of a saved chunk, to be placed in a destination view. With the saved chunk's
+A :class:`ReadItem` asks for a box (``storage_offsets``/``lengths``) of a
+saved chunk, to be placed in a destination view. With the saved chunk's
 layout (dtype, stride, storage offset, where its payload lies in the file)
 that box is one strided copy: file offsets and destination addresses advance
 by per-dimension byte strides. :func:`read_box` builds it and collapses it to
 the fewest dimensions, so a contiguous item is one run and a column slice of
-a row-major chunk is one run per row.
-
-Write side: :class:`FileLayout` assigns every item of a data file its offset
-and collects the segments (inline bytes, host or device memory) the engine writes.
+a row-major chunk is one run per row. (Where a save's bytes go is
+:mod:`dcp_native.layout`.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import operator
 from array import array
 from typing import Sequence
-
-from .engine import SRC_BLOB, SRC_DEVICE, SRC_HOST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,43 +35,23 @@ class Box:
 
     @property
     def runs(self) -> int:
-        n = 1
-        for c in self.counts:
-            n *= c
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.runs * self.inner_bytes
+        return math.prod(self.counts)
 
     @property
     def file_span(self) -> tuple[int, int]:
         """``[start, end)`` of the file bytes the box touches."""
-        end = self.file_offset + self.inner_bytes
-        for c, s in zip(self.counts, self.file_strides):
-            end += (c - 1) * s
-        return self.file_offset, end
+        return self.file_offset, self.file_offset + self.inner_bytes + sum(
+            (c - 1) * s for c, s in zip(self.counts, self.file_strides))
 
     def runs_iter(self):
         """Yield ``(file_offset, dest_addr)`` of every run, in index order."""
-        if not self.counts:
-            yield self.file_offset, self.dest_addr
-            return
-        for idx in itertools.product(*[range(c) for c in self.counts]):
-            f, d = self.file_offset, self.dest_addr
-            for i, fs, ds in zip(idx, self.file_strides, self.dest_strides):
-                f += i * fs
-                d += i * ds
-            yield f, d
+        for idx in itertools.product(*map(range, self.counts)):
+            yield (self.file_offset + sum(map(operator.mul, idx, self.file_strides)),
+                   self.dest_addr + sum(map(operator.mul, idx, self.dest_strides)))
 
     def encode(self, out: array) -> None:
-        out.append(self.file_offset)
-        out.append(self.dest_addr)
-        out.append(self.inner_bytes)
-        out.append(len(self.counts))
-        out.extend(self.counts)
-        out.extend(self.file_strides)
-        out.extend(self.dest_strides)
+        out.extend((self.file_offset, self.dest_addr, self.inner_bytes, len(self.counts),
+                    *self.counts, *self.file_strides, *self.dest_strides))
 
 
 def collapse(
@@ -99,21 +77,12 @@ def collapse(
     while dims and dims[-1][1] == inner and dims[-1][2] == inner:
         inner *= dims.pop()[0]
     merged: list[list[int]] = []
-    for dim in dims:
-        if merged:
-            prev = merged[-1]
-            if prev[1] == dim[0] * dim[1] and prev[2] == dim[0] * dim[2]:
-                prev[0] *= dim[0]
-                prev[1] = dim[1]
-                prev[2] = dim[2]
-                continue
-        merged.append(dim)
-    return (
-        inner,
-        tuple(d[0] for d in merged),
-        tuple(d[1] for d in merged),
-        tuple(d[2] for d in merged),
-    )
+    for c, fs, ds in dims:
+        if merged and merged[-1][1] == c * fs and merged[-1][2] == c * ds:
+            merged[-1] = [merged[-1][0] * c, fs, ds]
+        else:
+            merged.append([c, fs, ds])
+    return (inner, *(tuple(d[i] for d in merged) for i in range(3)))
 
 
 def read_box(
@@ -133,9 +102,7 @@ def read_box(
     ``narrow_tensor_by_index(saved, storage_offsets, lengths)`` into the
     destination whose first element is at ``dest_addr``. None if the box is empty.
     """
-    start = saved_storage_offset
-    for o, s in zip(storage_offsets, saved_stride):
-        start += o * s
+    start = saved_storage_offset + sum(map(operator.mul, storage_offsets, saved_stride))
     collapsed = collapse(itemsize, lengths, saved_stride, dest_strides)
     if collapsed is None:
         return None
@@ -148,50 +115,3 @@ def encode_boxes(boxes: Sequence[Box]) -> array:
     for box in boxes:
         box.encode(out)
     return out
-
-
-class FileLayout:
-    """Lays out one data file: items back to back, segments for the engine."""
-
-    def __init__(self, path: str, relative_path: str) -> None:
-        self.path = path
-        self.relative_path = relative_path
-        self.size = 0
-        self._blob = bytearray()
-        self.segments = array("q")
-        #: Bytes of the file that come from device memory (add_device).
-        self.device_bytes = 0
-
-    def add_bytes(self, data: bytes | bytearray | memoryview) -> int:
-        """Append inline bytes; return their file offset."""
-        offset = self.size
-        n = len(data)
-        if n:
-            self.segments.extend((offset, SRC_BLOB, len(self._blob), n))
-            self._blob += data
-            self.size += n
-        return offset
-
-    def add_host(self, address: int, nbytes: int) -> int:
-        """Append ``nbytes`` from host memory at ``address``; return their file offset."""
-        offset = self.size
-        if nbytes:
-            self.segments.extend((offset, SRC_HOST, address, nbytes))
-            self.size += nbytes
-        return offset
-
-    def add_device(self, address: int, nbytes: int) -> int:
-        """Append ``nbytes`` from device memory at ``address``; return their file offset.
-
-        The device is the file's (``WriteFile.device``): one per file.
-        """
-        offset = self.size
-        if nbytes:
-            self.segments.extend((offset, SRC_DEVICE, address, nbytes))
-            self.size += nbytes
-            self.device_bytes += nbytes
-        return offset
-
-    @property
-    def blob(self) -> bytes:
-        return bytes(self._blob)

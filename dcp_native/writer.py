@@ -2,12 +2,12 @@
 
 A drop-in subclass of stock ``FileSystemWriter``: same parameters, same files
 (``__{rank}_{n}.distcp`` and ``.metadata``), same framing of every item, so
-stock readers load what it writes. What differs is how the bytes get there:
-item headers are generated (:mod:`dcp_native.layout`) instead of running
-``torch.save`` per item, and payloads are written straight from tensor memory
-with ``pwritev`` on ``thread_count`` threads. CUDA tensors are written from
-device memory through a pinned pool the writer keeps (when the engine can use
-the CUDA runtime), instead of one ``.cpu()`` copy each.
+stock readers load what it writes. ``write_data`` lays the items out
+(:mod:`dcp_native.layout`: generated item headers instead of ``torch.save``
+per item) and the engine writes them straight from tensor memory on
+``thread_count`` threads; CUDA tensors go from device memory through a pinned
+pool the writer keeps (when the engine can use the CUDA runtime). ``finish``
+commits (:mod:`dcp_native.commit`).
 
 For ``async_save`` the writer is DCP's ``AsyncStager``: ``stage()`` copies the
 state dict into a staging area it keeps across saves
@@ -17,30 +17,25 @@ writes run in the background.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import io
-import operator
+import itertools
 import os
 import pickle
 import threading
 import time
-from array import array
 from typing import Any, Sequence
 
-import torch
 from torch.distributed.checkpoint import filesystem as _stock
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from . import _device, checkpoint, commit, integrity, layout, sidecar
 from ._backend import get_engine
-from .engine import DEFAULT_STAGING_BYTES, SRC_BLOB, WriteFile
-from .plan import FileLayout
+from .engine import DEFAULT_STAGING_BYTES
 from .staging import StagingArea
-
-_METADATA_NAME = checkpoint.METADATA_NAME
 
 
 @dataclasses.dataclass
@@ -48,109 +43,6 @@ class _SavePrefix(_stock._StoragePrefix):
     """Stock's per-rank file prefix plus the tag of this save (every rank's files carry it)."""
 
     tag: str = ""
-
-
-@dataclasses.dataclass
-class _NativeStorageInfo(_stock._StorageInfo):
-    """Stock storage info plus what only dcp_native needs; never reaches ``.metadata``."""
-
-    #: Offset of the tensor payload from the item's first byte (-1: not a fast-path tensor).
-    payload_offset: int = -1
-    #: The data file's checksum table, if one was written.
-    table: sidecar.TableInfo | None = None
-
-    def stock(self) -> _stock._StorageInfo:
-        return _stock._StorageInfo(
-            self.relative_path, self.offset, self.length, self.transform_descriptors
-        )
-
-
-def _item_nbytes(item: WriteItem) -> int:
-    td = item.tensor_data
-    n = td.properties.dtype.itemsize
-    for s in td.size:
-        n *= s
-    return n
-
-
-def _split_by_size_and_type(bins: int, items: Sequence[WriteItem]) -> list[list[WriteItem]]:
-    """Stock's assignment of items to ``bins`` files: byte items round-robin, tensors greedily."""
-    if bins <= 1:
-        return [list(items)]
-    byte_items = [wi for wi in items if wi.type == WriteItemType.BYTE_IO]
-    tensor_items = sorted(
-        (wi for wi in items if wi.type != WriteItemType.BYTE_IO), key=_item_nbytes, reverse=True
-    )
-    buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
-    sizes = [0] * bins
-    for i, wi in enumerate(byte_items):
-        buckets[i % bins].append(wi)
-    for wi in tensor_items:
-        idx = min(range(bins), key=sizes.__getitem__)
-        buckets[idx].append(wi)
-        sizes[idx] += _item_nbytes(wi)
-    return buckets
-
-
-def _fast_path_tensor(tensor: torch.Tensor, on_device: bool = False) -> torch.Tensor | None:
-    """The dense tensor whose memory can be written as the payload, or None.
-
-    Non-contiguous, expanded, conjugated and negated tensors are materialised
-    (their logical values are saved, as stock does); device tensors are copied
-    to the host unless ``on_device`` (then they are made contiguous on their
-    device). Sparse, quantized and subclassed tensors return None and are
-    framed by ``torch.save`` instead.
-    """
-    if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
-        return None
-    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
-        return None
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu" and not on_device:
-        tensor = tensor.cpu()
-    if tensor.is_conj():
-        tensor = tensor.resolve_conj()
-    if tensor.is_neg():
-        tensor = tensor.resolve_neg()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    return tensor
-
-
-class _DeviceRoute:
-    """Which CUDA tensors of one write_data call are written from device memory.
-
-    All of them on one device (the first one met) when the engine can use the
-    CUDA runtime: an engine call stages device bytes through one pinned pool,
-    which belongs to one device. Tensors on other devices, and every CUDA
-    tensor when the runtime is not usable, are copied to the host first.
-    """
-
-    def __init__(self) -> None:
-        self.usable: bool | None = None
-        self.device = -1
-
-    def takes(self, tensor: torch.Tensor) -> bool:
-        index = _device.cuda_index(tensor)
-        if index < 0:
-            return False
-        if self.usable is None:
-            self.usable = get_engine().cuda_status().usable
-        if not self.usable:
-            return False
-        if self.device < 0:
-            self.device = index
-        return index == self.device
-
-
-def _torch_save_bytes(tensor: torch.Tensor) -> bytes:
-    """Stock's framing for tensors the fast path does not cover."""
-    tensor = tensor.detach().cpu()
-    if tensor.untyped_storage().size() != tensor.nbytes:
-        tensor = tensor.clone()
-    buf = io.BytesIO()
-    torch.save(tensor, buf)
-    return buf.getvalue()
 
 
 class FileSystemWriter(_stock.FileSystemWriter):
@@ -398,44 +290,41 @@ class FileSystemWriter(_stock.FileSystemWriter):
         finally:
             marker.release()
 
-    def _checksum_block(self) -> int:
+    def _checksum_block(self, engine: Any) -> int:
         """Block size of the CRC32C tables to write; 0 for none.
 
-        By default checksums are written by the native engine, which computes
-        them on its I/O threads at hardware speed (about +35% on a 1 GiB save
-        into the page cache here); the Python engine computes them a block at a
-        time, so it writes them only when asked. ``checksums=True`` forces them,
-        ``False`` turns them off.
+        By default only the native engine writes them: it computes them on its
+        I/O threads at hardware speed (about +35% on a 1 GiB save into the page
+        cache here); the Python engine computes them a block at a time.
         """
         enabled = self.checksums
         if enabled is None:
-            enabled = get_engine().name == "native" and integrity.fast_crc32c()
+            enabled = engine.name == "native" and integrity.fast_crc32c()
         return integrity.DEFAULT_BLOCK if enabled else 0
-
-    @staticmethod
-    def _data_file_name(storage: Any, n: int) -> str:
-        tag = getattr(storage, "tag", "")
-        return f"{storage.prefix}{n}{'.' + tag if tag else ''}{_stock.DEFAULT_SUFFIX}"
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         self._claim()
         if self._uses_stock_path():
             return super().write_data(plan, planner)
-        return self._write_data(plan, planner)
-
-    def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        paths: list[str] = []
+        files: list[layout.FileLayout] = []
         try:
-            results = self._write_files(plan, planner, paths)
+            engine = get_engine()
+            storage = plan.storage_data
+            files, results = layout.lay_out(
+                plan.items, planner.resolve_data, self.path, storage.prefix,
+                getattr(storage, "tag", ""),
+                files=self.thread_count if self.single_file_per_rank else 0,
+                transforms=self.transforms if self.transforms.extensions else None,
+                cuda_usable=lambda: engine.cuda_status().usable,
+            )
+            self._write(engine, files, results)
         except BaseException:
             # A failed save removes what it wrote (never another save's files:
             # the names carry this save's tag), then the save is over.
-            for path in paths:
-                for name in (path, checkpoint.table_name(path)):
-                    try:
+            for fl in files:
+                for name in (fl.path, checkpoint.table_name(fl.path)):
+                    with contextlib.suppress(OSError):
                         os.unlink(name)
-                    except OSError:
-                        pass
             if self._marker is not None:
                 self._abandon()
             raise
@@ -443,167 +332,30 @@ class FileSystemWriter(_stock.FileSystemWriter):
         fut.set_result(results)
         return fut
 
-    def _write_files(self, plan: SavePlan, planner: SavePlanner, paths: list[str]) -> list[WriteResult]:
-        storage = plan.storage_data
-        if self.single_file_per_rank:
-            groups = _split_by_size_and_type(self.thread_count, plan.items)
-        else:
-            groups = [[item] for item in plan.items]
-
-        serialization_id = layout.new_serialization_id()
-        crc_block = self._checksum_block()
-        keep_alive: list[torch.Tensor] = []
-        route = _DeviceRoute()
-        files: list[WriteFile] = []
-        layouts: list[FileLayout] = []
-        results: list[WriteResult] = []
-        for n, items in enumerate(groups):
-            name = self._data_file_name(storage, n)
-            fl = FileLayout(os.path.join(self.path, name), name)
-            paths.append(fl.path)
-            # Byte items first, then tensors: stock's order within a file.
-            for item in items:
-                if item.type == WriteItemType.BYTE_IO:
-                    data = planner.resolve_data(item)
-                    if self.transforms.extensions:
-                        results.append(self._add_transformed_item(fl, item, data))
-                    else:
-                        results.append(self._add_bytes_item(fl, item, data))
-            for item in items:
-                if item.type != WriteItemType.BYTE_IO:
-                    data = planner.resolve_data(item)
-                    if self.transforms.extensions:
-                        results.append(self._add_transformed_item(fl, item, data))
-                    else:
-                        results.append(
-                            self._add_tensor_item(fl, item, data, serialization_id, keep_alive, route)
-                        )
-            wf = WriteFile(fl.path, fl.blob, fl.segments)
-            if crc_block:
-                wf.crc_block = crc_block
-            if fl.device_bytes:
-                wf.device = route.device
-            files.append(wf)
-            layouts.append(fl)
-
-        engine = get_engine()
-        kwargs: dict[str, Any] = {}
-        if any(wf.device >= 0 for wf in files):
-            # The engine's copy stream waits for the work queued so far on the
-            # producer's stream (e.g. the .contiguous() copies above).
-            stream = _device.current_stream(route.device)
-            for wf in files:
-                if wf.device >= 0:
-                    wf.stream = stream
-            self._pool_lock.acquire()
-            kwargs["pool"] = self._pool(engine, route.device)
-            kwargs["direct_io"] = self.direct_io
-        try:
-            stats = engine.write(
-                files,
-                threads=self.thread_count,
-                sync=self.sync_files,
-                chunk_bytes=self.chunk_bytes,
-                **kwargs,
-            )
-        finally:
-            if kwargs:
-                self._pool_lock.release()
-        del keep_alive
-        if crc_block:
-            self._write_tables(engine, layouts, stats.block_crcs, crc_block, results)
-        return results
-
-    def _write_tables(self, engine, layouts, block_crcs, block, results) -> None:
-        """Write each data file's CRC32C table beside it and note it in the results."""
-        tables = []
-        infos = {}
-        for fl, crcs in zip(layouts, block_crcs):
-            blob = integrity.encode_table(block, fl.size, crcs)
-            segments = array("q", (0, SRC_BLOB, 0, len(blob)))
-            tables.append(WriteFile(checkpoint.table_name(fl.path), blob, segments))
-            infos[fl.relative_path] = sidecar.TableInfo(
-                checkpoint.table_name(fl.relative_path), len(blob), sidecar.digest(blob)
-            )
-        engine.write(tables, threads=self.thread_count, sync=self.sync_files)
-        for i, wr in enumerate(results):
-            info = wr.storage_data
-            if info.relative_path in infos:
-                if not isinstance(info, _NativeStorageInfo):
-                    info = _NativeStorageInfo(
-                        info.relative_path, info.offset, info.length, info.transform_descriptors
-                    )
-                info.table = infos[info.relative_path]
-                results[i] = WriteResult(index=wr.index, size_in_bytes=wr.size_in_bytes, storage_data=info)
-
-    def _add_transformed_item(self, fl: FileLayout, item: WriteItem, data: Any) -> WriteResult:
-        """An item through the stream transforms: stock's own framing, written by the engine."""
-        if isinstance(data, torch.Tensor):
-            data = data.detach().cpu()
-            if data.untyped_storage().size() != data.nbytes:
-                data = data.clone()
-        buf = io.BytesIO()
-        framed = _stock._write_item(
-            self.transforms, buf, data, item, fl.relative_path, _stock.SerializationFormat.TORCH_SAVE
-        )
-        offset = fl.add_bytes(buf.getbuffer())
-        info = framed.storage_data
-        return WriteResult(
-            index=item.index,
-            size_in_bytes=framed.size_in_bytes,
-            storage_data=_stock._StorageInfo(
-                fl.relative_path, offset, info.length, info.transform_descriptors
-            ),
-        )
-
-    @staticmethod
-    def _add_bytes_item(fl: FileLayout, item: WriteItem, data: Any) -> WriteResult:
-        if isinstance(data, io.BytesIO):
-            view = data.getbuffer()
-        else:
-            view = memoryview(data)
-        offset = fl.add_bytes(view)
-        length = fl.size - offset
-        return WriteResult(
-            index=item.index,
-            size_in_bytes=length,
-            storage_data=_stock._StorageInfo(fl.relative_path, offset, length),
-        )
-
-    @staticmethod
-    def _add_tensor_item(
-        fl: FileLayout,
-        item: WriteItem,
-        data: torch.Tensor,
-        serialization_id: bytes,
-        keep_alive: list[torch.Tensor],
-        route: _DeviceRoute,
-    ) -> WriteResult:
-        on_device = route.takes(data)
-        tensor = _fast_path_tensor(data, on_device=on_device)
-        if tensor is None:
-            offset = fl.add_bytes(_torch_save_bytes(data))
-            info = _NativeStorageInfo(fl.relative_path, offset, fl.size - offset)
-        else:
-            keep_alive.append(tensor)
-            frame = layout.frame_tensor(tensor.dtype, tuple(tensor.shape), fl.size, serialization_id)
-            offset = fl.add_bytes(frame.header)
-            if on_device:
-                fl.add_device(tensor.data_ptr(), tensor.nbytes)
-            else:
-                fl.add_host(tensor.data_ptr(), tensor.nbytes)
-            fl.add_bytes(frame.trailer)
-            info = _NativeStorageInfo(
-                fl.relative_path, offset, frame.length, payload_offset=frame.payload_offset
-            )
-        return WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info)
+    def _write(self, engine: Any, files: list[layout.FileLayout], results: list[WriteResult]) -> None:
+        """One engine call writes the data files, a second their CRC32C tables (noted in the results)."""
+        crc_block = self._checksum_block(engine)
+        device = max((fl.device for fl in files), default=-1)
+        # The engine's copy stream waits for the work queued so far on the
+        # producer's stream (e.g. the layout's .contiguous() copies).
+        stream = _device.current_stream(device) if device >= 0 else 0
+        with self._pool_lock if device >= 0 else contextlib.nullcontext():
+            pool = {"pool": self._pool(engine, device), "direct_io": self.direct_io} if device >= 0 else {}
+            stats = engine.write([fl.write_file(crc_block, stream) for fl in files],
+                                 threads=self.thread_count, sync=self.sync_files,
+                                 chunk_bytes=self.chunk_bytes, **pool)
+        if not crc_block:
+            return
+        tables = {}
+        for fl, crcs in zip(files, stats.block_crcs):
+            tables[fl.relative_path] = table = layout.FileLayout(self.path, checkpoint.table_name(fl.relative_path))
+            table.add_bytes(integrity.encode_table(crc_block, fl.size, crcs))
+        engine.write([t.write_file() for t in tables.values()], threads=self.thread_count, sync=self.sync_files)
+        infos = {rel: sidecar.TableInfo(t.relative_path, t.size, sidecar.digest(t.blob)) for rel, t in tables.items()}
+        for wr in results:
+            wr.storage_data.table = infos.get(wr.storage_data.relative_path)
 
     # ------------------------------------------------------------------ commit
-
-    def _metadata_name(self) -> str:
-        if self._rank_local():
-            return f"__{self.rank}{_METADATA_NAME}"
-        return _METADATA_NAME
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit (see :mod:`dcp_native.commit`): sidecar, then ``.metadata`` through a rename."""
@@ -621,40 +373,25 @@ class FileSystemWriter(_stock.FileSystemWriter):
 
     def _commit(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         metadata.version = getattr(_stock, "CURRENT_DCP_VERSION", getattr(metadata, "version", None))
-        storage_md = {}
+        metadata.storage_data = {}
+        # Items lie in increasing offsets within a file, in the order of the results.
         payloads: dict[str, list[list[int]]] = {}
         tables: dict[str, sidecar.TableInfo] = {}
-        for wr_list in results:
-            for wr in wr_list:
-                info = wr.storage_data
-                if isinstance(info, _NativeStorageInfo):
-                    if info.payload_offset >= 0:
-                        payloads.setdefault(info.relative_path, []).append(
-                            [info.offset, info.length, info.payload_offset]
-                        )
-                    if info.table is not None:
-                        tables[info.relative_path] = info.table
-                    info = info.stock()
-                storage_md[wr.index] = info
-        metadata.storage_data = storage_md
+        for wr in itertools.chain.from_iterable(results):
+            info = wr.storage_data
+            if isinstance(info, layout.StorageInfo):
+                if info.payload_offset >= 0:
+                    payloads.setdefault(info.relative_path, []).append(
+                        [info.offset, info.length, info.payload_offset]
+                    )
+                if info.table is not None:
+                    tables[info.relative_path] = info.table
+                info = info.stock()
+            metadata.storage_data[wr.index] = info
         metadata.storage_meta = self.storage_meta()
-        metadata_name = self._metadata_name()
+        rank = self.rank if self._rank_local() else None
+        metadata_name = checkpoint.METADATA_NAME if rank is None else f"__{rank}{checkpoint.METADATA_NAME}"
         metadata_bytes = pickle.dumps(metadata)
-        side = sidecar.document(
-            self.save_id,
-            metadata_name,
-            metadata_bytes,
-            {k: sorted(v, key=operator.itemgetter(0)) for k, v in payloads.items()},
-            tables,
-        )
-        commit.commit(
-            str(self.path),
-            metadata_name,
-            metadata_bytes,
-            side,
-            self.save_id,
-            sync=self.sync_files,
-            overwrite=self.overwrite,
-            rank=self.rank if self._rank_local() else None,
-            metadata=metadata,
-        )
+        side = sidecar.document(self.save_id, metadata_name, metadata_bytes, payloads, tables)
+        commit.commit(str(self.path), metadata_name, metadata_bytes, side, self.save_id,
+                      sync=self.sync_files, overwrite=self.overwrite, rank=rank, metadata=metadata)
