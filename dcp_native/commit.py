@@ -29,13 +29,15 @@ until a save finds their markers unlocked.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import functools
 import os
 import re
 import socket
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from . import _fileio, checkpoint, sidecar
 from ._errors import CheckpointBusyError, CheckpointError
@@ -60,12 +62,13 @@ _NAMES = [
 _METADATA_RE = re.compile(r"^(?:__\d+)?\.metadata$")
 
 
-def marker_name(tag: str) -> str:
-    return f".dcp_native.{tag}.lock"
+def _marker_path(directory: str, tag: str) -> str:
+    return os.path.join(directory, f".dcp_native.{tag}.lock")
 
 
-def temp_name(metadata_name: str, tag: str) -> str:
-    return f"{metadata_name}.{tag}.tmp"
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def classify(name: str) -> tuple[str, int | None, str | None] | None:
@@ -144,7 +147,7 @@ class SaveMarker:
     def __init__(self, directory: str, tag: str) -> None:
         self.directory = directory
         self.tag = tag
-        self.path = os.path.join(directory, marker_name(tag))
+        self.path = _marker_path(directory, tag)
         self.fd = _fileio.open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644, what="lock file")
         try:
             # On a filesystem without locks the marker's presence is all there is
@@ -167,14 +170,10 @@ class SaveMarker:
 
     def release(self) -> None:
         """Remove the marker and drop its lock (idempotent)."""
-        if self.fd < 0:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        _fileio.close_quietly(self.fd)
-        self.fd = -1
+        if self.fd >= 0:
+            _remove(self.path)
+            _fileio.close_quietly(self.fd)
+            self.fd = -1
 
     def __del__(self) -> None:
         # Dropped without release (the save's owner went away): the lock goes
@@ -186,17 +185,15 @@ class SaveMarker:
 
 def save_alive(directory: str, tag: str) -> bool:
     """Whether save ``tag`` is provably alive: its marker exists and someone holds its lock."""
-    path = os.path.join(directory, marker_name(tag))
     try:
-        fd = _fileio.open_regular(path, os.O_RDONLY, what="lock file")
+        fd = _fileio.open_regular(_marker_path(directory, tag), os.O_RDONLY, what="lock file")
     except FileNotFoundError:
         return False
     except (OSError, CheckpointError):
         return True  # cannot tell: keep its files
     try:
-        if not _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB):
-            return True  # no locks on this filesystem: cannot prove it dead
-        return False
+        # True without locks on this filesystem: the save cannot be proved dead.
+        return not _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
@@ -232,42 +229,33 @@ def committed_files(directory: str, known: dict[str, Any] | None = None) -> set[
     return keep
 
 
-def remove_dead(directory: str, keep: set[str], own_tag: str | None, rank: int | None) -> list[str]:
-    """Remove files of dead saves that no committed metadata names; returns their names.
+def _listing(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _save_files(names: list[str], rank: int | None = None) -> Iterator[tuple[str, str, str | None]]:
+    """``(name, kind, tag)`` of the files saves write among ``names`` (``rank``'s, if given)."""
+    for name in names:
+        kind = classify(name)
+        if kind is not None and (rank is None or kind[1] == rank):
+            yield name, kind[0], kind[2]
+
+
+def remove_dead(directory: str, keep: set[str], own_tag: str | None, rank: int | None) -> None:
+    """Remove files of dead saves that no committed metadata names (best effort).
 
     Call under the :class:`DirectoryLock`. Files of ``own_tag`` and of live
     saves stay. With ``rank`` (a rank-local save) only that rank's files are
     considered. Untagged data files (stock's, earlier dcp_native's) go when no
     metadata names them.
     """
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    alive: dict[str, bool] = {}
-    for name in names:
-        kind = classify(name)
-        if kind is None or name in keep:
-            continue
-        _, file_rank, tag = kind
-        if rank is not None and file_rank != rank:
-            continue
-        if tag is not None:
-            if tag == own_tag:
-                continue
-            if tag not in alive:
-                alive[tag] = save_alive(directory, tag)
-            if alive[tag]:
-                continue
-        try:
-            os.unlink(os.path.join(directory, name))
-            removed.append(name)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            pass  # best effort: a later save tries again
-    return removed
+    alive = functools.cache(lambda tag: save_alive(directory, tag))
+    for name, _, tag in _save_files(_listing(directory), rank):
+        if name not in keep and (tag is None or (tag != own_tag and not alive(tag))):
+            _remove(os.path.join(directory, name))
 
 
 def clean_before_save(directory: str, own_tag: str, rank: int | None) -> None:
@@ -277,26 +265,17 @@ def clean_before_save(directory: str, own_tag: str, rank: int | None) -> None:
     read only when there can be something to remove: files of more than one
     dead save, or untagged data files, or no metadata at all.
     """
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
+    names = _listing(directory)
     dead: set[str] = set()
-    untagged = has_metadata = False
-    for name in names:
-        if _METADATA_RE.match(name):
-            has_metadata = True
-            continue
-        kind = classify(name)
-        if kind is None or (rank is not None and kind[1] != rank):
-            continue
-        tag = kind[2]
+    untagged = False
+    for _, _, tag in _save_files(names, rank):
         if tag is None:
             untagged = True
         elif tag != own_tag and tag not in dead and not save_alive(directory, tag):
             dead.add(tag)
     if not dead and not untagged:
         return
+    has_metadata = any(_METADATA_RE.match(name) for name in names)
     if has_metadata and not untagged and len(dead) == 1:
         return  # the one dead save is, in all likelihood, the committed checkpoint
     keep = committed_files(directory) if has_metadata else set()
@@ -311,22 +290,9 @@ def remove_own(directory: str, tag: str, keep: set[str] | None) -> None:
     names them (``keep``; None means it cannot be known, and nothing but
     temporary files goes).
     """
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        kind = classify(name)
-        if kind is None or kind[2] != tag or kind[0] == "marker":
-            continue
-        if keep is None and kind[0] != "temp":
-            continue
-        if keep is not None and name in keep:
-            continue
-        try:
-            os.unlink(os.path.join(directory, name))
-        except OSError:
-            pass
+    for name, kind, file_tag in _save_files(_listing(directory)):
+        if file_tag == tag and kind != "marker" and (kind == "temp" if keep is None else name not in keep):
+            _remove(os.path.join(directory, name))
 
 
 # --------------------------------------------------------------------------- the commit
@@ -386,7 +352,7 @@ def commit(
     faults = _fileio.Faults()
     tag = sidecar.save_tag(save_id)
     metadata_path = os.path.join(directory, metadata_name)
-    temp_path = os.path.join(directory, temp_name(metadata_name, tag))
+    temp_path = os.path.join(directory, f"{metadata_name}.{tag}.tmp")
     sidecar_path = os.path.join(directory, sidecar.file_name(metadata_name, save_id))
     with DirectoryLock(directory, faults):
         renamed = False
@@ -407,11 +373,8 @@ def commit(
                 _fsync_directory(directory, faults)
         except BaseException:
             if not renamed:
-                for path in (temp_path, sidecar_path):
-                    try:
-                        os.unlink(path)
-                    except OSError:
-                        pass
+                _remove(temp_path)
+                _remove(sidecar_path)
             raise
         keep = committed_files(directory, {metadata_name: metadata} if metadata is not None else None)
         if keep is not None:
