@@ -53,63 +53,46 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print one JSON document (for scripts)")
         return p
 
-    command(
-        "inspect",
-        cmd_inspect,
-        brief="list keys with dtype, shape, bytes, chunks and files",
-        description=(
-            "List every key of a DCP checkpoint: tensors with dtype, global shape, bytes,\n"
-            "number of saved chunks and data files; objects (non-tensor entries) with\n"
-            "their type, read from the pickle's opcodes without unpickling anything\n"
-            "(short scalars show their value); totals; and whether dcp_native wrote it\n"
-            "(its sidecar is present and belongs to this save) or stock DCP."
-        ),
-        on_checkpoint=True,
-    )
+    command("inspect", cmd_inspect, "list keys with dtype, shape, bytes, chunks and files", (
+        "List every key of a DCP checkpoint: tensors with dtype, global shape, bytes,\n"
+        "number of saved chunks and data files; objects (non-tensor entries) with\n"
+        "their type, read from the pickle's opcodes without unpickling anything\n"
+        "(short scalars show their value); totals; and whether dcp_native wrote it\n"
+        "(its sidecar is present and belongs to this save) or stock DCP."
+    ), on_checkpoint=True)
 
-    p = command(
-        "verify",
-        cmd_verify,
-        brief="check that a checkpoint is intact (exit 0) or list what is wrong (exit 1)",
-        description=(
-            "Check a DCP checkpoint without loading it: .metadata loads; every chunk of\n"
-            "every tensor has a saved item; every data file exists and is long enough;\n"
-            "items do not overlap; every item's framing parses (zip end records, central\n"
-            "directory, local headers, data.pkl), its dtype and shape agree with the\n"
-            "metadata and its payload lies inside the item; the dcp_native sidecar\n"
-            "agrees with the archives. Only item headers and trailers are read, unless\n"
-            "--read-all. Every problem is listed with its file, offset and key. Every\n"
-            "4 KiB block of each data file that has a CRC32C table (dcp_native writes\n"
-            "them by default with its native engine) is read and checked, and the\n"
-            "sidecar and tables are checked against what the save recorded. A directory\n"
-            "with data files but no .metadata is reported as damaged (exit 1); one\n"
-            "without either is not a checkpoint (exit 2)."
-        ),
-        on_checkpoint=True,
-    )
+    p = command("verify", cmd_verify,
+                "check that a checkpoint is intact (exit 0) or list what is wrong (exit 1)", (
+        "Check a DCP checkpoint without loading it: .metadata loads; every chunk of\n"
+        "every tensor has a saved item; every data file exists and is long enough;\n"
+        "items do not overlap; every item's framing parses (zip end records, central\n"
+        "directory, local headers, data.pkl), its dtype and shape agree with the\n"
+        "metadata and its payload lies inside the item; the dcp_native sidecar\n"
+        "agrees with the archives. Only item headers and trailers are read, unless\n"
+        "--read-all. Every problem is listed with its file, offset and key. Every\n"
+        "4 KiB block of each data file that has a CRC32C table (dcp_native writes\n"
+        "them by default with its native engine) is read and checked, and the\n"
+        "sidecar and tables are checked against what the save recorded. A directory\n"
+        "with data files but no .metadata is reported as damaged (exit 1); one\n"
+        "without either is not a checkpoint (exit 2)."
+    ), on_checkpoint=True)
     p.add_argument("--read-all", action="store_true",
                    help="also read every byte of every item (finds unreadable sectors; slow on big checkpoints)")
     p.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                    help="progress bar on stderr; auto: when stderr is a terminal and the checkpoint has "
                    f"{_PROGRESS_MIN_ITEMS}+ items or {_human(_PROGRESS_MIN_BYTES)}+ to read (default: auto)")
 
-    p = command(
-        "convert",
-        cmd_convert,
-        brief="DCP checkpoint <-> single torch.save file",
-        description=(
-            "Convert between a DCP checkpoint directory and a single torch.save file. The\n"
-            "direction follows SRC: a directory (holding .metadata) becomes a torch.save\n"
-            "file of full tensors assembled from their chunks, objects included; a file\n"
-            "saved with torch.save (holding a dict) becomes a DCP checkpoint written by\n"
-            "dcp_native. Nested dicts are kept (the checkpoint's planner data says how);\n"
-            "--flat writes dotted keys instead. Only the requested keys are read, so\n"
-            "memory follows the output's size.\n\n"
-            "Objects are unpickled with torch.load(weights_only=True); --allow-pickle\n"
-            "unpickles anything (this runs code from the input: trusted inputs only)."
-        ),
-        on_checkpoint=False,
-    )
+    p = command("convert", cmd_convert, "DCP checkpoint <-> single torch.save file", (
+        "Convert between a DCP checkpoint directory and a single torch.save file. The\n"
+        "direction follows SRC: a directory (holding .metadata) becomes a torch.save\n"
+        "file of full tensors assembled from their chunks, objects included; a file\n"
+        "saved with torch.save (holding a dict) becomes a DCP checkpoint written by\n"
+        "dcp_native. Nested dicts are kept (the checkpoint's planner data says how);\n"
+        "--flat writes dotted keys instead. Only the requested keys are read, so\n"
+        "memory follows the output's size.\n\n"
+        "Objects are unpickled with torch.load(weights_only=True); --allow-pickle\n"
+        "unpickles anything (this runs code from the input: trusted inputs only)."
+    ), on_checkpoint=False)
     p.add_argument("src", metavar="SRC", help="a DCP checkpoint directory, or a torch.save file")
     p.add_argument("dst", metavar="DST", help="the torch.save file, or DCP directory, to write")
     p.add_argument("--keys", nargs="+", action="extend", metavar="K",
@@ -150,12 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except CommandFailed as exc:
-        print(f"{PROG}: failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except BrokenPipeError:
         # `dcp-native inspect ... | head`: not an error.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -164,9 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:
-        print(f"{PROG}: failed: {_os_error_text(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+    except (UsageError, CommandFailed, OSError) as exc:
+        usage = isinstance(exc, UsageError)
+        text = _os_error_text(exc) if isinstance(exc, OSError) else exc
+        print(f"{PROG}: {'error' if usage else 'failed'}: {text}", file=sys.stderr)
+        return EXIT_USAGE if usage else EXIT_FAILED
     except SystemExit:
         raise
     except BaseException as exc:  # a bug: show it, with a code of its own

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import functools
 import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
@@ -51,30 +52,6 @@ class Problem:
         return f"{where}: {self.message}" if where else self.message
 
 
-class _Progress:
-    """A one-line progress bar on stderr (\\r updates), or nothing."""
-
-    def __init__(self, label: str, total: int, count: Callable[[int, int], str], enabled: bool) -> None:
-        self.label, self.total, self.count, self.enabled = label, max(total, 1), count, enabled
-        self.done, self._last = 0, 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.1 and self.done < self.total):
-            return
-        self._last = now
-        frac = min(1.0, self.done / self.total)
-        sys.stderr.write(f"\r{self.label} [{'#' * int(30 * frac):<30}] {frac:4.0%} "
-                         f"{self.count(self.done, self.total)}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 class _Verifier:
     """The verify passes over the checkpoint in ``directory``; each appends to ``problems``."""
 
@@ -91,11 +68,29 @@ class _Verifier:
             where = {"file": item.file, "offset": item.offset, "key": item.key, **where}
         self.problems.append(Problem(message=message, **where))
 
-    def _progress(self, label: str, total: int, count: Callable[[int, int], str]) -> _Progress:
+    @contextlib.contextmanager
+    def _progress(self, label: str, total: int,
+                  count: Callable[[int, int], str]) -> Iterator[Callable[[int], None]]:
+        """A one-line progress bar on stderr (\\r updates), or nothing; yields what advances it."""
         big = len(self.ck.item_list) >= _PROGRESS_MIN_ITEMS or sum(self.ck.sizes.values()) >= _PROGRESS_MIN_BYTES
-        enabled = self.progress_mode == "always" or (
-            self.progress_mode == "auto" and sys.stderr.isatty() and big)
-        return _Progress(label, total, count, enabled)
+        enabled = self.progress_mode == "always" or (self.progress_mode == "auto" and big and sys.stderr.isatty())
+        done, last, total = 0, 0.0, max(total, 1)
+
+        def advance(n: int) -> None:
+            nonlocal done, last
+            done += n
+            if not enabled or (time.monotonic() - last < 0.1 and done < total):
+                return
+            last, frac = time.monotonic(), min(1.0, done / total)
+            sys.stderr.write(f"\r{label} [{'#' * int(30 * frac):<30}] {frac:4.0%} {count(done, total)}")
+            sys.stderr.flush()
+
+        try:
+            yield advance
+        finally:
+            if enabled:
+                sys.stderr.write("\n")
+                sys.stderr.flush()
 
     def run(self, read_all: bool) -> None:
         self.check_metadata()
@@ -202,10 +197,9 @@ class _Verifier:
         if len(items) < len(self.ck.readable):
             self.notes.append(f"{_plural(len(self.ck.readable) - len(items), 'item')} written with "
                               "stream transforms: bounds checked, framing not parsed")
-        progress = self._progress("verify", len(items), lambda done, total: f"{done}/{total} items")
-        try:
+        with self._progress("verify", len(items), lambda done, total: f"{done}/{total} items") as advance:
             for item, archive in _archives(self.ck, items):
-                progress.update(1)
+                advance(1)
                 try:
                     if isinstance(archive, Exception):
                         raise archive
@@ -215,8 +209,6 @@ class _Verifier:
                     self.problem(f"not a readable torch.save archive: {exc}", item)
                 except OSError as exc:
                     self.problem(f"cannot read the item: {_os_error_text(exc)}", item)
-        finally:
-            progress.close()
 
     def _check_item(self, item: Item, archive: Archive) -> None:
         """Its data.pkl and, for a tensor, where the payload lies, against the metadata and sidecar.
@@ -257,19 +249,16 @@ class _Verifier:
         and each owner's first failure: ``{owner: (file offset, OSError)}``."""
         pieces = [(owner, rel, offset + start, min(_READ_BUDGET, length - start))
                   for owner, rel, offset, length in spans for start in range(0, length, _READ_BUDGET)]
-        progress = self._progress(label, sum(p[3] for p in pieces),
-                                  lambda done, total: f"{_human(done)}/{_human(total)}")
         done, failed = 0, {}
-        try:
+        with self._progress(label, sum(p[3] for p in pieces),
+                            lambda done, total: f"{_human(done)}/{_human(total)}") as advance:
             for k, got in checkpoint.read_rounds([[p[1:]] for p in pieces], read, _READ_BUDGET, isolate=True):
                 owner, _, offset, n = pieces[k]
-                progress.update(n)
+                advance(n)
                 if isinstance(got, OSError):
                     failed.setdefault(owner, (offset, got))
                 else:
                     done += n
-        finally:
-            progress.close()
         return done, failed
 
     def read_all(self) -> None:
