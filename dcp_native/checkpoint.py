@@ -99,6 +99,7 @@ class Checkpoint:
         sd_md = self.metadata.state_dict_metadata
         for index, info in (self.metadata.storage_data or {}).items():
             md = sd_md.get(index.fqn)
+            chunk = isinstance(md, TensorStorageMetadata) and index.offset is not None
             item = Item(
                 key=index.fqn,
                 kind="tensor" if isinstance(md, TensorStorageMetadata) or index.offset is not None
@@ -109,13 +110,10 @@ class Checkpoint:
                 length=info.length if isinstance(info.length, int) else -1,
                 transformed=bool(getattr(info, "transform_descriptors", None)),
             )
-            if isinstance(md, TensorStorageMetadata) and index.offset is not None:
-                item.dtype = md.properties.dtype
-                item.chunk_offsets = tuple(index.offset)
-                for chunk in md.chunks:
-                    if tuple(chunk.offsets) == item.chunk_offsets:
-                        item.chunk_sizes = tuple(chunk.sizes)
-                        break
+            if chunk:
+                item.dtype, item.chunk_offsets = md.properties.dtype, tuple(index.offset)
+                item.chunk_sizes = next(
+                    (tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == item.chunk_offsets), None)
             items.append(item)
         return items
 
@@ -132,9 +130,7 @@ class Checkpoint:
 
     def entry(self, rel: str, offset: int) -> tuple[int, int] | None:
         """The usable sidecar's ``(item length, payload offset)`` of the item at ``offset``."""
-        if not self.sidecar.usable:
-            return None
-        return self.sidecar.entries.get(rel, {}).get(offset)
+        return self.sidecar.entries.get(rel, {}).get(offset) if self.sidecar.usable else None
 
     def missing_table(self, rel: str) -> str | None:
         """Why data file ``rel`` has no checksum table to trust (None: it has one)."""
@@ -226,11 +222,8 @@ def sidecar_payload(entry: tuple[int, int], length: int, offset: int, dtype: Any
     """
     entry_length, payload = entry
     nbytes = dtype.itemsize * math.prod(size)
-    fits = (
-        entry_length == length
-        and (offset + payload) % layout.payload_alignment(nbytes) == 0
-        and payload + nbytes + layout.trailer_length(offset, payload, nbytes) == length
-    )
+    fits = (entry_length == length and (offset + payload) % layout.payload_alignment(nbytes) == 0
+            and payload + nbytes + layout.trailer_length(offset, payload, nbytes) == length)
     return payload if fits else None
 
 
@@ -355,12 +348,8 @@ def buffer_address(buf: bytearray) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
 
 
-def read_rounds(
-    groups: Sequence[Sequence[tuple[str, int, int]]],
-    read: Callable[[dict[str, list[Box]]], None],
-    budget: int,
-    isolate: bool = False,
-) -> Iterator[tuple[int, list[bytearray] | OSError]]:
+def read_rounds(groups: Sequence[Sequence[tuple]], read: Callable[[dict[str, list[Box]]], None], budget: int,
+                isolate: bool = False) -> Iterator[tuple[int, list[bytearray] | OSError]]:
     """Read groups of ``(file, offset, nbytes[, key])`` ranges in rounds of at most ``budget`` bytes.
 
     ``read`` runs one round's boxes (per data file; ``key`` names a box in errors) through the
@@ -397,12 +386,8 @@ def read_rounds(
         i = j
 
 
-def probe(
-    items: Sequence[tuple[str, int, int]],
-    read: Callable[[dict[str, list[Box]]], None],
-    budget: int,
-    isolate: bool = False,
-) -> Iterator[tuple[int, ItemBytes | OSError]]:
+def probe(items: Sequence[tuple[str, int, int]], read: Callable[[dict[str, list[Box]]], None], budget: int,
+          isolate: bool = False) -> Iterator[tuple[int, ItemBytes | OSError]]:
     """Head and tail of each ``(file, offset, length)`` item (:func:`read_rounds` of them)."""
     spans = [[(rel, off, n)] if n <= 2 * PROBE_BYTES
              else [(rel, off, PROBE_BYTES), (rel, off + n - PROBE_BYTES, PROBE_BYTES)]
@@ -420,7 +405,7 @@ def _boxes(ranges: Iterable[tuple]) -> dict[str, list[Box]]:
     boxes: dict[str, list[Box]] = {}
     for rel, offset, buf, *key in ranges:
         if len(buf):
-            boxes.setdefault(rel, []).append(Box(offset, buffer_address(buf), len(buf), key=(key or [None])[0]))
+            boxes.setdefault(rel, []).append(Box(offset, buffer_address(buf), len(buf), key=next(iter(key), None)))
     return boxes
 
 
@@ -431,13 +416,9 @@ def read_boxes(engine: Any, directory: str, boxes: dict[str, list[Box]], threads
         engine.read(files, threads=threads)
 
 
-def read_ranges(
-    engine: Any, directory: str, ranges: Sequence[tuple[str, int, int]], threads: int
-) -> list[bytearray]:
-    """Read ``(relative path, offset, nbytes)`` ranges through the engine, in one call."""
-    bufs = [bytearray(n) for _, _, n in ranges]
-    read_boxes(engine, directory, _boxes((rel, offset, buf) for (rel, offset, _), buf in zip(ranges, bufs)), threads)
-    return bufs
+def read_ranges(engine: Any, directory: str, ranges: Sequence[tuple[str, int, int]], threads: int) -> list[bytearray]:
+    """Read ``(relative path, offset, nbytes)`` ranges through the engine, in one call (one round)."""
+    return next(read_rounds([ranges], lambda boxes: read_boxes(engine, directory, boxes, threads), 0))[1]
 
 
 @dataclasses.dataclass
@@ -458,18 +439,16 @@ def checked_read(engine: Any, reads: Sequence[FileRead], **kwargs: Any) -> tuple
     The engine widens the reads of a file with a table to whole blocks and
     checks every block they touch (see "Checks" in :mod:`dcp_native.engine`).
     """
-    files = [ReadFile(r.path, r.min_size, encode_boxes(r.boxes), table=r.table, device=r.device,
-                      stream=r.stream) for r in reads]
-    stats = engine.read(files, **kwargs)
+    stats = engine.read([ReadFile(r.path, r.min_size, encode_boxes(r.boxes), table=r.table, device=r.device,
+                                  stream=r.stream) for r in reads], **kwargs)
     return stats, [(i, k * reads[i].table.block) for i, k in stats.failed_blocks]
 
 
 def owner(boxes: Iterable[Box], lo: int, hi: int) -> str | None:
     """The key of a box that reads bytes of ``[lo, hi)`` (None: framing only)."""
     for box in boxes:
-        if box.key is None:
-            continue
         start, end = box.file_span
-        if start < hi and end > lo and any(f < hi and f + box.inner_bytes > lo for f, _ in box.runs_iter()):
+        if box.key is not None and start < hi and end > lo and any(
+                f < hi and f + box.inner_bytes > lo for f, _ in box.runs_iter()):
             return box.key
     return None

@@ -1,12 +1,10 @@
 """Checksums of data files: the CRC32C table format.
 
-Every data file written with checksums gets a companion ``<data file>.crc32c``:
-the CRC32C of each ``block``-byte block of the data file as written (item
-framing and payloads alike; the last block may be short). Blocks are small
-(4 KiB) and payloads of 64 KiB and more start on a 4 KiB boundary, so a read
-of part of a tensor verifies the blocks it touches: the engine checks them
-where the read lands, reading the few bytes around it that complete its
-edge blocks (see "Checks" in :mod:`dcp_native.engine`).
+Every data file written with checksums gets a companion ``<data file>.crc32c``: the CRC32C of
+each ``block``-byte block of the data file as written (framing and payloads alike; the last block
+may be short). Blocks are small (4 KiB) and payloads of 64 KiB and more start on a 4 KiB boundary,
+so a read of part of a tensor verifies just the blocks it touches (the engine reads the few bytes
+that complete its edge blocks; see "Checks" in :mod:`dcp_native.engine`).
 
 Table file layout (little-endian)::
 
@@ -64,35 +62,27 @@ class Table:
 
 
 def load_table(path: str, info, data_path: str, data_size: int) -> Table:
-    """The checksum table at ``path``, checked against what the sidecar recorded (``info``).
-
-    ``info`` is the sidecar's :class:`~dcp_native.sidecar.TableInfo` (size and
-    SHA-256 of the table file); ``data_size`` is the size of the data file the
-    table describes. Raises :class:`~dcp_native.IntegrityError` when the table
-    is not the one the save wrote or does not describe the data file as it is
+    """The checksum table at ``path``, checked against the sidecar's
+    :class:`~dcp_native.sidecar.TableInfo` (``info``: the table file's size and SHA-256) and
+    the size of the data file it describes (``data_size``). Raises :class:`~dcp_native.IntegrityError`
+    when the table is not the one the save wrote or does not describe the data file as it is
     now: its checksums then cannot vouch for anything.
     """
     def refuse(why: str) -> IntegrityError:
-        return IntegrityError(
-            f"{path}: {why}; the blocks of {data_path} cannot be verified", filename=path
-        )
+        return IntegrityError(f"{why}; the blocks of {data_path} cannot be verified", filename=path)
 
     try:
         raw = _fileio.read_regular(path, info.size, what="checksum table")
     except FileNotFoundError:
-        raise refuse("the checksum table is missing") from None
+        raise refuse(f"{path}: the checksum table is missing") from None
     except CorruptCheckpointError as exc:  # not a regular file, or larger than recorded
-        raise IntegrityError(
-            f"{exc}; the blocks of {data_path} cannot be verified", filename=path
-        ) from None
-    if len(raw) != info.size or sidecar.digest(raw) != info.sha256:
-        raise refuse("the checksum table is not the one the save wrote (its size or SHA-256 differs)")
-    try:
-        block, size, count = parse_header(raw, path)
-    except ValueError as exc:
         raise refuse(str(exc)) from None
-    if len(raw) != HEADER.size + 4 * count:
-        raise refuse(f"the table has {len(raw)} bytes, its header implies {HEADER.size + 4 * count}")
+    if len(raw) != info.size or sidecar.digest(raw) != info.sha256:
+        raise refuse(f"{path}: the checksum table is not the one the save wrote (its size or SHA-256 differs)")
+    # The save wrote this table (its SHA-256 is the sidecar's): a bad header is the writer's bug.
+    magic, block, _, size, count = HEADER.unpack_from(raw) if len(raw) >= HEADER.size else (b"", 0, 0, 0, 0)
+    if magic != MAGIC or block <= 0 or count != -(-size // block) or len(raw) != HEADER.size + 4 * count:
+        raise refuse(f"{path}: the file is not a dcp_native checksum table (bad header or length)")
     if size != data_size:
         raise IntegrityError(
             f"{data_path} has {data_size} bytes, but its checksum table describes {size}: "
@@ -102,13 +92,3 @@ def load_table(path: str, info, data_path: str, data_size: int) -> Table:
     crcs = array("I")
     crcs.frombytes(raw[HEADER.size :])
     return Table(block, size, crcs)
-
-
-def parse_header(data: bytes, path: str) -> tuple[int, int, int]:
-    """(block, size, count) from a table file's header; ValueError if it is not one."""
-    if len(data) < HEADER.size:
-        raise ValueError(f"{path} is too short to be a checksum table")
-    magic, block, _, size, count = HEADER.unpack_from(data)
-    if magic != MAGIC or block <= 0 or count != (-(-size // block) if size else 0):
-        raise ValueError(f"{path} is not a dcp_native checksum table")
-    return block, size, count

@@ -1,17 +1,11 @@
 """Load planning: one ``read_data`` call's ReadItems -> engine reads -> tensors handed back to DCP.
 
-Every tensor read becomes a strided copy of exactly the bytes it needs,
-straight into the destination tensor (:func:`dcp_native.plan.read_box`),
-handed to the engine with all the other reads of the same load (sorted,
-coalesced and spread over threads there). Where a payload lies comes from the
-checkpoint model (:mod:`dcp_native.checkpoint`): a sidecar entry checked
-against the metadata and framing, or, for checkpoints written by stock DCP,
-the item's own zip headers (two small probe reads per item, no
-``torch.load``). What a strided copy cannot do takes a buffered path with
-bounded memory: a destination of another dtype or device (read, then
-``copy_`` with DCP's casting), element-wise layouts (read the covering
-range, then ``copy_``), stream transforms and exotic payloads (read the item,
-then stock's decoding).
+Every tensor read becomes a strided copy of exactly the bytes it needs, straight into the
+destination (:func:`dcp_native.plan.read_box`), its payload located by the checkpoint model (a
+checked sidecar entry, or for stock checkpoints the item's own zip headers: two small probe reads,
+no ``torch.load``). What a strided copy cannot do takes a buffered path with bounded memory: other
+dtypes or devices and element-wise layouts (read the covering range, then ``copy_`` with DCP's
+casting), stream transforms and exotic payloads (read the item, then stock's decoding).
 """
 
 from __future__ import annotations
@@ -76,7 +70,7 @@ class LoadRun:
         self.state_md = metadata.state_dict_metadata if metadata is not None else {}
         self.min_sizes: dict[str, int] = {}
         self.stats = ReadStats()
-        self._chunks: dict[str, dict[tuple, Any]] = {}
+        self._chunks: dict[str, dict[tuple, tuple[int, ...]]] = {}
         #: data file -> its checksum table, for the files this read verifies
         self.tables: dict[str, integrity.Table] = {}
         #: Reads straight into destinations: data file -> boxes into host memory,
@@ -85,7 +79,6 @@ class LoadRun:
         self.device_direct: dict[tuple[str, int], list[Box]] = {}
         self.commits: list[tuple[ReadItem, torch.Tensor]] = []
         self.buffered: list[_Buffered] = []
-        self._cuda_usable: bool | None = None
         self._reqs_by_file: dict[str, list[ReadItem]] = {}
 
     # -------------------------------------------------------------- helpers
@@ -97,13 +90,10 @@ class LoadRun:
         return self.storage_data[req.storage_index]
 
     def _chunk_size(self, req: ReadItem) -> tuple[torch.dtype, tuple[int, ...]]:
-        index = req.storage_index
-        chunks = self._chunks.get(index.fqn)
-        if chunks is None:
-            chunks = self._chunks[index.fqn] = {
-                tuple(c.offsets): c for c in self.state_md[index.fqn].chunks
-            }
-        return self.state_md[index.fqn].properties.dtype, tuple(chunks[tuple(index.offset)].sizes)
+        index, md = req.storage_index, self.state_md[req.storage_index.fqn]
+        if index.fqn not in self._chunks:
+            self._chunks[index.fqn] = {tuple(c.offsets): tuple(c.sizes) for c in md.chunks}
+        return md.properties.dtype, self._chunks[index.fqn][tuple(index.offset)]
 
     def _corrupt(self, rel: str, key: str, offset: int, why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -123,9 +113,8 @@ class LoadRun:
         """Host reads in one engine call, reads into CUDA memory in one per device (a pool
         serves one device); blocks checked against the tables of verified files."""
         calls: dict[int, list[FileRead]] = {}
-        for (rel, device), boxes in [((rel, -1), bx) for rel, bx in boxes_by_file.items()] + list(
-            (device_boxes or {}).items()
-        ):
+        for (rel, device), boxes in [*(((rel, -1), bx) for rel, bx in boxes_by_file.items()),
+                                     *(device_boxes or {}).items()]:
             if boxes:
                 calls.setdefault(device, []).append(FileRead(
                     self._path(rel), self.min_sizes.get(rel, 0), boxes, self.tables.get(rel),
@@ -143,33 +132,23 @@ class LoadRun:
                 raise self._explain_truncation(exc) from None
             self.stats.bytes_read += stats.bytes_read
             self.stats.calls += stats.calls
-            for index, offset in failed:
-                read = reads[index]
-                block = read.table.block
+            for index, offset in failed:  # the first failed block raises
+                read, block = reads[index], reads[index].table.block
                 key = checkpoint.owner(read.boxes, offset, offset + block)
                 raise IntegrityError(
                     f"{read.path}: checksum mismatch in the {block}-byte block at offset {offset}"
-                    + (f", read for {key!r}" if key else "")
-                    + ": the data on disk is not what was written",
-                    filename=read.path,
-                    key=key,
-                    offset=offset,
+                    f"{f', read for {key!r}' if key else ''}: the data on disk is not what was written",
+                    filename=read.path, key=key, offset=offset,
                 )
 
     def _explain_truncation(self, exc: TruncatedFileError) -> TruncatedFileError:
+        """``exc``, naming the first item of its file that ends past the file's end."""
         for rel, reqs in self._reqs_by_file.items():
-            if os.path.abspath(self._path(rel)) != os.path.abspath(exc.filename):
-                continue
-            for req in reqs:
-                info = self._info(req)
-                if info.offset + info.length > exc.actual:
-                    return TruncatedFileError(
-                        exc.filename,
-                        max(exc.expected, info.offset + info.length),
-                        exc.actual,
-                        key=req.storage_index.fqn,
-                        offset=info.offset,
-                    )
+            if os.path.abspath(self._path(rel)) == os.path.abspath(exc.filename):
+                for info, req in ((self._info(req), req) for req in reqs):
+                    if info.offset + info.length > exc.actual:
+                        return TruncatedFileError(exc.filename, max(exc.expected, info.offset + info.length),
+                                                  exc.actual, key=req.storage_index.fqn, offset=info.offset)
         return exc
 
     # -------------------------------------------------------------- main flow
@@ -295,7 +274,7 @@ class LoadRun:
             and target.layout == torch.strided
             and not target.is_quantized
             and type(target) is torch.Tensor
-            and (self._device_fast() if device >= 0 else target.device.type == "cpu")
+            and (self._device_fast if device >= 0 else target.device.type == "cpu")
         )
         if fast:
             box = box_at(target.data_ptr(), target.stride())
@@ -326,13 +305,12 @@ class LoadRun:
 
         self.buffered.append(_Buffered(info.relative_path, lo, hi - lo, finish, req.storage_index.fqn))
 
+    @functools.cached_property
     def _device_fast(self) -> bool:
         """Whether the engine reads straight into CUDA destinations (through pinned staging;
         verified loads too: the engine checks each block in its pinned buffer)."""
-        if self._cuda_usable is None:
-            status = getattr(self.engine, "cuda_status", None)
-            self._cuda_usable = bool(status is not None and status().usable)
-        return self._cuda_usable
+        status = getattr(self.engine, "cuda_status", None)
+        return bool(status is not None and status().usable)
 
     # -------------------------------------------------------------- bytes / whole items
 

@@ -1,11 +1,7 @@
-"""FileSystemReader: DCP's StorageReader protocol over the engine.
+"""FileSystemReader: DCP's StorageReader protocol over the engine, a thin adapter as stock's is.
 
-A thin adapter, as stock's is: ``read_metadata`` opens the checkpoint through
-the checkpoint model (:mod:`dcp_native.checkpoint`: restricted unpickler,
-sidecar), ``set_up_storage_reader`` validates every item location, and
-``read_data`` hands the plan to the load planner (:mod:`dcp_native.load_plan`),
-which turns it into engine reads and gives the tensors back to DCP. Loads
-checkpoints written by dcp_native and by stock DCP.
+``read_metadata`` opens the checkpoint through the checkpoint model, ``set_up_storage_reader``
+validates every item location, and ``read_data`` hands the plan to :mod:`dcp_native.load_plan`.
 """
 
 from __future__ import annotations
@@ -115,11 +111,9 @@ class FileSystemReader(_stock.FileSystemReader):
 
     def staging_pool(self, engine: Any, device: int) -> Any:
         """The pinned pool of ``device`` for ``engine``, created on first use."""
-        key = (engine.name, device)
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = self._pools[key] = engine.pinned_pool(device, self.staging_bytes)
-        return pool
+        if (engine.name, device) not in self._pools:
+            self._pools[engine.name, device] = engine.pinned_pool(device, self.staging_bytes)
+        return self._pools[engine.name, device]
 
     @property
     def staging_bytes_held(self) -> int:
@@ -150,17 +144,13 @@ class FileSystemReader(_stock.FileSystemReader):
         try:
             ck = checkpoint.Checkpoint(self.path, name)
         except FileNotFoundError:
-            if not os.path.isdir(self.path):
-                err: CheckpointError = IncompleteCheckpointError(
-                    f"{self.path} holds no checkpoint: the directory does not exist",
-                    filename=str(self.path),
-                )
-            else:
-                err = IncompleteCheckpointError(
-                    f"{self.path} holds no complete checkpoint: {_METADATA_NAME} is missing "
-                    "(it is written last, when every rank has finished its data files)",
-                    filename=os.path.join(self.path, _METADATA_NAME),
-                )
+            err: CheckpointError = IncompleteCheckpointError(
+                f"{self.path} holds no complete checkpoint: {_METADATA_NAME} is missing "
+                "(it is written last, when every rank has finished its data files)",
+                filename=os.path.join(self.path, _METADATA_NAME),
+            ) if os.path.isdir(self.path) else IncompleteCheckpointError(
+                f"{self.path} holds no checkpoint: the directory does not exist", filename=str(self.path)
+            )
             if rank is not None and self._missing_metadata is not None:
                 # The global metadata exists but was refused: that is the error to report.
                 err = self._missing_metadata
