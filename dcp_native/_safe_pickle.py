@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from torch import _weights_only_unpickler as _wo
+from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 from torch.distributed.checkpoint import metadata as _md
 
 from ._errors import CorruptCheckpointError, RefusedObjectError
@@ -135,13 +136,7 @@ _REFUSED_PATTERNS = (
     re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),
 )
 #: Lines of torch's error that say why, as opposed to its advice around them.
-_REASON_PREFIXES = (
-    "Unsupported global",
-    "Trying to",
-    "Unsupported operand",
-    "Can only",
-    "unsupported persistent id",
-)
+_REASON_PREFIXES = ("Unsupported global", "Trying to", "Unsupported operand", "Can only", "unsupported persistent id")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -186,10 +181,7 @@ def check_object(data: bytes | memoryview, *, key: str, filename: str, offset: i
 
 
 def _refusal(key: str, filename: str, offset: int, refused: str | None, reason: str) -> RefusedObjectError:
-    trust_checkpoint = (
-        "if you trust this checkpoint, read it with "
-        "dcp_native.FileSystemReader(path, allow_pickle=True)"
-    )
+    trust_checkpoint = "if you trust this checkpoint, read it with dcp_native.FileSystemReader(path, allow_pickle=True)"
     if refused is None:
         what = f"needs more than torch.load(weights_only=True) allows ({reason})"
         advice = trust_checkpoint
@@ -209,19 +201,14 @@ def _refusal(key: str, filename: str, offset: int, refused: str | None, reason: 
     return RefusedObjectError(
         f"{filename} at offset {offset}: the saved object {key!r} {what}; loading it could run code the "
         f"checkpoint brings along, so it was not loaded. {advice[0].upper()}{advice[1:]}",
-        refused=refused,
-        key=key,
-        filename=filename,
-        offset=offset,
+        refused=refused, key=key, filename=filename, offset=offset,
     )
 
 
 def _undecodable(key: str, filename: str, offset: int, reason: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"{filename} at offset {offset}: the saved object {key!r} cannot be decoded as a torch.save archive or pickle ({reason})",
-        key=key,
-        filename=filename,
-        offset=offset,
+        f"{filename} at offset {offset}: the saved object {key!r} cannot be decoded as a torch.save "
+        f"archive or pickle ({reason})", key=key, filename=filename, offset=offset,
     )
 
 
@@ -241,12 +228,8 @@ def _torch_reason(message: str) -> str:
 
 
 def _refused_in_message(message: str) -> str | None:
-    for pattern in _REFUSED_PATTERNS:
-        m = pattern.search(message)
-        if m:
-            name = m.group(1)
-            # torch drops "builtins." from the names it reports.
-            return name if "." in name else f"builtins.{name}"
+    for name in (m.group(1) for m in (p.search(message) for p in _REFUSED_PATTERNS) if m):
+        return name if "." in name else f"builtins.{name}"  # torch drops "builtins." from the names
     return None
 
 
@@ -266,20 +249,15 @@ def _scan(data: bytes) -> tuple[bool, str | None]:
     if data[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                names = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-                if not names:
-                    return False, None
-                stream = io.BytesIO(zf.read(names[0]))
-        except Exception:
+                name = next(n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+                stream, pickles = io.BytesIO(zf.read(name)), 1
+        except Exception:  # not a zip archive, or no data.pkl (StopIteration)
             return False, None
-        pickles = 1
     else:
         # The legacy format: magic number, protocol, system info and the object,
         # each a pickle of its own, then storage keys and raw storage bytes.
         stream = io.BytesIO(data)
         pickles = 4
-    from torch._utils import IMPORT_MAPPING, NAME_MAPPING
-
     for _ in range(pickles):
         found: list[tuple[str, str]] = []
         try:
@@ -289,10 +267,7 @@ def _scan(data: bytes) -> tuple[bool, str | None]:
             decodes = False
         for module, name in found:
             # torch's unpickler renames Python 2 names as pickle does.
-            if (module, name) in NAME_MAPPING:
-                module, name = NAME_MAPPING[(module, name)]
-            elif module in IMPORT_MAPPING:
-                module = IMPORT_MAPPING[module]
+            module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
             if not _allowed_by_torch(f"{module}.{name}"):
                 return True, f"{module}.{name}"
         if not decodes:
@@ -427,8 +402,6 @@ _PUSH = {
     "NEWFALSE": ("bool", False), "PERSID": ("persistent", None), "EXT1": ("extension", None),
     "EXT2": ("extension", None), "EXT4": ("extension", None), "NEXT_BUFFER": ("PickleBuffer", None),
 }
-#: Opcodes that pop what they use and push nothing, with how many items they pop.
-_DROP = {"BUILD": 1, "APPEND": 1, "POP": 1, "SETITEM": 2}
 _FROM_MARK = {"TUPLE": "tuple", "LIST": "list", "DICT": "dict", "FROZENSET": "frozenset"}
 _SCALARS = (bool, int, float, str)
 
@@ -478,9 +451,10 @@ def describe_pickle(source: bytes | BinaryIO, found: list[tuple[str, str]] | Non
                 marks.append(len(stack))
             elif name in _PUSH:
                 stack.append(_PUSH[name])
-            elif name in _DROP:
-                for _ in range(_DROP[name]):
-                    stack.pop()
+            elif name in ("BUILD", "APPEND", "POP"):
+                stack.pop()
+            elif name == "SETITEM":
+                del stack[-2:]
             elif name in ("GLOBAL", "INST"):
                 found.append(tuple(arg.split(" ", 1)))
                 described = ("global", arg.replace(" ", "."))
