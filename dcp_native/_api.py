@@ -5,19 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch.distributed.checkpoint as dcp
 
 from .reader import FileSystemReader
 from .staging import StagingBusyError
 from .writer import FileSystemWriter
-
-
-def _writer(checkpoint_id: str | os.PathLike | None, storage_writer: Any) -> Any:
-    if storage_writer is None and checkpoint_id is not None:
-        return FileSystemWriter(checkpoint_id)
-    return storage_writer
 
 
 class _PathQueue:
@@ -34,33 +28,32 @@ class _PathQueue:
         self._last: dict[str, threading.Event] = {}
 
     @contextlib.contextmanager
-    def turn(self, path: str | os.PathLike, timeout: float | None) -> Iterator[threading.Event]:
-        """Wait for the previous save to ``path``; yields the event that ends this one's turn.
+    def turn(self, path: str | os.PathLike, timeout: float | None) -> Iterator[Callable[[], None]]:
+        """Wait for the previous save to ``path``; yields the function that ends this one's turn.
 
-        The caller sets the event when its save has completed (or the body
-        raises, which sets it).
+        The caller calls it when its save has completed (a body that raises ends the turn).
         """
         key = os.path.realpath(os.fspath(path))
         done = threading.Event()
         with self._lock:
             previous, self._last[key] = self._last.get(key), done
+
+        def end() -> None:
+            done.set()
+            with self._lock:
+                if self._last.get(key) is done:
+                    del self._last[key]
+
         try:
             if previous is not None and not previous.wait(timeout):
                 raise StagingBusyError(
                     f"{key}: the previous save to this checkpoint did not complete within "
                     f"{timeout} s (saves to one directory run one after the other)"
                 )
-            yield done
+            yield end
         except BaseException:
-            self.end(key, done)
+            end()
             raise
-
-    def end(self, path: str | os.PathLike, done: threading.Event) -> None:
-        key = os.path.realpath(os.fspath(path))
-        done.set()
-        with self._lock:
-            if self._last.get(key) is done:
-                del self._last[key]
 
 
 _SAVES = _PathQueue()
@@ -82,14 +75,13 @@ def save(
         >>> path = tempfile.mkdtemp()
         >>> _ = dcp_native.save({"w": torch.ones(2)}, checkpoint_id=path, no_dist=True)
     """
-    writer = _writer(checkpoint_id, storage_writer)
-    if writer is storage_writer:
-        return dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)
-    with _SAVES.turn(checkpoint_id, writer.staging_timeout) as done:
-        try:
-            return dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)
-        finally:
-            _SAVES.end(checkpoint_id, done)
+    if storage_writer is not None or checkpoint_id is None:
+        return dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer, **kwargs)
+    writer = FileSystemWriter(checkpoint_id)
+    with _SAVES.turn(checkpoint_id, writer.staging_timeout) as end:
+        result = dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)
+        end()
+        return result
 
 
 def load(
@@ -147,32 +139,33 @@ def async_save(
         tensor([0., 0.])
         >>> _ = fut.result()
     """
-    writer = _writer(checkpoint_id, storage_writer)
-    if writer is storage_writer:
-        return _async_save(state_dict, checkpoint_id, writer, storage_writer, kwargs)
-    with _SAVES.turn(checkpoint_id, writer.staging_timeout) as done:
-        result = _async_save(state_dict, checkpoint_id, writer, storage_writer, kwargs)
-        getattr(result, "upload_completion", result).add_done_callback(
-            lambda _: _SAVES.end(checkpoint_id, done)
-        )
+    if storage_writer is not None or checkpoint_id is None:
+        return _async_save(state_dict, checkpoint_id, storage_writer, kwargs)[0]
+    writer = FileSystemWriter(checkpoint_id)
+    with _SAVES.turn(checkpoint_id, writer.staging_timeout) as end:
+        result, upload = _async_save(state_dict, checkpoint_id, writer, kwargs)
+        # A writer made for this call: its staging memory is not reused; free it now.
+        upload.add_done_callback(lambda _: writer.close())
+        upload.add_done_callback(lambda _: end())
     return result
 
 
-def _async_save(state_dict, checkpoint_id, writer, storage_writer, kwargs):
+def _lease(writer: Any) -> Any:
     staging = getattr(writer, "_staging", None)
-    before = staging.lease if staging is not None else None
+    return staging.lease if staging is not None else None
+
+
+def _async_save(state_dict, checkpoint_id, writer, kwargs) -> tuple[Any, Any]:
+    """DCP's async_save; returns its result and the future of the upload."""
+    before = _lease(writer)
     result = dcp.async_save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)
     # The writer's staging area is free again once the upload has completed,
     # whichever way it ended (the writer also learns it from its own calls).
-    staging = getattr(writer, "_staging", None)
-    lease = staging.lease if staging is not None else None
+    lease = _lease(writer)
     upload = getattr(result, "upload_completion", result)
     if lease is not None and lease is not before:
         upload.add_done_callback(lambda _: lease.release())
-    if writer is not storage_writer:
-        # A writer made for this call: its staging memory is not reused; free it now.
-        upload.add_done_callback(lambda _: writer.close())
-    return result
+    return result, upload
 
 
 def save_state_dict(state_dict: dict[str, Any], storage_writer: Any, **kwargs: Any):

@@ -87,16 +87,13 @@ class TensorFrame(NamedTuple):
 # --------------------------------------------------------------------------- data.pkl
 
 
-class _StorageRef:
-    __slots__ = ("storage_type", "numel")
-
-    def __init__(self, storage_type, numel: int) -> None:
-        self.storage_type = storage_type
-        self.numel = numel
+class _StorageRef(NamedTuple):
+    storage_type: Any
+    numel: int
 
 
 class _TensorRef:
-    __slots__ = ("reduced",)
+    """Pickles as ``reduced`` (the rebuild call torch.save records for a tensor)."""
 
     def __init__(self, reduced) -> None:
         self.reduced = reduced
@@ -118,46 +115,32 @@ def _v3_dtypes() -> frozenset:
     if new is not None:
         return frozenset(new())
     legacy = torch.storage._dtype_to_storage_type_map()
-    return frozenset(
-        d for d in vars(torch).values() if isinstance(d, torch.dtype) and d not in legacy
-    )
+    return frozenset(d for d in vars(torch).values() if isinstance(d, torch.dtype) and d not in legacy)
 
 
 @functools.lru_cache(maxsize=None)
 def _legacy_storage_types() -> dict:
-    return {
-        dtype: getattr(torch, name)
-        for dtype, name in torch.storage._dtype_to_storage_type_map().items()
-    }
+    return {dtype: getattr(torch, name) for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
 
 
 @functools.lru_cache(maxsize=4096)
 def tensor_pickle(dtype: torch.dtype, size: tuple[int, ...]) -> bytes:
     """``data.pkl`` of a contiguous CPU tensor, byte-identical to ``torch.save``'s."""
     numel = math.prod(size)
-    stride = contiguous_stride(size)
-    hooks = collections.OrderedDict()
+    args = (0, size, contiguous_stride(size), False, collections.OrderedDict())
     if dtype in _v3_dtypes():
         storage = _StorageRef(torch.storage.UntypedStorage, numel * dtype.itemsize)
-        reduced = (
-            torch._utils._rebuild_tensor_v3,
-            (storage, 0, size, stride, False, hooks, dtype),
-        )
+        reduced = (torch._utils._rebuild_tensor_v3, (storage, *args, dtype))
     else:
         storage = _StorageRef(_legacy_storage_types()[dtype], numel)
-        reduced = (torch._utils._rebuild_tensor_v2, (storage, 0, size, stride, False, hooks))
+        reduced = (torch._utils._rebuild_tensor_v2, (storage, *args))
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(_TensorRef(reduced))
     return buf.getvalue()
 
 
 def contiguous_stride(size: tuple[int, ...]) -> tuple[int, ...]:
-    stride = []
-    acc = 1
-    for s in reversed(size):
-        stride.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(stride))
+    return tuple(math.prod(max(s, 1) for s in size[i + 1 :]) for i in range(len(size)))
 
 
 # --------------------------------------------------------------------------- zip writer
@@ -392,16 +375,14 @@ def parse_archive_tail(tail: bytes, item_length: int) -> ArchiveIndex:
         extra = tail[rel + 46 + name_len : rel + 46 + name_len + extra_len]
         size, offset = size32, offset32
         zip64 = _zip64_fields(extra)
-        if size32 == _U32_MAX:
-            size = zip64.pop(0) if zip64 else size
-            if zip64:  # compressed size follows the uncompressed one
-                zip64.pop(0)
+        if size32 == _U32_MAX and zip64:
+            size = zip64.pop(0)
+            del zip64[:1]  # the compressed size follows the uncompressed one
         if offset32 == _U32_MAX and zip64:
             offset = zip64.pop(0)
         if method != 0:
             raise ArchiveError(f"record {name} is compressed")
-        short = name.split("/", 1)[1] if "/" in name else name
-        records[short] = (offset, size)
+        records[name.split("/", 1)[-1]] = (offset, size)
         rel += 46 + name_len + extra_len + comment_len
     return ArchiveIndex(records)
 
@@ -559,17 +540,12 @@ class _DeviceRoute:
     """
 
     def __init__(self, cuda_usable: Callable[[], bool]) -> None:
-        self.cuda_usable = cuda_usable
-        self.usable: bool | None = None
+        self.cuda_usable = functools.cache(cuda_usable)  # asked once, at the first CUDA tensor
         self.device = -1
 
     def takes(self, tensor: torch.Tensor) -> bool:
         index = _device.cuda_index(tensor)
-        if index < 0:
-            return False
-        if self.usable is None:
-            self.usable = self.cuda_usable()
-        if not self.usable:
+        if index < 0 or not self.cuda_usable():
             return False
         if self.device < 0:
             self.device = index

@@ -50,8 +50,6 @@ SUFFIX = ".dcp_native"
 FORMAT_VERSION = 2
 MAGIC = b"DCPNSIDE"
 _HEADER = struct.Struct("<8sIIQ32s")
-#: The name earlier dcp_native versions used (format 1: no checksum, not bound to the metadata).
-LEGACY_SUFFIX = ".dcp_native"
 #: A sidecar larger than this is refused unread (about 20 million items).
 MAX_BYTES = 1 << 30
 #: Suffix of a data file's CRC32C table (dcp_native.integrity).
@@ -126,12 +124,6 @@ def document(
 _LIMIT = 1 << 63
 
 
-def _int(value: Any) -> int:
-    if type(value) is not int or value < 0 or value >= _LIMIT:
-        raise ValueError(f"{value!r} is not a file offset or length")
-    return value
-
-
 def _entries(items: Any) -> dict[str, dict[int, tuple[int, int]]]:
     if not isinstance(items, dict):
         raise ValueError("items is not a mapping")
@@ -167,7 +159,9 @@ def _tables(tables: Any) -> dict[str, TableInfo]:
         sha = t["sha256"]
         if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise ValueError(f"the table digest of {rel!r} is not a SHA-256")
-        out[rel] = TableInfo(t["file"], _int(t["size"]), sha)
+        if type(t["size"]) is not int or not 0 <= t["size"] < _LIMIT:
+            raise ValueError(f"{t['size']!r} is not a file offset or length")
+        out[rel] = TableInfo(t["file"], t["size"], sha)
     return out
 
 
@@ -184,14 +178,11 @@ def read(directory: str, metadata_name: str, metadata: Any, metadata_bytes: byte
     try:
         data = _fileio.read_regular(path, MAX_BYTES, what="sidecar")
     except FileNotFoundError:
-        if os.path.lexists(os.path.join(directory, metadata_name + LEGACY_SUFFIX)):
-            return Sidecar(
-                "legacy",
-                f"{metadata_name + LEGACY_SUFFIX} is in the unprotected format of an earlier "
-                "dcp_native (no checksum, not bound to the metadata) and is ignored",
-                1,
-                metadata_name + LEGACY_SUFFIX,
-            )
+        # Earlier dcp_native versions wrote format 1 (no checksum, not bound to the metadata) here.
+        legacy = metadata_name + SUFFIX
+        if os.path.lexists(os.path.join(directory, legacy)):
+            return Sidecar("legacy", f"{legacy} is in the unprotected format of an earlier dcp_native "
+                           "(no checksum, not bound to the metadata) and is ignored", 1, legacy)
         return Sidecar("absent", f"there is no {name} (written by stock DCP, or the sidecar was lost)")
     except (OSError, CorruptCheckpointError) as exc:
         return Sidecar("damaged", f"{name} cannot be read: {exc}", name=name)
@@ -205,12 +196,8 @@ def read(directory: str, metadata_name: str, metadata: Any, metadata_bytes: byte
     if magic != MAGIC:
         return damaged("it does not start with a dcp_native sidecar header")
     if version != FORMAT_VERSION:
-        return Sidecar(
-            "unknown version",
-            f"{name} has format {version}, which this dcp_native does not know",
-            version,
-            name,
-        )
+        return Sidecar("unknown version", f"{name} has format {version}, which this dcp_native "
+                       "does not know", version, name)
     body = data[_HEADER.size :]
     if length != len(body):
         return damaged(f"its header says {length} bytes of body, the file has {len(body)}", version)
@@ -222,16 +209,10 @@ def read(directory: str, metadata_name: str, metadata: Any, metadata_bytes: byte
             raise ValueError("its body is not a dcp_native sidecar")
         if doc.get("save_id") != save_id or doc.get("metadata") != metadata_name:
             return Sidecar("stale", f"{name} belongs to another save", version, name)
-        if doc.get("metadata_sha256") != digest(metadata_bytes) or doc.get("metadata_size") != len(
-            metadata_bytes
-        ):
-            return Sidecar(
-                "stale",
-                f"{name} was written for other bytes of {metadata_name}: the metadata changed "
-                "after the save",
-                version,
-                name,
-            )
+        if (doc.get("metadata_sha256"), doc.get("metadata_size")) != (digest(metadata_bytes),
+                                                                        len(metadata_bytes)):
+            return Sidecar("stale", f"{name} was written for other bytes of {metadata_name}: the "
+                           "metadata changed after the save", version, name)
         entries = _entries(doc.get("items"))
         tables = _tables(doc.get("tables"))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:

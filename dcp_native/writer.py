@@ -127,19 +127,12 @@ class FileSystemWriter(_stock.FileSystemWriter):
             raise ValueError(f"thread_count must be at least 1, got {thread_count}")
         if chunk_bytes < 4096:
             raise ValueError(f"chunk_bytes must be at least 4096, got {chunk_bytes}")
-        kwargs: dict[str, Any] = {}
-        if serialization_format is not None:
-            kwargs["serialization_format"] = serialization_format
+        kwargs = {} if serialization_format is None else {"serialization_format": serialization_format}
         super().__init__(
-            path,
-            single_file_per_rank=single_file_per_rank,
-            sync_files=sync_files,
-            thread_count=thread_count,
-            per_thread_copy_ahead=per_thread_copy_ahead,
-            cache_staged_state_dict=cache_staged_state_dict,
-            overwrite=overwrite,
-            _extensions=_extensions,
-            **kwargs,
+            path, single_file_per_rank=single_file_per_rank, sync_files=sync_files,
+            thread_count=thread_count, per_thread_copy_ahead=per_thread_copy_ahead,
+            cache_staged_state_dict=cache_staged_state_dict, overwrite=overwrite,
+            _extensions=_extensions, **kwargs,
         )
         if staging_bytes is not None and staging_bytes < 0:
             raise ValueError(f"staging_bytes must be non-negative or None, got {staging_bytes}")
@@ -169,19 +162,11 @@ class FileSystemWriter(_stock.FileSystemWriter):
         staging = self.__dict__.get("_staging")
         if staging is not None:
             staging.claim()
-        state = self.__dict__.copy()
-        for name in self._RUNTIME:
-            state.pop(name, None)
-        return state
+        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._init_runtime()
-
-    def _staging_area(self) -> StagingArea:
-        if self._staging is None:
-            self._staging = StagingArea(self.staging_bytes, self.staging_timeout)
-        return self._staging
 
     def stage(self, state_dict: dict[str, Any]) -> Any:
         """DCP's ``AsyncStager.stage``: the state dict copied into the staging area.
@@ -190,10 +175,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         or with ``async_staging`` a future of it. Waits first until the
         previous async save of this writer no longer reads the area.
         """
-        area = self._staging_area()
-        if self.async_staging:
-            return area.stage_async(state_dict)
-        return area.stage(state_dict)
+        if self._staging is None:
+            self._staging = StagingArea(self.staging_bytes, self.staging_timeout)
+        return (self._staging.stage_async if self.async_staging else self._staging.stage)(state_dict)
 
     def synchronize_staging(self) -> None:
         """Nothing to wait for: ``stage()`` has completed when it returns (or its future says when)."""
