@@ -697,6 +697,7 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
 
 def fifo_state() -> dict:
+    """What the special-file cases save (one data file, checksums on) and load."""
     return {
         "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
         "b": torch.arange(5, dtype=torch.int64) * 7,
@@ -710,6 +711,7 @@ def empty_like(sd: dict) -> dict:
 
 
 def fifo_load(path, verify: bool, fifo: str | None = None) -> dict:
+    """``dcp.load`` of fifo_state()'s keys, bounded (``fifo`` is released if it blocks)."""
     out = empty_like(fifo_state())
     reader = dcp_native.FileSystemReader(path, verify=verify)
     bounded(lambda: dcp.load(out, storage_reader=reader, no_dist=True), fifo=fifo)

@@ -21,11 +21,11 @@ async_save through the writer (its AsyncStager):
   AsyncSaveResponse).
 * CUDA tensors (marked ``cuda``): staged from device memory.
 
-The commit protocol (overwrites, concurrent saves, killed and failed saves):
-tests/test_commit.py.
-
 Slow writes are simulated by holding the engine's write until the test opens
 a gate, so every ordering checked here is forced, not hoped for.
+
+The commit protocol (overwrites, concurrent saves, killed and failed saves):
+tests/test_commit.py.
 """
 
 from __future__ import annotations
