@@ -96,15 +96,11 @@ class MetadataUnpickler(pickle.Unpickler):
     """An unpickler for DCP metadata only (see the module docstring)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        target = _ADMITTED.get((module, name))
-        if target is not None:
-            return _resolve(*target)
-        dtype = _dtype_globals().get((module, name))
-        if dtype is not None:
-            return dtype
-        raise RefusedGlobal(
-            f"it refers to {module}.{name}, which DCP metadata never holds; refusing to import it"
-        )
+        if (module, name) in _ADMITTED:
+            return _resolve(*_ADMITTED[module, name])
+        if (module, name) in _dtype_globals():
+            return _dtype_globals()[module, name]
+        raise RefusedGlobal(f"it refers to {module}.{name}, which DCP metadata never holds; refusing to import it")
 
 
 def load_metadata(f: BinaryIO, path: str) -> _md.Metadata:
@@ -117,13 +113,11 @@ def load_metadata(f: BinaryIO, path: str) -> _md.Metadata:
     except OSError:
         raise
     except Exception as exc:  # a malformed pickle raises many types
-        raise CorruptCheckpointError(
-            f"{path} cannot be read as DCP metadata: {type(exc).__name__}: {exc}", filename=path
-        ) from None
+        raise CorruptCheckpointError(f"{path} cannot be read as DCP metadata: {type(exc).__name__}: {exc}",
+                                     filename=path) from None
     if not isinstance(metadata, _md.Metadata):
-        raise CorruptCheckpointError(
-            f"{path} does not hold DCP metadata (found {type(metadata).__name__})", filename=path
-        )
+        raise CorruptCheckpointError(f"{path} does not hold DCP metadata (found {type(metadata).__name__})",
+                                     filename=path)
     return metadata
 
 
@@ -352,12 +346,8 @@ class _LayoutUnpickler(pickle.Unpickler):
 
 @functools.lru_cache(maxsize=4096)
 def parse_tensor_pickle(data: bytes) -> SavedTensor:
-    """Dtype, size, stride and storage offset from a stock ``data.pkl``.
-
-    Raises:
-        UnsupportedLayout: the archive holds something other than one plain
-            dense tensor in storage ``0`` (use ``torch.load`` for it).
-    """
+    """Dtype, size, stride and storage offset from a stock ``data.pkl``; UnsupportedLayout when
+    it holds anything but one plain dense tensor in storage ``0`` (use ``torch.load`` for it)."""
     try:
         obj = _LayoutUnpickler(io.BytesIO(data)).load()
     except UnsupportedLayout:

@@ -123,9 +123,7 @@ class Checkpoint:
         path = self.path(rel)
         why = path_problem(self.directory, os.path.realpath(self.directory), rel)
         if why is not None:
-            raise CorruptCheckpointError(
-                f"{path}: the data file name {why}; refusing to read it", filename=path
-            )
+            raise CorruptCheckpointError(f"{path}: the data file name {why}; refusing to read it", filename=path)
         return _fileio.check_regular(path, "data file").st_size
 
     def entry(self, rel: str, offset: int) -> tuple[int, int] | None:
@@ -161,9 +159,7 @@ def validate_storage_data(directory: str, storage_data: Any) -> None:
     """
     if not isinstance(storage_data, dict):
         raise CorruptCheckpointError(
-            f"{directory}: the metadata's storage_data is a {type(storage_data).__name__}, not a dict",
-            filename=directory,
-        )
+            f"{directory}: the metadata's storage_data is a {type(storage_data).__name__}, not a dict", filename=directory)
     root = os.path.realpath(directory)
     checked: set[str] = set()
     for index, info in storage_data.items():
@@ -178,10 +174,7 @@ def validate_storage_data(directory: str, storage_data: Any) -> None:
                 and 0 <= offset and 0 <= length and offset + length < 1 << 63):
             raise CorruptCheckpointError(
                 f"{directory}: item {key!r} in {rel} has offset {offset!r} and length {length!r}, "
-                "which are not a valid file range",
-                filename=os.path.join(directory, rel),
-                key=key,
-            )
+                "which are not a valid file range", filename=os.path.join(directory, rel), key=key)
 
 
 def check_relative_path(directory: str, root: str, rel: Any, key: str) -> None:
@@ -243,9 +236,7 @@ class ItemBytes:
     def get(self, start: int, n: int) -> bytes:
         """Bytes ``[start, start + n)`` of the item (item-relative offsets)."""
         if start < 0 or n < 0 or start + n > self.length:
-            raise ArchiveError(
-                f"bytes {start}..{start + n} of the item lie outside it ({self.length} bytes)"
-            )
+            raise ArchiveError(f"bytes {start}..{start + n} of the item lie outside it ({self.length} bytes)")
         if start + n <= len(self.head):
             return self.head[start : start + n]
         tail_start = self.length - len(self.tail)
@@ -280,16 +271,12 @@ class Archive:
         header_offset, size = self.index[name]
         length = self.view.length
         if header_offset + 30 > length:
-            raise ArchiveError(
-                f"record {name}: its local header (item offset {header_offset}) lies past the "
-                f"item's end ({length} bytes)"
-            )
+            raise ArchiveError(f"record {name}: its local header (item offset {header_offset}) lies past "
+                               f"the item's end ({length} bytes)")
         data = layout.local_data_offset(self.view.get(header_offset, 30), header_offset)
         if data + size > length:
-            raise ArchiveError(
-                f"record {name} ({size} bytes at item offset {data}) runs past the item's end "
-                f"({length} bytes)"
-            )
+            raise ArchiveError(f"record {name} ({size} bytes at item offset {data}) runs past the item's "
+                               f"end ({length} bytes)")
         return data, size
 
     def check_all(self) -> None:

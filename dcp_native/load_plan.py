@@ -157,9 +157,8 @@ class LoadRun:
         for req in items:
             info = self._info(req)
             self._reqs_by_file.setdefault(info.relative_path, []).append(req)
-            end = info.offset + info.length
-            if end > self.min_sizes.get(info.relative_path, 0):
-                self.min_sizes[info.relative_path] = end
+            self.min_sizes[info.relative_path] = max(self.min_sizes.get(info.relative_path, 0),
+                                                     info.offset + info.length)
         self._check_files()
 
         unknown: list[ReadItem] = []
@@ -190,12 +189,9 @@ class LoadRun:
             self.planner.commit_tensor(req, target)
 
     def _check_files(self) -> None:
-        """Sizes, then (with verify) tables, before anything is allocated or read.
-
-        A metadata file declaring absurd items fails here, naming file and
-        item. Only regular files are read (stat never blocks; a FIFO would
-        block open).
-        """
+        """Sizes, then (with verify) tables, before anything is allocated or read: a metadata
+        declaring absurd items fails here, naming file and item. Only regular files are read
+        (stat never blocks; a FIFO would block open)."""
         sizes: dict[str, int] = {}
         for rel, needed in self.min_sizes.items():
             path = self._path(rel)
@@ -212,11 +208,8 @@ class LoadRun:
             key = self._reqs_by_file[rel][0].storage_index.fqn
             why = self.ck.missing_table(rel) if self.ck else "no metadata was read"
             if why is not None:
-                raise IntegrityError(
-                    f"verify=True, but {key!r} in {self._path(rel)} cannot be verified: {why}",
-                    filename=self._path(rel),
-                    key=key,
-                )
+                raise IntegrityError(f"verify=True, but {key!r} in {self._path(rel)} cannot be verified: {why}",
+                                     filename=self._path(rel), key=key)
             self.tables[rel] = self.ck.table(rel, size)
             self.stats.bytes_read += self.ck.sidecar.tables[rel].size
             self.stats.calls += 1

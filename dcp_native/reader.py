@@ -127,9 +127,7 @@ class FileSystemReader(_stock.FileSystemReader):
             pool.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_pools"] = {}  # pinned memory belongs to this process
-        return state
+        return {**self.__dict__, "_pools": {}}  # pinned memory belongs to this process
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         super().reset(checkpoint_id)
