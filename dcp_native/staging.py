@@ -1,53 +1,11 @@
 """Staging for async saves: a state dict copied into host memory that is reused across saves.
 
-``async_save`` blocks the training loop for as long as ``stage()`` takes. A
-:class:`StagingArea` makes that one memory copy: the first ``stage()`` lays the
-state dict's tensors out in one flat buffer (each tensor at an aligned offset),
-later calls with the same layout (same keys, shapes, dtypes and devices, in
-the same order) copy into the same buffer, and a different layout replaces
-the buffer. The staged state dict has the same structure as the one given;
-its tensors are views of the buffer; everything else is deep-copied.
-
-Memory: plain host memory when every tensor is on the CPU. When some tensor
-is on a CUDA device, page-locked memory: shared memory registered with
-``cudaHostRegister`` (so DCP's process executor can pass it to its
-checkpoint process without a copy and it stays pinned), or torch's pinned
-allocator where shared memory cannot be had. CUDA tensors are copied with
-``non_blocking=True`` on one side stream per device that first waits for the
-caller's current stream; the side streams are synchronized before staging
-completes. The buffer is bounded by ``capacity`` (``ValueError`` before any
-copy when a state dict needs more) and freed by :meth:`StagingArea.close`.
-
-Reuse is safe: the buffer of a staged state dict is not overwritten while a
-save may still read it, and one writer's saves do not overlap (two saves'
-collectives on one process group from two threads could interleave
-differently on different ranks). Every ``stage()`` takes a :class:`Lease` on the
-buffer; the next ``stage()`` waits until the previous lease is free, and
-raises :class:`StagingBusyError` if that takes longer than ``timeout``. A
-lease is free when
-
-* it was released: :func:`dcp_native.async_save`'s upload future completed,
-  or staging failed;
-* or the thread that runs the save in the background has ended (DCP starts
-  one per ``async_save`` and lets it end when the upload has completed,
-  successfully or not; the writer records it when DCP first calls it from
-  that thread, or when the process executor pickles it there);
-* or no background save ever took it up and the staged state dict itself has
-  been dropped (a ``stage()`` whose result was not saved).
-
-DCP's process executor pickles the staged state dict to its checkpoint
-process with torch's ForkingPickler, which shares each tensor's storage as a
-shared-memory file descriptor instead of copying it: the checkpoint process
-maps the staging buffer itself. (The first such save moves a plain-memory
-buffer into shared memory, on the save's thread with the GIL released; it
-stays there for later saves.) A DTensor is not pickled whole: its local
-tensor is a view at an offset of the buffer, torch 2.13's DTensor
-constructor gives the data-less wrapper the same storage offset (earlier
-versions left it at 0), and torch's tensor pickling tells a wrapper from a
-dense tensor by ``data_ptr() == 0``, which such a wrapper fails; it would
-then share the wrapper's storage, which has no memory, and crash. So the
-staged state dict pickles each DTensor as its local tensor and spec, and
-DTensor's constructor rebuilds it on the other side.
+``async_save`` blocks the training loop for as long as ``stage()`` takes: one
+memory copy into a buffer laid out once per state dict layout and reused
+(page-locked when a tensor is on a CUDA device). The design, the lease rules
+that keep a buffer from being overwritten while a save may still read it, and
+how staged DTensors cross to DCP's checkpoint process are in "Async saves:
+staging" of docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -91,7 +49,7 @@ class StagingBusyError(RuntimeError):
 class StagedStateDict(dict):
     """The state dict ``stage()`` returns: a plain dict that can be weakly referenced.
 
-    Pickles with its DTensors sent as their parts (see module docs).
+    Pickles with its DTensors sent as their parts (see docs/ARCHITECTURE.md).
     """
 
     __slots__ = ("__weakref__",)
@@ -140,7 +98,7 @@ def _by_parts(obj: Any) -> Any:
 
 
 class Lease:
-    """One staged state dict's claim on the staging buffer (see module docs)."""
+    """One staged state dict's claim on the staging buffer (see docs/ARCHITECTURE.md)."""
 
     def __init__(self, previous: "Lease | None" = None) -> None:
         self.released = threading.Event()
@@ -327,7 +285,7 @@ class StagingArea:
         return self._lease
 
     def claim(self) -> bool:
-        """Record the calling thread as the one saving the latest staged state dict (see module docs).
+        """Record the calling thread as the one saving the latest staged state dict (see docs/ARCHITECTURE.md).
 
         True when this call recorded it (the save's first call on that thread).
         """
@@ -365,7 +323,7 @@ class StagingArea:
     def stage(self, state_dict: dict[str, Any]) -> StagedStateDict:
         """Copy ``state_dict`` into the buffer; return the staged state dict.
 
-        Waits first for the previous staged state dict's lease (module docs).
+        Waits first for the previous staged state dict's lease (docs/ARCHITECTURE.md).
         Tensors of the result are CPU views of the buffer with the values the
         given tensors had when this call was made; when it returns, the caller
         may change them.
