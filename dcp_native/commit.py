@@ -108,27 +108,25 @@ class DirectoryLock:
     def __enter__(self) -> "DirectoryLock":
         self.fd = _fileio.open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644,
                                        faults=self.faults, what="lock file")
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
         try:
-            deadline = time.monotonic() + self.timeout
-            delay = 0.001
             while True:
                 try:
                     _flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
+                    return self
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise CheckpointBusyError(
                             f"{os.path.dirname(self.path)}: another save has held {LOCK_NAME} for "
-                            f"more than {self.timeout:.0f} s (committing or cleaning up); "
-                            "giving up",
+                            f"more than {self.timeout:.0f} s (committing or cleaning up); giving up",
                             filename=self.path,
                         ) from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.1)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
         except BaseException:
             _fileio.close_quietly(self.fd)
             raise
-        return self
 
     def __exit__(self, *exc) -> None:
         # Closing the descriptor drops the lock.

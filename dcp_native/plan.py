@@ -49,10 +49,6 @@ class Box:
             yield (self.file_offset + sum(map(operator.mul, idx, self.file_strides)),
                    self.dest_addr + sum(map(operator.mul, idx, self.dest_strides)))
 
-    def encode(self, out: array) -> None:
-        out.extend((self.file_offset, self.dest_addr, self.inner_bytes, len(self.counts),
-                    *self.counts, *self.file_strides, *self.dest_strides))
-
 
 def collapse(
     itemsize: int,
@@ -111,7 +107,9 @@ def read_box(
 
 
 def encode_boxes(boxes: Sequence[Box]) -> array:
+    """The engine's ``ReadFile.copies`` of ``boxes`` (see the engine contract)."""
     out = array("q")
-    for box in boxes:
-        box.encode(out)
+    for b in boxes:
+        out.extend((b.file_offset, b.dest_addr, b.inner_bytes, len(b.counts), *b.counts,
+                    *b.file_strides, *b.dest_strides))
     return out

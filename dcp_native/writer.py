@@ -179,9 +179,6 @@ class FileSystemWriter(_stock.FileSystemWriter):
             self._staging = StagingArea(self.staging_bytes, self.staging_timeout)
         return (self._staging.stage_async if self.async_staging else self._staging.stage)(state_dict)
 
-    def synchronize_staging(self) -> None:
-        """Nothing to wait for: ``stage()`` has completed when it returns (or its future says when)."""
-
     @property
     def bytes_held(self) -> int:
         """Host memory held for staging now: the async staging area plus the pinned pools."""
@@ -231,10 +228,6 @@ class FileSystemWriter(_stock.FileSystemWriter):
         return pool
 
     # ------------------------------------------------------------------ writing
-
-    def _uses_stock_path(self) -> bool:
-        fmt = getattr(self, "serialization_format", None)
-        return fmt is not None and fmt != _stock.SerializationFormat.TORCH_SAVE
 
     def _rank_local(self) -> bool:
         """Every rank commits its own ``__{rank}.metadata`` (DCP's ``use_collectives=False``)."""
@@ -288,8 +281,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         self._claim()
-        if self._uses_stock_path():
-            return super().write_data(plan, planner)
+        fmt = getattr(self, "serialization_format", None)
+        if fmt is not None and fmt != _stock.SerializationFormat.TORCH_SAVE:
+            return super().write_data(plan, planner)  # stock's formats other than torch.save
         files: list[layout.FileLayout] = []
         try:
             engine = get_engine()
