@@ -76,7 +76,8 @@ def save(
         >>> _ = dcp_native.save({"w": torch.ones(2)}, checkpoint_id=path, no_dist=True)
     """
     if storage_writer is not None or checkpoint_id is None:
-        return dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer, **kwargs)
+        return dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer,
+                        **kwargs)
     writer = FileSystemWriter(checkpoint_id)
     with _SAVES.turn(checkpoint_id, writer.staging_timeout) as end:
         result = dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)

@@ -289,7 +289,9 @@ def remove_own(directory: str, tag: str, keep: set[str] | None) -> None:
     temporary files goes).
     """
     for name, kind, file_tag in _save_files(_listing(directory)):
-        if file_tag == tag and kind != "marker" and (kind == "temp" if keep is None else name not in keep):
+        if file_tag != tag or kind == "marker":
+            continue
+        if (kind == "temp") if keep is None else (name not in keep):
             _remove(os.path.join(directory, name))
 
 

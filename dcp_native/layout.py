@@ -120,7 +120,8 @@ def _v3_dtypes() -> frozenset:
 
 @functools.lru_cache(maxsize=None)
 def _legacy_storage_types() -> dict:
-    return {dtype: getattr(torch, name) for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+    types = torch.storage._dtype_to_storage_type_map()
+    return {dtype: getattr(torch, name) for dtype, name in types.items()}
 
 
 @functools.lru_cache(maxsize=4096)

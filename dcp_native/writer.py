@@ -229,9 +229,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
 
     # ------------------------------------------------------------------ writing
 
-    def _rank_local(self) -> bool:
-        """Every rank commits its own ``__{rank}.metadata`` (DCP's ``use_collectives=False``)."""
-        return not getattr(self, "use_collectives", True) and self.rank is not None
+    def _local_rank(self) -> int | None:
+        """This rank when each rank commits its own ``__{rank}.metadata`` (``use_collectives=False``)."""
+        return None if getattr(self, "use_collectives", True) else self.rank
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """The coordinator's step before any rank writes: name this save and mark it in progress.
@@ -247,7 +247,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         tag = sidecar.save_tag(self.save_id)
         directory = str(self.path)
         with commit.DirectoryLock(directory):
-            commit.clean_before_save(directory, tag, self.rank if self._rank_local() else None)
+            commit.clean_before_save(directory, tag, self._local_rank())
             self._marker = commit.SaveMarker(directory, tag)
         return [
             dataclasses.replace(plan, storage_data=_SavePrefix(plan.storage_data.prefix, tag))
@@ -255,13 +255,14 @@ class FileSystemWriter(_stock.FileSystemWriter):
         ]
 
     def _abandon(self) -> None:
-        """End this writer's earlier save if it never committed (it failed elsewhere): remove its files."""
+        """End this writer's earlier save if it never committed (failed elsewhere): remove its files."""
         marker, self._marker = self._marker, None
         if marker is None or not marker.held:
             return
         try:
             with commit.DirectoryLock(marker.directory):
-                commit.remove_own(marker.directory, marker.tag, commit.committed_files(marker.directory))
+                keep = commit.committed_files(marker.directory)
+                commit.remove_own(marker.directory, marker.tag, keep)
         except (OSError, commit.CheckpointError):
             pass  # best effort: a later save removes what is left once the marker is gone
         finally:
@@ -311,25 +312,25 @@ class FileSystemWriter(_stock.FileSystemWriter):
         return fut
 
     def _write(self, engine: Any, files: list[layout.FileLayout], results: list[WriteResult]) -> None:
-        """One engine call writes the data files, a second their CRC32C tables (noted in the results)."""
+        """One engine call writes the data files, a second their CRC32C tables (noted in results)."""
         crc_block = self._checksum_block(engine)
         device = max((fl.device for fl in files), default=-1)
         # The engine's copy stream waits for the work queued so far on the
         # producer's stream (e.g. the layout's .contiguous() copies).
         stream = _device.current_stream(device) if device >= 0 else 0
         with self._pool_lock if device >= 0 else contextlib.nullcontext():
-            pool = {"pool": self._pool(engine, device), "direct_io": self.direct_io} if device >= 0 else {}
+            pool = {} if device < 0 else {"pool": self._pool(engine, device), "direct_io": self.direct_io}
             stats = engine.write([fl.write_file(crc_block, stream) for fl in files],
                                  threads=self.thread_count, sync=self.sync_files,
                                  chunk_bytes=self.chunk_bytes, **pool)
         if not crc_block:
             return
-        tables = {}
-        for fl, crcs in zip(files, stats.block_crcs):
-            tables[fl.relative_path] = table = layout.FileLayout(self.path, checkpoint.table_name(fl.relative_path))
+        tables = [layout.FileLayout(self.path, checkpoint.table_name(fl.relative_path)) for fl in files]
+        for table, fl, crcs in zip(tables, files, stats.block_crcs):
             table.add_bytes(integrity.encode_table(crc_block, fl.size, crcs))
-        engine.write([t.write_file() for t in tables.values()], threads=self.thread_count, sync=self.sync_files)
-        infos = {rel: sidecar.TableInfo(t.relative_path, t.size, sidecar.digest(t.blob)) for rel, t in tables.items()}
+        engine.write([t.write_file() for t in tables], threads=self.thread_count, sync=self.sync_files)
+        infos = {fl.relative_path: sidecar.TableInfo(t.relative_path, t.size, sidecar.digest(t.blob))
+                 for fl, t in zip(files, tables)}
         for wr in results:
             wr.storage_data.table = infos.get(wr.storage_data.relative_path)
 
@@ -367,8 +368,8 @@ class FileSystemWriter(_stock.FileSystemWriter):
                 info = info.stock()
             metadata.storage_data[wr.index] = info
         metadata.storage_meta = self.storage_meta()
-        rank = self.rank if self._rank_local() else None
-        metadata_name = checkpoint.METADATA_NAME if rank is None else f"__{rank}{checkpoint.METADATA_NAME}"
+        rank = self._local_rank()
+        metadata_name = f"__{rank}{checkpoint.METADATA_NAME}" if rank is not None else checkpoint.METADATA_NAME
         metadata_bytes = pickle.dumps(metadata)
         side = sidecar.document(self.save_id, metadata_name, metadata_bytes, payloads, tables)
         commit.commit(str(self.path), metadata_name, metadata_bytes, side, self.save_id,
