@@ -14,49 +14,42 @@ from .staging import StagingBusyError
 from .writer import FileSystemWriter
 
 
-class _PathQueue:
-    """Saves this process makes to one checkpoint directory run one after the other.
+#: Per directory, the event that the last save this process began there has completed.
+_LAST_SAVES: dict[str, threading.Event] = {}
+_LAST_SAVES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _turn(path: str | os.PathLike, timeout: float | None) -> Iterator[Callable[[], None]]:
+    """Wait for the previous save to ``path``; yields the function that ends this one's turn.
 
     A writer kept across ``async_save`` calls already waits for its previous
     save; writers made here for a ``checkpoint_id`` are new each call, so the
     order is kept per directory instead: each save waits for the one before
-    it (to the same directory) to have completed, whichever way it ended.
+    it (to the same directory) to have completed, whichever way it ended. The
+    caller calls ``end`` when its save has completed (a body that raises ends the turn).
     """
+    key = os.path.realpath(os.fspath(path))
+    done = threading.Event()
+    with _LAST_SAVES_LOCK:
+        previous, _LAST_SAVES[key] = _LAST_SAVES.get(key), done
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last: dict[str, threading.Event] = {}
+    def end() -> None:
+        done.set()
+        with _LAST_SAVES_LOCK:
+            if _LAST_SAVES.get(key) is done:
+                del _LAST_SAVES[key]
 
-    @contextlib.contextmanager
-    def turn(self, path: str | os.PathLike, timeout: float | None) -> Iterator[Callable[[], None]]:
-        """Wait for the previous save to ``path``; yields the function that ends this one's turn.
-
-        The caller calls it when its save has completed (a body that raises ends the turn).
-        """
-        key = os.path.realpath(os.fspath(path))
-        done = threading.Event()
-        with self._lock:
-            previous, self._last[key] = self._last.get(key), done
-
-        def end() -> None:
-            done.set()
-            with self._lock:
-                if self._last.get(key) is done:
-                    del self._last[key]
-
-        try:
-            if previous is not None and not previous.wait(timeout):
-                raise StagingBusyError(
-                    f"{key}: the previous save to this checkpoint did not complete within "
-                    f"{timeout} s (saves to one directory run one after the other)"
-                )
-            yield end
-        except BaseException:
-            end()
-            raise
-
-
-_SAVES = _PathQueue()
+    try:
+        if previous is not None and not previous.wait(timeout):
+            raise StagingBusyError(
+                f"{key}: the previous save to this checkpoint did not complete within "
+                f"{timeout} s (saves to one directory run one after the other)"
+            )
+        yield end
+    except BaseException:
+        end()
+        raise
 
 
 def save(
@@ -79,7 +72,7 @@ def save(
         return dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=storage_writer,
                         **kwargs)
     writer = FileSystemWriter(checkpoint_id)
-    with _SAVES.turn(checkpoint_id, writer.staging_timeout) as end:
+    with _turn(checkpoint_id, writer.staging_timeout) as end:
         result = dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=writer, **kwargs)
         end()
         return result
@@ -143,7 +136,7 @@ def async_save(
     if storage_writer is not None or checkpoint_id is None:
         return _async_save(state_dict, checkpoint_id, storage_writer, kwargs)[0]
     writer = FileSystemWriter(checkpoint_id)
-    with _SAVES.turn(checkpoint_id, writer.staging_timeout) as end:
+    with _turn(checkpoint_id, writer.staging_timeout) as end:
         result, upload = _async_save(state_dict, checkpoint_id, writer, kwargs)
         # A writer made for this call: its staging memory is not reused; free it now.
         upload.add_done_callback(lambda _: writer.close())

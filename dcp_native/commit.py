@@ -333,13 +333,13 @@ def commit(
     directory: str,
     metadata_name: str,
     metadata_bytes: bytes,
-    sidecar_bytes: bytes | None,
+    sidecar_bytes: bytes,
     save_id: str,
     *,
     sync: bool,
     overwrite: bool,
     rank: int | None,
-    metadata: Any = None,
+    metadata: Any,
 ) -> None:
     """Commit one save: sidecar, ``.metadata`` (temp, fsync, rename), directory fsync, clean-up.
 
@@ -363,8 +363,7 @@ def commit(
                     "writing, and overwrite=False; this save is abandoned",
                     filename=metadata_path,
                 )
-            if sidecar_bytes is not None:
-                _write_file(sidecar_path, sidecar_bytes, sync, faults)
+            _write_file(sidecar_path, sidecar_bytes, sync, faults)
             _write_file(temp_path, metadata_bytes, sync, faults)
             _fileio.os_call(faults, _fileio.RENAME, os.rename, "rename", temp_path, -1,
                             temp_path, metadata_path)
@@ -376,6 +375,6 @@ def commit(
                 _remove(temp_path)
                 _remove(sidecar_path)
             raise
-        keep = committed_files(directory, {metadata_name: metadata} if metadata is not None else None)
+        keep = committed_files(directory, {metadata_name: metadata})
         if keep is not None:
             remove_dead(directory, keep, tag, rank)

@@ -236,12 +236,8 @@ def payload_alignment(nbytes: int) -> int:
     return PAYLOAD_ALIGN if nbytes >= PAYLOAD_ALIGN_MIN_BYTES else RECORD_ALIGN
 
 
-def frame_tensor(
-    dtype: torch.dtype,
-    size: tuple[int, ...],
-    item_offset: int,
-    serialization_id: bytes,
-) -> TensorFrame:
+def frame_tensor(dtype: torch.dtype, size: tuple[int, ...], item_offset: int,
+                 serialization_id: bytes) -> TensorFrame:
     """Frame a contiguous tensor of ``dtype``/``size`` whose item starts at ``item_offset``.
 
     The result depends on ``item_offset`` only through its remainder modulo the
@@ -471,17 +467,9 @@ def data_file_name(prefix: str, n: int, tag: str) -> str:
     return f"{prefix}{n}{'.' + tag if tag else ''}{_stock.DEFAULT_SUFFIX}"
 
 
-def lay_out(
-    items: Sequence[WriteItem],
-    resolve: Callable[[WriteItem], Any],
-    directory: str | os.PathLike,
-    prefix: str,
-    tag: str,
-    *,
-    files: int,
-    transforms: Any,
-    cuda_usable: Callable[[], bool],
-) -> tuple[list[FileLayout], list[WriteResult]]:
+def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
+            directory: str | os.PathLike, prefix: str, tag: str, *, files: int, transforms: Any,
+            cuda_usable: Callable[[], bool]) -> tuple[list[FileLayout], list[WriteResult]]:
     """Place one rank's ``items`` (their data from ``resolve``) in its data files.
 
     ``files``: that many files, items assigned as stock's single_file_per_rank

@@ -50,12 +50,11 @@ class Box:
                    self.dest_addr + sum(map(operator.mul, idx, self.dest_strides)))
 
 
-def collapse(
-    itemsize: int,
-    counts: Sequence[int],
-    file_strides: Sequence[int],
-    dest_strides: Sequence[int],
-) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
+_Dims = tuple[int, ...]
+
+
+def collapse(itemsize: int, counts: Sequence[int], file_strides: Sequence[int],
+             dest_strides: Sequence[int]) -> tuple[int, _Dims, _Dims, _Dims] | None:
     """Collapse a box given in elements to ``(inner_bytes, counts, file_strides, dest_strides)`` in bytes.
 
     Dimensions of extent 1 are dropped, the innermost dimensions that are
@@ -81,16 +80,9 @@ def collapse(
     return (inner, *(tuple(d[i] for d in merged) for i in range(3)))
 
 
-def read_box(
-    payload_offset: int,
-    itemsize: int,
-    saved_stride: Sequence[int],
-    saved_storage_offset: int,
-    storage_offsets: Sequence[int],
-    lengths: Sequence[int],
-    dest_addr: int,
-    dest_strides: Sequence[int],
-) -> Box | None:
+def read_box(payload_offset: int, itemsize: int, saved_stride: Sequence[int],
+             saved_storage_offset: int, storage_offsets: Sequence[int], lengths: Sequence[int],
+             dest_addr: int, dest_strides: Sequence[int]) -> Box | None:
     """The strided copy that narrows a saved chunk by ``storage_offsets``/``lengths``.
 
     ``payload_offset`` is the file offset of the saved storage's first byte;

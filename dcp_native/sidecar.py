@@ -97,13 +97,8 @@ def digest(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def document(
-    save_id: str,
-    metadata_name: str,
-    metadata_bytes: bytes,
-    items: dict[str, list[list[int]]],
-    tables: dict[str, TableInfo],
-) -> bytes:
+def document(save_id: str, metadata_name: str, metadata_bytes: bytes,
+             items: dict[str, list[list[int]]], tables: dict[str, TableInfo]) -> bytes:
     """The sidecar's bytes for one save, bound to the metadata file's bytes."""
     body = json.dumps(
         {

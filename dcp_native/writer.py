@@ -1,18 +1,9 @@
-"""FileSystemWriter: DCP's StorageWriter protocol over the engine, and the commit protocol.
+"""FileSystemWriter: DCP's StorageWriter protocol over the engine, and its AsyncStager.
 
-A drop-in subclass of stock ``FileSystemWriter``: same parameters, same files
-(``__{rank}_{n}.distcp`` and ``.metadata``), same framing of every item, so
-stock readers load what it writes. ``write_data`` lays the items out
-(:mod:`dcp_native.layout`: generated item headers instead of ``torch.save``
-per item) and the engine writes them straight from tensor memory on
-``thread_count`` threads; CUDA tensors go from device memory through a pinned
-pool the writer keeps (when the engine can use the CUDA runtime). ``finish``
-commits (:mod:`dcp_native.commit`).
-
-For ``async_save`` the writer is DCP's ``AsyncStager``: ``stage()`` copies the
-state dict into a staging area it keeps across saves
-(:mod:`dcp_native.staging`), so the call blocks for one memory copy and the
-writes run in the background.
+``write_data`` lays the items out (:mod:`dcp_native.layout`), the engine writes
+them straight from tensor memory (CUDA tensors through a pinned pool the writer
+keeps), and ``finish`` commits (:mod:`dcp_native.commit`); ``stage()`` copies
+the state dict into a staging area kept across saves (:mod:`dcp_native.staging`).
 """
 
 from __future__ import annotations
