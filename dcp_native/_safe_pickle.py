@@ -310,7 +310,8 @@ def _record_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtyp
 def _storage_globals() -> dict:
     """(module, name) of a storage class -> (its dtype, whether it is typed)."""
     table = {("torch", name): (dtype, 1) for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
-    return {**table, ("torch.storage", "UntypedStorage"): (torch.uint8, 0), ("torch", "UntypedStorage"): (torch.uint8, 0)}
+    untyped = (torch.uint8, 0)
+    return {**table, ("torch.storage", "UntypedStorage"): untyped, ("torch", "UntypedStorage"): untyped}
 
 
 @functools.lru_cache(maxsize=None)

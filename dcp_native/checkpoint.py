@@ -158,8 +158,8 @@ def validate_storage_data(directory: str, storage_data: Any) -> None:
     offset and length non-negative integers whose sum fits in 63 bits.
     """
     if not isinstance(storage_data, dict):
-        raise CorruptCheckpointError(
-            f"{directory}: the metadata's storage_data is a {type(storage_data).__name__}, not a dict", filename=directory)
+        raise CorruptCheckpointError(f"{directory}: the metadata's storage_data is a "
+                                     f"{type(storage_data).__name__}, not a dict", filename=directory)
     root = os.path.realpath(directory)
     checked: set[str] = set()
     for index, info in storage_data.items():

@@ -145,7 +145,8 @@ class LoadRun:
         """``exc``, naming the first item of its file that ends past the file's end."""
         for rel, reqs in self._reqs_by_file.items():
             if os.path.abspath(self._path(rel)) == os.path.abspath(exc.filename):
-                for info, req in ((self._info(req), req) for req in reqs):
+                for req in reqs:
+                    info = self._info(req)
                     if info.offset + info.length > exc.actual:
                         return TruncatedFileError(exc.filename, max(exc.expected, info.offset + info.length),
                                                   exc.actual, key=req.storage_index.fqn, offset=info.offset)
@@ -174,12 +175,9 @@ class LoadRun:
             dtype, size = self._chunk_size(req)
             payload = checkpoint.sidecar_payload(entry, info.length, info.offset, dtype, size)
             if payload is None:
-                raise self._bad_item(
-                    req, info,
-                    f"has a sidecar entry (item {entry[0]} bytes, payload at {entry[1]}) that does "
-                    f"not match the metadata's {dtype} tensor of size {list(size)} in an item of "
-                    f"{info.length} bytes",
-                )
+                raise self._bad_item(req, info, f"has a sidecar entry (item {entry[0]} bytes, payload at "
+                                     f"{entry[1]}) that does not match the metadata's {dtype} tensor of size "
+                                     f"{list(size)} in an item of {info.length} bytes")
             saved = _safe_pickle.SavedTensor(dtype, size, layout.contiguous_stride(size), 0)
             self._plan_tensor(req, info, saved, info.offset + payload)
         if unknown:
@@ -217,7 +215,7 @@ class LoadRun:
     def _execute_rounds(self) -> None:
         """Direct copies go with the first round; buffered ones in rounds within the budget."""
         ops = sorted(self.buffered, key=lambda b: (b.relative_path, b.file_offset))
-        first = [(self.direct, self.device_direct)]
+        first = [(self.direct, self.device_direct)]  # taken by the first engine call
 
         def read(boxes: dict[str, list[Box]]) -> None:
             host, device = first.pop() if first else ({}, None)
@@ -242,10 +240,8 @@ class LoadRun:
     def _target(self, req: ReadItem) -> torch.Tensor:
         target = self.planner.resolve_tensor(req).detach()
         if tuple(target.shape) != tuple(req.lengths):
-            raise RuntimeError(
-                f"{req.dest_index.fqn}: the planner resolved a destination of size "
-                f"{tuple(target.shape)} for a read of size {tuple(req.lengths)}"
-            )
+            raise RuntimeError(f"{req.dest_index.fqn}: the planner resolved a destination of size "
+                               f"{tuple(target.shape)} for a read of size {tuple(req.lengths)}")
         return target
 
     def _plan_tensor(self, req: ReadItem, info: _stock._StorageInfo, saved: _safe_pickle.SavedTensor,
@@ -253,11 +249,8 @@ class LoadRun:
         if len(req.lengths) != len(saved.size) or any(
             o < 0 or n < 0 or o + n > s for o, n, s in zip(req.storage_offsets, req.lengths, saved.size)
         ):
-            raise self._bad_item(
-                req, info,
-                f"holds a chunk of size {list(saved.size)}; the read at offsets "
-                f"{list(req.storage_offsets)} of lengths {list(req.lengths)} exceeds it",
-            )
+            raise self._bad_item(req, info, f"holds a chunk of size {list(saved.size)}; the read at offsets "
+                                 f"{list(req.storage_offsets)} of lengths {list(req.lengths)} exceeds it")
         target = self._target(req)
         box_at = functools.partial(read_box, payload_file_offset, saved.dtype.itemsize, saved.stride,
                                    saved.storage_offset, req.storage_offsets, req.lengths)
