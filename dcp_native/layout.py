@@ -106,16 +106,6 @@ class _Pickler(pickle.Pickler):
     def persistent_id(self, obj):
         if isinstance(obj, _StorageRef):
             return ("storage", obj.storage_type, "0", "cpu", obj.numel)
-        return None
-
-
-@functools.lru_cache(maxsize=None)
-def _v3_dtypes() -> frozenset:
-    new = getattr(torch.storage, "_new_dtypes", None)
-    if new is not None:
-        return frozenset(new())
-    legacy = torch.storage._dtype_to_storage_type_map()
-    return frozenset(d for d in vars(torch).values() if isinstance(d, torch.dtype) and d not in legacy)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,7 +119,7 @@ def tensor_pickle(dtype: torch.dtype, size: tuple[int, ...]) -> bytes:
     """``data.pkl`` of a contiguous CPU tensor, byte-identical to ``torch.save``'s."""
     numel = math.prod(size)
     args = (0, size, contiguous_stride(size), False, collections.OrderedDict())
-    if dtype in _v3_dtypes():
+    if dtype in torch.storage._new_dtypes():  # as Tensor.__reduce_ex__ decides
         storage = _StorageRef(torch.storage.UntypedStorage, numel * dtype.itemsize)
         reduced = (torch._utils._rebuild_tensor_v3, (storage, *args, dtype))
     else:
@@ -462,11 +452,6 @@ class FileLayout:
                          stream if self.device >= 0 else 0)
 
 
-def data_file_name(prefix: str, n: int, tag: str) -> str:
-    """Stock's ``__{rank}_{n}.distcp`` with the save's tag: ``__{rank}_{n}.{tag}.distcp``."""
-    return f"{prefix}{n}{'.' + tag if tag else ''}{_stock.DEFAULT_SUFFIX}"
-
-
 def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
             directory: str | os.PathLike, prefix: str, tag: str, *, files: int, transforms: Any,
             cuda_usable: Callable[[], bool]) -> tuple[list[FileLayout], list[WriteResult]]:
@@ -482,7 +467,8 @@ def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
     route = _DeviceRoute(cuda_usable)
     layouts, results = [], []
     for n, group in enumerate(groups):
-        fl = FileLayout(directory, data_file_name(prefix, n, tag))
+        # Stock's __{rank}_{n}.distcp with the save's tag: __{rank}_{n}.{tag}.distcp.
+        fl = FileLayout(directory, f"{prefix}{n}{'.' + tag if tag else ''}{_stock.DEFAULT_SUFFIX}")
         layouts.append(fl)
         # Byte items first, then tensors: stock's order within a file.
         for item in sorted(group, key=lambda wi: wi.type != WriteItemType.BYTE_IO):

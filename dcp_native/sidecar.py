@@ -169,9 +169,8 @@ def read(directory: str, metadata_name: str, metadata: Any, metadata_bytes: byte
     if not save_id:
         return Sidecar("absent", "the metadata names no save (written by stock DCP)")
     name = file_name(metadata_name, save_id)
-    path = os.path.join(directory, name)
     try:
-        data = _fileio.read_regular(path, MAX_BYTES, what="sidecar")
+        data = _fileio.read_regular(os.path.join(directory, name), MAX_BYTES, what="sidecar")
     except FileNotFoundError:
         # Earlier dcp_native versions wrote format 1 (no checksum, not bound to the metadata) here.
         legacy = metadata_name + SUFFIX

@@ -240,10 +240,8 @@ class FileSystemWriter(_stock.FileSystemWriter):
         with commit.DirectoryLock(directory):
             commit.clean_before_save(directory, tag, self._local_rank())
             self._marker = commit.SaveMarker(directory, tag)
-        return [
-            dataclasses.replace(plan, storage_data=_SavePrefix(plan.storage_data.prefix, tag))
-            for plan in plans
-        ]
+        return [dataclasses.replace(plan, storage_data=_SavePrefix(plan.storage_data.prefix, tag))
+                for plan in plans]
 
     def _abandon(self) -> None:
         """End this writer's earlier save if it never committed (failed elsewhere): remove its files."""
