@@ -251,3 +251,30 @@ def test_data_file_names_stay_inside_the_directory(tmp_path, rel, why):
     assert (got is None) if why is None else why in got
     (tmp_path / "link").symlink_to("/")
     assert "outside" in checkpoint.path_problem(str(tmp_path), os.path.realpath(tmp_path), "link/etc")
+
+
+@pytest.mark.parametrize("files", [1, 3])
+def test_items_go_to_the_files_stock_puts_them_in(tmp_path, files):
+    """layout.lay_out assigns items to data files as stock's writer does, byte items first."""
+    import re
+
+    import torch.distributed.checkpoint as dcp
+
+    import dcp_native
+
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"t{i}": torch.randn(1 + 97 * i, generator=gen) for i in range(9)}
+    sd.update(step=3, name="x", nested={"a": [1, 2]})
+
+    def placement(writer_cls, path):
+        dcp.save(sd, storage_writer=writer_cls(path, thread_count=files), no_dist=True)
+        md = dcp.FileSystemReader(path).read_metadata()
+        by_file = {}
+        for index, info in sorted(md.storage_data.items(), key=lambda kv: kv[1].offset):
+            n = re.match(r"__0_(\d+)\.", info.relative_path).group(1)
+            by_file.setdefault(n, []).append(index.fqn)
+        return by_file
+
+    assert placement(dcp_native.FileSystemWriter, tmp_path / "ours") == placement(
+        dcp.FileSystemWriter, tmp_path / "stock"
+    )
