@@ -122,6 +122,11 @@ class Lease:
         return False
 
     def free(self) -> bool:
+        # A lease whose staging gave up waiting (StagingBusyError) is released,
+        # but the buffer is no freer than the lease it waited for.
+        previous = self.previous
+        if previous is not None and not previous.free():
+            return False
         if self.released.is_set():
             return True
         owner = self.owner
@@ -133,6 +138,8 @@ class Lease:
     def wait(self, timeout: float | None) -> None:
         """Wait until the lease is free; StagingBusyError after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self.previous is not None:
+            self.previous.wait(timeout)
         while not self.free():
             if deadline is not None and time.monotonic() >= deadline:
                 what = (
@@ -332,14 +339,10 @@ class StagingArea:
             previous = self._lease
             if previous is not None:
                 previous.wait(self.timeout)
+            # Taken once the previous one is free: until then the previous save's
+            # thread may still claim the previous lease.
             lease = self._lease = Lease()
-            try:
-                staged = self._stage_locked(state_dict, None)
-            except BaseException:
-                lease.release()
-                raise
-            lease.staged = weakref.ref(staged)
-            return staged
+            return self._stage_leased(lease, state_dict, None)
 
     def stage_async(self, state_dict: dict[str, Any]) -> "Future[StagedStateDict]":
         """Like :meth:`stage`, on a background thread: the caller may change the tensors once the future is done.
@@ -356,22 +359,26 @@ class StagingArea:
 
         def run() -> StagedStateDict:
             with self._lock:
-                try:
-                    if lease.previous is not None:
-                        lease.previous.wait(self.timeout)
-                        lease.previous = None
-                    staged = self._stage_locked(state_dict, events)
-                except BaseException:
-                    lease.release()
-                    raise
-                lease.staged = weakref.ref(staged)
-                return staged
+                return self._stage_leased(lease, state_dict, events)
 
         try:
             return self._executor.submit(run)
         except BaseException:
             lease.release()
             raise
+
+    def _stage_leased(self, lease: Lease, state_dict: dict[str, Any], events: dict[int, Any] | None) -> StagedStateDict:
+        """Under the lock: wait for the previous lease, stage; a failure releases ``lease``."""
+        try:
+            if lease.previous is not None:
+                lease.previous.wait(self.timeout)
+                lease.previous = None
+            staged = self._stage_locked(state_dict, events)
+        except BaseException:
+            lease.release()
+            raise
+        lease.staged = weakref.ref(staged)
+        return staged
 
     @staticmethod
     def _record_events(state_dict: dict[str, Any]) -> dict[int, Any]:

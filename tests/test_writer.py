@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import pickle
 import threading
+import time
 
 import pytest
 import torch
@@ -672,3 +673,29 @@ def test_cuda_sync_save_from_device(engine_name, tmp_path):
     assert_same(load(tmp_path, want), want)
     writer.close()
     assert writer.bytes_held == 0
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_staging_that_timed_out_does_not_free_the_buffer(asynchronous):
+    """A stage() that gave up waiting (StagingBusyError) leaves the buffer as busy as it found
+    it: the next stage() waits for the save still reading it too."""
+    area = StagingArea(timeout=0.1)
+    first = area.stage({"w": torch.ones(4)})
+    done = threading.Event()
+    saver = threading.Thread(target=lambda: (area.claim(), done.wait(GATE_S)))
+    saver.start()
+    while area.lease.owner is None:
+        time.sleep(0.001)
+
+    def stage(value):
+        sd = {"w": torch.full((4,), value)}
+        return area.stage_async(sd).result() if asynchronous else area.stage(sd)
+
+    for value in (2.0, 3.0):  # the second try must not pass the first one's failure
+        with pytest.raises(StagingBusyError, match="still used by the save running in thread"):
+            stage(value)
+        assert first["w"].tolist() == [1.0] * 4
+    done.set()
+    saver.join()
+    assert stage(4.0)["w"].tolist() == [4.0] * 4
+    area.close()
