@@ -71,16 +71,6 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def classify(name: str) -> tuple[str, int | None, str | None] | None:
-    """(kind, rank, tag) of a file a save writes, or None for anything else (never touched)."""
-    for kind, pattern in _NAMES:
-        m = pattern.match(name)
-        if m:
-            rank, tag = m.group(1), m.group(2)
-            return kind, int(rank) if rank else None, tag or None
-    return None
-
-
 # --------------------------------------------------------------------------- locks
 
 
@@ -235,11 +225,17 @@ def _listing(directory: str) -> list[str]:
 
 
 def _save_files(names: list[str], rank: int | None = None) -> Iterator[tuple[str, str, str | None]]:
-    """``(name, kind, tag)`` of the files saves write among ``names`` (``rank``'s, if given)."""
+    """``(name, kind, tag)`` of the files saves write among ``names`` (``rank``'s, if given).
+
+    Nothing else in a directory is ever touched.
+    """
     for name in names:
-        kind = classify(name)
-        if kind is not None and (rank is None or kind[1] == rank):
-            yield name, kind[0], kind[2]
+        for kind, pattern in _NAMES:
+            m = pattern.match(name)
+            if m:
+                if rank is None or (int(m[1]) if m[1] else None) == rank:
+                    yield name, kind, m[2] or None
+                break
 
 
 def remove_dead(directory: str, keep: set[str], own_tag: str | None, rank: int | None) -> None:

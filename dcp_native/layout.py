@@ -283,14 +283,10 @@ def trailer_length(item_offset: int, payload_offset: int, nbytes: int) -> int:
     end = payload_offset + nbytes
     if end + (1 << 16) >= _U32_MAX or nbytes >= _U32_MAX:
         return _trailer_length(item_offset, payload_offset, nbytes)  # rare: exact, uncached
-    return _small_trailer_length((item_offset + end) % RECORD_ALIGN, nbytes > 0)
-
-
-@functools.lru_cache(maxsize=2 * RECORD_ALIGN)
-def _small_trailer_length(end_mod: int, nonempty: bool) -> int:
-    # A stand-in item at offset 0 whose payload (1 or 0 bytes) ends at file offset end_mod.
-    nbytes = int(nonempty)
-    return _trailer_length(end_mod + RECORD_ALIGN - nbytes, RECORD_ALIGN, nbytes)
+    # As for a stand-in whose payload (1 byte, or none) at offset RECORD_ALIGN ends where this
+    # one does, modulo RECORD_ALIGN: few distinct calls, cached.
+    n = int(nbytes > 0)
+    return _cached_trailer_length((item_offset + end) % RECORD_ALIGN + RECORD_ALIGN - n, RECORD_ALIGN, n)
 
 
 def _trailer_length(item_offset: int, payload_offset: int, nbytes: int) -> int:
@@ -301,6 +297,9 @@ def _trailer_length(item_offset: int, payload_offset: int, nbytes: int) -> int:
     zb._central("data/0", nbytes, 0, 0)
     zb.cursor = payload_offset + nbytes
     return len(_trailer(zb, _descriptor(nbytes, 0, nbytes >= _U32_MAX), b"0" * 40))
+
+
+_cached_trailer_length = functools.lru_cache(maxsize=2 * RECORD_ALIGN)(_trailer_length)
 
 
 # --------------------------------------------------------------------------- zip reader
