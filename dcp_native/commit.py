@@ -1,30 +1,9 @@
 """The commit protocol: what makes a directory hold exactly one complete checkpoint.
 
-Several saves may run against one directory at once (two processes, two
-``async_save`` calls, a retry while a failed save's process lingers). They
-never damage each other, and the directory always holds one complete
-checkpoint, the one whose metadata was renamed into place last:
-
-* **Every save names its files after itself.** Its data files, checksum
-  tables, sidecar and temporary metadata carry its *tag*
-  (:func:`dcp_native.sidecar.save_tag`), so no two saves write one file.
-* **A save in progress holds a marker.** Before any rank writes a data file,
-  the save's coordinator creates ``.dcp_native.<tag>.lock`` and holds an
-  exclusive ``flock`` on it until the save has committed or failed. A save
-  whose marker is missing or unlocked is *provably dead* (the kernel drops
-  the lock of a killed process); only dead saves' files are ever removed.
-* **Commits and clean-ups are serialized** by an ``flock`` on
-  ``.dcp_native.lock`` (a file that stays in the directory): the coordinator
-  writes its sidecar and ``.metadata`` through a temporary name, fsyncs them,
-  renames the metadata into place, fsyncs the directory, then removes the
-  files no committed metadata names that belong to no live save.
-* **Nothing named by a committed metadata is removed**, whatever else fails.
-
-Every system call here goes through ``DCP_NATIVE_FAULT`` (one commit is one
-fault scope; see :mod:`dcp_native._fileio`), so each step's failure is tested.
-Filesystems without working ``flock`` (some network filesystems) get the
-same naming, but no save is then provably dead: leftovers of killed saves stay
-until a save finds their markers unlocked.
+Saves name their files after themselves (tags), hold a marker while in progress and take turns
+on a directory lock to commit and clean up; only provably dead saves' files are ever removed.
+The guarantees and the steps: "The commit protocol" in docs/ARCHITECTURE.md. Every system call
+here goes through DCP_NATIVE_FAULT (one commit is one fault scope; see :mod:`dcp_native._fileio`).
 """
 
 from __future__ import annotations

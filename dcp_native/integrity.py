@@ -1,19 +1,5 @@
-"""Checksums of data files: the CRC32C table format.
-
-Every data file written with checksums gets a companion ``<data file>.crc32c``: the CRC32C of
-each ``block``-byte block of the data file as written (framing and payloads alike; the last block
-may be short). Blocks are small (4 KiB) and payloads of 64 KiB and more start on a 4 KiB boundary,
-so a read of part of a tensor verifies just the blocks it touches (the engine reads the few bytes
-that complete its edge blocks; see "Checks" in :mod:`dcp_native.engine`).
-
-Table file layout (little-endian)::
-
-    magic    8 bytes   b"DCPNCRC1"
-    block    u32       block size in bytes
-    reserved u32       0
-    size     u64       size of the data file the table describes
-    count    u64       number of blocks (= ceil(size / block))
-    crc      u32 * count
+"""Checksums of data files: the CRC32C table ``<data file>.crc32c`` of every 4 KiB block, its
+format ("Checksum tables" in docs/ARCHITECTURE.md) and its loading, checked against the sidecar.
 """
 
 from __future__ import annotations

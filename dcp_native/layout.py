@@ -1,27 +1,10 @@
 """The on-disk format: where each item's bytes go in a data file, and how they are framed.
 
-A tensor item is framed exactly as stock DCP frames it: a ``torch.save`` zip
-archive holding one storage, written from its first byte at the item's offset
-in the data file. Stock writes it with ``torch.save``; we generate the small
-header (local headers, ``data.pkl`` and the other records before the payload)
-and trailer (records after it, central directory, end records) here, in
-microseconds, and write the payload straight from tensor memory. The archive
-follows miniz's conventions (the writer inside ``torch.save``): stored
-records, data descriptors, 64-byte aligned record data padded through an
-``FB`` extra field, ZIP64 records for storages of 4 GiB and more. Large
-payloads are aligned to 4 KiB in the *file* so that O_DIRECT can reach them in
-place. The zip CRC-32 of the payload is written as 0, as ``torch.save`` does
-under ``torch.serialization.set_crc32_options(False)``; ``torch.load`` does not
-check it (dcp_native keeps its own CRC32C of every payload instead).
-
-:func:`lay_out` places one rank's items in its data files as stock does (its
-assignment of items to files, byte items first, its framing of everything the
-fast path does not cover) and returns the engine's write plan of each file.
-
-Items written by stock DCP are located (by :mod:`dcp_native.checkpoint`) from
-:func:`parse_archive_tail` (the central directory), :func:`local_data_offset`
-and :func:`dcp_native._safe_pickle.parse_tensor_pickle` (``data.pkl``),
-without running ``torch.load`` on the payload.
+A tensor item is a ``torch.save`` zip archive of one storage, framed exactly as stock DCP frames
+it; we generate its small header and trailer here and write the payload straight from tensor
+memory (large payloads 4 KiB-aligned in the file). :func:`lay_out` places one rank's items in its
+data files as stock does and returns each file's write plan. The format in full: "The data
+files' format" in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

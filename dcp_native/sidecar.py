@@ -1,36 +1,7 @@
-"""The sidecar: what dcp_native adds to a stock checkpoint, and when to trust it.
-
-Each save writes ``<metadata file>.<tag>.dcp_native`` (``tag``: see
-:func:`save_tag`), under the commit protocol, before its metadata. It records
-where each tensor payload starts within its item and, for each data file with
-a CRC32C table, that table's size and SHA-256. Its name belongs to one save,
-so a save that fails after writing it never leaves a committed checkpoint
-with another save's sidecar.
-
-Nothing in it is trusted unchecked:
-
-* the file is a regular file (never a FIFO), with a header whose SHA-256
-  covers the body: a damaged sidecar is detected;
-* it is bound to its metadata: the save id, the metadata file's name and the
-  SHA-256 of the metadata file's exact bytes must match, so a sidecar next to
-  another save's (or an edited) ``.metadata`` is not used;
-* each entry is checked against the metadata by the reader before use.
-
-A sidecar that fails a check is ignored (readers fall back to parsing item
-headers), and :attr:`Sidecar.reason` says why, for ``verify=True`` (which then
-cannot verify and says so) and for the command line.
-
-File layout (little-endian)::
-
-    magic    8 bytes   b"DCPNSIDE"
-    version  u32       FORMAT_VERSION
-    reserved u32       0
-    length   u64       bytes of the body
-    sha256   32 bytes  of the body
-    body     JSON      {"format", "version", "save_id", "metadata",
-                        "metadata_sha256", "metadata_size",
-                        "items":  {data file: [[item offset, item length, payload offset], ...]},
-                        "tables": {data file: {"file", "size", "sha256"}}}
+"""The sidecar: what dcp_native adds to a stock checkpoint (payload offsets, the CRC32C tables'
+sizes and SHA-256), and when to trust it: a SHA-256 header over its body, bound to its metadata's
+exact bytes, each entry checked against the metadata before use; one that fails a check is
+ignored and :attr:`Sidecar.reason` says why. Its file layout: "The sidecar" in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
