@@ -23,7 +23,7 @@ import threading
 from array import array
 from typing import Callable, Sequence
 
-from . import config
+from . import _fileio, config
 from ._engine_python_plan import (
     HOST_ONLY,
     Call,
@@ -39,15 +39,6 @@ from ._engine_python_plan import (
     pack,
 )
 from ._errors import CudaError, TruncatedFileError
-from ._fileio import CLOSE as _CLOSE
-from ._fileio import FSYNC as _FSYNC
-from ._fileio import READ as _READ
-from ._fileio import WRITE as _WRITE
-from ._fileio import Faults as _Faults
-from ._fileio import close_quietly as _close_quietly
-from ._fileio import open_regular as _open_regular
-from ._fileio import os_call as _os_call
-from ._fileio import os_error as _os_error
 from .engine import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_DEVICE_CHUNK_BYTES,
@@ -59,9 +50,6 @@ from .engine import (
     WriteFile,
     WriteStats,
 )
-
-# What _fileio.open_regular calls the files it refuses (as csrc/file_io.cpp).
-_DATA_FILE = "data file"
 
 class PythonEngine:
     """Executes write and read plans with os.pwritev/os.preadv on threads."""
@@ -95,14 +83,14 @@ class PythonEngine:
             written.append(total)
             pack(runs, index, chunk_bytes, -1, calls)
             size = runs[-1][0] + runs[-1][1] if runs else 0
-            grid = Table(crc_block, size, array("I", bytes(4 * -(-size // crc_block)))) if crc_block else None
-            tables.append(grid)
+            tables.append(Table(crc_block, size, array("I", bytes(4 * -(-size // crc_block))))
+                          if crc_block else None)
             pieces.append([])
 
         def open_file(index: int) -> int:
             # O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC and the regular-file check come with it.
-            return _open_regular(paths[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644,
-                                 faults=faults, what=_DATA_FILE)
+            return _fileio.open_regular(paths[index], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644,
+                                        faults=faults, what="data file")
 
         def run_call(fd: int, call: Call, scratch: memoryview | None) -> None:
             buffers = call.buffers(views[call.file], None)
@@ -111,19 +99,18 @@ class PythonEngine:
                 # Checksummed first, as csrc does: the write then copies hot bytes.
                 checksum_range(table, call.offset, buffers, pieces[call.file],
                                 table.crcs.__setitem__, portable)
-            _transfer(os.pwritev, "pwritev", fd, buffers, call.offset, call.nbytes, path, 0, cap,
-                      faults)
+            _transfer(os.pwritev, fd, buffers, call.offset, call.nbytes, path, 0, cap, faults)
             if sync:
                 _start_writeback(fd, call.offset, call.nbytes)
 
         def finish_file(index: int, fd: int) -> None:
             if sync:
                 try:
-                    _os_call(faults, _FSYNC, os.fsync, "fsync", paths[index], -1, fd)
+                    _fileio.os_call(faults, _fileio.FSYNC, os.fsync, "fsync", paths[index], -1, fd)
                 except BaseException:
-                    _close_quietly(fd)  # as csrc's FdGuard: an error path, not a hooked close
+                    _fileio.close_quietly(fd)  # as csrc's FdGuard: an error path, not a hooked close
                     raise
-            _os_call(faults, _CLOSE, os.close, "close", paths[index], -1, fd)
+            _fileio.os_call(faults, _fileio.CLOSE, os.close, "close", paths[index], -1, fd)
 
         calls = interleave_files(calls, len(files), threads)
         _execute(calls, len(files), threads, 0, open_file, run_call, finish_file)
@@ -170,15 +157,15 @@ class PythonEngine:
 
         def open_file(index: int) -> int:
             path = paths[index]
-            fd = _open_regular(path, os.O_RDONLY, faults=faults, what=_DATA_FILE)
+            fd = _fileio.open_regular(path, os.O_RDONLY, faults=faults, what="data file")
             try:
                 # Checking the size up front fails fast, with the size the
                 # plan needs rather than the first run that fails.
-                size = _os_call(None, 0, os.fstat, "fstat", path, -1, fd).st_size
+                size = _fileio.os_call(None, 0, os.fstat, "fstat", path, -1, fd).st_size
                 if size < required[index]:
                     raise TruncatedFileError(path, required[index], size)
             except BaseException:
-                _close_quietly(fd)
+                _fileio.close_quietly(fd)
                 raise
             return fd
 
@@ -186,8 +173,8 @@ class PythonEngine:
             f = call.file
             table = files[f].table
             buffers = call.buffers(views[f], scratch)
-            _transfer(os.preadv, "preadv", fd, buffers, call.offset, call.nbytes, paths[f],
-                      required[f], cap, faults)
+            _transfer(os.preadv, fd, buffers, call.offset, call.nbytes, paths[f], required[f], cap,
+                      faults)
             if table is not None:
                 checksum_range(table, call.offset, buffers, pieces[f], compare(f, table, failed),
                                 portable)
@@ -195,8 +182,8 @@ class PythonEngine:
         def finish_file(index: int, fd: int) -> None:
             # Nothing read can be lost: a failed close (real or injected) is
             # ignored, as in csrc's close_read_only.
-            faults.next(_CLOSE)
-            _close_quietly(fd)
+            faults.next(_fileio.CLOSE)
+            _fileio.close_quietly(fd)
 
         _execute(calls, len(files), threads, scratch, open_file, run_call, finish_file)
         for f, shared in enumerate(pieces):
@@ -228,7 +215,8 @@ def _begin(files: Sequence, threads: int, chunk_bytes: int, pool: object) -> tup
         raise ValueError(f"a pinned pool was passed to a plan, but {HOST_ONLY}")
     settings = config.current()
     paths = [os.fsdecode(f.path) for f in files]
-    return _Faults(settings.fault_triples()), settings.short_io, settings.portable_crc32c, paths
+    faults = _fileio.Faults(settings.fault_triples())
+    return faults, settings.short_io, settings.portable_crc32c, paths
 
 
 # --------------------------------------------------------------------------- execution
@@ -316,7 +304,7 @@ def _execute(
                     fail(exc)
         for fd in fds:
             if fd is not None:
-                _close_quietly(fd)
+                _fileio.close_quietly(fd)
     error = state["error"]
     if error is not None:
         state["error"] = None  # no reference cycle through the traceback
@@ -347,25 +335,16 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
-def _transfer(
-    syscall,
-    operation: str,
-    fd: int,
-    buffers: list,
-    offset: int,
-    nbytes: int,
-    path: str,
-    required: int,
-    cap: int,
-    faults: _Faults,
-) -> None:
+def _transfer(syscall, fd: int, buffers: list, offset: int, nbytes: int, path: str, required: int,
+              cap: int, faults: _fileio.Faults) -> None:
     """Moves exactly ``nbytes`` bytes with preadv/pwritev, resuming short transfers.
 
     EINTR is retried by Python itself (PEP 475). ``cap`` > 0 limits every call
     to ``cap`` bytes (DCP_NATIVE_TEST_SHORT_IO); every call, resumed or not,
     counts for DCP_NATIVE_FAULT.
     """
-    op = _WRITE if syscall is os.pwritev else _READ
+    writing = syscall is os.pwritev
+    op = _fileio.WRITE if writing else _fileio.READ
     while nbytes > 0:
         request = buffers
         if cap and nbytes > cap:
@@ -377,19 +356,18 @@ def _transfer(
                     break
                 request.append(b)
                 want -= len(b)
+        # Named as csrc names it: one buffer goes through pread/pwrite there.
+        name = syscall.__name__[:-1] if len(request) == 1 else syscall.__name__
         try:
             injected = faults.next(op)
             if injected:
                 raise OSError(injected, os.strerror(injected))
             done = syscall(fd, request, offset)
         except OSError as exc:
-            # Named as csrc names it: one buffer goes through pread/pwrite there.
-            name = operation[:-1] if len(request) == 1 else operation
-            raise _os_error(exc, name, path, offset) from None
+            raise _fileio.os_error(exc, name, path, offset) from None
         if done == 0:
-            if syscall is os.pwritev:
+            if writing:
                 # pwritev may not return 0 for a non-empty request; looping would spin.
-                name = operation[:-1] if len(request) == 1 else operation
                 message = f"{os.strerror(errno.EIO)} ({name} at offset {offset})"
                 raise OSError(errno.EIO, message, path)
             # EOF: the file ends before this run (see csrc/file_io.cpp for `actual`).
