@@ -212,31 +212,25 @@ def collect_segments(path: str, blob, segments, contiguous: bool) -> tuple[list,
     total = 0
     for i in range(0, len(values), 4):
         offset, kind, source, length = values[i : i + 4]
+        where = f"write plan for {path}: segment {i // 4}"
         if offset < 0 or length < 0 or offset + length > _INT64_MAX:
-            raise ValueError(
-                f"write plan for {path}: segment {i // 4}: file range [{offset}, +{length}) "
-                "is negative or overflows"
-            )
+            raise ValueError(f"{where}: file range [{offset}, +{length}) is negative or overflows")
         if kind == SRC_BLOB:
             if source < 0 or source > blob_length or length > blob_length - source:
-                raise ValueError(
-                    f"write plan for {path}: segment {i // 4}: blob range [{source}, +{length}) "
-                    f"is outside the blob of {blob_length} bytes"
-                )
+                raise ValueError(f"{where}: blob range [{source}, +{length}) is outside the blob "
+                                 f"of {blob_length} bytes")
             if length:
                 runs.append((offset, length, 0, source))
         elif kind == SRC_HOST:
             if source < 0 or source + length > _INT64_MAX or (source == 0 and length > 0):
-                raise ValueError(
-                    f"write plan for {path}: segment {i // 4}: host address {source} is invalid"
-                )
+                raise ValueError(f"{where}: host address {source} is invalid")
             if length:
                 runs.append((offset, length, len(views), 0))
                 views.append(host_view(source, length))
         elif kind == SRC_DEVICE:
-            raise ValueError(f"write plan for {path}: segment {i // 4}: SRC_DEVICE: {HOST_ONLY}")
+            raise ValueError(f"{where}: SRC_DEVICE: {HOST_ONLY}")
         else:
-            raise ValueError(f"write plan for {path}: segment {i // 4}: unknown source kind {kind}")
+            raise ValueError(f"{where}: unknown source kind {kind}")
         total += length
     runs.sort()
     covered = 0  # end of the previous run
