@@ -85,14 +85,17 @@ def current(environ: Mapping[str, str] | None = None) -> Config:
     if found is not None:
         return found
     backend, crc, cudart, fault, short_io, no_direct = raw
-    config = Config(
-        backend=parse_backend(backend),
-        portable_crc32c=_parse_crc32c(crc),
-        cudart=cudart,
-        faults=tuple(_parse_faults(fault)),
-        short_io=_parse_short_io(short_io),
-        no_direct=_parse_no_direct(no_direct),
-    )
+    backend = parse_backend(backend)
+    if crc not in ("", "auto", "portable"):
+        raise ValueError(f"{CRC32C_ENV}={crc} is not one of auto, portable")
+    faults = _parse_faults(fault)
+    # Digits only: int() would also take signs, spaces and "_".
+    if short_io and (not _is_digits(short_io) or int(short_io) > _INT64_MAX):
+        raise ValueError(f"{SHORT_IO_ENV}={short_io} is not a non-negative integer")
+    if no_direct not in NO_DIRECT_MODES:
+        raise ValueError(f"{NO_DIRECT_ENV}={no_direct} is not one of open, transfer")
+    config = Config(backend, crc == "portable", cudart, faults, int(short_io or 0),
+                    NO_DIRECT_MODES.index(no_direct))
     with _lock:
         if len(_cache) > 64:  # tests try many values; keep the cache small
             _cache.clear()
@@ -112,26 +115,7 @@ def parse_backend(value: str) -> str:
     return value
 
 
-def _parse_crc32c(value: str) -> bool:
-    if value not in ("", "auto", "portable"):
-        raise ValueError(f"{CRC32C_ENV}={value} is not one of auto, portable")
-    return value == "portable"
-
-
-def _parse_short_io(value: str) -> int:
-    # Digits only: int() would also take signs, spaces and "_".
-    if value and (not _is_digits(value) or int(value) > _INT64_MAX):
-        raise ValueError(f"{SHORT_IO_ENV}={value} is not a non-negative integer")
-    return int(value) if value else 0
-
-
-def _parse_no_direct(value: str) -> int:
-    if value not in NO_DIRECT_MODES:
-        raise ValueError(f"{NO_DIRECT_ENV}={value} is not one of open, transfer")
-    return NO_DIRECT_MODES.index(value)
-
-
-def _parse_faults(value: str) -> list[int]:
+def _parse_faults(value: str) -> tuple[int, ...]:
     triples: list[int] = []
     seen = set()
     for item in value.split(",") if value else ():
@@ -147,7 +131,7 @@ def _parse_faults(value: str) -> list[int]:
             raise ValueError(f"{FAULT_ENV}={value!r}: {item!r} fails a call another item fails")
         seen.add((spec[0], spec[2]))
         triples.extend(spec)
-    return triples
+    return tuple(triples)
 
 
 def _parse_fault(parts: list[str]) -> tuple[int, int, int] | None:
