@@ -85,16 +85,6 @@ class TruncatedFileError(CorruptCheckpointError):
             offset=offset,
         )
 
-    def __reduce__(self):
-        return (
-            _rebuild_truncated,
-            (self.filename, self.expected, self.actual, self.key, self.offset),
-        )
-
-
-def _rebuild_truncated(filename, expected, actual, key, offset):
-    return TruncatedFileError(filename, expected, actual, key=key, offset=offset)
-
 
 class RefusedObjectError(CheckpointError):
     """A saved object would import something ``torch.load(weights_only=True)`` refuses.
