@@ -32,9 +32,8 @@ def encode_table(block: int, size: int, crcs: array) -> bytes:
     count = -(-size // block) if size else 0
     if len(crcs) != count:
         raise ValueError(f"{len(crcs)} checksums for {count} blocks")
+    # Every supported platform has a 4-byte "I" (load_table reads the table back as one).
     body = crcs if crcs.itemsize == 4 else array("I", crcs)
-    if body.itemsize != 4:  # pragma: no cover - every supported platform has a 4-byte "I"
-        raise ValueError("array('I') is not 4 bytes wide here")
     return HEADER.pack(MAGIC, block, 0, size, count) + body.tobytes()
 
 
@@ -48,11 +47,8 @@ class Table:
 
 
 def load_table(path: str, info, data_path: str, data_size: int) -> Table:
-    """The checksum table at ``path``, checked against the sidecar's
-    :class:`~dcp_native.sidecar.TableInfo` (``info``: the table file's size and SHA-256) and
-    the size of the data file it describes (``data_size``). Raises :class:`~dcp_native.IntegrityError`
-    when the table is not the one the save wrote or does not describe the data file as it is
-    now: its checksums then cannot vouch for anything.
+    """The checksum table at ``path``, checked against the sidecar's ``info`` (its size and SHA-256)
+    and ``data_size``: :class:`~dcp_native.IntegrityError` when it cannot vouch for the data file.
     """
     def refuse(why: str) -> IntegrityError:
         return IntegrityError(f"{why}; the blocks of {data_path} cannot be verified", filename=path)

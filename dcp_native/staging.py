@@ -55,7 +55,9 @@ class StagedStateDict(dict):
     __slots__ = ("__weakref__",)
 
     def __reduce__(self) -> tuple:
-        return (_unpickle_staged, ({k: _by_parts(v) for k, v in self.items()},))
+        # Only containers _build made are walked; everything else it deep-copied has storages of its own.
+        by_parts = _map(self, lambda v, _: _DTensorParts(v) if _is(v, DTensor) else v)
+        return (_unpickle_staged, (by_parts,))
 
 
 def _unpickle_staged(items: dict[str, Any]) -> StagedStateDict:
@@ -79,22 +81,22 @@ def _dtensor_from_parts(local: torch.Tensor, spec: Any, requires_grad: bool) -> 
     return DTensor(local, spec, requires_grad=requires_grad)
 
 
-def _by_parts(obj: Any) -> Any:
-    """``obj`` with every DTensor in its dicts, lists and tuples wrapped in :class:`_DTensorParts`.
+def _is(obj: Any, cls: type | None) -> bool:
+    """isinstance for the classes this torch build may lack (None)."""
+    return cls is not None and isinstance(obj, cls)
 
-    Only containers :func:`_build` made are walked; everything else it
-    deep-copied has storages of its own.
-    """
-    if DTensor is not None and isinstance(obj, DTensor):
-        return _DTensorParts(obj)
+
+def _map(obj: Any, fn: Any, path: tuple = ()) -> Any:
+    """``obj``'s dicts, lists and tuples rebuilt (plain; named tuples kept), ``fn(value, path)`` in
+    place of everything else, called in order."""
     if isinstance(obj, dict):
-        return {k: _by_parts(v) for k, v in obj.items()}
+        return {k: _map(v, fn, path + (k,)) for k, v in obj.items()}
+    if not isinstance(obj, (list, tuple)):
+        return fn(obj, path)
+    items = [_map(v, fn, path + (i,)) for i, v in enumerate(obj)]
     if isinstance(obj, list):
-        return [_by_parts(v) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_by_parts(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    return obj
+        return items
+    return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
 
 
 class Lease:
@@ -161,18 +163,6 @@ class Lease:
                 self.released.wait(_POLL_S)
 
 
-class _Slot:
-    """Where one staged tensor lives in the buffer."""
-
-    __slots__ = ("offset", "nbytes", "shape", "dtype")
-
-    def __init__(self, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self.offset = offset
-        self.nbytes = nbytes
-        self.shape = shape
-        self.dtype = dtype
-
-
 def _stageable(t: torch.Tensor) -> bool:
     """A dense tensor whose values can be copied into the buffer as they are."""
     return (
@@ -183,25 +173,22 @@ def _stageable(t: torch.Tensor) -> bool:
     )
 
 
-def _leaves(obj: Any, path: tuple, out: list) -> None:
-    """Collect ``(path, tensor)`` of every tensor :func:`_build` copies into the buffer, in its order."""
-    if isinstance(obj, torch.Tensor):
-        if DTensor is not None and isinstance(obj, DTensor):
-            local = obj._local_tensor
-            if _stageable(local):
-                out.append((path, local))
-        elif ShardedTensor is not None and isinstance(obj, ShardedTensor):
-            for i, shard in enumerate(obj.local_shards()):
-                if _stageable(shard.tensor):
-                    out.append((path + (i,), shard.tensor))
-        elif _stageable(obj):
+def _leaves(obj: Any) -> list[tuple[tuple, torch.Tensor]]:
+    """``(path, tensor)`` of every tensor :func:`_build` copies into the buffer, in its order."""
+    out: list[tuple[tuple, torch.Tensor]] = []
+
+    def visit(obj: Any, path: tuple) -> None:
+        if _is(obj, DTensor):
+            obj = obj._local_tensor
+        elif _is(obj, ShardedTensor):
+            out.extend((path + (i,), s.tensor) for i, s in enumerate(obj.local_shards())
+                       if _stageable(s.tensor))
+            return
+        if isinstance(obj, torch.Tensor) and _stageable(obj):
             out.append((path, obj))
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _leaves(v, path + (k,), out)
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _leaves(v, path + (i,), out)
+
+    _map(obj, visit)
+    return out
 
 
 def _register_host(ptr: int, nbytes: int) -> bool:
@@ -267,11 +254,9 @@ class StagingArea:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._layout: tuple | None = None
-        self._slots: list[_Slot] = []
         self._views: list[torch.Tensor] = []
         self._buffer: torch.Tensor | None = None
         self._registered = 0
-        self._pinned = False
         self._lease: Lease | None = None
         self._streams: dict[int, Any] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -314,14 +299,11 @@ class StagingArea:
             self._registered = 0
         self._buffer = None
         self._layout = None
-        self._slots = []
         self._views = []
 
     def __del__(self) -> None:
         try:
-            if self._registered:
-                _unregister_host(self._registered)
-                self._registered = 0
+            self._free()
         except Exception:  # noqa: BLE001 - interpreter shutdown; nothing to report to
             pass
 
@@ -382,29 +364,21 @@ class StagingArea:
 
     @staticmethod
     def _record_events(state_dict: dict[str, Any]) -> dict[int, Any]:
-        leaves: list = []
-        _leaves(state_dict, (), leaves)
         events = {}
-        for _, t in leaves:
+        for _, t in _leaves(state_dict):
             if t.is_cuda and t.device.index not in events:
                 events[t.device.index] = torch.cuda.current_stream(t.device).record_event()
         return events
 
     def _stage_locked(self, state_dict: dict[str, Any], events: dict[int, Any] | None) -> StagedStateDict:
-        leaves: list = []
-        _leaves(state_dict, (), leaves)
+        leaves = _leaves(state_dict)
         pinned = any(t.is_cuda for _, t in leaves)
-        layout = (pinned,) + tuple(
-            (path, tuple(t.shape), t.dtype, t.device.type) for path, t in leaves
-        )
+        layout = (pinned,) + tuple((path, tuple(t.shape), t.dtype, t.device.type) for path, t in leaves)
         if layout != self._layout:
             self._lay_out(leaves, pinned, layout)
-        views = self._views
         with torch.no_grad():
-            streams = self._copy(leaves, views, events)
-        memo: dict[int, Any] = {}
-        it = iter(views)
-        staged = _build(state_dict, it, memo)
+            streams = self._copy(leaves, self._views, events)
+        staged = _build(state_dict, iter(self._views))
         for stream in streams:
             stream.synchronize()
         return StagedStateDict(staged)
@@ -416,7 +390,7 @@ class StagingArea:
             nbytes = t.numel() * t.element_size()
             align = _PAGE if nbytes >= _PAGE_FROM else _ALIGN
             offset = -(-offset // align) * align
-            slots.append(_Slot(offset, nbytes, tuple(t.shape), t.dtype))
+            slots.append((offset, nbytes, t.dtype, t.shape))
             offset += nbytes
         if self.capacity is not None and offset > self.capacity:
             raise ValueError(
@@ -426,14 +400,10 @@ class StagingArea:
             )
         self._free()
         self._buffer, self._registered = _allocate(offset, pinned)
-        self._slots = slots
         # One view per tensor, made once per layout: the staged state dicts of
         # every save with this layout hold these same tensors.
-        self._views = [
-            self._buffer[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in slots
-        ]
+        self._views = [self._buffer[at : at + n].view(dtype).view(shape) for at, n, dtype, shape in slots]
         self._layout = layout
-        self._pinned = pinned
         self.allocations += 1
 
     def _copy(self, leaves: list, views: list, events: dict[int, Any] | None) -> list:
@@ -459,30 +429,24 @@ class StagingArea:
         return list(used.values())
 
 
-def _build(obj: Any, views, memo: dict[int, Any]) -> Any:
-    """The staged copy of ``obj``; takes the views of :func:`_leaves`'s tensors in order."""
-    if isinstance(obj, torch.Tensor):
-        if DTensor is not None and isinstance(obj, DTensor):
-            local = obj._local_tensor
-            staged = next(views) if _stageable(local) else _copy_other(local)
-            return DTensor(staged, obj._spec, requires_grad=False)
-        if ShardedTensor is not None and isinstance(obj, ShardedTensor):
+def _build(state_dict: dict[str, Any], views) -> dict[str, Any]:
+    """The staged copy of ``state_dict``; takes the views of :func:`_leaves`'s tensors in order."""
+    memo: dict[int, Any] = {}
+
+    def staged(obj: Any, _: tuple) -> Any:
+        if _is(obj, DTensor):
+            return DTensor(staged(obj._local_tensor, _), obj._spec, requires_grad=False)
+        if _is(obj, ShardedTensor):
             return _sharded(obj, views)
-        if _stageable(obj):
-            return next(views)
-        return _copy_other(obj)
-    if isinstance(obj, _IMMUTABLE):
-        return obj
-    if isinstance(obj, dict):
-        return {k: _build(v, views, memo) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_build(v, views, memo) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_build(v, views, memo) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    if isinstance(obj, io.BytesIO):
-        return io.BytesIO(obj.getvalue())
-    return copy.deepcopy(obj, memo)
+        if isinstance(obj, torch.Tensor):
+            return next(views) if _stageable(obj) else _copy_other(obj)
+        if isinstance(obj, _IMMUTABLE):
+            return obj
+        if isinstance(obj, io.BytesIO):
+            return io.BytesIO(obj.getvalue())
+        return copy.deepcopy(obj, memo)
+
+    return _map(state_dict, staged)
 
 
 def _copy_other(t: torch.Tensor) -> torch.Tensor:

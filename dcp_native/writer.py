@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import os
 import pickle
-import threading
 import time
 from typing import Any, Sequence
 
@@ -69,20 +68,12 @@ class FileSystemWriter(_stock.FileSystemWriter):
             ``AsyncSaveResponse``; the caller must wait for its
             ``staging_completion`` before changing the tensors.
 
-    Async saves: ``dcp.async_save(sd, storage_writer=writer)`` (or
-    :func:`dcp_native.async_save`) calls ``writer.stage(sd)``, which copies
-    the tensors into a staging area kept between saves (pinned memory when
-    some are on a GPU, see :mod:`dcp_native.staging`) and returns; the write
-    runs in DCP's background thread or process. A second ``async_save`` with
-    the same writer waits until the first has completed (its collectives
-    must not interleave with the next save's, and its staged bytes must not
-    change under it).
-    The area is reused while the state dict keeps its layout (keys, shapes,
-    dtypes), whatever ``cache_staged_state_dict`` says (stock's False means a
-    fresh copy per save; dcp_native always keeps it, which is what makes the
-    copy the only cost); :attr:`bytes_held` reports it and :meth:`close`
-    frees it. The writer pickles (DCP's process executor sends it to its
-    checkpoint process) without its staging area and pools.
+    Async saves: ``dcp.async_save(sd, storage_writer=writer)`` calls ``writer.stage(sd)``, which
+    copies the tensors into a staging area kept between saves, whatever ``cache_staged_state_dict``
+    says, while the state dict keeps its layout (see "Async saves: staging" in
+    docs/ARCHITECTURE.md); a second ``async_save`` with the same writer waits until the first has
+    completed. :attr:`bytes_held` reports the memory held, :meth:`close` frees it; the writer
+    pickles (to DCP's checkpoint process) without it.
 
     Example:
         >>> import tempfile, torch, torch.distributed.checkpoint as dcp, dcp_native
@@ -137,13 +128,12 @@ class FileSystemWriter(_stock.FileSystemWriter):
 
     # ------------------------------------------------------------------ staging (AsyncStager)
 
-    #: Attributes that never pickle: staging memory, pinned pools, locks.
-    _RUNTIME = ("_staging", "_pools", "_pool_lock", "_marker")
+    #: Attributes that never pickle: staging memory, pinned pools, the save's marker.
+    _RUNTIME = ("_staging", "_pools", "_marker")
 
     def _init_runtime(self) -> None:
         self._staging: StagingArea | None = None
-        self._pools: dict[tuple[str, int], Any] = {}
-        self._pool_lock = threading.Lock()
+        self._pools = _device.PinnedPools()
         #: The marker of this writer's save in progress (coordinator only; dcp_native.commit).
         self._marker: commit.SaveMarker | None = None
 
@@ -174,19 +164,14 @@ class FileSystemWriter(_stock.FileSystemWriter):
     def bytes_held(self) -> int:
         """Host memory held for staging now: the async staging area plus the pinned pools."""
         staging = self._staging
-        held = staging.bytes_held if staging is not None else 0
-        # No lock: a write in progress holds it, and this is a report, not a decision.
-        return held + sum(pool.bytes_held for pool in list(self._pools.values()))
+        return (staging.bytes_held if staging is not None else 0) + self._pools.bytes_held
 
     def close(self) -> None:
         """Free the staging area and the pinned pools (idempotent); the writer stays usable."""
         staging, self._staging = self._staging, None
         if staging is not None:
             staging.close()
-        with self._pool_lock:
-            pools, self._pools = self._pools, {}
-        for pool in pools.values():
-            pool.close()
+        self._pools.close()
 
     def _claim(self) -> None:
         """Note the thread DCP runs this save on (see :mod:`dcp_native.staging`)."""
@@ -208,15 +193,6 @@ class FileSystemWriter(_stock.FileSystemWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self._claim()
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
-
-    def _pool(self, engine: Any, device: int) -> Any:
-        """The pinned pool of ``engine`` for ``device``, made on first use and kept."""
-        key = (engine.name, device)
-        pool = self._pools.get(key)
-        if pool is None:
-            capacity = self.staging_bytes if self.staging_bytes is not None else DEFAULT_STAGING_BYTES
-            pool = self._pools[key] = engine.pinned_pool(device, capacity)
-        return pool
 
     # ------------------------------------------------------------------ writing
 
@@ -307,8 +283,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
         # The engine's copy stream waits for the work queued so far on the
         # producer's stream (e.g. the layout's .contiguous() copies).
         stream = _device.current_stream(device) if device >= 0 else 0
-        with self._pool_lock if device >= 0 else contextlib.nullcontext():
-            pool = {} if device < 0 else {"pool": self._pool(engine, device), "direct_io": self.direct_io}
+        capacity = self.staging_bytes if self.staging_bytes is not None else DEFAULT_STAGING_BYTES
+        with self._pools.lock if device >= 0 else contextlib.nullcontext():
+            pool = {} if device < 0 else {"pool": self._pools.get(engine, device, capacity),
+                                          "direct_io": self.direct_io}
             stats = engine.write([fl.write_file(crc_block, stream) for fl in files],
                                  threads=self.thread_count, sync=self.sync_files,
                                  chunk_bytes=self.chunk_bytes, **pool)
