@@ -9,10 +9,9 @@ Two rules live here so that every Python-side open follows them:
   writing), checks ``fstat`` and refuses anything but a regular file with
   :class:`~dcp_native.CorruptCheckpointError` naming the file and its type.
 * **Every system call can be failed on purpose.** ``DCP_NATIVE_FAULT`` (parsed
-  by :mod:`dcp_native.config`) makes the nth call of an
-  operation fail within one *scope*: one engine call, or one commit. A
-  :class:`Faults` is such a scope's counters; :func:`os_call` makes a call
-  through it.
+  by :mod:`dcp_native.config`) makes the nth call of an operation fail within
+  one *scope*: one engine call, or one commit. A :class:`Faults` is such a
+  scope's counters; :func:`os_call` makes a call through it.
 """
 
 from __future__ import annotations
@@ -22,11 +21,10 @@ import os
 import stat
 from array import array
 
-from ._errors import CorruptCheckpointError
 from . import config
-from .config import FAULT_OPS
+from ._errors import CorruptCheckpointError
 
-OPEN, READ, WRITE, FSYNC, CLOSE, RENAME = range(len(FAULT_OPS))
+OPEN, READ, WRITE, FSYNC, CLOSE, RENAME = range(len(config.FAULT_OPS))
 
 
 class Faults:
@@ -43,7 +41,7 @@ class Faults:
         if triples is None:
             triples = config.current().fault_triples()
         self._specs: dict[tuple[int, int], int] = {}
-        self._counters: list = [None] * len(FAULT_OPS)
+        self._counters: list = [None] * len(config.FAULT_OPS)
         for op, error, nth in zip(triples[0::3], triples[1::3], triples[2::3]):
             self._specs[(op, nth)] = error
             self._counters[op] = itertools.count(1)
@@ -99,17 +97,10 @@ _KINDS = (
 )
 
 
-def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words."""
-    for test, name in _KINDS:
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def not_regular(path: str, mode: int, what: str = "file") -> CorruptCheckpointError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
     return CorruptCheckpointError(
-        f"{path}: the checkpoint's {what} is {file_kind(mode)}, not a regular file; refusing to use it",
+        f"{path}: the checkpoint's {what} is {kind}, not a regular file; refusing to use it",
         filename=path,
     )
 
@@ -124,12 +115,9 @@ def open_regular(
 ) -> int:
     """``os.open`` that never blocks on a FIFO and refuses anything but a regular file.
 
-    Opens with ``O_NONBLOCK | O_CLOEXEC`` (a FIFO opens at once for reading and
-    fails with ``ENXIO`` for writing; a regular file ignores the flag, which is
-    cleared again), then ``fstat``. Writes never follow a symbolic link in the
-    last component (``O_NOFOLLOW``): a save creates fresh names. Raises
-    ``OSError`` (with ``filename``) for what the kernel refuses and
-    :class:`~dcp_native.CorruptCheckpointError` for a file that is not regular.
+    ``O_NONBLOCK`` (see the module docs) is cleared again once ``fstat`` found a regular file.
+    Writes never follow a symbolic link in the last component (``O_NOFOLLOW``): a save creates
+    fresh names. ``OSError`` (with ``filename``) for what the kernel refuses.
     """
     writing = flags & (os.O_WRONLY | os.O_RDWR)
     flags |= os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if writing else 0)
@@ -155,11 +143,10 @@ def check_regular(path: str, what: str = "file") -> os.stat_result:
 
 def read_regular(path: str, limit: int | None, what: str = "file") -> bytes:
     """The whole of a regular file; refuses files over ``limit`` bytes (None: any) before reading."""
+    limit = 1 << 62 if limit is None else limit
     fd = open_regular(path, what=what)
     try:
         size = os.fstat(fd).st_size
-        if limit is None:
-            limit = 1 << 62
         if size > limit:
             raise CorruptCheckpointError(
                 f"{path}: the checkpoint's {what} has {size} bytes, more than the {limit} "
