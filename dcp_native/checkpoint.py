@@ -99,18 +99,17 @@ class Checkpoint:
         sd_md = self.metadata.state_dict_metadata
         for index, info in (self.metadata.storage_data or {}).items():
             md = sd_md.get(index.fqn)
-            chunk = isinstance(md, TensorStorageMetadata) and index.offset is not None
+            tensor_md = isinstance(md, TensorStorageMetadata)
             item = Item(
                 key=index.fqn,
-                kind="tensor" if isinstance(md, TensorStorageMetadata) or index.offset is not None
-                else "object",
+                kind="tensor" if tensor_md or index.offset is not None else "object",
                 file=str(info.relative_path),
                 # Not an integer (a damaged metadata): an invalid range, which nothing reads.
                 offset=info.offset if isinstance(info.offset, int) else -1,
                 length=info.length if isinstance(info.length, int) else -1,
                 transformed=bool(getattr(info, "transform_descriptors", None)),
             )
-            if chunk:
+            if tensor_md and index.offset is not None:
                 item.dtype, item.chunk_offsets = md.properties.dtype, tuple(index.offset)
                 item.chunk_sizes = next(
                     (tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == item.chunk_offsets), None)
@@ -331,10 +330,6 @@ def metadata_mismatch(saved: SavedTensor, dtype: Any, size: Sequence[int]) -> st
 # --------------------------------------------------------------------------- reading through the engine
 
 
-def buffer_address(buf: bytearray) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf)) if len(buf) else 0
-
-
 def read_rounds(groups: Sequence[Sequence[tuple]], read: Callable[[dict[str, list[Box]]], None], budget: int,
                 isolate: bool = False) -> Iterator[tuple[int, list[bytearray] | OSError]]:
     """Read groups of ``(file, offset, nbytes[, key])`` ranges in rounds of at most ``budget`` bytes.
@@ -380,11 +375,7 @@ def probe(items: Sequence[tuple[str, int, int]], read: Callable[[dict[str, list[
              else [(rel, off, PROBE_BYTES), (rel, off + n - PROBE_BYTES, PROBE_BYTES)]
              for rel, off, n in items]
     for i, got in read_rounds(spans, read, budget, isolate):
-        if isinstance(got, OSError):
-            yield i, got
-        else:
-            head = bytes(got[0])
-            yield i, ItemBytes(items[i][2], head, bytes(got[-1]) if len(got) > 1 else head)
+        yield i, got if isinstance(got, OSError) else ItemBytes(items[i][2], bytes(got[0]), bytes(got[-1]))
 
 
 def _boxes(ranges: Iterable[tuple]) -> dict[str, list[Box]]:
@@ -392,7 +383,8 @@ def _boxes(ranges: Iterable[tuple]) -> dict[str, list[Box]]:
     boxes: dict[str, list[Box]] = {}
     for rel, offset, buf, *key in ranges:
         if len(buf):
-            boxes.setdefault(rel, []).append(Box(offset, buffer_address(buf), len(buf), key=next(iter(key), None)))
+            address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            boxes.setdefault(rel, []).append(Box(offset, address, len(buf), key=next(iter(key), None)))
     return boxes
 
 

@@ -91,12 +91,6 @@ class _Pickler(pickle.Pickler):
             return ("storage", obj.storage_type, "0", "cpu", obj.numel)
 
 
-@functools.lru_cache(maxsize=None)
-def _legacy_storage_types() -> dict:
-    types = torch.storage._dtype_to_storage_type_map()
-    return {dtype: getattr(torch, name) for dtype, name in types.items()}
-
-
 @functools.lru_cache(maxsize=4096)
 def tensor_pickle(dtype: torch.dtype, size: tuple[int, ...]) -> bytes:
     """``data.pkl`` of a contiguous CPU tensor, byte-identical to ``torch.save``'s."""
@@ -106,7 +100,7 @@ def tensor_pickle(dtype: torch.dtype, size: tuple[int, ...]) -> bytes:
         storage = _StorageRef(torch.storage.UntypedStorage, numel * dtype.itemsize)
         reduced = (torch._utils._rebuild_tensor_v3, (storage, *args, dtype))
     else:
-        storage = _StorageRef(_legacy_storage_types()[dtype], numel)
+        storage = _StorageRef(getattr(torch, torch.storage._dtype_to_storage_type_map()[dtype]), numel)
         reduced = (torch._utils._rebuild_tensor_v2, (storage, *args))
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(_TensorRef(reduced))
@@ -321,10 +315,9 @@ def parse_archive_tail(tail: bytes, item_length: int) -> ArchiveIndex:
         rel = eocd64_offset - tail_start
         if rel < 0:
             raise ArchiveError("need more bytes")
-        fields = _EOCD64.unpack_from(tail, rel)
-        if fields[0] != _EOCD64_SIG:
+        sig, *_, entries, cd_size, cd_offset = _EOCD64.unpack_from(tail, rel)
+        if sig != _EOCD64_SIG:
             raise ArchiveError("bad ZIP64 end record")
-        entries, cd_size, cd_offset = fields[7], fields[8], fields[9]
     rel = cd_offset - tail_start
     if rel < 0:
         raise ArchiveError("need more bytes")
@@ -337,17 +330,13 @@ def parse_archive_tail(tail: bytes, item_length: int) -> ArchiveIndex:
         f = _CENTRAL.unpack_from(tail, rel)
         if f[0] != _CENTRAL_SIG:
             raise ArchiveError("bad central directory entry")
-        method, size32, name_len, extra_len, comment_len, offset32 = (
-            f[4], f[9], f[10], f[11], f[12], f[16],
-        )
+        method, size, name_len, extra_len, comment_len, offset = f[4], f[9], f[10], f[11], f[12], f[16]
         name = bytes(tail[rel + 46 : rel + 46 + name_len]).decode("utf-8", "replace")
-        extra = tail[rel + 46 + name_len : rel + 46 + name_len + extra_len]
-        size, offset = size32, offset32
-        zip64 = _zip64_fields(extra)
-        if size32 == _U32_MAX and zip64:
+        zip64 = _zip64_fields(tail[rel + 46 + name_len : rel + 46 + name_len + extra_len])
+        if size == _U32_MAX and zip64:
             size = zip64.pop(0)
             del zip64[:1]  # the compressed size follows the uncompressed one
-        if offset32 == _U32_MAX and zip64:
+        if offset == _U32_MAX and zip64:
             offset = zip64.pop(0)
         if method != 0:
             raise ArchiveError(f"record {name} is compressed")
@@ -455,10 +444,8 @@ def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
         # Byte items first, then tensors: stock's order within a file.
         for item in sorted(group, key=lambda wi: wi.type != WriteItemType.BYTE_IO):
             data = resolve(item)
-            if transforms is not None:
-                results.append(_add_transformed(fl, item, data, transforms))
-            else:
-                results.append(_add_item(fl, item, data, serialization_id, route))
+            results.append(_add_transformed(fl, item, data, transforms) if transforms is not None
+                           else _add_item(fl, item, data, serialization_id, route))
     return layouts, results
 
 
@@ -539,23 +526,22 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 def _add_item(fl: FileLayout, item: WriteItem, data: Any, serialization_id: bytes,
               route: _DeviceRoute) -> WriteResult:
-    if item.type == WriteItemType.BYTE_IO:
-        offset = fl.add_bytes(data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data))
-        info = StorageInfo(fl.relative_path, offset, fl.size - offset)
-        return WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info)
-    on_device = route.takes(data)
-    tensor = _dense(data, on_device)
-    if tensor is None:
-        buf = io.BytesIO()
-        torch.save(_host_copy(data), buf)
-        offset = fl.add_bytes(buf.getbuffer())
-        info = StorageInfo(fl.relative_path, offset, fl.size - offset)
-    else:
-        frame = frame_tensor(tensor.dtype, tuple(tensor.shape), fl.size, serialization_id)
-        offset = fl.add_bytes(frame.header)
+    offset, payload_offset = fl.size, -1
+    on_device = item.type != WriteItemType.BYTE_IO and route.takes(data)
+    tensor = None if item.type == WriteItemType.BYTE_IO else _dense(data, on_device)
+    if tensor is not None:
+        frame = frame_tensor(tensor.dtype, tuple(tensor.shape), offset, serialization_id)
+        fl.add_bytes(frame.header)
         fl.add_tensor(tensor, route.device if on_device else -1)
         fl.add_bytes(frame.trailer)
-        info = StorageInfo(fl.relative_path, offset, frame.length, payload_offset=frame.payload_offset)
+        payload_offset = frame.payload_offset
+    elif item.type == WriteItemType.BYTE_IO:
+        fl.add_bytes(data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data))
+    else:
+        buf = io.BytesIO()
+        torch.save(_host_copy(data), buf)
+        fl.add_bytes(buf.getbuffer())
+    info = StorageInfo(fl.relative_path, offset, fl.size - offset, payload_offset=payload_offset)
     return WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info)
 
 

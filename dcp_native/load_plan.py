@@ -335,19 +335,17 @@ class LoadRun:
         for req in reqs:
             info = self._info(req)
             by_item.setdefault((info.relative_path, info.offset), []).append(req)
-        infos = [self._info(group[0]) for group in by_item.values()]
         groups = list(by_item.values())
+        infos = [self._info(group[0]) for group in groups]
         spans = [(info.relative_path, info.offset, info.length) for info in infos]
         for i, view in checkpoint.probe(spans, self._run_engine, self.reader.memory_budget):
             info = infos[i]
             try:
                 located = checkpoint.locate_tensor(checkpoint.Archive(view))
-            except (ArchiveError, UnsupportedLayout):
-                located = None  # not a plain tensor archive: stock's decoding decides
+            except (ArchiveError, UnsupportedLayout):  # not a plain tensor archive: stock's decoding decides
+                self.buffered.extend(self._whole_item_op(req, info) for req in groups[i])
+                continue
             for req in groups[i]:
-                if located is None:
-                    self.buffered.append(self._whole_item_op(req, info))
-                    continue
                 mismatch = checkpoint.metadata_mismatch(located.saved, *self._chunk_size(req))
                 if mismatch is not None:
                     raise self._bad_item(req, info, mismatch)

@@ -16,10 +16,9 @@ from torch.futures import Future
 
 from . import checkpoint
 from ._errors import CheckpointError, IncompleteCheckpointError
+from .checkpoint import METADATA_NAME
 from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, DEFAULT_STAGING_BYTES, ReadStats
 from .load_plan import LoadRun
-
-_METADATA_NAME = checkpoint.METADATA_NAME
 
 
 def default_thread_count() -> int:
@@ -138,21 +137,21 @@ class FileSystemReader(_stock.FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
-        name = _METADATA_NAME if rank is None else f"__{rank}{_METADATA_NAME}"
+        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
         try:
             ck = checkpoint.Checkpoint(self.path, name)
         except FileNotFoundError:
             err: CheckpointError = IncompleteCheckpointError(
-                f"{self.path} holds no complete checkpoint: {_METADATA_NAME} is missing "
+                f"{self.path} holds no complete checkpoint: {METADATA_NAME} is missing "
                 "(it is written last, when every rank has finished its data files)",
-                filename=os.path.join(self.path, _METADATA_NAME),
+                filename=os.path.join(self.path, METADATA_NAME),
             ) if os.path.isdir(self.path) else IncompleteCheckpointError(
                 f"{self.path} holds no checkpoint: the directory does not exist", filename=str(self.path)
             )
             if rank is not None and self._missing_metadata is not None:
                 # The global metadata exists but was refused: that is the error to report.
                 err = self._missing_metadata
-            elif rank is None or os.path.lexists(os.path.join(self.path, _METADATA_NAME)):
+            elif rank is None or os.path.lexists(os.path.join(self.path, METADATA_NAME)):
                 raise err from None
             # DCP asks for the global metadata, then for this rank's, and when both
             # fail it discards both errors ("metadata is None"). Hand it an empty
