@@ -125,10 +125,3 @@ class CudaError(RuntimeError):
         super().__init__(message)
         self.operation = operation
         self.code = code
-
-    def __reduce__(self):
-        return (_rebuild_cuda_error, (str(self), self.operation, self.code))
-
-
-def _rebuild_cuda_error(message, operation, code):
-    return CudaError(message, operation=operation, code=code)
