@@ -1,17 +1,11 @@
 """The native engine: the contract of :mod:`dcp_native.engine` executed by dcp_native._C.
 
-A thin adapter: plans cross into C++ as they are (the WriteFile/ReadFile
-dataclasses, their flat int64 buffers and blobs), and the C++ side validates them, releases
-the GIL and does all the I/O and checksums. The settings of
-:mod:`dcp_native.config` (fault injection, the CRC32C implementation, the CUDA
-runtime to load, ...) are passed to every call. Importing this module raises ImportError
-when the extension is not built, which dcp_native._backend turns into a
-fallback.
-
-Device memory goes through ``_C.PinnedPool`` objects (what :meth:`NativeEngine.pinned_pool`
-returns; the C++ side allocates their buffers lazily and frees them on ``close()``), and the
-CUDA runtime is found by the C++ side at every call (``DCP_NATIVE_CUDART`` is honoured when it
-changes between calls).
+A thin adapter: plans cross into C++ as they are (the WriteFile/ReadFile dataclasses, their
+flat int64 buffers and blobs); the C++ side validates them, releases the GIL and does all the
+I/O and checksums, with the :mod:`dcp_native.config` settings passed to every call. Importing
+this module raises ImportError when the extension is not built (dcp_native._backend falls
+back). Device memory goes through ``_C.PinnedPool`` objects (buffers allocated lazily, freed
+on ``close()``); the CUDA runtime is found at every call, so ``DCP_NATIVE_CUDART`` may change.
 """
 
 from __future__ import annotations

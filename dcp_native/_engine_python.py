@@ -71,7 +71,7 @@ class PythonEngine:
         views: list[list[memoryview]] = []
         written = []
         tables: list = []  # per file: its block grid, or None
-        pieces: list[list] = []  # per file: the pieces of blocks its calls share
+        pieces: list[list] = [[] for _ in files]  # per file: the pieces of blocks its calls share
         for index, (path, f) in enumerate(zip(paths, files)):
             crc_block = f.crc_block
             if crc_block < 0:
@@ -85,7 +85,6 @@ class PythonEngine:
             size = runs[-1][0] + runs[-1][1] if runs else 0
             tables.append(Table(crc_block, size, array("I", bytes(4 * -(-size // crc_block))))
                           if crc_block else None)
-            pieces.append([])
 
         def open_file(index: int) -> int:
             # O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC and the regular-file check come with it.
@@ -150,11 +149,6 @@ class PythonEngine:
         pieces: list[list] = [[] for _ in files]
         failed: list = []
 
-        stats = ReadStats(
-            bytes_read=sum(c.nbytes for c in calls),
-            calls=sum(1 for c in calls if c.parts),
-        )
-
         def open_file(index: int) -> int:
             path = paths[index]
             fd = _fileio.open_regular(path, os.O_RDONLY, faults=faults, what="data file")
@@ -190,8 +184,8 @@ class PythonEngine:
             if shared:
                 join_pieces(files[f].table, shared, compare(f, files[f].table, failed))
         # A block two overlapping runs both read whole is checked twice.
-        stats.failed_blocks = sorted(set(failed))
-        return stats
+        return ReadStats(bytes_read=sum(c.nbytes for c in calls),
+                         calls=sum(1 for c in calls if c.parts), failed_blocks=sorted(set(failed)))
 
     def cuda_status(self) -> CudaStatus:
         """Never usable: this engine moves host memory only (see the module docs)."""
