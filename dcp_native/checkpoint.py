@@ -163,9 +163,7 @@ def validate_storage_data(directory: str, storage_data: Any) -> None:
     checked: set[str] = set()
     for index, info in storage_data.items():
         key = getattr(index, "fqn", str(index))
-        rel = getattr(info, "relative_path", None)
-        offset = getattr(info, "offset", None)
-        length = getattr(info, "length", None)
+        rel, offset, length = (getattr(info, name, None) for name in ("relative_path", "offset", "length"))
         if rel not in checked:
             check_relative_path(directory, root, rel, key)
             checked.add(rel)

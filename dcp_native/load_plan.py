@@ -48,13 +48,6 @@ class _Buffered:
     key: str
 
 
-def _unpickles(planner: LoadPlanner, data: bytes) -> bool:
-    """Whether ``planner.load_bytes`` will unpickle ``data``: stock's does, and any bytes that
-    look like ``torch.save`` output (a zip archive, a pickle) are assumed to be."""
-    stock = getattr(type(planner), "load_bytes", None) is DefaultLoadPlanner.load_bytes
-    return stock or data.startswith(_TORCH_SAVE_MAGIC)
-
-
 class LoadRun:
     """One read_data call for ``planner`` of ``reader`` (a :class:`dcp_native.FileSystemReader`:
     its settings, transforms and staging pools), on checkpoint ``ck`` (None: no metadata read
@@ -317,9 +310,11 @@ class LoadRun:
                 self.planner.commit_tensor(req, target)
                 return
             data = bytes(data)
-            if check and _unpickles(self.planner, data):
-                # The planner would torch.load(weights_only=False) these bytes:
-                # first make sure that would import nothing weights_only refuses.
+            # Stock's load_bytes unpickles the bytes (torch.load(weights_only=False)), and any
+            # planner is assumed to when they look like torch.save output (a zip archive, a
+            # pickle): first make sure that would import nothing weights_only refuses.
+            stock = getattr(type(self.planner), "load_bytes", None) is DefaultLoadPlanner.load_bytes
+            if check and (stock or data.startswith(_TORCH_SAVE_MAGIC)):
                 _safe_pickle.check_object(data, key=key, filename=self._path(info.relative_path),
                                           offset=info.offset)
             self.planner.load_bytes(req, io.BytesIO(data))

@@ -92,10 +92,7 @@ def read_box(payload_offset: int, itemsize: int, saved_stride: Sequence[int],
     """
     start = saved_storage_offset + sum(map(operator.mul, storage_offsets, saved_stride))
     collapsed = collapse(itemsize, lengths, saved_stride, dest_strides)
-    if collapsed is None:
-        return None
-    inner, counts, fstrides, dstrides = collapsed
-    return Box(payload_offset + start * itemsize, dest_addr, inner, counts, fstrides, dstrides)
+    return None if collapsed is None else Box(payload_offset + start * itemsize, dest_addr, *collapsed)
 
 
 def encode_boxes(boxes: Sequence[Box]) -> array:
