@@ -21,14 +21,9 @@ _LAST_SAVES_LOCK = threading.Lock()
 
 @contextlib.contextmanager
 def _turn(path: str | os.PathLike, timeout: float | None) -> Iterator[Callable[[], None]]:
-    """Wait for the previous save to ``path``; yields the function that ends this one's turn.
-
-    A writer kept across ``async_save`` calls already waits for its previous
-    save; writers made here for a ``checkpoint_id`` are new each call, so the
-    order is kept per directory instead: each save waits for the one before
-    it (to the same directory) to have completed, whichever way it ended. The
-    caller calls ``end`` when its save has completed (a body that raises ends the turn).
-    """
+    """Wait until the previous save to ``path`` has completed, however it ended; yield ``end``,
+    which the caller calls once this one has (a body that raises ends the turn). Writers made here
+    are new each call, so the order a kept writer keeps is kept per directory instead."""
     key = os.path.realpath(os.fspath(path))
     done = threading.Event()
     with _LAST_SAVES_LOCK:
@@ -110,19 +105,14 @@ def async_save(
 ):
     """``torch.distributed.checkpoint.async_save`` with dcp_native's writer for ``checkpoint_id``.
 
-    The call blocks while the writer stages the state dict (one copy into
-    memory it reuses across saves) and returns; the writes run in DCP's
-    background thread (default) or process (``async_checkpointer_type``).
-    Pass the same ``storage_writer`` to every call to reuse its staging
-    memory (a writer made here for ``checkpoint_id`` is closed after its save).
-    Saves to one ``checkpoint_id`` run one after the other, as with a kept
-    writer: a call waits (up to the writer's ``staging_timeout``, then
-    :class:`~dcp_native.StagingBusyError`) until the previous save to the
-    same directory has completed.
-    Returns what DCP returns: a future of the save, or, when staging is
-    asynchronous (the writer's ``async_staging``, or an ``async_stager`` that
-    returns a future), a response holding ``staging_completion`` and
-    ``upload_completion``. A failed write raises from the future.
+    Blocks while the writer stages the state dict (one copy into memory it reuses across saves:
+    pass the same ``storage_writer`` to every call; one made here is closed after its save), then
+    the writes run in DCP's background thread or process. Saves to one ``checkpoint_id`` run one
+    after the other: a call waits up to the writer's ``staging_timeout`` (then
+    :class:`~dcp_native.StagingBusyError`) for the previous one. Returns what DCP returns: a future
+    of the save or, when staging is asynchronous (``async_staging``, or an ``async_stager`` that
+    returns a future), a response with ``staging_completion`` and ``upload_completion``; a failed
+    write raises from the future.
 
     Example:
         >>> import tempfile, torch, dcp_native

@@ -1,12 +1,8 @@
-"""Which tensors the writer and reader hand to the engine as device memory.
-
-One place for the two questions the storage layer asks torch about CUDA
-tensors: on which device a tensor's memory lives (-1: host memory), and which
-stream the caller's work on it is queued on (the engine orders its copies
-after that work). The GPU-path tests without a GPU replace these two
-functions to make CPU tensors stand for device tensors, so the writer's and
+"""How the writer and reader hand device memory to the engine: on which CUDA device a tensor's
+memory lives (-1: host memory), which stream the caller's work on it is queued on (the engine
+orders its copies after it), and the pinned pools the copies go through. The GPU-path tests
+without a GPU replace the first two so CPU tensors stand for device tensors, and the writer's and
 reader's device plumbing runs end to end against the fake CUDA runtime.
-Also the pinned pools both keep per (engine, device) to move device memory through.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ def current_stream(device: int) -> int:
 
 class PinnedPools:
     """A writer's or reader's pinned pools, one per (engine, CUDA device), made on first use and kept
-    until :meth:`close`. Pinned memory belongs to its process: an owner pickles a fresh one."""
+    until :meth:`close`. Pickles as an empty one: pinned memory belongs to its process."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()  # held by a writer while the engine uses one of the pools
@@ -43,6 +39,9 @@ class PinnedPools:
         if key not in self._pools:
             self._pools[key] = engine.pinned_pool(device, capacity)
         return self._pools[key]
+
+    def __reduce__(self) -> tuple:
+        return (PinnedPools, ())
 
     @property
     def bytes_held(self) -> int:

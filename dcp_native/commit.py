@@ -45,7 +45,7 @@ def _marker_path(directory: str, tag: str) -> str:
     return os.path.join(directory, f".dcp_native.{tag}.lock")
 
 
-def _remove(path: str) -> None:
+def remove_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
 
@@ -122,13 +122,12 @@ class SaveMarker:
             _flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except BlockingIOError:
+        except BaseException as exc:
             _fileio.close_quietly(self.fd)
-            raise CheckpointBusyError(
-                f"{directory}: a save with the same tag {tag} is in progress", filename=self.path
-            ) from None
-        except BaseException:
-            _fileio.close_quietly(self.fd)
+            if isinstance(exc, BlockingIOError):
+                raise CheckpointBusyError(
+                    f"{directory}: a save with the same tag {tag} is in progress", filename=self.path
+                ) from None
             raise
 
     @property
@@ -138,7 +137,7 @@ class SaveMarker:
     def release(self) -> None:
         """Remove the marker and drop its lock (idempotent)."""
         if self.fd >= 0:
-            _remove(self.path)
+            remove_quietly(self.path)
             _fileio.close_quietly(self.fd)
             self.fd = -1
 
@@ -204,10 +203,8 @@ def _listing(directory: str) -> list[str]:
 
 
 def _save_files(names: list[str], rank: int | None = None) -> Iterator[tuple[str, str, str | None]]:
-    """``(name, kind, tag)`` of the files saves write among ``names`` (``rank``'s, if given).
-
-    Nothing else in a directory is ever touched.
-    """
+    """``(name, kind, tag)`` of the files saves write among ``names`` (``rank``'s, if given): the
+    only files in a directory ever touched."""
     for name in names:
         for kind, pattern in _NAMES:
             m = pattern.match(name)
@@ -218,17 +215,13 @@ def _save_files(names: list[str], rank: int | None = None) -> Iterator[tuple[str
 
 
 def remove_dead(directory: str, keep: set[str], own_tag: str | None, rank: int | None) -> None:
-    """Remove files of dead saves that no committed metadata names (best effort).
-
-    Call under the :class:`DirectoryLock`. Files of ``own_tag`` and of live
-    saves stay. With ``rank`` (a rank-local save) only that rank's files are
-    considered. Untagged data files (stock's, earlier dcp_native's) go when no
-    metadata names them.
-    """
+    """Remove files of dead saves and untagged data files (stock's, earlier dcp_native's) that no
+    committed metadata names (best effort; under the :class:`DirectoryLock`). With ``rank`` (a
+    rank-local save) only that rank's files are considered."""
     alive = functools.cache(lambda tag: save_alive(directory, tag))
     for name, _, tag in _save_files(_listing(directory), rank):
         if name not in keep and (tag is None or (tag != own_tag and not alive(tag))):
-            _remove(os.path.join(directory, name))
+            remove_quietly(os.path.join(directory, name))
 
 
 def clean_before_save(directory: str, own_tag: str, rank: int | None) -> None:
@@ -267,7 +260,7 @@ def remove_own(directory: str, tag: str, keep: set[str] | None) -> None:
         if file_tag != tag or kind == "marker":
             continue
         if (kind == "temp") if keep is None else (name not in keep):
-            _remove(os.path.join(directory, name))
+            remove_quietly(os.path.join(directory, name))
 
 
 # --------------------------------------------------------------------------- the commit
@@ -347,8 +340,8 @@ def commit(
                 _fsync_directory(directory, faults)
         except BaseException:
             if not renamed:
-                _remove(temp_path)
-                _remove(sidecar_path)
+                remove_quietly(temp_path)
+                remove_quietly(sidecar_path)
             raise
         keep = committed_files(directory, {metadata_name: metadata})
         if keep is not None:

@@ -97,7 +97,7 @@ def _entries(items: Any) -> dict[str, dict[int, tuple[int, int]]]:
     for rel, rows in items.items():
         if not isinstance(rows, list):
             raise ValueError(f"the items of {rel!r} are not a list")
-        file_rows: dict[int, tuple[int, int]] = {}
+        file_rows = out[rel] = {}
         for row in rows:
             try:
                 offset, length, payload = row
@@ -108,7 +108,6 @@ def _entries(items: Any) -> dict[str, dict[int, tuple[int, int]]]:
                 raise ValueError(f"entry {row!r} of {rel!r} is not three file offsets with the "
                                  "payload inside the item")
             file_rows[offset] = (length, payload)
-        out[rel] = file_rows
     return out
 
 
@@ -132,10 +131,8 @@ def _tables(tables: Any) -> dict[str, TableInfo]:
 
 
 def read(directory: str, metadata_name: str, metadata: Any, metadata_bytes: bytes) -> Sidecar:
-    """The sidecar of the metadata ``metadata_name`` (parsed ``metadata``, raw ``metadata_bytes``).
-
-    Never raises for a bad sidecar: the result says whether it is usable and why not.
-    """
+    """The sidecar of the metadata ``metadata_name`` (parsed ``metadata``, raw ``metadata_bytes``);
+    never raises for a bad one: the result says whether it is usable and why not."""
     save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
     if not save_id:
         return Sidecar("absent", "the metadata names no save (written by stock DCP)")

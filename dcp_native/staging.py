@@ -47,10 +47,7 @@ class StagingBusyError(RuntimeError):
 
 
 class StagedStateDict(dict):
-    """The state dict ``stage()`` returns: a plain dict that can be weakly referenced.
-
-    Pickles with its DTensors sent as their parts (see docs/ARCHITECTURE.md).
-    """
+    """The state dict ``stage()`` returns: a weakly referable dict that pickles DTensors as their parts."""
 
     __slots__ = ("__weakref__",)
 
@@ -207,10 +204,6 @@ def _register_host(ptr: int, nbytes: int) -> bool:
     return False
 
 
-def _unregister_host(ptr: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(ptr)
-
-
 def _allocate(nbytes: int, pinned: bool) -> tuple[torch.Tensor, int]:
     """A uint8 buffer of ``nbytes``; page-locked when ``pinned``. Returns it and its registered address (or 0)."""
     if not pinned or nbytes == 0:
@@ -277,10 +270,8 @@ class StagingArea:
         return self._lease
 
     def claim(self) -> bool:
-        """Record the calling thread as the one saving the latest staged state dict (see docs/ARCHITECTURE.md).
-
-        True when this call recorded it (the save's first call on that thread).
-        """
+        """Record the calling thread as the one saving the latest staged state dict; True when this
+        call recorded it (the save's first call on that thread; see docs/ARCHITECTURE.md)."""
         lease = self._lease
         return lease is not None and lease.claim()
 
@@ -295,7 +286,7 @@ class StagingArea:
 
     def _free(self) -> None:
         if self._registered:
-            _unregister_host(self._registered)
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
             self._registered = 0
         self._buffer = None
         self._layout = None
@@ -310,32 +301,23 @@ class StagingArea:
     # ------------------------------------------------------------------ staging
 
     def stage(self, state_dict: dict[str, Any]) -> StagedStateDict:
-        """Copy ``state_dict`` into the buffer; return the staged state dict.
-
-        Waits first for the previous staged state dict's lease (docs/ARCHITECTURE.md).
-        Tensors of the result are CPU views of the buffer with the values the
-        given tensors had when this call was made; when it returns, the caller
-        may change them.
-        """
+        """Copy ``state_dict`` into the buffer once the previous staged state dict's lease is free
+        (docs/ARCHITECTURE.md); return the staged state dict: CPU views of the buffer with the values
+        as of this call (the caller may change its tensors once this returns)."""
         with self._lock:
-            previous = self._lease
-            if previous is not None:
-                previous.wait(self.timeout)
+            if self._lease is not None:
+                self._lease.wait(self.timeout)
             # Taken once the previous one is free: until then the previous save's
             # thread may still claim the previous lease.
             lease = self._lease = Lease()
             return self._stage_leased(lease, state_dict, None)
 
     def stage_async(self, state_dict: dict[str, Any]) -> "Future[StagedStateDict]":
-        """Like :meth:`stage`, on a background thread: the caller may change the tensors once the future is done.
-
-        Copies of CUDA tensors wait for the work queued on their devices' current
-        streams at this call. Stagings run one after the other, each after the
-        previous lease is free.
-        """
+        """Like :meth:`stage`, on a background thread: the caller may change the tensors once the
+        future is done. Copies of CUDA tensors wait for the work queued on their devices' current
+        streams at this call; stagings run one after the other, each once the previous lease is free."""
         events = self._record_events(state_dict)
-        lease = Lease(previous=self._lease)
-        self._lease = lease
+        lease = self._lease = Lease(previous=self._lease)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="dcp_native-staging")
 
@@ -410,22 +392,20 @@ class StagingArea:
         """Copy every leaf into its view (under no_grad); return the side streams to synchronize."""
         used: dict[int, Any] = {}
         for (_, src), dst in zip(leaves, views):
-            if src.is_cuda:
-                index = src.device.index
-                stream = used.get(index)
-                if stream is None:
-                    stream = self._streams.get(index)
-                    if stream is None:
-                        stream = self._streams[index] = torch.cuda.Stream(src.device)
-                    if events is not None and index in events:
-                        stream.wait_event(events[index])
-                    else:
-                        stream.wait_stream(torch.cuda.current_stream(src.device))
-                    used[index] = stream
-                with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
-            else:
+            if not src.is_cuda:
                 dst.copy_(src)
+                continue
+            index = src.device.index
+            if index not in used:
+                if index not in self._streams:
+                    self._streams[index] = torch.cuda.Stream(src.device)
+                stream = used[index] = self._streams[index]
+                if events is not None and index in events:
+                    stream.wait_event(events[index])
+                else:
+                    stream.wait_stream(torch.cuda.current_stream(src.device))
+            with torch.cuda.stream(used[index]):
+                dst.copy_(src, non_blocking=True)
         return list(used.values())
 
 
@@ -459,13 +439,8 @@ def _sharded(obj: Any, views) -> Any:
     staged = []
     for shard in obj.local_shards():
         t = shard.tensor
-        if _stageable(t):
-            s = next(views)
-            if t.requires_grad:
-                s = s.detach().requires_grad_(True)
-        else:
-            s = _copy_other(t)
-        staged.append(s)
+        s = next(views) if _stageable(t) else _copy_other(t)
+        staged.append(s.detach().requires_grad_(True) if _stageable(t) and t.requires_grad else s)
     try:
         shards = [Shard(s, shard.metadata) for s, shard in zip(staged, obj.local_shards())]
         return ShardedTensor._init_from_local_shards_and_global_metadata(

@@ -150,12 +150,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         self._init_runtime()
 
     def stage(self, state_dict: dict[str, Any]) -> Any:
-        """DCP's ``AsyncStager.stage``: the state dict copied into the staging area.
-
-        Returns the staged state dict (CPU tensors, values as of this call),
-        or with ``async_staging`` a future of it. Waits first until the
-        previous async save of this writer no longer reads the area.
-        """
+        """DCP's ``AsyncStager.stage``: the state dict copied into the staging area (CPU tensors,
+        values as of this call), or with ``async_staging`` a future of it; waits first until the
+        previous async save of this writer no longer reads the area."""
         if self._staging is None:
             self._staging = StagingArea(self.staging_bytes, self.staging_timeout)
         return (self._staging.stage_async if self.async_staging else self._staging.stage)(state_dict)
@@ -201,13 +198,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         return None if getattr(self, "use_collectives", True) else self.rank
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """The coordinator's step before any rank writes: name this save and mark it in progress.
-
-        A fresh save id per save (DCP keeps a writer's id across saves made
-        without ``checkpoint_id``), whose tag names every file of the save, so
-        no two saves ever write one file; leftovers of dead saves are removed
-        and this save's marker is taken (see :mod:`dcp_native.commit`).
-        """
+        """The coordinator's step before any rank writes: a fresh save id per save (DCP keeps a
+        writer's id across saves without ``checkpoint_id``), whose tag names every file of the save,
+        so no two saves write one file; dead saves' leftovers go and this save's marker is taken."""
         plans = super().prepare_global_plan(plans)
         self._abandon()
         self.save_id = _stock._generate_uuid()
@@ -226,8 +219,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
             return
         try:
             with commit.DirectoryLock(marker.directory):
-                keep = commit.committed_files(marker.directory)
-                commit.remove_own(marker.directory, marker.tag, keep)
+                commit.remove_own(marker.directory, marker.tag, commit.committed_files(marker.directory))
         except (OSError, commit.CheckpointError):
             pass  # best effort: a later save removes what is left once the marker is gone
         finally:
@@ -266,9 +258,8 @@ class FileSystemWriter(_stock.FileSystemWriter):
             # A failed save removes what it wrote (never another save's files:
             # the names carry this save's tag), then the save is over.
             for fl in files:
-                for name in (fl.path, checkpoint.table_name(fl.path)):
-                    with contextlib.suppress(OSError):
-                        os.unlink(name)
+                commit.remove_quietly(fl.path)
+                commit.remove_quietly(checkpoint.table_name(fl.path))
             if self._marker is not None:
                 self._abandon()
             raise
