@@ -184,7 +184,7 @@ def _refusal(key: str, filename: str, offset: int, refused: str | None, reason: 
         if "must be imported" in reason:  # DTensors, nested tensors: torch says what to import
             what += f" ({reason})"
         module = refused.rpartition(".")[0]
-        if module in getattr(_wo, "_blocklisted_modules", ("sys", "os", "posix", "nt")):
+        if module in _wo._blocklisted_modules:
             advice = f"no allowlist admits it (torch blocks the module {module}); {trust_checkpoint}"
         else:
             advice = (
@@ -227,13 +227,6 @@ def _refused_in_message(message: str) -> str | None:
     return None
 
 
-def _allowed_by_torch(full_path: str) -> bool:
-    try:
-        return full_path in _wo._get_allowed_globals() or full_path in _wo._get_user_allowed_globals()
-    except AttributeError:  # a torch without these helpers: report every global
-        return False
-
-
 def _scan(data: bytes) -> tuple[bool, str | None]:
     """Whether the pickles torch reads decode, and the first global torch does not allow.
 
@@ -250,8 +243,7 @@ def _scan(data: bytes) -> tuple[bool, str | None]:
     else:
         # The legacy format: magic number, protocol, system info and the object,
         # each a pickle of its own, then storage keys and raw storage bytes.
-        stream = io.BytesIO(data)
-        pickles = 4
+        stream, pickles = io.BytesIO(data), 4
     for _ in range(pickles):
         found: list[tuple[str, str]] = []
         try:
@@ -262,8 +254,9 @@ def _scan(data: bytes) -> tuple[bool, str | None]:
         for module, name in found:
             # torch's unpickler renames Python 2 names as pickle does.
             module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
-            if not _allowed_by_torch(f"{module}.{name}"):
-                return True, f"{module}.{name}"
+            full = f"{module}.{name}"
+            if full not in _wo._get_allowed_globals() and full not in _wo._get_user_allowed_globals():
+                return True, full
         if not decodes:
             return False, None
     return True, None
