@@ -163,7 +163,7 @@ def validate_storage_data(directory: str, storage_data: Any) -> None:
     checked: set[str] = set()
     for index, info in storage_data.items():
         key = getattr(index, "fqn", str(index))
-        rel, offset, length = (getattr(info, name, None) for name in ("relative_path", "offset", "length"))
+        rel, offset, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
         if rel not in checked:
             check_relative_path(directory, root, rel, key)
             checked.add(rel)
@@ -373,7 +373,8 @@ def probe(items: Sequence[tuple[str, int, int]], read: Callable[[dict[str, list[
              else [(rel, off, PROBE_BYTES), (rel, off + n - PROBE_BYTES, PROBE_BYTES)]
              for rel, off, n in items]
     for i, got in read_rounds(spans, read, budget, isolate):
-        yield i, got if isinstance(got, OSError) else ItemBytes(items[i][2], bytes(got[0]), bytes(got[-1]))
+        yield i, (got if isinstance(got, OSError)
+                  else ItemBytes(items[i][2], bytes(got[0]), bytes(got[-1])))
 
 
 def _boxes(ranges: Iterable[tuple]) -> dict[str, list[Box]]:

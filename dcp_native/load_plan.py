@@ -337,7 +337,7 @@ class LoadRun:
             info = infos[i]
             try:
                 located = checkpoint.locate_tensor(checkpoint.Archive(view))
-            except (ArchiveError, UnsupportedLayout):  # not a plain tensor archive: stock's decoding decides
+            except (ArchiveError, UnsupportedLayout):  # not a plain tensor: stock's decoding decides
                 self.buffered.extend(self._whole_item_op(req, info) for req in groups[i])
                 continue
             for req in groups[i]:
