@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from . import checkpoint
+from . import _device, checkpoint
 from ._errors import CheckpointError, IncompleteCheckpointError
 from .checkpoint import METADATA_NAME
 from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, DEFAULT_STAGING_BYTES, ReadStats
@@ -99,8 +99,8 @@ class FileSystemReader(_stock.FileSystemReader):
         self.staging_bytes = int(staging_bytes)
         self.direct_io = bool(direct_io)
         self.allow_pickle = bool(allow_pickle)
-        #: (engine, CUDA device) -> pinned staging pool, created by the first load into the device.
-        self._pools: dict[tuple[str, int], Any] = {}
+        #: Pinned staging pools per (engine, CUDA device), made by the first load into the device.
+        self._pools = _device.PinnedPools()
         #: The checkpoint as the metadata read last opened it (sidecar, tables).
         self._checkpoint: checkpoint.Checkpoint | None = None
         self._metadata: Metadata | None = None
@@ -110,23 +110,16 @@ class FileSystemReader(_stock.FileSystemReader):
 
     def staging_pool(self, engine: Any, device: int) -> Any:
         """The pinned pool of ``device`` for ``engine``, created on first use."""
-        if (engine.name, device) not in self._pools:
-            self._pools[engine.name, device] = engine.pinned_pool(device, self.staging_bytes)
-        return self._pools[engine.name, device]
+        return self._pools.get(engine, device, self.staging_bytes)
 
     @property
     def staging_bytes_held(self) -> int:
         """Pinned bytes this reader holds now (0 before the first CUDA load and after close)."""
-        return sum(pool.bytes_held for pool in self._pools.values())
+        return self._pools.bytes_held
 
     def close(self) -> None:
         """Release the pinned staging memory (idempotent; a later load allocates it again)."""
-        pools, self._pools = self._pools, {}
-        for pool in pools.values():
-            pool.close()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pools": {}}  # pinned memory belongs to this process
+        self._pools.close()
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         super().reset(checkpoint_id)
