@@ -463,8 +463,7 @@ def _split_by_size_and_type(bins: int, items: Sequence[WriteItem]) -> list[list[
         return [list(items)]
     buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
     sizes = [0] * bins
-    byte_items = [wi for wi in items if wi.type == WriteItemType.BYTE_IO]
-    for i, wi in enumerate(byte_items):
+    for i, wi in enumerate(wi for wi in items if wi.type == WriteItemType.BYTE_IO):
         buckets[i % bins].append(wi)
     tensor_items = [wi for wi in items if wi.type != WriteItemType.BYTE_IO]
     for wi in sorted(tensor_items, key=_item_nbytes, reverse=True):
