@@ -1,10 +1,6 @@
-// The one checksum mechanism: the CRC32C of every `block` bytes of a file,
-// computed from ranges of its content by the thread that moves them (a write
-// call, a device piece's pinned copy, a read call), while the bytes are hot.
-// A range yields the CRCs of the blocks it holds whole and pieces of the (at
-// most two) blocks it shares with other ranges; once every range is done the
-// pieces are joined with crc32c_combine. Writes record the CRCs; reads widened
-// to block edges compare them with the table the save wrote.
+// The one checksum mechanism ("Checksums: one mechanism" in docs/ARCHITECTURE.md):
+// block CRC32Cs from ranges checksummed by the thread that moves their bytes,
+// the pieces of blocks that ranges share joined with crc32c_combine.
 #pragma once
 
 #include <sys/uio.h>

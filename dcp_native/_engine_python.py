@@ -28,7 +28,6 @@ from ._engine_python_plan import (
     HOST_ONLY,
     Call,
     Table,
-    check_positive,
     check_table,
     checksum_range,
     collect_runs,
@@ -203,8 +202,9 @@ class PythonEngine:
 
 def _begin(files: Sequence, threads: int, chunk_bytes: int, pool: object) -> tuple:
     """What both calls start with: arguments checked, settings read once, paths decoded."""
-    check_positive("threads", threads)
-    check_positive("chunk_bytes", chunk_bytes)
+    for name, value in (("threads", threads), ("chunk_bytes", chunk_bytes)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     if pool is not None:
         raise ValueError(f"a pinned pool was passed to a plan, but {HOST_ONLY}")
     settings = config.current()

@@ -25,7 +25,7 @@ HOST_ONLY = (
 )
 
 
-class Call:
+class Call(NamedTuple):
     """One preadv/pwritev: ``nbytes`` bytes at ``offset`` of file ``file``.
 
     ``parts`` is flat ``(view_index, start, length)`` triples, one per iovec,
@@ -35,13 +35,10 @@ class Call:
     less than long-lived ones. A call without parts only opens its file.
     """
 
-    __slots__ = ("file", "offset", "nbytes", "parts")
-
-    def __init__(self, file: int, offset: int, nbytes: int, parts: list) -> None:
-        self.file = file
-        self.offset = offset
-        self.nbytes = nbytes
-        self.parts = parts
+    file: int
+    offset: int
+    nbytes: int
+    parts: list
 
     def buffers(self, views: list, scratch: memoryview | None) -> list:
         """The call's memory, each gap its own part of ``scratch`` (checks read them)."""
@@ -54,10 +51,6 @@ class Call:
                 out.append(scratch[used : used + n])
                 used += n
         return out
-
-    def gap_bytes(self) -> int:
-        p = self.parts
-        return sum(n for v, n in zip(p[0::3], p[2::3]) if v < 0)
 
 
 def interleave_files(calls: list, file_count: int, wave: int) -> list:
@@ -163,12 +156,9 @@ def pack(runs: list, file: int, chunk_bytes: int, max_gap: int, calls: list, tab
         # Nothing to move: the call still opens the file (creates it for
         # writes, checks its size for reads).
         calls.append(Call(file, 0, 0, []))
-    return max((c.gap_bytes() for c in calls[first_call:]), default=0)
-
-
-def check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
+    # Scratch a call needs: its gaps, each with bytes of its own.
+    return max((sum(n for v, n in zip(c.parts[0::3], c.parts[2::3]) if v < 0)
+                for c in calls[first_call:]), default=0)
 
 
 def int64_values(buffer, what: str) -> list[int]:

@@ -100,11 +100,8 @@ class PinnedPool(Protocol):
     capacity: int
     #: Size of one buffer (the largest device piece one copy moves).
     chunk_bytes: int
-
-    @property
-    def bytes_held(self) -> int:
-        """Pinned bytes allocated now (grows on use up to ``capacity``, 0 after close)."""
-        ...
+    #: Pinned bytes allocated now (grows on use up to ``capacity``, 0 after close).
+    bytes_held: int
 
     def close(self) -> None:
         """Free every buffer (idempotent); the pool must not be in use by a call."""
