@@ -168,8 +168,8 @@ void apply_config(py::handle config, int64_t threads, int64_t chunk_bytes, py::h
   options.pool = pool_argument(pool);
   options.direct_io = direct_io;
   const py::tuple values = config.cast<py::tuple>();
-  if (values.size() != 5) {
-    throw PlanError("config must be Config.native()'s 5-tuple");
+  if (values.size() != 4) {
+    throw PlanError("config must be Config.native()'s 4-tuple");
   }
   BufferView view = int64_view(values[0], "faults");
   options.faults = parse_fault_specs(int64_data(view), view.size() / 8);
@@ -183,7 +183,6 @@ void apply_config(py::handle config, int64_t threads, int64_t chunk_bytes, py::h
     throw PlanError("unknown O_DIRECT refusal " + std::to_string(refusal));
   }
   options.direct_refusal = static_cast<DirectRefusal>(refusal);
-  options.cudart = values[4].cast<std::string>();
 }
 
 // The plans arrive as the dataclasses of dcp_native.engine (WriteFile,
@@ -279,16 +278,22 @@ py::tuple py_cuda_status(const std::string& cudart) {
   return py::make_tuple(status.usable, status.reason, status.library);
 }
 
-// Resets the calling thread's last CUDA error (a failed cudaHostRegister by
-// torch sets it; torch raises it after its next kernel launch). False when no
-// runtime is loaded.
-bool py_cuda_clear_last_error(const std::string& cudart) {
-  const std::shared_ptr<CudaRuntime> runtime = find_cuda_runtime(cudart, nullptr);
-  if (!runtime) {
-    return false;
+// Pins (or unpins) host memory torch allocated, for the async staging
+// buffer: through the runtime the engine uses, from an engine thread on
+// `device` (the caller's thread may sit on a device it has no context on).
+void py_host_register(int64_t address, int64_t bytes, int64_t device, const std::string& cudart,
+                      bool pin) {
+  if (address == 0 || address % kPageBytes != 0 || bytes < 0 || device < 0 || device > 1 << 20) {
+    throw PlanError("host_register: page-aligned address, bytes >= 0 and a device >= 0 needed");
   }
-  runtime->api().get_last_error();
-  return true;
+  py::gil_scoped_release release;
+  const std::shared_ptr<CudaRuntime> runtime = require_cuda_runtime(cudart);
+  void* memory = reinterpret_cast<void*>(static_cast<uintptr_t>(address));
+  if (pin) {
+    register_host(*runtime, static_cast<int>(device), memory, static_cast<size_t>(bytes));
+  } else {
+    unregister_host(*runtime, static_cast<int>(device), memory);
+  }
 }
 
 std::shared_ptr<PinnedPool> make_pool(int64_t device, int64_t capacity, int64_t chunk_bytes,
@@ -301,9 +306,9 @@ std::shared_ptr<PinnedPool> make_pool(int64_t device, int64_t capacity, int64_t 
   if (device < 0 || device > 1 << 20) {
     throw PlanError("pinned pool: device must be >= 0, got " + std::to_string(device));
   }
-  // Freeing pinned memory (cudaFreeHost) can wait for the device: when the
-  // last reference goes away in Python (a pool dropped without close()), the
-  // deleter lets other Python threads run meanwhile.
+  // Unpinning memory can wait for the device: when the last reference goes
+  // away in Python (a pool dropped without close()), the deleter lets other
+  // Python threads run meanwhile.
   return std::shared_ptr<PinnedPool>(
       new PinnedPool(require_cuda_runtime(cudart), static_cast<int>(device), capacity,
                      chunk_bytes),
@@ -414,7 +419,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("write_files", &py_write_files, py::arg("files"), py::arg("threads"), py::arg("sync"),
         py::arg("chunk_bytes"), py::arg("config"), py::arg("pool"), py::arg("direct_io"),
         "Create each file (dcp_native.engine.WriteFile) and write its segments; device segments\n"
-        "through the pool (None: one for the call). Returns (bytes written per file, per file\n"
+        "through the pool (required for them). Returns (bytes written per file, per file\n"
         "array('I') of block CRC32Cs or None).");
   m.def("read_files", &py_read_files, py::arg("files"), py::arg("threads"), py::arg("max_gap"),
         py::arg("chunk_bytes"), py::arg("config"), py::arg("pool"), py::arg("direct_io"),
@@ -423,8 +428,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_status", &py_cuda_status, py::arg("cudart") = "",
         "(usable, reason, library) of the CUDA runtime in the library cudart names ('': the\n"
         "one torch loaded).");
-  m.def("cuda_clear_last_error", &py_cuda_clear_last_error, py::arg("cudart") = "",
-        "Reset this thread's last CUDA runtime error; False when no runtime is loaded.");
+  m.def("host_register", &py_host_register, py::arg("address"), py::arg("bytes"),
+        py::arg("device"), py::arg("cudart"), py::arg("pin") = true,
+        "Pin (pin=False: unpin) page-aligned host memory for every device, from a thread on\n"
+        "`device`; CudaError on failure.");
+  m.attr("CUDA_SYMBOLS") = py::tuple(py::cast(cuda::symbol_names()));
   m.def("crc32c_combine", &py_crc32c_combine, py::arg("crc_a"), py::arg("crc_b"),
         py::arg("length_b"), "The CRC32C of a + b from crc32c(a), crc32c(b) and len(b).");
   m.def("_direct_io_bytes", &direct_io_bytes,
@@ -439,7 +447,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_IOVECS") = kMaxIovecs;
   m.attr("TINY_SPAN") = kTinySpan;
   m.attr("MAX_NDIM") = kMaxNdim;
-  m.attr("DEFAULT_STAGING_BYTES") = kDefaultStagingBytes;
-  m.attr("DEFAULT_DEVICE_CHUNK_BYTES") = kDefaultDeviceChunkBytes;
   m.attr("PAGE_BYTES") = kPageBytes;
 }

@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <thread>
 #include <type_traits>
 #include <utility>
 
@@ -39,35 +40,41 @@ std::string mapped_cudart() {
   return "";
 }
 
+// Calls visit(slot, name) for every function of `api`, in Api's order.
+template <class Visit>
+void each_function(cuda::Api& api, Visit&& visit) {
+  visit(api.get_error_name, "cudaGetErrorName");
+  visit(api.get_error_string, "cudaGetErrorString");
+  visit(api.get_last_error, "cudaGetLastError");
+  visit(api.get_device_count, "cudaGetDeviceCount");
+  visit(api.get_device, "cudaGetDevice");
+  visit(api.set_device, "cudaSetDevice");
+  visit(api.stream_create_with_flags, "cudaStreamCreateWithFlags");
+  visit(api.stream_destroy, "cudaStreamDestroy");
+  visit(api.stream_synchronize, "cudaStreamSynchronize");
+  visit(api.stream_wait_event, "cudaStreamWaitEvent");
+  visit(api.event_create_with_flags, "cudaEventCreateWithFlags");
+  visit(api.event_record, "cudaEventRecord");
+  visit(api.event_synchronize, "cudaEventSynchronize");
+  visit(api.event_destroy, "cudaEventDestroy");
+  visit(api.memcpy_async, "cudaMemcpyAsync");
+  visit(api.memcpy_2d_async, "cudaMemcpy2DAsync");
+  visit(api.host_register, "cudaHostRegister");
+  visit(api.host_unregister, "cudaHostUnregister");
+}
+
 // Resolves every function of `api`; false with the reason at the first one
 // missing.
 bool resolve_all(void* handle, const std::string& library, cuda::Api& api, std::string* reason) {
   bool ok = true;
-  auto get = [&](auto& function, const char* name) {
+  each_function(api, [&](auto& function, const char* name) {
     void* symbol = ok ? dlsym(handle, name) : nullptr;
     if (ok && symbol == nullptr) {
       *reason = std::string("symbol ") + name + " missing in " + library;
       ok = false;
     }
     function = reinterpret_cast<std::remove_reference_t<decltype(function)>>(symbol);
-  };
-  get(api.get_error_string, "cudaGetErrorString");
-  get(api.get_last_error, "cudaGetLastError");
-  get(api.get_device_count, "cudaGetDeviceCount");
-  get(api.get_device, "cudaGetDevice");
-  get(api.set_device, "cudaSetDevice");
-  get(api.stream_create_with_flags, "cudaStreamCreateWithFlags");
-  get(api.stream_destroy, "cudaStreamDestroy");
-  get(api.stream_synchronize, "cudaStreamSynchronize");
-  get(api.stream_wait_event, "cudaStreamWaitEvent");
-  get(api.event_create_with_flags, "cudaEventCreateWithFlags");
-  get(api.event_record, "cudaEventRecord");
-  get(api.event_synchronize, "cudaEventSynchronize");
-  get(api.event_destroy, "cudaEventDestroy");
-  get(api.memcpy_async, "cudaMemcpyAsync");
-  get(api.memcpy_2d_async, "cudaMemcpy2DAsync");
-  get(api.host_alloc, "cudaHostAlloc");
-  get(api.free_host, "cudaFreeHost");
+  });
   return ok;
 }
 
@@ -103,9 +110,18 @@ void* open_library(const std::string& named, std::string* library, std::string* 
 
 }  // namespace
 
-CudaCallError::CudaCallError(std::string operation, int code, const std::string& error_string)
-    : std::runtime_error(operation + ": " + error_string + " (cudaError " +
-                         std::to_string(code) + ")"),
+const std::vector<std::string>& cuda::symbol_names() {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> out;
+    cuda::Api api{};
+    each_function(api, [&out](auto&, const char* name) { out.emplace_back(name); });
+    return out;
+  }();
+  return names;
+}
+
+CudaCallError::CudaCallError(std::string operation, int code, const std::string& description)
+    : std::runtime_error(operation + ": " + description),
       operation_(std::move(operation)),
       code_(code) {}
 
@@ -115,16 +131,18 @@ std::string hex_address(uintptr_t address) {
   return text;
 }
 
-std::string CudaRuntime::error_string(cuda::Error code) const {
+std::string CudaRuntime::describe(cuda::Error code) const {
+  const char* name = api_.get_error_name(code);
   const char* text = api_.get_error_string(code);
-  return text != nullptr ? text : "unknown CUDA error";
+  return std::string(name != nullptr ? name : "cudaError") + " (" + std::to_string(code) +
+         "): " + (text != nullptr ? text : "unknown CUDA error");
 }
 
 void CudaRuntime::fail(cuda::Error code, const std::string& operation) const {
   // The failed call also set this thread's last error; left there, it would
   // surface from torch's check after the caller's next kernel launch.
   (void)api_.get_last_error();
-  throw CudaCallError(operation, code, error_string(code));
+  throw CudaCallError(operation, code, describe(code));
 }
 
 cuda::Stream CudaRuntime::copy_stream(int device) {
@@ -185,30 +203,22 @@ CudaStatusInfo cuda_status(const std::string& named) {
   status.library = runtime->library();
   int count = 0;
   const cuda::Error code = runtime->api().get_device_count(&count);
+  // cudaGetDeviceCount creates no context. Its error says what is missing:
+  // cudaErrorNoDevice, or a driver that is absent or older than the runtime
+  // (cudaErrorInsufficientDriver), in CUDA's own words.
   if (code != cuda::kSuccess) {
-    status.reason = "no CUDA device: cudaGetDeviceCount returned cudaError " +
-                    std::to_string(code) + " (" + runtime->error_string(code) + ") in " +
-                    runtime->library();
+    status.reason = "cudaGetDeviceCount failed with " + runtime->describe(code) + " (runtime " +
+                    runtime->library() + ")";
   } else if (count < 1) {
-    status.reason = "no CUDA device: cudaGetDeviceCount found none in " + runtime->library();
+    status.reason = "no CUDA device: cudaGetDeviceCount found none (runtime " +
+                    runtime->library() + ")";
   } else {
     status.usable = true;
   }
   return status;
 }
 
-DeviceGuard::~DeviceGuard() {
-  if (previous_ >= 0 && current_ != previous_) {
-    runtime_.api().set_device(previous_);  // best effort: nothing to report it to
-  }
-}
-
-void DeviceGuard::set(int device) {
-  if (device != current_ && previous_ < 0) {
-    int previous = 0;  // previous_ stays -1 if cudaGetDevice fails
-    runtime_.check(runtime_.api().get_device(&previous), "cudaGetDevice");
-    previous_ = current_ = previous;
-  }
+void ThreadDevice::set(int device) {
   if (device != current_) {
     runtime_.check(runtime_.api().set_device(device),
                    "cudaSetDevice(" + std::to_string(device) + ")");
@@ -216,9 +226,35 @@ void DeviceGuard::set(int device) {
   }
 }
 
+void on_engine_thread(const CudaRuntime& runtime,
+                      const std::function<void(ThreadDevice&)>& work) {
+  std::exception_ptr error;
+  std::thread thread([&] {
+    try {
+      ThreadDevice device(runtime);
+      work(device);
+    } catch (...) {
+      error = std::current_exception();
+    }
+  });
+  thread.join();
+  if (error) {
+    std::rethrow_exception(error);
+  }
+}
+
 CallStreams::~CallStreams() {
-  for (cuda::Event event : events_) {
-    runtime_.api().event_destroy(event);
+  if (events_.empty()) {
+    return;
+  }
+  try {
+    on_engine_thread(runtime_, [this](ThreadDevice& device) {
+      for (const auto& event : events_) {
+        device.set(event.first);
+        runtime_.api().event_destroy(event.second);
+      }
+    });
+  } catch (...) {  // no thread: the events stay (a leak, not a fault)
   }
 }
 
@@ -231,12 +267,13 @@ cuda::Stream CallStreams::get(int device) {
   return found->second;
 }
 
-void CallStreams::wait_for(DeviceGuard& guard, const CallerStreams& streams, const char* role) {
+void CallStreams::wait_for(ThreadDevice& device_of_thread, const CallerStreams& streams,
+                           const char* role) {
   const cuda::Api& api = runtime_.api();
   for (const auto& caller : streams) {
     const int device = caller.first.first;
     const int64_t stream = caller.first.second;
-    guard.set(device);
+    device_of_thread.set(device);
     const cuda::Stream copy = get(device);
     const std::string where = std::string(role) + " " +
                               hex_address(static_cast<uintptr_t>(stream)) + " of device " +
@@ -244,13 +281,31 @@ void CallStreams::wait_for(DeviceGuard& guard, const CallerStreams& streams, con
     cuda::Event event = nullptr;
     runtime_.check(api.event_create_with_flags(&event, cuda::kEventDisableTiming),
                    "cudaEventCreateWithFlags for " + where);
-    events_.push_back(event);
+    events_.emplace_back(device, event);
     runtime_.check(
         api.event_record(event, reinterpret_cast<cuda::Stream>(static_cast<uintptr_t>(stream))),
         "cudaEventRecord on " + where);
     runtime_.check(api.stream_wait_event(copy, event, 0),
                    "cudaStreamWaitEvent of the copy stream on " + where);
   }
+}
+
+cuda::Error CallStreams::synchronize(ThreadDevice& device, std::string* operation) {
+  cuda::Error first = cuda::kSuccess;
+  for (const auto& used : streams_) {
+    cuda::Error code = cuda::kSuccess;
+    try {
+      device.set(used.first);
+      code = runtime_.api().stream_synchronize(used.second);
+    } catch (const CudaCallError& error) {
+      code = error.code();
+    }
+    if (code != cuda::kSuccess && first == cuda::kSuccess) {
+      first = code;
+      *operation = "cudaStreamSynchronize of the copy stream of device " + std::to_string(used.first);
+    }
+  }
+  return first;
 }
 
 }  // namespace dcp_native

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -36,10 +37,11 @@ constexpr unsigned kStreamNonBlocking = 0x01;
 // (I/O threads have better uses for the CPU); no timing.
 constexpr unsigned kEventBlockingSync = 0x01;
 constexpr unsigned kEventDisableTiming = 0x02;
-// cudaHostAlloc: pinned for every device, not only the current one.
-constexpr unsigned kHostAllocPortable = 0x01;
+// cudaHostRegister: pinned for every device, not only the current one.
+constexpr unsigned kHostRegisterPortable = 0x01;
 
 struct Api {
+  const char* (*get_error_name)(Error);
   const char* (*get_error_string)(Error);
   Error (*get_last_error)();
   Error (*get_device_count)(int*);
@@ -55,9 +57,12 @@ struct Api {
   Error (*event_destroy)(Event);
   Error (*memcpy_async)(void*, const void*, size_t, int, Stream);
   Error (*memcpy_2d_async)(void*, size_t, const void*, size_t, size_t, size_t, int, Stream);
-  Error (*host_alloc)(void**, size_t, unsigned);
-  Error (*free_host)(void*);
+  Error (*host_register)(void*, size_t, unsigned);
+  Error (*host_unregister)(void*);
 };
+
+// The runtime's names of the functions of Api, in its order.
+const std::vector<std::string>& symbol_names();
 
 }  // namespace cuda
 
@@ -91,7 +96,8 @@ class CudaRuntime {
 
   const cuda::Api& api() const noexcept { return api_; }
   const std::string& library() const noexcept { return library_; }
-  std::string error_string(cuda::Error code) const;
+  // "cudaErrorName (code): description", CUDA's own words.
+  std::string describe(cuda::Error code) const;
   // Throws CudaCallError(operation, code) unless code is success.
   void check(cuda::Error code, const std::string& operation) const {
     if (code != cuda::kSuccess) {
@@ -102,7 +108,7 @@ class CudaRuntime {
 
   // The engine's copy stream on `device` (non-blocking), created on first
   // use and kept: every call's copies go through it. The current thread's
-  // device must be `device`.
+  // device must be `device` (ThreadDevice).
   cuda::Stream copy_stream(int device);
 
  private:
@@ -130,23 +136,31 @@ std::shared_ptr<CudaRuntime> require_cuda_runtime(const std::string& named);
 // least one device.
 CudaStatusInfo cuda_status(const std::string& named);
 
-// Sets the calling thread's current device for a scope and restores the one
-// it had: worker threads must select the device before runtime calls, and
-// the caller's thread (a worker too) must get its device back, since torch
-// keeps using it.
-class DeviceGuard {
+// The device of a thread the engine started. The CUDA runtime acts on the
+// calling thread's current device, and its first call there creates that
+// device's primary context (hundreds of MiB): on an 8-GPU node, a rank's
+// thread left on device 0 would put a context on another rank's GPU. So
+// every engine thread selects the device before its first runtime call and
+// whenever it changes, and never restores one (the thread ends with its
+// work). The caller's thread makes no runtime call that needs a context:
+// what would run there runs on a thread of its own (on_engine_thread).
+class ThreadDevice {
  public:
-  explicit DeviceGuard(const CudaRuntime& runtime) noexcept : runtime_(runtime) {}
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-  ~DeviceGuard();
+  explicit ThreadDevice(const CudaRuntime& runtime) noexcept : runtime_(runtime) {}
+  ThreadDevice(const ThreadDevice&) = delete;
+  ThreadDevice& operator=(const ThreadDevice&) = delete;
   void set(int device);
 
  private:
   const CudaRuntime& runtime_;
-  int previous_ = -1;
   int current_ = -1;
 };
+
+// Runs work(device) on a new thread and rethrows what it threw: runtime
+// calls the caller's thread would otherwise make (closing a pool,
+// registering memory, a call's set-up and clean-up), on a thread whose
+// device is selected by the ThreadDevice it gets.
+void on_engine_thread(const CudaRuntime& runtime, const std::function<void(ThreadDevice&)>& work);
 
 // The caller's streams of a call, (device, cudaStream_t as an integer), each
 // with the path that names it in errors.
@@ -156,7 +170,8 @@ using CallerStreams = std::map<std::pair<int, int64_t>, const std::string*>;
 // work queued so far on the caller's streams (the kernels that write what a
 // save copies, or the fill of what a load overwrites) through events
 // destroyed with this object (CUDA releases an event still pending once it
-// completes). get() is thread-safe.
+// completes). get() is thread-safe; like every runtime call, destruction
+// happens on an engine thread.
 class CallStreams {
  public:
   explicit CallStreams(CudaRuntime& runtime) noexcept : runtime_(runtime) {}
@@ -167,8 +182,11 @@ class CallStreams {
   // The copy stream of `device` (CudaRuntime::copy_stream), noted as used.
   cuda::Stream get(int device);
   // Makes the copy stream of each caller's stream's device wait for it;
-  // `guard` selects the devices, `role` names the streams in errors.
-  void wait_for(DeviceGuard& guard, const CallerStreams& streams, const char* role);
+  // `device` selects the devices, `role` names the streams in errors.
+  void wait_for(ThreadDevice& device, const CallerStreams& streams, const char* role);
+  // Synchronizes every copy stream used; the first failure is returned
+  // (operation named in `operation`), the others are still waited for.
+  cuda::Error synchronize(ThreadDevice& device, std::string* operation);
   // The copy streams used so far, by device.
   const std::map<int, cuda::Stream>& used() const noexcept { return streams_; }
 
@@ -176,7 +194,7 @@ class CallStreams {
   CudaRuntime& runtime_;
   std::mutex mutex_;
   std::map<int, cuda::Stream> streams_;
-  std::vector<cuda::Event> events_;
+  std::vector<std::pair<int, cuda::Event>> events_;  // by device
 };
 
 // "0x..." for addresses in error messages.

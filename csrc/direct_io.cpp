@@ -45,8 +45,8 @@ void DirectFile::transfer(int fd, bool use_direct, bool for_write, char* buffer,
   if (direct_fd < 0) {
     done = 0;
   } else {
-    // Only a refusal before any transfer of the file worked is the
-    // filesystem's answer to O_DIRECT; a later EINVAL is a real error.
+    // Only a refusal before any transfer of the file worked is the answer to
+    // O_DIRECT itself; a later one is a real error.
     const bool first = !succeeded_.load(std::memory_order_acquire);
     try {
       // The hook stands for a filesystem that refuses every O_DIRECT transfer.
@@ -57,7 +57,10 @@ void DirectFile::transfer(int fd, bool use_direct, bool for_write, char* buffer,
       succeeded_.store(true, std::memory_order_release);
       g_direct_bytes.fetch_add(done, std::memory_order_relaxed);
     } catch (const IoError& error) {
-      if (error.error_number() != EINVAL || !first) {
+      // EINVAL: alignment or no O_DIRECT support; EFAULT: the kernel cannot
+      // pin the buffer's pages for the transfer; EOPNOTSUPP: the filesystem.
+      const int e = error.error_number();
+      if ((e != EINVAL && e != EFAULT && e != EOPNOTSUPP) || !first) {
         throw;
       }
       std::lock_guard<std::mutex> lock(mutex_);

@@ -1,9 +1,9 @@
 // O_DIRECT transfers for the pieces that go through pinned buffers: they are
 // page-aligned in memory and, for payloads (4 KiB-aligned in the file), in
 // the file too, so the page cache can be skipped. Each file of a call gets a
-// second descriptor opened with O_DIRECT beside its normal one; a filesystem
-// that refuses it (EINVAL on the open or on the first transfer) makes that
-// file fall back to buffered I/O silently.
+// second descriptor opened with O_DIRECT beside its normal one; a refusal
+// (EINVAL on the open; EINVAL, EFAULT or EOPNOTSUPP on the file's first
+// transfer) makes that file fall back to buffered I/O silently.
 #pragma once
 
 #include <atomic>

@@ -17,19 +17,18 @@ namespace dcp_native {
 struct EngineOptions {
   int64_t threads = 1;
   int64_t chunk_bytes = 1;
-  // Pinned staging for device memory; null: a pool for the call.
+  // Pinned staging for device memory (required for it: pools live across
+  // calls, since freeing pinned memory can stall the device).
   std::shared_ptr<PinnedPool> pool;
   // O_DIRECT for page-aligned pieces moved through pinned buffers.
   bool direct_io = true;
   // The settings of dcp_native/config.py: test hooks (a cap on each
   // syscall's transfer, 0 for none; injected faults; O_DIRECT refused), the
-  // CRC32C implementation (null: the fastest), the CUDA runtime library to
-  // load for a call's own pool ("": torch's).
+  // CRC32C implementation (null: the fastest).
   int64_t short_io_cap = 0;
   std::vector<FaultSpec> faults;
   DirectRefusal direct_refusal = DirectRefusal::kNone;
   Crc32cFunction crc32c = nullptr;
-  std::string cudart;
 };
 
 // What both engines require of the options; PlanError otherwise.
@@ -42,13 +41,12 @@ inline void check_options(const EngineOptions& options) {
   }
 }
 
-// The pool a call whose first device memory is on `device` stages through:
-// the caller's, else one for the call; null for a call without device memory
-// (device -1).
+// The pool of a call whose first device memory is on `device` (-1: none):
+// the caller's; PlanError when device memory comes without one.
 inline std::shared_ptr<PinnedPool> call_pool(const EngineOptions& options, int device) {
   if (device >= 0 && !options.pool) {
-    return std::make_shared<PinnedPool>(require_cuda_runtime(options.cudart), device,
-                                        kDefaultStagingBytes, kDefaultDeviceChunkBytes);
+    throw PlanError("device memory (device " + std::to_string(device) +
+                    ") needs a pinned pool: pass pool=engine.pinned_pool(device)");
   }
   return device >= 0 ? options.pool : nullptr;
 }

@@ -1,13 +1,35 @@
 // The pinned buffer pool (see pinned_pool.hpp).
 #include "pinned_pool.hpp"
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <string>
 
 #include "io_error.hpp"
 
 namespace dcp_native {
+
+void register_host(const CudaRuntime& runtime, int device, void* address, size_t bytes) {
+  on_engine_thread(runtime, [&](ThreadDevice& thread) {
+    thread.set(device);
+    runtime.check(runtime.api().host_register(address, bytes, cuda::kHostRegisterPortable),
+                  "cudaHostRegister of " + std::to_string(bytes) + " bytes at " +
+                      hex_address(reinterpret_cast<uintptr_t>(address)) + " on device " +
+                      std::to_string(device));
+  });
+}
+
+void unregister_host(const CudaRuntime& runtime, int device, void* address) {
+  on_engine_thread(runtime, [&](ThreadDevice& thread) {
+    thread.set(device);
+    runtime.check(runtime.api().host_unregister(address),
+                  "cudaHostUnregister of " + hex_address(reinterpret_cast<uintptr_t>(address)) +
+                      " on device " + std::to_string(device));
+  });
+}
 
 PinnedPool::PinnedPool(std::shared_ptr<CudaRuntime> runtime, int device, int64_t capacity,
                        int64_t chunk_bytes)
@@ -30,7 +52,15 @@ PinnedPool::PinnedPool(std::shared_ptr<CudaRuntime> runtime, int device, int64_t
 
 PinnedPool::~PinnedPool() {
   std::lock_guard<std::mutex> lock(mutex_);
-  free_all_locked();
+  if (!all_.empty()) {
+    try {
+      on_engine_thread(*runtime_, [this](ThreadDevice& thread) {
+        thread.set(device_);
+        free_all_locked();
+      });
+    } catch (...) {  // nothing to report to from a destructor
+    }
+  }
 }
 
 int64_t PinnedPool::bytes_held() const {
@@ -55,16 +85,22 @@ char* PinnedPool::take_locked(std::unique_lock<std::mutex>& lock) {
   // Pinning takes milliseconds: others may take and release buffers meanwhile.
   ++allocating_;
   lock.unlock();
-  void* memory = nullptr;
-  const cuda::Error code =
-      runtime_->api().host_alloc(&memory, static_cast<size_t>(chunk_bytes_),
-                                 cuda::kHostAllocPortable);
+  const size_t bytes = static_cast<size_t>(chunk_bytes_);
+  void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const int mmap_error = errno;
+  const cuda::Error code = memory == MAP_FAILED ? cuda::kSuccess
+                           : runtime_->api().host_register(memory, bytes, cuda::kHostRegisterPortable);
   lock.lock();
   --allocating_;
-  if (code != cuda::kSuccess) {
+  if (memory == MAP_FAILED || code != cuda::kSuccess) {
     released_.notify_all();  // the slot it reserved is free again
-    runtime_->fail(code, "cudaHostAlloc of " + std::to_string(chunk_bytes_) +
-                             " bytes for the pinned pool of device " + std::to_string(device_));
+    const std::string what = std::to_string(bytes) + " bytes for the pinned pool of device " +
+                             std::to_string(device_);
+    if (memory == MAP_FAILED) {
+      throw IoError(mmap_error, "mmap of " + what, "");
+    }
+    munmap(memory, bytes);
+    runtime_->fail(code, "cudaHostRegister of " + what);
   }
   all_.push_back(static_cast<char*>(memory));
   return static_cast<char*>(memory);
@@ -102,7 +138,8 @@ cuda::Error PinnedPool::free_all_locked() {
   // Every buffer is freed even if one fails; the first failure is returned.
   cuda::Error first = cuda::kSuccess;
   for (char* buffer : all_) {
-    const cuda::Error code = runtime_->api().free_host(buffer);
+    const cuda::Error code = runtime_->api().host_unregister(buffer);
+    munmap(buffer, static_cast<size_t>(chunk_bytes_));
     if (first == cuda::kSuccess) {
       first = code;
     }
@@ -121,10 +158,11 @@ void PinnedPool::close() {
   if (all_.empty()) {
     return;
   }
-  DeviceGuard device(*runtime_);
-  device.set(device_);
-  runtime_->check(free_all_locked(),
-                  "cudaFreeHost of the pinned pool of device " + std::to_string(device_));
+  on_engine_thread(*runtime_, [this](ThreadDevice& thread) {
+    thread.set(device_);
+    runtime_->check(free_all_locked(),
+                    "cudaHostUnregister of the pinned pool of device " + std::to_string(device_));
+  });
 }
 
 PinnedPool::Use::Use(PinnedPool& pool) : pool_(pool) {

@@ -1,8 +1,12 @@
 // Pinned (page-locked) host buffers for copies between files and device
-// memory, reused across engine calls: cudaHostAlloc costs milliseconds per
-// buffer, far more than a copy through it. Buffers are allocated on first
-// use, never more than `capacity` bytes in all; a caller that finds none free
-// waits for one rather than allocating beyond the bound.
+// memory, reused across engine calls: pinning costs milliseconds per buffer,
+// far more than a copy through it. Buffers are allocated on first use, never
+// more than `capacity` bytes in all; a caller that finds none free waits for
+// one rather than allocating beyond the bound. Each buffer is anonymous
+// memory from mmap (page-aligned, plain process memory) registered with
+// cudaHostRegister, as kvikio's bounce buffers: O_DIRECT transfers into it
+// cannot fault the way driver-mapped cudaHostAlloc memory can. Buffers are
+// freed only by close() or the destructor, with the pool's device selected.
 #pragma once
 
 #include <atomic>
@@ -17,11 +21,11 @@
 
 namespace dcp_native {
 
-// A call with device memory and no pool stages through a pool of this many
-// bytes in buffers of at most kDefaultDeviceChunkBytes, made for the call
-// (dcp_native.engine.DEFAULT_STAGING_BYTES and DEFAULT_DEVICE_CHUNK_BYTES).
-constexpr int64_t kDefaultStagingBytes = int64_t{256} << 20;
-constexpr int64_t kDefaultDeviceChunkBytes = int64_t{32} << 20;
+// Pins `bytes` at `address` (page-aligned) for every device, from an engine
+// thread on `device` (torch's memory for async staging, and the pool's
+// buffers); CudaCallError on failure. unregister_host undoes it.
+void register_host(const CudaRuntime& runtime, int device, void* address, size_t bytes);
+void unregister_host(const CudaRuntime& runtime, int device, void* address);
 
 class PinnedPool {
  public:
@@ -42,14 +46,15 @@ class PinnedPool {
 
   // A free buffer, allocating one when below capacity, else waiting for a
   // release. Returns null once `stop` is set (a failed call); throws
-  // CudaCallError when cudaHostAlloc fails. The calling thread's device must
-  // be the pool's (DeviceGuard).
+  // CudaCallError when pinning fails. Called from engine threads, whose
+  // device is selected (ThreadDevice): pinning acts on it.
   char* acquire(const std::atomic<bool>& stop);
   // A free or newly allocated buffer without waiting; null when none.
   char* try_acquire();
   void release(char* buffer);
 
-  // Frees every buffer; PlanError while a call uses the pool. Idempotent.
+  // Frees every buffer (on an engine thread on the pool's device); PlanError
+  // while a call uses the pool. Idempotent.
   void close();
   bool closed() const;
 
@@ -68,6 +73,7 @@ class PinnedPool {
 
  private:
   char* take_locked(std::unique_lock<std::mutex>& lock);
+  // Unregisters and unmaps every buffer; the first runtime error is returned.
   cuda::Error free_all_locked();
 
   std::shared_ptr<CudaRuntime> runtime_;

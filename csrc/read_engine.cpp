@@ -285,14 +285,14 @@ struct PendingCopy {
 // when the worker stops (a failure) is waited for and released.
 class PendingCopies {
  public:
-  PendingCopies(CudaRuntime& runtime, PinnedPool& pool, DeviceGuard& guard)
-      : runtime_(runtime), pool_(pool), guard_(guard) {}
+  PendingCopies(CudaRuntime& runtime, PinnedPool& pool, ThreadDevice& device)
+      : runtime_(runtime), pool_(pool), device_(device) {}
   PendingCopies(const PendingCopies&) = delete;
   PendingCopies& operator=(const PendingCopies&) = delete;
   ~PendingCopies() {
     for (PendingCopy& pending : list_) {
       try {
-        guard_.set(pending.device);
+        device_.set(pending.device);
       } catch (const CudaCallError&) {
       }
       if (pending.event != nullptr) {
@@ -316,7 +316,7 @@ class PendingCopies {
     PendingCopy pending = list_.front();
     list_.pop_front();
     try {
-      guard_.set(pending.device);
+      device_.set(pending.device);
       const cuda::Error code = runtime_.api().event_synchronize(pending.event);
       runtime_.api().event_destroy(pending.event);
       runtime_.check(code, "cudaEventSynchronize after the H2D copies of " + *pending.path +
@@ -338,7 +338,7 @@ class PendingCopies {
  private:
   CudaRuntime& runtime_;
   PinnedPool& pool_;
-  DeviceGuard& guard_;
+  ThreadDevice& device_;
   std::deque<PendingCopy> list_;
 };
 
@@ -462,8 +462,9 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
         consumers.emplace(std::make_pair(file.device, file.stream), &file.path);
       }
     }
-    DeviceGuard guard(*runtime);
-    streams->wait_for(guard, consumers, "the consumer stream");
+    on_engine_thread(*runtime, [&](ThreadDevice& device) {
+      streams->wait_for(device, consumers, "the consumer stream");
+    });
   }
 
   WorkQueue queue(plan.calls.size());
@@ -496,11 +497,11 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
     std::unique_ptr<char[]> scratch(scratch_bytes > 0 ? new char[scratch_bytes] : nullptr);
     iovec local[kMaxIovecs];
     iovec checked[kMaxIovecs];
-    std::unique_ptr<DeviceGuard> device_guard;
+    std::unique_ptr<ThreadDevice> device;
     std::unique_ptr<PendingCopies> pending;
     if (runtime != nullptr) {
-      device_guard.reset(new DeviceGuard(*runtime));
-      pending.reset(new PendingCopies(*runtime, *pool, *device_guard));
+      device.reset(new ThreadDevice(*runtime));
+      pending.reset(new PendingCopies(*runtime, *pool, *device));
     }
     size_t index = 0;
     while (queue.next(index)) {
@@ -519,6 +520,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
         return guard.release();
       });
       if (call.iov_count > 0 && file.device >= 0) {
+        device->set(file.device);  // before the pool pins a buffer on it
         // A buffer of the pool if one is free, else this worker's oldest
         // (its copies done), else wait for another worker's.
         char* buffer = pool->try_acquire();
@@ -528,7 +530,7 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
         if (buffer == nullptr) {
           return;  // the call failed; the error is recorded
         }
-        device_guard->set(file.device);
+        device->set(file.device);  // take_oldest may have changed it
         const cuda::Stream stream = [&] {
           try {
             return streams->get(file.device);
@@ -580,17 +582,19 @@ ReadStats read_files(const std::vector<ReadFileSpec>& files, const ReadOptions& 
       pending->drain();
     }
   };
-  run_workers(queue, std::min(static_cast<size_t>(options.threads), queue.size()), worker);
+  // With device memory the caller's thread does no work: it makes no runtime call.
+  run_workers(queue, std::min(static_cast<size_t>(options.threads), queue.size()), worker,
+              runtime == nullptr);
   if (runtime != nullptr) {
     // Every worker waited for its own copies; the streams are synchronised
     // too, so that nothing of this call is left on them when it returns.
-    DeviceGuard guard(*runtime);
-    for (const auto& used : streams->used()) {
-      guard.set(used.first);
-      runtime->check(runtime->api().stream_synchronize(used.second),
-                     "cudaStreamSynchronize of the copy stream of device " +
-                         std::to_string(used.first));
-    }
+    on_engine_thread(*runtime, [&](ThreadDevice& device) {
+      std::string operation;
+      const cuda::Error code = streams->synchronize(device, &operation);
+      if (code != cuda::kSuccess) {
+        runtime->fail(code, operation);
+      }
+    });
   }
 
   std::vector<std::vector<BlockPiece>> by_file(files.size());

@@ -1,6 +1,7 @@
 // Per-call worker threads (see thread_pool.hpp).
 #include "thread_pool.hpp"
 
+#include <cerrno>
 #include <new>
 #include <system_error>
 #include <thread>
@@ -24,7 +25,8 @@ void WorkQueue::rethrow_if_failed() {
   }
 }
 
-void run_workers(WorkQueue& queue, size_t threads, const std::function<void()>& worker) {
+void run_workers(WorkQueue& queue, size_t threads, const std::function<void()>& worker,
+                 bool on_caller) {
   auto guarded = [&queue, &worker]() noexcept {
     try {
       worker();
@@ -33,10 +35,11 @@ void run_workers(WorkQueue& queue, size_t threads, const std::function<void()>& 
     }
   };
   std::vector<std::thread> helpers;
-  if (threads > 1) {
+  const size_t started = on_caller ? 1 : 0;
+  if (threads > started) {
     try {
-      helpers.reserve(threads - 1);
-      for (size_t i = 1; i < threads; ++i) {
+      helpers.reserve(threads - started);
+      for (size_t i = started; i < threads; ++i) {
         helpers.emplace_back(guarded);
       }
     } catch (const std::system_error&) {
@@ -44,7 +47,12 @@ void run_workers(WorkQueue& queue, size_t threads, const std::function<void()>& 
     } catch (const std::bad_alloc&) {
     }
   }
-  guarded();
+  if (on_caller) {
+    guarded();
+  } else if (helpers.empty() && threads > 0) {
+    queue.fail(std::make_exception_ptr(
+        std::system_error(EAGAIN, std::generic_category(), "cannot start a worker thread")));
+  }
   for (std::thread& helper : helpers) {
     helper.join();
   }

@@ -50,9 +50,12 @@ class WorkQueue {
   std::exception_ptr error_;
 };
 
-// Calls worker() on `threads` threads, the caller being one of them, waits
-// for all, and rethrows the first exception any of them threw. If the OS
-// refuses to start a thread, the call continues on the threads it has.
-void run_workers(WorkQueue& queue, size_t threads, const std::function<void()>& worker);
+// Calls worker() on `threads` threads, the caller being one of them unless
+// `on_caller` is false, waits for all, and rethrows the first exception any
+// of them threw. If the OS refuses to start a thread, the call continues on
+// the threads it has (and fails if it has none but the caller's, which may
+// not work).
+void run_workers(WorkQueue& queue, size_t threads, const std::function<void()>& worker,
+                 bool on_caller = true);
 
 }  // namespace dcp_native

@@ -248,8 +248,9 @@ class DeviceStaging {
   }
 
   // Joins the issuer, waits for the copy streams and gives back whatever a
-  // failure left behind. With `check`, a failing stream synchronisation
-  // throws (a successful call must not return before its copies are done).
+  // failure left behind, on an engine thread. With `check`, a failing stream
+  // synchronisation throws (a successful call must not return before its
+  // copies are done).
   void finish(bool check) {
     if (thread_.joinable()) {
       thread_.join();
@@ -258,30 +259,24 @@ class DeviceStaging {
       return;
     }
     finished_ = true;
-    DeviceGuard guard(runtime_);
     cuda::Error first = cuda::kSuccess;
     std::string operation;
-    for (const auto& used : streams_->used()) {
-      const cuda::Error code = [&] {
-        try {
-          guard.set(used.first);
-        } catch (const CudaCallError& error) {
-          return static_cast<cuda::Error>(error.code());
+    try {
+      on_engine_thread(runtime_, [&](ThreadDevice& device) {
+        first = streams_->synchronize(device, &operation);
+        for (size_t k = 0; k < slots_.size(); ++k) {
+          if (slots_[k].buffer != nullptr) {
+            device.set(files_[pieces_[k].file].device);
+            consumed(slots_[k]);
+          }
         }
-        return runtime_.api().stream_synchronize(used.second);
-      }();
-      if (code != cuda::kSuccess && first == cuda::kSuccess) {
-        first = code;
-        operation = "cudaStreamSynchronize of the copy stream of device " +
-                    std::to_string(used.first);
+        streams_.reset();
+      });
+    } catch (...) {
+      if (check) {
+        throw;
       }
     }
-    for (Slot& slot : slots_) {
-      if (slot.buffer != nullptr) {
-        consumed(slot);
-      }
-    }
-    streams_.reset();
     if (check && first != cuda::kSuccess) {
       runtime_.fail(first, operation);
     }
@@ -290,7 +285,7 @@ class DeviceStaging {
  private:
   void issue_all() {
     try {
-      DeviceGuard guard(runtime_);
+      ThreadDevice device(runtime_);
       // Work queued on each producer stream before the call (the kernels
       // that wrote the tensors) completes before the copy stream reads it.
       CallerStreams producers;
@@ -298,11 +293,11 @@ class DeviceStaging {
         const WriteFileSpec& file = files_[piece.file];
         producers.emplace(std::make_pair(file.device, file.stream), &file.path);
       }
-      streams_->wait_for(guard, producers, "the producer stream");
+      streams_->wait_for(device, producers, "the producer stream");
       for (size_t k = 0; k < pieces_.size(); ++k) {
         const DevicePiece& piece = pieces_[k];
         const WriteFileSpec& file = files_[piece.file];
-        guard.set(file.device);
+        device.set(file.device);
         const cuda::Stream stream = streams_->get(file.device);
         char* buffer = pool_.acquire(queue_.failed_flag());
         if (buffer == nullptr) {
@@ -409,9 +404,9 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
   }
 
   auto worker = [&]() {
-    std::unique_ptr<DeviceGuard> device_guard;
+    std::unique_ptr<ThreadDevice> device;
     if (staging) {
-      device_guard.reset(new DeviceGuard(staging->runtime()));
+      device.reset(new ThreadDevice(staging->runtime()));
     }
     size_t index = 0;
     while (queue.next(index)) {
@@ -425,7 +420,7 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
         if (slot == nullptr) {
           return;  // the call failed; the error is recorded
         }
-        device_guard->set(file.device);
+        device->set(file.device);
         CudaRuntime& runtime = staging->runtime();
         runtime.check(runtime.api().event_synchronize(slot->event),
                       "cudaEventSynchronize after the " + d2h_operation(file.path, piece, file.device));
@@ -468,8 +463,10 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
   if (staging) {
     staging->start();
   }
-  // On failure, staging's destructor joins the issuer and cleans up.
-  run_workers(queue, std::min(static_cast<size_t>(options.threads), queue.size()), worker);
+  // On failure, staging's destructor joins the issuer and cleans up. With
+  // device memory the caller's thread does no work: it makes no runtime call.
+  run_workers(queue, std::min(static_cast<size_t>(options.threads), queue.size()), worker,
+              !staging);
   if (staging) {
     staging->finish(true);
     queue.rethrow_if_failed();

@@ -68,8 +68,7 @@ class Config:
 
     def native(self) -> tuple:
         """What the native engine's calls take (see csrc/bindings.cpp)."""
-        return (self.fault_triples(), self.short_io, self.portable_crc32c, self.no_direct,
-                self.cudart)
+        return (self.fault_triples(), self.short_io, self.portable_crc32c, self.no_direct)
 
 
 _lock = threading.Lock()

@@ -23,7 +23,7 @@ SRC_BLOB = 0
 SRC_HOST = 1
 SRC_DEVICE = 2
 
-#: Pinned staging memory of a pool made for one call (writer/reader default too).
+#: Pinned staging memory of a pool (the writer's and reader's default).
 DEFAULT_STAGING_BYTES = 256 << 20
 #: Largest piece of device memory one pinned buffer holds.
 DEFAULT_DEVICE_CHUNK_BYTES = 32 << 20

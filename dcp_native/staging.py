@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import config
+from . import _device, config
 
 try:  # torch.distributed may be built without these
     from torch.distributed.tensor import DTensor
@@ -188,25 +188,25 @@ def _leaves(obj: Any) -> list[tuple[tuple, torch.Tensor]]:
     return out
 
 
-def _register_host(ptr: int, nbytes: int) -> bool:
-    cudart = torch.cuda.cudart()
-    # 1: cudaHostRegisterPortable (pinned for every context), as torch's own stager.
-    if int(cudart.cudaHostRegister(ptr, nbytes, 1)) == 0:
-        return True
-    # The failure also set this thread's last CUDA error (the training thread's:
-    # stage() runs there); torch would raise it after its next kernel launch.
-    # The native module resets it; without it torch's next launch may report it.
+def _pin(ptr: int, nbytes: int, device: int, pin: bool = True) -> bool:
+    """Pin (or unpin) the buffer through the native engine's CUDA runtime, from one of its threads on
+    ``device`` (the tensors' own: the calling thread may sit on a device without a context, where a
+    runtime call would create one). False without the native module or when pinning fails."""
     try:
-        from ._C import cuda_clear_last_error
+        from ._C import host_register
     except ImportError:
         return False
-    cuda_clear_last_error(config.current().cudart)
-    return False
+    try:
+        host_register(ptr, nbytes, device, config.current().cudart, pin)
+    except (RuntimeError, ValueError):  # CudaError, or a runtime not loaded
+        return False
+    return True
 
 
-def _allocate(nbytes: int, pinned: bool) -> tuple[torch.Tensor, int]:
-    """A uint8 buffer of ``nbytes``; page-locked when ``pinned``. Returns it and its registered address (or 0)."""
-    if not pinned or nbytes == 0:
+def _allocate(nbytes: int, device: int) -> tuple[torch.Tensor, int]:
+    """A uint8 buffer of ``nbytes``; page-locked when ``device`` >= 0 (the device of the staged CUDA
+    tensors). Returns it and its registered address (or 0)."""
+    if device < 0 or nbytes == 0:
         return torch.empty(nbytes, dtype=torch.uint8), 0
     try:
         new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
@@ -214,7 +214,7 @@ def _allocate(nbytes: int, pinned: bool) -> tuple[torch.Tensor, int]:
             buf = torch.empty(0, dtype=torch.uint8).set_(new_shared(nbytes))
         else:
             buf = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
-        if _register_host(buf.data_ptr(), nbytes):
+        if _pin(buf.data_ptr(), nbytes, device):
             return buf, buf.data_ptr()
     except RuntimeError:
         pass  # no (or not enough) shared memory: torch's pinned allocator below
@@ -250,6 +250,7 @@ class StagingArea:
         self._views: list[torch.Tensor] = []
         self._buffer: torch.Tensor | None = None
         self._registered = 0
+        self._device = -1
         self._lease: Lease | None = None
         self._streams: dict[int, Any] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -286,7 +287,7 @@ class StagingArea:
 
     def _free(self) -> None:
         if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            _pin(self._registered, 0, self._device, pin=False)
             self._registered = 0
         self._buffer = None
         self._layout = None
@@ -354,10 +355,10 @@ class StagingArea:
 
     def _stage_locked(self, state_dict: dict[str, Any], events: dict[int, Any] | None) -> StagedStateDict:
         leaves = _leaves(state_dict)
-        pinned = any(t.is_cuda for _, t in leaves)
-        layout = (pinned,) + tuple((path, tuple(t.shape), t.dtype, t.device.type) for path, t in leaves)
+        device = max((_device.cuda_index(t) for _, t in leaves), default=-1)
+        layout = (device,) + tuple((path, tuple(t.shape), t.dtype, t.device.type) for path, t in leaves)
         if layout != self._layout:
-            self._lay_out(leaves, pinned, layout)
+            self._lay_out(leaves, device, layout)
         with torch.no_grad():
             streams = self._copy(leaves, self._views, events)
         staged = _build(state_dict, iter(self._views))
@@ -365,7 +366,7 @@ class StagingArea:
             stream.synchronize()
         return StagedStateDict(staged)
 
-    def _lay_out(self, leaves: list, pinned: bool, layout: tuple) -> None:
+    def _lay_out(self, leaves: list, device: int, layout: tuple) -> None:
         slots = []
         offset = 0
         for _, t in leaves:
@@ -381,7 +382,8 @@ class StagingArea:
                 "raise staging_bytes (None: no bound) or save it synchronously with dcp.save"
             )
         self._free()
-        self._buffer, self._registered = _allocate(offset, pinned)
+        self._buffer, self._registered = _allocate(offset, device)
+        self._device = device
         # One view per tensor, made once per layout: the staged state dicts of
         # every save with this layout hold these same tensors.
         self._views = [self._buffer[at : at + n].view(dtype).view(shape) for at, n, dtype, shape in slots]

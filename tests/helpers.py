@@ -569,6 +569,34 @@ class Fake:
         assert self.lib.cudaGetDevice(ctypes.byref(device)) == 0
         return device.value
 
+    def device_calls(self, device: int) -> tuple[int, str]:
+        """How many calls acted on ``device`` since the reset, and the first one's name."""
+        self.lib.fake_cuda_first_call.restype = ctypes.c_char_p
+        return self.lib.fake_cuda_device_calls(device), self.lib.fake_cuda_first_call(device).decode()
+
+
+class Pretend:
+    """Makes the CPU tensors a test registers stand for memory on CUDA device ``device``:
+    dcp_native._device's two questions are answered for them (which device, and the legacy
+    stream), and the fake runtime treats host memory as device memory."""
+
+    def __init__(self, monkeypatch, device: int = 0) -> None:
+        from dcp_native import _device
+
+        self.device = device
+        self.storages: set[int] = set()
+        monkeypatch.setattr(_device, "cuda_index", self.cuda_index)
+        monkeypatch.setattr(_device, "current_stream", lambda device: 0)
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            self.storages.add(t.untyped_storage().data_ptr())
+
+    def cuda_index(self, tensor: torch.Tensor) -> int:
+        if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in self.storages:
+            return self.device
+        return -1
+
 
 # ==================== engine plans ===============================================================
 

@@ -8,8 +8,11 @@
 // own thread, and cudaMemcpyAsync returns at once while the copy happens
 // later, after a delay (DCP_NATIVE_FAKE_CUDA_DELAY_US, default 300), so a
 // missing event or stream synchronisation shows up as wrong data. Events are
-// markers in a stream's queue. cudaHostAlloc returns page-aligned memory and
-// counts it.
+// markers in a stream's queue. cudaHostRegister records pinned ranges and
+// counts them. Every call that needs a context is recorded with the device it
+// acts on (the calling thread's current device; for cudaSetDevice, its
+// argument), as the real runtime creates a primary context there: a test can
+// check that nothing touched a device it must not (a thread starts on 0).
 //
 // Test-only exports (extern "C", for ctypes): delayed "kernels" that fill or
 // copy memory on a stream, counters, a reset, and failure injection
@@ -42,6 +45,8 @@ constexpr int kNoDevice = 100;
 constexpr int kInvalidDevice = 101;
 constexpr int kInvalidResourceHandle = 400;
 constexpr int kIllegalAddress = 700;
+constexpr int kHostMemoryAlreadyRegistered = 712;
+constexpr int kHostMemoryNotRegistered = 713;
 
 constexpr int kHostToDevice = 1;
 constexpr int kDeviceToHost = 2;
@@ -51,8 +56,8 @@ constexpr int kDeviceToHost = 2;
 struct Counters {
   std::atomic<long long> pinned_bytes{0};
   std::atomic<long long> pinned_peak{0};
-  std::atomic<long long> host_allocs{0};
-  std::atomic<long long> host_frees{0};
+  std::atomic<long long> host_allocs{0};  // cudaHostRegister calls that pinned
+  std::atomic<long long> host_frees{0};  // and cudaHostUnregister calls that unpinned
   std::atomic<long long> copies{0};
   std::atomic<long long> copies_2d{0};
   std::atomic<long long> copies_h2d{0};
@@ -61,7 +66,7 @@ struct Counters {
   std::atomic<long long> bytes_d2h{0};
   std::atomic<long long> in_flight{0};
   std::atomic<long long> max_in_flight{0};
-  // Copies whose host side is not memory from cudaHostAlloc: the engines
+  // Copies whose host side is not memory pinned by cudaHostRegister: the engines
   // must always stage through pinned buffers.
   std::atomic<long long> unpinned_copies{0};
   std::atomic<long long> streams_created{0};
@@ -100,6 +105,30 @@ int device_count() {
 }
 
 thread_local int t_device = 0;
+
+// Calls that acted on each device since the last reset, and the first one's name.
+constexpr int kMaxDevices = 16;
+struct DeviceCalls {
+  std::mutex mutex;
+  long long count[kMaxDevices] = {};
+  std::string first[kMaxDevices];
+};
+
+DeviceCalls& device_calls() {
+  static DeviceCalls* instance = new DeviceCalls();
+  return *instance;
+}
+
+void acted_on(int device, const char* function) {
+  if (device < 0 || device >= kMaxDevices) {
+    return;
+  }
+  DeviceCalls& calls = device_calls();
+  std::lock_guard<std::mutex> lock(calls.mutex);
+  if (calls.count[device]++ == 0) {
+    calls.first[device] = function;
+  }
+}
 
 // ---------------------------------------------------------------- pinned memory
 
@@ -195,6 +224,13 @@ thread_local int t_last_error = 0;
       t_last_error = code;                  \
       return code;                          \
     }                                       \
+  } while (0)
+
+// A call that needs a context on the thread's current device.
+#define FAKE_ACT(name)          \
+  do {                          \
+    acted_on(t_device, name);   \
+    FAKE_INJECT(name);          \
   } while (0)
 
 // ---------------------------------------------------------------- events and streams
@@ -337,6 +373,31 @@ int enqueue_copy(void* dst, size_t dpitch, const void* src, size_t spitch, size_
   return kSuccess;
 }
 
+const char* error_name(int code) {
+  switch (code) {
+    case kSuccess:
+      return "cudaSuccess";
+    case kInvalidValue:
+      return "cudaErrorInvalidValue";
+    case kMemoryAllocation:
+      return "cudaErrorMemoryAllocation";
+    case kNoDevice:
+      return "cudaErrorNoDevice";
+    case kInvalidDevice:
+      return "cudaErrorInvalidDevice";
+    case kInvalidResourceHandle:
+      return "cudaErrorInvalidResourceHandle";
+    case kIllegalAddress:
+      return "cudaErrorIllegalAddress";
+    case kHostMemoryAlreadyRegistered:
+      return "cudaErrorHostMemoryAlreadyRegistered";
+    case kHostMemoryNotRegistered:
+      return "cudaErrorHostMemoryNotRegistered";
+    default:
+      return "cudaErrorUnknown";
+  }
+}
+
 const char* error_text(int code) {
   switch (code) {
     case kSuccess:
@@ -353,6 +414,10 @@ const char* error_text(int code) {
       return "invalid resource handle";
     case kIllegalAddress:
       return "an illegal memory access was encountered";
+    case kHostMemoryAlreadyRegistered:
+      return "part or all of the requested memory range is already mapped";
+    case kHostMemoryNotRegistered:
+      return "pointer does not correspond to a registered memory region";
     default:
       return "unknown error";
   }
@@ -363,6 +428,8 @@ const char* error_text(int code) {
 // ---------------------------------------------------------------- the runtime API
 
 FAKE_EXPORT const char* cudaGetErrorString(int code) { return error_text(code); }
+
+FAKE_EXPORT const char* cudaGetErrorName(int code) { return error_name(code); }
 
 FAKE_EXPORT int cudaGetLastError() {
   const int code = t_last_error;
@@ -386,6 +453,7 @@ FAKE_EXPORT int cudaGetDevice(int* device) {
 }
 
 FAKE_EXPORT int cudaSetDevice(int device) {
+  acted_on(device, "cudaSetDevice");
   FAKE_INJECT("cudaSetDevice");
   counters().set_device_calls++;
   if (device < 0 || device >= device_count()) {
@@ -396,14 +464,14 @@ FAKE_EXPORT int cudaSetDevice(int device) {
 }
 
 FAKE_EXPORT int cudaStreamCreateWithFlags(void** stream, unsigned /*flags*/) {
-  FAKE_INJECT("cudaStreamCreateWithFlags");
+  FAKE_ACT("cudaStreamCreateWithFlags");
   *stream = new Stream();
   counters().streams_created++;
   return kSuccess;
 }
 
 FAKE_EXPORT int cudaStreamDestroy(void* stream) {
-  FAKE_INJECT("cudaStreamDestroy");
+  FAKE_ACT("cudaStreamDestroy");
   if (reinterpret_cast<uintptr_t>(stream) <= 2) {
     return kInvalidResourceHandle;
   }
@@ -412,13 +480,13 @@ FAKE_EXPORT int cudaStreamDestroy(void* stream) {
 }
 
 FAKE_EXPORT int cudaStreamSynchronize(void* stream) {
-  FAKE_INJECT("cudaStreamSynchronize");
+  FAKE_ACT("cudaStreamSynchronize");
   resolve_stream(stream)->synchronize();
   return kSuccess;
 }
 
 FAKE_EXPORT int cudaEventCreateWithFlags(void** event, unsigned /*flags*/) {
-  FAKE_INJECT("cudaEventCreateWithFlags");
+  FAKE_ACT("cudaEventCreateWithFlags");
   *event = new Event();
   counters().events_created++;
   counters().events_live++;
@@ -426,7 +494,7 @@ FAKE_EXPORT int cudaEventCreateWithFlags(void** event, unsigned /*flags*/) {
 }
 
 FAKE_EXPORT int cudaEventDestroy(void* event) {
-  FAKE_INJECT("cudaEventDestroy");
+  FAKE_ACT("cudaEventDestroy");
   if (event == nullptr) {
     return kInvalidResourceHandle;
   }
@@ -436,7 +504,7 @@ FAKE_EXPORT int cudaEventDestroy(void* event) {
 }
 
 FAKE_EXPORT int cudaEventRecord(void* event, void* stream) {
-  FAKE_INJECT("cudaEventRecord");
+  FAKE_ACT("cudaEventRecord");
   if (event == nullptr) {
     return kInvalidResourceHandle;
   }
@@ -451,7 +519,7 @@ FAKE_EXPORT int cudaEventRecord(void* event, void* stream) {
 }
 
 FAKE_EXPORT int cudaEventSynchronize(void* event) {
-  FAKE_INJECT("cudaEventSynchronize");
+  FAKE_ACT("cudaEventSynchronize");
   if (event == nullptr) {
     return kInvalidResourceHandle;
   }
@@ -466,7 +534,7 @@ FAKE_EXPORT int cudaEventSynchronize(void* event) {
 }
 
 FAKE_EXPORT int cudaStreamWaitEvent(void* stream, void* event, unsigned /*flags*/) {
-  FAKE_INJECT("cudaStreamWaitEvent");
+  FAKE_ACT("cudaStreamWaitEvent");
   if (event == nullptr) {
     return kInvalidResourceHandle;
   }
@@ -483,50 +551,53 @@ FAKE_EXPORT int cudaStreamWaitEvent(void* stream, void* event, unsigned /*flags*
 
 FAKE_EXPORT int cudaMemcpyAsync(void* dst, const void* src, size_t count, int kind,
                                 void* stream) {
-  FAKE_INJECT("cudaMemcpyAsync");
+  FAKE_ACT("cudaMemcpyAsync");
   return enqueue_copy(dst, count, src, count, count, 1, kind, stream, false);
 }
 
 FAKE_EXPORT int cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch,
                                   size_t width, size_t height, int kind, void* stream) {
-  FAKE_INJECT("cudaMemcpy2DAsync");
+  FAKE_ACT("cudaMemcpy2DAsync");
   return enqueue_copy(dst, dpitch, src, spitch, width, height, kind, stream, true);
 }
 
-FAKE_EXPORT int cudaHostAlloc(void** pointer, size_t size, unsigned /*flags*/) {
-  FAKE_INJECT("cudaHostAlloc");
-  const size_t rounded = (std::max<size_t>(size, 1) + 4095) / 4096 * 4096;
-  void* memory = std::aligned_alloc(4096, rounded);
-  if (memory == nullptr) {
-    return kMemoryAllocation;
+FAKE_EXPORT int cudaHostRegister(void* pointer, size_t size, unsigned /*flags*/) {
+  FAKE_ACT("cudaHostRegister");
+  if (pointer == nullptr || size == 0) {
+    return kInvalidValue;
   }
   {
     std::lock_guard<std::mutex> lock(pinned().mutex);
-    pinned().ranges[reinterpret_cast<uintptr_t>(memory)] = size;
+    const uintptr_t start = reinterpret_cast<uintptr_t>(pointer);
+    auto next = pinned().ranges.lower_bound(start);
+    const bool overlaps_next = next != pinned().ranges.end() && next->first < start + size;
+    const bool overlaps_previous = next != pinned().ranges.begin() &&
+                                   std::prev(next)->first + std::prev(next)->second > start;
+    if (overlaps_next || overlaps_previous) {
+      t_last_error = kHostMemoryAlreadyRegistered;
+      return kHostMemoryAlreadyRegistered;
+    }
+    pinned().ranges[start] = size;
   }
   Counters& c = counters();
   c.host_allocs++;
   raise_max(c.pinned_peak, c.pinned_bytes += static_cast<long long>(size));
-  *pointer = memory;
   return kSuccess;
 }
 
-FAKE_EXPORT int cudaFreeHost(void* pointer) {
-  FAKE_INJECT("cudaFreeHost");
-  if (pointer == nullptr) {
-    return kSuccess;
-  }
+FAKE_EXPORT int cudaHostUnregister(void* pointer) {
+  FAKE_ACT("cudaHostUnregister");
   size_t size = 0;
   {
     std::lock_guard<std::mutex> lock(pinned().mutex);
     auto it = pinned().ranges.find(reinterpret_cast<uintptr_t>(pointer));
     if (it == pinned().ranges.end()) {
-      return kInvalidValue;
+      t_last_error = kHostMemoryNotRegistered;
+      return kHostMemoryNotRegistered;
     }
     size = it->second;
     pinned().ranges.erase(it);
   }
-  std::free(pointer);
   counters().host_frees++;
   counters().pinned_bytes -= static_cast<long long>(size);
   return kSuccess;
@@ -553,6 +624,23 @@ FAKE_EXPORT int fake_cuda_write_async(void* dst, const void* src, size_t n, void
     std::memcpy(dst, src, n);
   });
   return kSuccess;
+}
+
+// Calls that acted on `device` since the last reset; the first one's name.
+FAKE_EXPORT long long fake_cuda_device_calls(int device) {
+  if (device < 0 || device >= kMaxDevices) {
+    return -1;
+  }
+  std::lock_guard<std::mutex> lock(device_calls().mutex);
+  return device_calls().count[device];
+}
+
+FAKE_EXPORT const char* fake_cuda_first_call(int device) {
+  if (device < 0 || device >= kMaxDevices) {
+    return "";
+  }
+  std::lock_guard<std::mutex> lock(device_calls().mutex);
+  return device_calls().first[device].c_str();
 }
 
 // A counter by name (see Counters); -1 for an unknown name.
@@ -594,6 +682,13 @@ FAKE_EXPORT void fake_cuda_reset() {
     counter->store(0);
   }
   c.pinned_peak.store(c.pinned_bytes.load());
+  {
+    std::lock_guard<std::mutex> lock(device_calls().mutex);
+    for (int d = 0; d < kMaxDevices; ++d) {
+      device_calls().count[d] = 0;
+      device_calls().first[d].clear();
+    }
+  }
   Failures& f = failures();
   std::lock_guard<std::mutex> lock(f.mutex);
   f.env_read = true;  // a reset also drops what the environment armed
