@@ -14,6 +14,9 @@ BUILD_TOOLS := setuptools wheel pybind11 cmake ninja
 # numpy: torch.distributed's object collectives (DCP's plan exchange between ranks)
 # call tensor.numpy(), though torch does not depend on numpy.
 TEST_TOOLS := pytest hypothesis zstandard numpy
+# The real CUDA runtime library (2.5 MB, no GPU needed) for the `real_cudart` tests; without
+# network they skip and say why.
+CUDART_WHEEL := nvidia-cuda-runtime>=13,<14
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -41,6 +44,9 @@ $(STAMP): pyproject.toml setup.py
 	  $(VPY) -c "import $$mod" >/dev/null 2>&1 || missing="$$missing $$mod"; \
 	done; \
 	if [ -n "$$missing" ]; then $(VPY) -m pip install -q $$missing; fi; \
+	$(VPY) -c "import importlib.metadata as m; m.distribution('nvidia-cuda-runtime')" >/dev/null 2>&1 || \
+	  $(VPY) -m pip install -q "$(CUDART_WHEEL)" || \
+	  echo "could not install $(CUDART_WHEEL): the real_cudart tests will skip"; \
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e . ; \
 	touch $(STAMP)
 

@@ -207,8 +207,11 @@ CudaStatusInfo cuda_status(const std::string& named) {
   // cudaErrorNoDevice, or a driver that is absent or older than the runtime
   // (cudaErrorInsufficientDriver), in CUDA's own words.
   if (code != cuda::kSuccess) {
-    status.reason = "cudaGetDeviceCount failed with " + runtime->describe(code) + " (runtime " +
-                    runtime->library() + ")";
+    const char* state = code == 35    ? "no NVIDIA driver, or one older than the runtime: "
+                        : code == 100 ? "no CUDA device: "
+                                      : "";
+    status.reason = state + std::string("cudaGetDeviceCount failed with ") +
+                    runtime->describe(code) + " (runtime " + runtime->library() + ")";
   } else if (count < 1) {
     status.reason = "no CUDA device: cudaGetDeviceCount found none (runtime " +
                     runtime->library() + ")";

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import random
 import threading
@@ -167,7 +168,7 @@ def test_status_without_a_loaded_runtime(engine, fake, monkeypatch):
     status = engine.cuda_status()
     if _real_cudart_mapped():
         # A CUDA build of torch loads its runtime at import: found, usable or not.
-        assert "libcudart.so" in status.library and (status.usable or status.reason.startswith("no CUDA device"))
+        assert "libcudart.so" in status.library and (status.usable or "cudaGetDeviceCount failed" in status.reason)
     else:
         assert not status.usable
         assert status.reason == NOT_LOADED
@@ -203,7 +204,8 @@ def test_status_no_device(engine, fake, monkeypatch):
     status = engine.cuda_status()
     assert not status.usable
     # CUDA's own name for the state, its code and words.
-    assert "cudaGetDeviceCount failed with cudaErrorNoDevice (100): no CUDA-capable device" in status.reason
+    assert status.reason.startswith(
+        "no CUDA device: cudaGetDeviceCount failed with cudaErrorNoDevice (100): no CUDA-capable device")
     with pytest.raises(CudaError, match="cudaErrorNoDevice"):
         engine.pinned_pool(0, 1 << 20, 1 << 16)
 
@@ -729,6 +731,43 @@ def test_o_direct_and_fallback(fake, tmp_path, monkeypatch, mode):
             assert read_direct == len(data) // PAGE * PAGE
     else:
         assert written_direct == 0 and read_direct == 0
+    pool.close()
+
+
+@pytest.mark.parametrize("op", ["write", "read"])
+@pytest.mark.parametrize("errno_name", ["EINVAL", "EFAULT", "EOPNOTSUPP"])
+def test_first_direct_transfer_refused_falls_back(fake, tmp_path, monkeypatch, op, errno_name):
+    """Any refusal of a file's first O_DIRECT transfer (alignment, pages the kernel cannot pin,
+    a filesystem without support) makes that file buffered; the same error on a later direct
+    transfer is a real failure and raises."""
+    C = native_c()
+    from dcp_native._engine_native import NativeEngine
+
+    if not o_direct_works(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT itself")
+    engine = NativeEngine()
+    pool = engine.pinned_pool(0, 4 * CHUNK, CHUNK)
+    data = pattern(3 * CHUNK, 12)
+    src, dest = device_tensor(data), device_tensor(bytes(len(data)))
+    path = tmp_path / "f"
+    write = [WriteFile(str(path), b"", segs((0, SRC_DEVICE, src.data_ptr(), len(data))), 0, 0)]
+    read = [ReadFile(str(path), 0, array("q", [0, dest.data_ptr(), len(data), 0]), None, 0)]
+    if op == "read":
+        call(engine.write, write, threads=1, sync=False, pool=pool)
+    monkeypatch.setenv("DCP_NATIVE_FAULT", f"{op}:{errno_name}:1")  # the first transfer: a direct one
+    before = C._direct_io_bytes()
+    call(engine.write if op == "write" else engine.read, write if op == "write" else read,
+         threads=1, pool=pool, **({"sync": False} if op == "write" else {}))
+    assert C._direct_io_bytes() == before  # the whole file went buffered
+    if op == "write":
+        assert path.read_bytes() == data
+    else:
+        assert tensor_bytes(dest, len(data)) == data
+    monkeypatch.setenv("DCP_NATIVE_FAULT", f"{op}:{errno_name}:2")  # after one direct transfer worked
+    with pytest.raises(OSError) as info:
+        call(engine.write if op == "write" else engine.read, write if op == "write" else read,
+             threads=1, pool=pool, **({"sync": False} if op == "write" else {}))
+    assert info.value.errno == getattr(errno, errno_name) and info.value.filename == str(path)
     pool.close()
 
 
