@@ -3,9 +3,11 @@
 Every tensor read becomes a strided copy of exactly the bytes it needs, straight into the
 destination (:func:`dcp_native.plan.read_box`), its payload located by the checkpoint model (a
 checked sidecar entry, or for stock checkpoints the item's own zip headers: two small probe reads,
-no ``torch.load``). What a strided copy cannot do takes a buffered path with bounded memory: other
-dtypes or devices and element-wise layouts (read the covering range, then ``copy_`` with DCP's
-casting), stream transforms and exotic payloads (read the item, then stock's decoding).
+no ``torch.load``). Narrow rows into CUDA memory (column shards, column views) are read densely
+instead: the covering file range into scratch on the device, then scattered there by torch. What
+a strided copy cannot do takes a buffered path with bounded memory: other dtypes or devices and
+element-wise layouts (read the covering range, then ``copy_`` with DCP's casting), stream
+transforms and exotic payloads (read the item, then stock's decoding).
 """
 
 from __future__ import annotations
@@ -34,6 +36,18 @@ from .plan import Box, read_box
 #: as its covering range and scattered by torch (cheaper than one iovec per element).
 _SHORT_RUN = 512
 _MANY_RUNS = 64
+#: A box into CUDA memory whose runs are shorter than this (more than one run) is read densely:
+#: its covering file range into scratch on the target's device (one dense H2D copy per pinned
+#: buffer), then scattered there by torch, since the narrow cudaMemcpy2DAsync copies it would
+#: otherwise take run far below PCIe speed. A first estimate, to be tuned on a GPU with
+#: benchmarks/narrow_columns.py.
+_NARROW_DEVICE_ROW = 1024
+#: ... when the covering range is at most this many times the bytes needed (a column of wide
+#: saved rows keeps its strided copies: the bytes between its runs would cross PCIe for nothing) ...
+_NARROW_MAX_AMPLIFICATION = 8
+#: ... and at most this or the reader's memory_budget, whichever is smaller: the device scratch
+#: one engine call holds (dense reads go in rounds within it).
+_NARROW_MAX_SCRATCH = 64 << 20
 _TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
@@ -46,6 +60,25 @@ class _Buffered:
     nbytes: int
     finish: Callable[[memoryview], None]
     key: str
+
+
+@dataclasses.dataclass
+class _Dense:
+    """A narrow read into CUDA memory: the file range ``[lo, hi)`` covering the box, read into
+    scratch on the target's device, then scattered into the target by torch on the device."""
+
+    relative_path: str
+    device: int
+    file_span: tuple[int, int]
+    key: str
+    target: torch.Tensor
+    saved: _safe_pickle.SavedTensor
+    lengths: tuple[int, ...]
+
+
+def _saved_view(raw: torch.Tensor, saved: _safe_pickle.SavedTensor, lengths: tuple[int, ...]) -> torch.Tensor:
+    """The read's elements in ``raw``, the bytes of the file range covering its box."""
+    return raw.view(saved.dtype).as_strided(lengths, saved.stride, 0)
 
 
 class LoadRun:
@@ -72,6 +105,7 @@ class LoadRun:
         self.device_direct: dict[tuple[str, int], list[Box]] = {}
         self.commits: list[tuple[ReadItem, torch.Tensor]] = []
         self.buffered: list[_Buffered] = []
+        self.dense: list[_Dense] = []
         self._reqs_by_file: dict[str, list[ReadItem]] = {}
 
     # -------------------------------------------------------------- helpers
@@ -206,15 +240,18 @@ class LoadRun:
             self.stats.calls += 1
 
     def _execute_rounds(self) -> None:
-        """Direct copies go with the first round; buffered ones in rounds within the budget."""
+        """Direct copies and the first round of dense reads go with the first engine call;
+        buffered ones in rounds within the budget, then the other dense rounds."""
         ops = sorted(self.buffered, key=lambda b: (b.relative_path, b.file_offset))
-        first = [(self.direct, self.device_direct)]  # taken by the first engine call
+        dense = self._dense_rounds()
+        # taken by the first engine call
+        first = [(self.direct, self.device_direct, dense.pop(0) if dense else [])]
 
         def read(boxes: dict[str, list[Box]]) -> None:
-            host, device = first.pop() if first else ({}, None)
+            host, device, scattered = first.pop() if first else ({}, {}, [])
             for rel, bx in boxes.items():
                 host.setdefault(rel, []).extend(bx)
-            self._run_engine(host, device)
+            self._run_with_dense(host, device, scattered)
 
         groups = [[(op.relative_path, op.file_offset, op.nbytes, op.key)] for op in ops]
         for k, (buf,) in checkpoint.read_rounds(groups, read, self.reader.memory_budget):
@@ -227,6 +264,44 @@ class LoadRun:
                 raise self._corrupt(op.relative_path, op.key, op.file_offset, f"cannot be decoded: {exc}") from exc
         if first:  # nothing buffered
             read({})
+        for batch in dense:
+            self._run_with_dense({}, {}, batch)
+
+    @property
+    def _scratch_bound(self) -> int:
+        """Most bytes of device scratch the dense reads of one engine call hold."""
+        return min(_NARROW_MAX_SCRATCH, self.reader.memory_budget)
+
+    def _dense_rounds(self) -> list[list[_Dense]]:
+        """The dense reads in rounds whose scratch stays within the bound (each read fits alone)."""
+        rounds: list[list[_Dense]] = []
+        used = bound = self._scratch_bound
+        for op in sorted(self.dense, key=lambda d: (d.relative_path, d.file_span)):
+            nbytes = op.file_span[1] - op.file_span[0]
+            if used + nbytes > bound:
+                rounds.append([])
+                used = 0
+            rounds[-1].append(op)
+            used += nbytes
+        return rounds
+
+    def _run_with_dense(self, host: dict[str, list[Box]], device_boxes: dict[tuple[str, int], list[Box]],
+                        dense: list[_Dense]) -> None:
+        """One engine call, plus the dense reads ``dense``: their scratch is allocated here (one
+        round's at a time, by torch's caching allocator), filled by the call as one dense box
+        each, and scattered right after it. The engine orders its copies after the current
+        stream and synchronizes them before it returns, so torch's copies on the current stream
+        see the bytes, and a later round reusing the memory waits for them."""
+        device_boxes = {k: list(v) for k, v in device_boxes.items()}
+        scratch = []
+        for op in dense:
+            lo, hi = op.file_span
+            scratch.append(torch.empty(hi - lo, dtype=torch.uint8, device=op.target.device))
+            device_boxes.setdefault((op.relative_path, op.device), []).append(
+                Box(lo, scratch[-1].data_ptr(), hi - lo, key=op.key))
+        self._run_engine(host, device_boxes)
+        for op, raw in zip(dense, scratch):
+            op.target.copy_(_saved_view(raw, op.saved, op.lengths))
 
     # -------------------------------------------------------------- tensor items
 
@@ -261,6 +336,11 @@ class LoadRun:
                 self.commits.append((req, target))
                 return
             overlapping = any(s == 0 for s in box.dest_strides)
+            if device >= 0 and not overlapping and self._reads_densely(box):
+                self.dense.append(_Dense(info.relative_path, device, box.file_span, req.storage_index.fqn,
+                                         target, saved, tuple(req.lengths)))
+                self.commits.append((req, target))
+                return
             if not overlapping and not (box.inner_bytes < _SHORT_RUN and box.runs > _MANY_RUNS):
                 box = dataclasses.replace(box, key=req.storage_index.fqn)
                 if device < 0:
@@ -279,10 +359,17 @@ class LoadRun:
 
         def finish(buf: memoryview, target=target, req=req) -> None:
             raw = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
-            target.copy_(raw.view(saved.dtype).as_strided(lengths, saved.stride, 0))
+            target.copy_(_saved_view(raw, saved, lengths))
             self.planner.commit_tensor(req, target)
 
         self.buffered.append(_Buffered(info.relative_path, lo, hi - lo, finish, req.storage_index.fqn))
+
+    def _reads_densely(self, box: Box) -> bool:
+        """Whether a box into CUDA memory is read densely (see _NARROW_DEVICE_ROW): narrow
+        runs, and a covering range within the amplification and scratch bounds."""
+        lo, hi = box.file_span
+        return (box.runs > 1 and box.inner_bytes < _NARROW_DEVICE_ROW
+                and hi - lo <= min(_NARROW_MAX_AMPLIFICATION * box.inner_bytes * box.runs, self._scratch_bound))
 
     @functools.cached_property
     def _device_fast(self) -> bool:

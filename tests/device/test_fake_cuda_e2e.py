@@ -3,7 +3,8 @@
 tests/device/test_fake_cuda.py drives the engines' GPU pipelines directly; this file
 checks the plumbing above them — which tensors the writer hands over as device
 memory, the producer stream, the pinned pools the writer and reader keep, the
-reader's device boxes (column views become 2-D copies), verified loads, and
+reader's device boxes (column views become 2-D copies; narrow rows one dense
+copy to device scratch, then a gather there), verified loads, and
 what a failed copy does to a save — end to end through DCP on the native
 engine, the one GPU path; the Python engine takes torch's copies instead.
 
@@ -25,10 +26,13 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 import dcp_native
-from dcp_native import _device
-from helpers import failure
+from dcp_native import _device, load_plan
+from helpers import data_file, failure, tensor_bytes
 
 pytestmark = pytest.mark.fake_cuda
 
@@ -137,7 +141,124 @@ def test_column_view_destination_is_one_2d_copy_per_piece(pretend, fake, tmp_pat
     dcp.load({"w": wide[:, 100:400]}, storage_reader=dcp_native.FileSystemReader(tmp_path), no_dist=True)
     assert torch.equal(wide[:, 100:400], full)
     assert bool((wide[:, :100] == -1).all()) and bool((wide[:, 400:] == -1).all())
-    assert fake.counter("copies_2d") >= 1
+    assert fake.counter("copies_2d") >= 1 and fake.counter("bytes_h2d") == full.nbytes
+    assert 300 * 4 >= load_plan._NARROW_DEVICE_ROW  # rows wide enough for the 2-D copy
+
+
+class _Columns(DefaultLoadPlanner):
+    """Reads columns ``[first, first + n)`` of the saved 2-D tensor "w" into the state dict's
+    (n-column) "w": a column shard without DTensor, the ReadItem's storage offsets narrowing."""
+
+    def __init__(self, first: int) -> None:
+        super().__init__()
+        self.first = first
+
+    def create_local_plan(self) -> LoadPlan:
+        rows, cols = self.state_dict["w"].shape
+        at = MetadataIndex("w", torch.Size([0, 0]))
+        return LoadPlan([ReadItem(LoadItemType.TENSOR, dest_index=at, dest_offsets=torch.Size([0, 0]),
+                                  storage_index=at, storage_offsets=torch.Size([0, self.first]),
+                                  lengths=torch.Size([rows, cols]))])
+
+
+def _load_columns(path, target: torch.Tensor, first: int, **kw) -> None:
+    dcp.load({"w": target}, storage_reader=dcp_native.FileSystemReader(path, **kw), planner=_Columns(first),
+             no_dist=True)
+
+
+def test_narrow_column_view_destination_is_one_dense_copy(pretend, fake, tmp_path):
+    """96-byte rows into a column view of device memory: the item's bytes in one dense copy per
+    pinned buffer into device scratch, scattered there (no narrow 2-D copies)."""
+    full = torch.randn(512, 24)
+    _save({"w": full}, tmp_path)
+    wide = torch.full((512, 700), -1.0)
+    pretend(wide)
+    dcp.load({"w": wide[:, 100:124]}, storage_reader=dcp_native.FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(wide[:, 100:124], full)
+    assert bool((wide[:, :100] == -1).all()) and bool((wide[:, 124:] == -1).all())
+    assert fake.counter("copies_2d") == 0 and fake.counter("bytes_h2d") == full.nbytes
+
+
+def test_column_shard_of_a_saved_tensor_reads_its_covering_range(pretend, fake, tmp_path):
+    """Columns 16:32 of saved 256-byte rows: the covering range (4x the bytes needed) is copied
+    densely to the device and gathered there."""
+    full = torch.randn(1024, 64)
+    _save({"w": full}, tmp_path)
+    out = torch.zeros(1024, 16)
+    pretend(out)
+    _load_columns(tmp_path, out, 16)
+    assert torch.equal(out, full[:, 16:32])
+    assert fake.counter("copies_2d") == 0 and fake.counter("bytes_h2d") == 1023 * 256 + 64
+
+
+def test_dense_reads_go_in_rounds_within_the_memory_budget(pretend, fake, tmp_path, monkeypatch):
+    """Three 24 KiB narrow reads with a 64 KiB budget: two engine calls, at most 64 KiB of scratch each."""
+    sd = {k: torch.randn(256, 24) for k in "abc"}
+    _save(sd, tmp_path)
+    wide = {k: torch.full((256, 50), -1.0) for k in sd}
+    pretend(*wide.values())
+    calls: list[int] = []
+    run_engine = load_plan.LoadRun._run_engine
+
+    def counting(self, host, device_boxes=None):
+        calls.append(sum(b.inner_bytes for bx in (device_boxes or {}).values() for b in bx))
+        return run_engine(self, host, device_boxes)
+
+    monkeypatch.setattr(load_plan.LoadRun, "_run_engine", counting)
+    reader = dcp_native.FileSystemReader(tmp_path, memory_budget=64 << 10)
+    dcp.load({k: w[:, 10:34] for k, w in wide.items()}, storage_reader=reader, no_dist=True)
+    for k, v in sd.items():
+        assert torch.equal(wide[k][:, 10:34], v), k
+        assert bool((wide[k][:, :10] == -1).all()) and bool((wide[k][:, 34:] == -1).all()), k
+    assert sorted(c for c in calls if c) == [24 << 10, 48 << 10]
+    assert fake.counter("copies_2d") == 0
+
+
+def test_narrow_reads_past_the_bounds_keep_the_strided_copies(pretend, fake, tmp_path):
+    """A 4-byte column of 16 KiB saved rows (a covering range 4096x the bytes needed), and a
+    narrow view whose range exceeds the memory budget: strided copies of the needed bytes, no scratch."""
+    full = torch.randn(64, 4096)
+    _save({"w": full}, tmp_path / "wide")
+    out = torch.zeros(64, 1)
+    pretend(out)
+    _load_columns(tmp_path / "wide", out, 7)
+    assert torch.equal(out, full[:, 7:8])
+    assert fake.counter("bytes_h2d") == 64 * 4  # the needed bytes only (a copy per row: far apart)
+
+    narrow = torch.randn(64, 24)
+    _save({"w": narrow}, tmp_path / "narrow")
+    wide = torch.full((64, 700), -1.0)
+    pretend(wide)
+    copies, h2d = fake.counter("copies_2d"), fake.counter("bytes_h2d")
+    reader = dcp_native.FileSystemReader(tmp_path / "narrow", memory_budget=4096)
+    dcp.load({"w": wide[:, 100:124]}, storage_reader=reader, no_dist=True)
+    assert torch.equal(wide[:, 100:124], narrow) and bool((wide[:, 124:] == -1).all())
+    assert fake.counter("copies_2d") > copies and fake.counter("bytes_h2d") - h2d == narrow.nbytes
+
+
+def test_verified_narrow_read_checks_its_covering_range(pretend, fake, tmp_path):
+    """verify=True on a dense read: the engine checks the covering range in its pinned buffers,
+    and a flipped byte between the needed columns fails the load, naming the key."""
+    full = torch.randn(1024, 64)
+    _save({"w": full}, tmp_path, checksums=True)
+    out = torch.zeros(1024, 16)
+    pretend(out)
+    _load_columns(tmp_path, out, 16, verify=True)
+    assert torch.equal(out, full[:, 16:32]) and fake.counter("bytes_h2d") == 1023 * 256 + 64
+    path = data_file(tmp_path)
+    with open(path, "rb") as f:
+        payload = f.read().find(tensor_bytes(full))
+    assert payload > 0
+    with open(path, "r+b") as f:  # element (500, 40): in the covering range, not in the shard
+        f.seek(payload + (500 * 64 + 40) * 4)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    pretend(out)
+    with pytest.raises(CheckpointException) as err:
+        _load_columns(tmp_path, out, 16, verify=True)
+    exc = failure(err)
+    assert isinstance(exc, dcp_native.IntegrityError) and exc.key == "w", exc
 
 
 def test_pools_are_reused_across_saves_and_loads(pretend, fake, tmp_path):
