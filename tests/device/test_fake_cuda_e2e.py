@@ -31,26 +31,10 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 import dcp_native
-from dcp_native import _device, load_plan
-from helpers import data_file, failure, tensor_bytes
+from dcp_native import load_plan
+from helpers import Pretend, data_file, failure, tensor_bytes
 
 pytestmark = pytest.mark.fake_cuda
-
-
-class Pretend:
-    """The storages that stand for memory on CUDA device 0."""
-
-    def __init__(self) -> None:
-        self.storages: set[int] = set()
-
-    def __call__(self, *tensors: torch.Tensor) -> None:
-        for t in tensors:
-            self.storages.add(t.untyped_storage().data_ptr())
-
-    def cuda_index(self, tensor: torch.Tensor) -> int:
-        if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in self.storages:
-            return 0
-        return -1
 
 
 @pytest.fixture
@@ -63,10 +47,7 @@ def engine_name(monkeypatch) -> str:
 
 @pytest.fixture
 def pretend(fake, engine_name, monkeypatch) -> Pretend:
-    p = Pretend()
-    monkeypatch.setattr(_device, "cuda_index", p.cuda_index)
-    monkeypatch.setattr(_device, "current_stream", lambda device: 0)
-    return p
+    return Pretend(monkeypatch)
 
 
 def _state_dict(seed: int = 0) -> dict:
@@ -322,9 +303,7 @@ def test_python_engine_takes_torch_copies(fake, monkeypatch, tmp_path):
     """On the Python engine "device" tensors are written and loaded through host copies: the
     runtime is never asked to copy, and the values are exact."""
     monkeypatch.setenv("DCP_NATIVE_BACKEND", "python")
-    p = Pretend()
-    monkeypatch.setattr(_device, "cuda_index", p.cuda_index)
-    monkeypatch.setattr(_device, "current_stream", lambda device: 0)
+    p = Pretend(monkeypatch)
     sd = _state_dict(5)
     p(*(v for k, v in sd.items() if isinstance(v, torch.Tensor) and k != "host"))
     writer = _save(sd, tmp_path, thread_count=2)
