@@ -269,3 +269,44 @@ def test_reshard_into_cuda(engine_name, tmp_path, monkeypatch, load_ranks):
     assert all(ok for _, _, ok in results), results
     needed = ROWS * COLS * 4
     assert sum(b for _, b, _ in results) <= 1.1 * needed, results
+
+
+_NO_CONTEXT_ON_DEVICE_0 = r"""
+import ctypes, sys
+import torch, torch.distributed.checkpoint as dcp
+import dcp_native
+
+torch.cuda.set_device(1)
+sd = {"w": torch.randn(1 << 22, device="cuda:1"), "m": torch.randn(999, 37, device="cuda:1")}
+path = sys.argv[1]
+writer = dcp_native.FileSystemWriter(path + "/a", thread_count=4)
+dcp.save(sd, storage_writer=writer, no_dist=True)
+out = {k: torch.zeros_like(v) for k, v in sd.items()}
+reader = dcp_native.FileSystemReader(path + "/a", verify=True, thread_count=4)
+dcp.load(out, storage_reader=reader, no_dist=True)
+assert all(torch.equal(out[k], v) for k, v in sd.items())
+staged = dcp_native.FileSystemWriter(path + "/b", async_staging=True)
+resp = dcp.async_save(sd, storage_writer=staged, no_dist=True)
+resp.staging_completion.result(timeout=120)
+resp.upload_completion.result(timeout=120)
+for closing in (writer, reader, staged):
+    closing.close()
+torch.cuda.synchronize(1)
+cuda = ctypes.CDLL("libcuda.so.1")
+device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+assert cuda.cuDeviceGet(ctypes.byref(device), 0) == 0
+assert cuda.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)) == 0
+print("device 0 primary context active:", active.value)
+sys.exit(3 if active.value else 0)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_work_on_device_1_creates_no_context_on_device_0(tmp_path):
+    """A process that only uses cuda:1 (native engine: save, verified load, async save with
+    asynchronous staging, close) leaves device 0 without a primary context, as the driver
+    reports it (cuDevicePrimaryCtxGetState)."""
+    env = {**os.environ, "DCP_NATIVE_BACKEND": "native"}
+    done = subprocess.run([sys.executable, "-c", _NO_CONTEXT_ON_DEVICE_0, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
