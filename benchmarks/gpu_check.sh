@@ -14,15 +14,23 @@
 #   2. build                                                         -> build.log
 #   3. GPU tests: pytest -m "cuda or fake_cuda", DCP_NATIVE_REQUIRE_CUDA=1 -> tests.log
 #      (the real-GPU tests, and the pipeline tests against the fake runtime)
-#   4. benchmarks: a --quick --device cuda pass (the code path), then the
+#   4. two GPUs: benchmarks/multi_gpu_check.py, 2 gloo ranks, rank r on cuda:r only,
+#      saving and loading with dcp_native (native engine, then Python engine); it fails
+#      when nvidia-smi shows a rank with a process on another rank's GPU (a stray CUDA
+#      context: rank 1 on GPU 0). SKIP (passes) when torch sees fewer than 2 GPUs or
+#      there is no nvidia-smi                                  -> multi_gpu.log, multi_gpu.json
+#   5. benchmarks: a --quick --device cuda pass (the code path); benchmarks/narrow_columns.py
+#      when it exists (column-shard loads into CUDA memory, up to 60 s); then the
 #      sized run (--device cuda --reps 2) in the time left             -> bench.log,
-#      latest.json, latest.md, latest.png (partial results are kept if cut short)
+#      narrow_columns.json, latest.json, latest.md, latest.png (partial results are kept
+#      if cut short)
 #
-# OUTDIR holds at most 7 files, flat. The exit status is 0 when the build, the
-# tests and both benchmark runs succeeded; summary.txt says what each step did.
+# OUTDIR holds at most 10 files, flat. The exit status is 0 when the build, the
+# tests, the two-GPU check (or its SKIP) and the benchmark runs succeeded;
+# summary.txt says what each step did.
 #
 # --no-cuda runs the same steps without a GPU, to check the script itself: the
-# tests step is skipped, and the benchmarks run on the CPU (--device cpu).
+# tests and two-GPU steps are skipped, and the benchmarks run on the CPU (--device cpu).
 # Without --no-cuda, a machine where torch sees no CUDA device fails at once.
 
 set -u -o pipefail
@@ -122,7 +130,33 @@ else
     esac
 fi
 
-# ----------------------------------------------------------------------------- 4. benchmarks
+# ----------------------------------------------------------------------------- 4. two GPUs
+if [ "$NO_CUDA" = 1 ]; then
+    log "multi-GPU: skipped (--no-cuda)"
+    echo "skipped: --no-cuda" > "$OUT/multi_gpu.log"
+else
+    T=$(( $(left) < 120 ? $(left) : 120 ))
+    if [ "$T" -lt 45 ]; then
+        log "multi-GPU: not run, only ${T}s left"
+        echo "not run: only ${T}s left" > "$OUT/multi_gpu.log"
+        STATUS=1
+    else
+        # The script bounds itself (--timeout: ranks killed, FAIL with the reason); timeout(1) is the backstop.
+        MT=$(( T - 15 < 90 ? T - 15 : 90 ))
+        log "multi-GPU: multi_gpu_check.py --timeout ${MT}, limit ${T}s (log: multi_gpu.log, multi_gpu.json)"
+        timeout -k 10 "$T" "$PY" benchmarks/multi_gpu_check.py --timeout "$MT" --out "$OUT/multi_gpu.json" \
+            > "$OUT/multi_gpu.log" 2>&1
+        rc=$?
+        LAST=$(tail -1 "$OUT/multi_gpu.log" | cut -c1-600)
+        case $rc in
+            0) log "multi-GPU: $LAST" ;;  # PASS: ... or SKIP: ...
+            124|137) log "multi-GPU: TIMED OUT after ${T}s"; STATUS=1 ;;
+            *) log "multi-GPU: FAILED (exit $rc): $LAST"; STATUS=1 ;;
+        esac
+    fi
+fi
+
+# ----------------------------------------------------------------------------- 5. benchmarks
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/dcp_native_gpu_check.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 : > "$OUT/bench.log"
@@ -138,6 +172,30 @@ if [ $rc = 0 ]; then
 else
     log "bench (quick): FAILED (exit $rc; see bench.log)"
     STATUS=1
+fi
+
+# Column-shard loads into CUDA memory (a SKIP line and exit 0 without a GPU), when the script exists;
+# at most 60 s, leaving the sized run at least 60.
+NC=benchmarks/narrow_columns.py
+if [ ! -f "$NC" ]; then
+    log "bench (narrow columns): skipped, $NC does not exist"
+    echo "=== narrow columns: skipped, $NC does not exist" >> "$OUT/bench.log"
+else
+    T=$(( $(left) - 75 < 60 ? $(left) - 75 : 60 ))
+    if [ "$T" -lt 20 ]; then
+        log "bench (narrow columns): not run, only $(left)s left"
+        STATUS=1
+    else
+        log "bench (narrow columns): $NC --out narrow_columns.json, limit ${T}s"
+        echo "=== narrow columns: $NC --out narrow_columns.json" >> "$OUT/bench.log"
+        timeout -k 5 "$T" "$PY" "$NC" --out "$OUT/narrow_columns.json" >> "$OUT/bench.log" 2>&1
+        rc=$?
+        case $rc in
+            0) log "bench (narrow columns): ok ($(tail -1 "$OUT/bench.log" | cut -c1-300))" ;;
+            124|137) log "bench (narrow columns): TIMED OUT after ${T}s"; STATUS=1 ;;
+            *) log "bench (narrow columns): FAILED (exit $rc; see bench.log)"; STATUS=1 ;;
+        esac
+    fi
 fi
 
 T=$(( $(left) - 15 ))
