@@ -12,7 +12,7 @@
 #
 #   1. environment: nvidia-smi, torch / CUDA versions, CPU, disk   -> summary.txt
 #   2. build                                                         -> build.log
-#   3. GPU tests: pytest -m "cuda or fake_cuda", DCP_NATIVE_REQUIRE_CUDA=1 -> tests.log
+#   3. GPU tests: pytest -m "cuda or fake_cuda or real_cudart", DCP_NATIVE_REQUIRE_CUDA=1 -> tests.log
 #      (the real-GPU tests, and the pipeline tests against the fake runtime)
 #   4. two GPUs: benchmarks/multi_gpu_check.py, 2 gloo ranks, rank r on cuda:r only,
 #      saving and loading with dcp_native (native engine, then Python engine); it fails
@@ -119,8 +119,8 @@ if [ "$NO_CUDA" = 1 ]; then
     echo "skipped: --no-cuda" > "$OUT/tests.log"
 else
     T=$(( $(left) < 180 ? $(left) : 180 ))
-    log "tests: pytest -m 'cuda or fake_cuda' with DCP_NATIVE_REQUIRE_CUDA=1, limit ${T}s (log: tests.log)"
-    DCP_NATIVE_REQUIRE_CUDA=1 timeout "$T" "$PY" -m pytest -m "cuda or fake_cuda" -q -rfEs -p no:cacheprovider tests \
+    log "tests: pytest -m 'cuda or fake_cuda or real_cudart' with DCP_NATIVE_REQUIRE_CUDA=1, limit ${T}s (log: tests.log)"
+    DCP_NATIVE_REQUIRE_CUDA=1 timeout "$T" "$PY" -m pytest -m "cuda or fake_cuda or real_cudart" -q -rfEs -p no:cacheprovider tests \
         > "$OUT/tests.log" 2>&1
     rc=$?
     case $rc in
