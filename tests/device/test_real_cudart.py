@@ -75,10 +75,11 @@ _NO_GPU = ("cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorNotPerm
 def _check_status(result: dict, library: str) -> None:
     assert result["missing"] == [], f"{library} lacks {result['missing']}"
     assert len(result["symbols"]) >= 18 and "cudaHostRegister" in result["symbols"]
-    assert os.path.realpath(result["library"]) == os.path.realpath(library)
-    if result["usable"]:  # a machine with a GPU and a driver
+    if result["usable"]:  # a GPU machine: torch's CUDA build may have loaded its own copy first
         assert result["reason"] == "" and result["pool_error"] is None
+        assert os.path.basename(result["library"]).startswith("libcudart.so")
         return
+    assert os.path.realpath(result["library"]) == os.path.realpath(library)
     reason = result["reason"]
     assert "symbol" not in reason, reason  # every symbol resolved: the runtime itself answered
     name = reason.split("cudaGetDeviceCount failed with ", 1)[1].split(" ", 1)[0]
