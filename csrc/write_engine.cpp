@@ -21,6 +21,36 @@ namespace dcp_native {
 
 namespace {
 
+// Checksummed writes go in steps of about this many bytes (whole blocks).
+constexpr int64_t kCrcStep = int64_t{256} << 10;
+
+// Hands out consecutive byte ranges of an iovec array as iovec arrays.
+class IovecCursor {
+ public:
+  explicit IovecCursor(const iovec* iovs) noexcept : iov_(iovs) {}
+  // The next `bytes` into out (at most kMaxIovecs entries: the call's own
+  // iovecs, cut at the ends); returns how many.
+  int take(int64_t bytes, iovec* out) noexcept {
+    int n = 0;
+    while (bytes > 0) {
+      const size_t left = iov_->iov_len - used_;
+      const size_t take = std::min(left, static_cast<size_t>(bytes));
+      out[n++] = iovec{static_cast<char*>(iov_->iov_base) + used_, take};
+      bytes -= static_cast<int64_t>(take);
+      used_ += take;
+      if (used_ == iov_->iov_len) {
+        ++iov_;
+        used_ = 0;
+      }
+    }
+    return n;
+  }
+
+ private:
+  const iovec* iov_;
+  size_t used_ = 0;
+};
+
 struct Segment {
   int64_t offset;
   int64_t length;
@@ -437,12 +467,33 @@ WriteResult write_files(const std::vector<WriteFileSpec>& files, const WriteOpti
         const IoCall& call = plan.calls[work.index];
         const int fd = shared_file.acquire(open);
         if (call.iov_count > 0) {
-          // Checksummed first: the write then copies bytes the CRC brought
-          // into cache. Each call runs once, on one thread, so it may then
-          // consume its own iovecs.
-          checksum(index, work.file, call.offset, call.bytes, plan.iovs.data() + call.first_iov);
-          write_fully(fd, plan.iovs.data() + call.first_iov, call.iov_count, call.offset,
-                      call.bytes, file.path, hooks);
+          iovec* iovs = plan.iovs.data() + call.first_iov;
+          if (plan.grids[work.file].block == 0) {
+            write_fully(fd, iovs, call.iov_count, call.offset, call.bytes, file.path, hooks);
+          } else {
+            // In steps of whole blocks that fit in L2: each is checksummed,
+            // then written while the CRC's reads keep it in cache (one pass
+            // over memory instead of two). Steps end on block boundaries,
+            // so only the call's ends can hold part of a block.
+            const BlockGrid& grid = plan.grids[work.file];
+            const int64_t step = std::max<int64_t>(1, kCrcStep / grid.block) * grid.block;
+            IovecCursor cursor(iovs);
+            iovec step_iovs[kMaxIovecs];
+            BlockPiece ends[2];
+            int count = 0;
+            for (int64_t pos = call.offset, end = call.offset + call.bytes; pos < end;) {
+              const int64_t next = std::min(end, (pos / step + 1) * step);
+              const int n = cursor.take(next - pos, step_iovs);
+              const int found = checksum_range(
+                  grid, pos, next - pos, step_iovs, crc32c,
+                  [&](int64_t k, uint32_t crc) { result.block_crcs[work.file][k] = crc; }, ends);
+              std::copy(ends, ends + found, &shared_blocks[2 * index] + count);
+              count += found;
+              write_fully(fd, step_iovs, n, pos, next - pos, file.path, hooks);
+              pos = next;
+            }
+            shared_count[index] = count;
+          }
           if (options.sync) {
             start_writeback(fd, call.offset, call.bytes);
           }
