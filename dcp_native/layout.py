@@ -107,6 +107,7 @@ def tensor_pickle(dtype: torch.dtype, size: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=4096)  # a model has few distinct shapes, and this runs per item
 def contiguous_stride(size: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(math.prod(max(s, 1) for s in size[i + 1 :]) for i in range(len(size)))
 

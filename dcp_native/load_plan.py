@@ -182,16 +182,15 @@ class LoadRun:
     # -------------------------------------------------------------- main flow
 
     def execute(self, items: Sequence[ReadItem]) -> None:
-        for req in items:
-            info = self._info(req)
+        infos = [self._info(req) for req in items]
+        for req, info in zip(items, infos):
             self._reqs_by_file.setdefault(info.relative_path, []).append(req)
             self.min_sizes[info.relative_path] = max(self.min_sizes.get(info.relative_path, 0),
                                                      info.offset + info.length)
         self._check_files()
 
         unknown: list[ReadItem] = []
-        for req in items:
-            info = self._info(req)
+        for req, info in zip(items, infos):
             if req.type == LoadItemType.BYTE_IO or info.transform_descriptors:
                 self.buffered.append(self._whole_item_op(req, info))
                 continue
@@ -320,8 +319,9 @@ class LoadRun:
             raise self._bad_item(req, info, f"holds a chunk of size {list(saved.size)}; the read at offsets "
                                  f"{list(req.storage_offsets)} of lengths {list(req.lengths)} exceeds it")
         target = self._target(req)
+        key = req.storage_index.fqn
         box_at = functools.partial(read_box, payload_file_offset, saved.dtype.itemsize, saved.stride,
-                                   saved.storage_offset, req.storage_offsets, req.lengths)
+                                   saved.storage_offset, req.storage_offsets, req.lengths, key=key)
         device = _device.cuda_index(target)
         fast = (
             target.dtype == saved.dtype
@@ -342,7 +342,6 @@ class LoadRun:
                 self.commits.append((req, target))
                 return
             if not overlapping and not (box.inner_bytes < _SHORT_RUN and box.runs > _MANY_RUNS):
-                box = dataclasses.replace(box, key=req.storage_index.fqn)
                 if device < 0:
                     self.direct.setdefault(info.relative_path, []).append(box)
                 else:

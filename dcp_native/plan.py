@@ -82,17 +82,18 @@ def collapse(itemsize: int, counts: Sequence[int], file_strides: Sequence[int],
 
 def read_box(payload_offset: int, itemsize: int, saved_stride: Sequence[int],
              saved_storage_offset: int, storage_offsets: Sequence[int], lengths: Sequence[int],
-             dest_addr: int, dest_strides: Sequence[int]) -> Box | None:
+             dest_addr: int, dest_strides: Sequence[int], key: str | None = None) -> Box | None:
     """The strided copy that narrows a saved chunk by ``storage_offsets``/``lengths``.
 
     ``payload_offset`` is the file offset of the saved storage's first byte;
     strides and offsets are in elements. The result reads exactly the bytes of
     ``narrow_tensor_by_index(saved, storage_offsets, lengths)`` into the
-    destination whose first element is at ``dest_addr``. None if the box is empty.
+    destination whose first element is at ``dest_addr``; ``key`` names it in errors. None if
+    the box is empty.
     """
     start = saved_storage_offset + sum(map(operator.mul, storage_offsets, saved_stride))
     collapsed = collapse(itemsize, lengths, saved_stride, dest_strides)
-    return None if collapsed is None else Box(payload_offset + start * itemsize, dest_addr, *collapsed)
+    return None if collapsed is None else Box(payload_offset + start * itemsize, dest_addr, *collapsed, key=key)
 
 
 def encode_boxes(boxes: Sequence[Box]) -> array:
