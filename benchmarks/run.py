@@ -26,12 +26,27 @@ Workloads (``--workload``, repeatable; README.md in this folder has the details)
               its DefaultStager), dcp_native, and a plain copy into preallocated
               memory (pinned on CUDA); on CPU at most ``ASYNC_CPU_BYTES``.
 * ``stage``   GPU: D2H staging (the writer's ``stage()``) vs torch's pinned copy.
+* ``repeat``  second and later saves (and loads) of one structure in one
+              process: 10,000 32x32 fp32 tensors (``--repeat-count``),
+              ``--repeat-iters`` saves per process, the median of the 2nd and
+              later; stock with and without its plan cache, dcp_native with and
+              without caching planners (where dcp_native has them).
+* ``savesweep`` the save of the model state (``--sweep-size``, 512 MiB) at
+              1/2/4/8 threads, sync off and on, each engine with checksums on and
+              off, raw pwrite at the same thread counts; the ratios of the
+              core issue's targets.
+
+The ``small`` workload also runs its save and load ``--repeat-iters`` times in
+one long-lived process (``small_*_longlived``); the ``noio`` rows give every
+system's cost per item above DCP's own floor.
 
 Systems: ``stock`` (torch's FileSystemWriter/Reader), ``python`` and ``native``
 (dcp_native with that engine), ``raw`` (the same bytes with plain sequential
 pwrite/pread on threads, one file per thread, into/out of preallocated memory:
 this machine's practical limit; every figure is also given as % of it), and
-per case ``noio``, ``raw_direct``, ``*_on_stock_ckpt``, ``torch_pinned_*``.
+per case ``noio``, ``raw_direct``, ``*_on_stock_ckpt``, ``torch_pinned_*``,
+``stock_cached`` (stock with ``enable_plan_caching=True``), ``*_cached``
+(dcp_native's caching planners), ``*_crc`` / ``*_nocrc`` (checksums on / off).
 
 Method: one fresh process per figure (forked from an import-only server per
 round, see ``--isolation``); the timed region is only the save/load call or the
@@ -71,22 +86,32 @@ from dcpbench.common import (  # noqa: E402
     parse_size,
     summarize,
 )
-from dcpbench.report import evaluate_targets, render_chart, render_tables  # noqa: E402
+from dcpbench.report import evaluate_targets, render_chart, render_tables, sweep_ratios  # noqa: E402
 from dcpbench.runner import ChildFailed, Runner  # noqa: E402
 
 #: Every workload, in the order they run.
 #: (GPU-only stage and CUDA-default async right after model: a GPU check cut short keeps them.)
-WORKLOADS = ("model", "stage", "async", "cold", "many", "load", "small", "save", "reshard")
+WORKLOADS = ("model", "stage", "async", "cold", "many", "load", "small", "save", "reshard", "repeat", "savesweep")
 #: Workloads that only mean something on a GPU.
 CUDA_ONLY = ("stage",)
 #: Workloads not run by default on a CPU-only machine (opt in with --workload).
 CPU_OPT_IN: tuple[str, ...] = ()
 #: State dict size of the async workload on CPU (the model's on CUDA): keeps it near 30 s.
 ASYNC_CPU_BYTES = 256 * MiB
+#: What the stock_cached system is (params of the cases that have it).
+STOCK_CACHED = ("stock's FileSystemWriter with DefaultSavePlanner(enable_plan_caching=True); in a fresh process "
+                "(one save) the cache starts empty")
+#: How a long-lived figure uses DCP's objects (params of those cases).
+LONG_LIVED_STORAGE = ("one planner object for every save (load) of the process; saves: a fresh writer per save, "
+                      "each into a new directory (the previous one deleted and flushed between saves, untimed); "
+                      "loads: one reader, every load with checkpoint_id (DCP resets the reader: .metadata is read "
+                      "every time)")
+#: Systems of the save thread sweep (checksums set explicitly on every dcp_native one).
+SWEEP_SYSTEMS = ("stock", "python_nocrc", "python_crc", "native_nocrc", "native_crc", "raw")
 
 #: Numeric per-run fields summarized (median/min/max) when every run of a system has them.
 SUMMARIZED = ("bytes_read", "rchar", "read_calls", "resident_before", "blocking_s", "total_s",
-              "first_blocking_s", "first_total_s", "first_seconds")
+              "first_blocking_s", "first_total_s", "first_seconds", "plan_reused")
 
 
 class Bench:
@@ -179,7 +204,8 @@ class Bench:
         out = os.path.join(self.args.out, "profiles")
         os.makedirs(out, exist_ok=True)
         for name, spec in systems:
-            if spec["op"] not in ("save", "load", "async_save") or spec["system"].startswith("raw"):
+            if spec["op"] not in ("save", "load", "async_save", "repeat_save", "repeat_load") \
+                    or spec["system"].startswith("raw"):
                 continue
             full = dict(self.base_spec(), **spec, profile_to=os.path.join(out, f"{case}_{name}.txt"))
             if "dir_template" in full:
@@ -239,10 +265,19 @@ class Bench:
                     entry[k] = summarize([r[k] for r in runs])
             if all("bytes_read" in r for r in runs) and op == "load":
                 entry["read_over_needed"] = summarize([r["bytes_read"] / r["bytes"] for r in runs])
+            if all("iter_seconds" in r for r in runs):
+                # Long-lived figures: every save (load) of each process, in order (the figure leaves out the first).
+                entry["iter_seconds"] = [r["iter_seconds"] for r in runs]
             caches = [r["cache"]["method"] for r in runs if "cache" in r]
             if caches:
                 entry["eviction"] = sorted(set(caches))
             systems[name] = entry
+        floor = systems.get("noio", {}).get("us_per_tensor")
+        if floor is not None:
+            # Each system's own cost per item above DCP's floor (medians: system minus noio).
+            for name, entry in systems.items():
+                if "us_per_tensor" in entry and not name.startswith("raw"):
+                    entry["us_above_floor"] = entry["us_per_tensor"]["median"] - floor["median"]
         case = {
             "title": title,
             "workload": workload,
@@ -395,17 +430,18 @@ class Bench:
         save_systems = [
             (n, {"op": "save", "system": n, "data": d, "threads": t, "sync": False, "verifier": "native",
                  "dir_template": self.path(f"many_save_{n}_{{round}}")})
-            for n in names
+            for n in names[:1] + ["stock_cached"] + names[1:]
         ]
         load_systems = [
             (n, {"op": "load", "system": n, "data": d, "threads": t, "dir": stock_dir if n == "stock" else native_dir})
             for n in names
         ]
-        params = dict(desc, data=d, noio="DCP with a storage layer that does no I/O (DCP's own floor)")
-        samples, _ = self.rounds("many_save", save_systems, cleanup=self.rm_save)
+        params = dict(desc, data=d, noio="DCP with a storage layer that does no I/O (DCP's own floor)",
+                      stock_cached=STOCK_CACHED)
+        samples, unsupported = self.rounds("many_save", save_systems, cleanup=self.rm_save)
         self.record("many_save", f"save {desc['tensors']} small tensors (optimizer state), sync_files off", samples,
                     workload="many", op="save", kind="time", threads=t, page_cache=self.cache_label("save", sync=False),
-                    params=params, tensors=desc["tensors"])
+                    params=params, tensors=desc["tensors"], unsupported=unsupported)
         samples, _ = self.rounds("many_load", load_systems)
         self.record("many_load", f"load {desc['tensors']} small tensors (optimizer state)", samples,
                     workload="many", op="load", kind="time", threads=t, page_cache=self.cache_label("load"),
@@ -467,24 +503,37 @@ class Bench:
         self.setup("stock checkpoint", dict(common, op="write_checkpoint", system="stock", dir=stock_dir))
         self.setup("dcp_native checkpoint", dict(common, op="write_checkpoint", system="native", dir=native_dir))
         names = ["stock", "python", "native", "noio", "raw"]
+        save_names = ["stock", "stock_cached"] + names[1:]
         save_systems = [
             (n, dict(common, op="save", system=n, sync=False, dir_template=self.path(f"small_save_{n}_{{round}}")))
-            for n in names
+            for n in save_names
         ]
         load_systems = [
             (n, dict(common, op="load", system=n, dir=stock_dir if n == "stock" else native_dir)) for n in names
         ]
-        save, _ = self.rounds("small_save", save_systems, cleanup=self.rm_save)
+        save, save_unsupported = self.rounds("small_save", save_systems, cleanup=self.rm_save)
         load, _ = self.rounds("small_load", load_systems)
         phases = self.phase_rounds(save_systems, load_systems, a.phase_rounds, "small")
+        # The same save and load, repeated in one long-lived process (a training loop): no raw.
+        k = a.repeat_iters
+        self.log(f"[small] long-lived process: {k} saves / {k} loads per process, the median of the 2nd and later")
+        ll_save = [(n, dict(spec, op="repeat_save", iters=k)) for n, spec in save_systems if n != "raw"]
+        ll_load = [(n, dict(spec, op="repeat_load", iters=k)) for n, spec in load_systems if n != "raw"]
+        ll_save_s, ll_unsupported = self.rounds("small_save_longlived", ll_save, cleanup=self.rm_save)
+        ll_load_s, _ = self.rounds("small_load_longlived", ll_load)
         shutil.rmtree(stock_dir, ignore_errors=True)
         shutil.rmtree(native_dir, ignore_errors=True)
         params = {"tensors": count, "tensor_bytes": numel * 4, "threads": t, "sync_files": False,
                   "noio": "DCP with a storage layer that does no I/O (DCP's own floor)",
-                  "phase_rounds": a.phase_rounds}
+                  "stock_cached": STOCK_CACHED, "phase_rounds": a.phase_rounds}
+        ll_params = dict(params, iters=k, process="long-lived: one process runs every save (load) of a figure",
+                         figure="median of the 2nd and later saves (loads) of the process; the first is "
+                                "`first_seconds`", planner=LONG_LIVED_STORAGE)
+        del ll_params["phase_rounds"]
         c = self.record("small_save", f"save {count} tensors of {fmt_bytes(numel * 4)} (sync off)", save,
                         workload="small", op="save", kind="time", threads=t,
-                        page_cache=self.cache_label("save", sync=False), params=params, tensors=count)
+                        page_cache=self.cache_label("save", sync=False), params=params, tensors=count,
+                        unsupported=save_unsupported)
         for name, ph in phases["save"].items():
             if name in c["systems"]:
                 c["systems"][name]["phases_s"] = ph
@@ -494,6 +543,13 @@ class Bench:
         for name, ph in phases["load"].items():
             if name in c["systems"]:
                 c["systems"][name]["phases_s"] = ph
+        self.record("small_save_longlived", f"save {count} tensors of {fmt_bytes(numel * 4)} (sync off), "
+                    f"long-lived process: saves 2-{k} of {k}", ll_save_s, workload="small", op="save", kind="time",
+                    threads=t, page_cache=self.cache_label("save", sync=False), params=ll_params, tensors=count,
+                    unsupported=ll_unsupported)
+        self.record("small_load_longlived", f"load {count} tensors of {fmt_bytes(numel * 4)}, long-lived process: "
+                    f"loads 2-{k} of {k}", ll_load_s, workload="small", op="load", kind="time", threads=t,
+                    page_cache=self.cache_label("load"), params=ll_params, tensors=count)
 
     def phase_rounds(self, save_systems, load_systems, n_rounds: int, tag: str) -> dict[str, dict[str, dict]]:
         """Extra rounds with every phase timed (medians per phase), kept apart from the figures."""
@@ -510,6 +566,9 @@ class Bench:
                         full["dir"] = full.pop("dir_template").format(round=f"phases{rnd}")
                     try:
                         res = self.runner.run(full, slot=self.args.warmup + rnd)
+                        if "unsupported" in res:
+                            failed.add((kind, name))
+                            continue
                         runs[kind].setdefault(name, []).append(res["phases"])
                     except ChildFailed as exc:
                         failed.add((kind, name))
@@ -548,6 +607,82 @@ class Bench:
                         kind="throughput", threads=t, page_cache=self.cache_label("save", sync=sync),
                         params={"tensors": count, "total_bytes": count * numel * 4, "threads": t,
                                 "sync_files": sync, "raw": raw})
+
+    # ------------------------------------------------------------------ issue 13: repeated saves, save sweep
+
+    def case_repeat(self) -> None:
+        """Second and later saves / loads of one structure in one process (plan caching)."""
+        a = self.args
+        side = a.repeat_side
+        d = dict(self.uniform(a.repeat_count, side * side, "opt"), shape=[side, side])
+        t, k = a.main_threads, a.repeat_iters
+        desc = wl.describe(d, self.seed)
+        self.log(f"[repeat] {a.repeat_count} fp32 tensors of {side}x{side}, {t} threads, sync_files off: {k} saves "
+                 f"and {k} loads per process, the median of the 2nd and later")
+        stock_dir, native_dir = self.path("repeat_stock"), self.path("repeat_native")
+        common = {"data": d, "threads": t, "iters": k}
+        self.setup("stock checkpoint", dict(common, op="write_checkpoint", system="stock", dir=stock_dir))
+        self.setup("dcp_native checkpoint", dict(common, op="write_checkpoint", system="native", dir=native_dir))
+        save_names = ["stock", "stock_cached", "python", "native", "native_stock_cached", "python_cached",
+                      "native_cached", "noio"]
+        load_names = ["stock", "python", "native", "python_cached", "native_cached", "noio"]
+        save_systems = [
+            (n, dict(common, op="repeat_save", system=n, sync=False, verifier="native",
+                     dir_template=self.path(f"repeat_save_{n}_{{round}}")))
+            for n in save_names
+        ]
+        load_systems = [
+            (n, dict(common, op="repeat_load", system=n, dir=stock_dir if n == "stock" else native_dir))
+            for n in load_names
+        ]
+        save, save_unsupported = self.rounds("repeat_save", save_systems, cleanup=self.rm_save)
+        load, load_unsupported = self.rounds("repeat_load", load_systems)
+        shutil.rmtree(stock_dir, ignore_errors=True)
+        shutil.rmtree(native_dir, ignore_errors=True)
+        params = dict(desc, data=d, threads=t, sync_files=False, iters=k,
+                      process="one process runs every save (load) of a figure",
+                      figure="median of the 2nd and later saves (loads) of the process; the first is `first_seconds`",
+                      planner=LONG_LIVED_STORAGE,
+                      stock_cached="stock's FileSystemWriter + DefaultSavePlanner(enable_plan_caching=True)",
+                      native_stock_cached="dcp_native's writer (native engine) + stock's "
+                                          "DefaultSavePlanner(enable_plan_caching=True)",
+                      dcp_native_cached="dcp_native's caching save/load planners (found in dcp_native.__all__ at "
+                                        "run time), with dcp_native's writer/reader",
+                      noio="DCP with a storage layer that does no I/O (DCP's own floor), default planner")
+        what = f"{a.repeat_count} tensors of {side}x{side} fp32"
+        self.record("repeat_save", f"second and later saves of {what} in one process (sync off)", save,
+                    workload="repeat", op="save", kind="time", threads=t,
+                    page_cache=self.cache_label("save", sync=False), params=params, tensors=a.repeat_count,
+                    unsupported=save_unsupported)
+        self.record("repeat_load", f"second and later loads of {what} in one process", load,
+                    workload="repeat", op="load", kind="time", threads=t, page_cache=self.cache_label("load"),
+                    params=params, tensors=a.repeat_count, unsupported=load_unsupported)
+
+    def case_savesweep(self) -> None:
+        """Save of the model state at every thread count, sync off and on, checksums on and off per engine."""
+        a = self.args
+        d = {"kind": "model", "size": a.sweep_size}
+        desc = wl.describe(d, self.seed)
+        threads = sorted(set(a.threads) | {a.main_threads})
+        self.log(f"[savesweep] model state {fmt_bytes(desc['tensor_bytes'])} in {desc['tensors']} tensors, threads "
+                 f"{threads}, sync off/on, {', '.join(SWEEP_SYSTEMS)}")
+        params = dict(desc, data=d, raw="pwrite into as many files as threads, one per thread (+ fsync with sync on)",
+                      checksums="`*_crc`: checksums=True, `*_nocrc`: checksums=False, set explicitly (the native "
+                                "engine's default is on, the Python engine's off)")
+        for sync in (False, True):
+            for t in threads:
+                key = f"savesweep_{'sync' if sync else 'nosync'}_t{t}"
+                systems = [
+                    (n, {"op": "save", "system": n, "data": d, "threads": t, "sync": sync,
+                         "dir_template": self.path(f"{key}_{n}_{{round}}")})
+                    for n in SWEEP_SYSTEMS
+                ]
+                samples, unsupported = self.rounds(key, systems, cleanup=self.rm_save)
+                c = self.record(key, f"save the model state ({fmt_bytes(desc['tensor_bytes'])}), {t} threads, "
+                                f"sync_files {'on' if sync else 'off'}", samples, workload="savesweep", op="save",
+                                kind="throughput", threads=t, page_cache=self.cache_label("save", sync=sync),
+                                params=dict(params, sync_files=sync), unsupported=unsupported)
+                c["ratios"] = sweep_ratios(c)
 
     # ------------------------------------------------------------------ resharding
 
@@ -808,6 +943,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--many-count", type=int, default=None, help="tensors of the many case (default 10000; --quick 400)")
     p.add_argument("--small-count", type=int, default=None, help="tensors in the small case (default 4000; --quick 200)")
     p.add_argument("--small-bytes", type=parse_size, default=16 * KiB, help="bytes per tensor in the small case")
+    p.add_argument("--repeat-count", type=int, default=None,
+                   help="tensors of the repeat case (default 10000; --quick 200)")
+    p.add_argument("--repeat-side", type=int, default=32, help="the repeat case's tensors are SIDE x SIDE fp32")
+    p.add_argument("--repeat-iters", type=int, default=None,
+                   help="saves (loads) per process in the repeat case and the small case's long-lived variant; "
+                        "the figure is the median of the 2nd and later (default 5; --quick 3)")
+    p.add_argument("--sweep-size", type=parse_size, default=None,
+                   help="bytes of the model state of the savesweep workload (default 512M; --quick 16M)")
     p.add_argument("--reshard-shape", type=parse_shape, default=None,
                    help="global fp32 shape of the reshard case (default 4096x4096; --quick 256x2048)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -840,6 +983,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.phase_rounds = args.phase_rounds if args.phase_rounds is not None else 1
     args.many_count = args.many_count if args.many_count is not None else (400 if q else 10_000)
     args.small_count = args.small_count if args.small_count is not None else (200 if q else 4000)
+    args.repeat_count = args.repeat_count if args.repeat_count is not None else (200 if q else 10_000)
+    args.repeat_iters = args.repeat_iters if args.repeat_iters is not None else (3 if q else 5)
+    args.sweep_size = args.sweep_size if args.sweep_size is not None else (16 * MiB if q else 512 * MiB)
     args.reshard_shape = args.reshard_shape or ((256, 2048) if q else (4096, 4096))
     args.threads = args.threads or ([1, 2] if q else [1, 2, 4, 8])
     args.main_threads = 4 if 4 in args.threads else max(args.threads)
@@ -849,6 +995,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--reps and --sweep-reps must be >= 1, --warmup and --phase-rounds >= 0")
     if args.many_count < 4:
         raise SystemExit("--many-count must be >= 4")
+    if args.repeat_count < 1 or args.repeat_side < 1 or args.repeat_iters < 2:
+        raise SystemExit("--repeat-count and --repeat-side must be >= 1, --repeat-iters >= 2 (the figure is the "
+                         "2nd and later)")
     if args.reshard_shape[0] % 4:
         raise SystemExit("--reshard-shape: rows must divide by 4 (saved by 4 ranks)")
     return args

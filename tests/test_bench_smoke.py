@@ -16,9 +16,14 @@ pytestmark = pytest.mark.multiprocess
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "run.py")
 #: Every workload that runs without a GPU.
-WORKLOADS = ("model", "cold", "many", "load", "small", "save", "reshard", "async")
+WORKLOADS = ("model", "cold", "many", "load", "small", "save", "reshard", "async", "repeat", "savesweep")
 
 MAIN = {"stock", "python", "native", "raw"}
+#: The save thread sweep's systems, at every thread count, sync off and on.
+SWEEP = {"stock", "python_nocrc", "python_crc", "native_nocrc", "native_crc", "raw"}
+#: Long-lived (one process, several saves / loads) systems of the small case.
+LONG_SAVE = {"stock", "stock_cached", "python", "native", "noio"}
+LONG_LOAD = {"stock", "python", "native", "noio"}
 #: Systems each case must report. --quick sweeps threads 1 and 2 (main: 2).
 EXPECTED = {
     "model_save": MAIN | {"native_nocrc"},
@@ -26,12 +31,18 @@ EXPECTED = {
     "model_save_t1": MAIN,
     "model_load_t1": {"python", "native", "raw"},
     "model_load_cold": MAIN | {"raw_direct"},
-    "many_save": MAIN | {"noio"},
+    "many_save": MAIN | {"noio", "stock_cached"},
     "many_load": MAIN | {"noio"},
     "load": MAIN | {"python_on_stock_ckpt", "native_on_stock_ckpt"},
     "peak": MAIN | {"python_on_stock_ckpt", "native_on_stock_ckpt"},
-    "small_save": MAIN | {"noio"},
+    "small_save": MAIN | {"noio", "stock_cached"},
     "small_load": MAIN | {"noio"},
+    "small_save_longlived": LONG_SAVE,
+    "small_load_longlived": LONG_LOAD,
+    # dcp_native's caching planners (*_cached) run where dcp_native exports them, else are reported as not run.
+    "repeat_save": LONG_SAVE | {"native_stock_cached", "python_cached", "native_cached"},
+    "repeat_load": LONG_LOAD | {"python_cached", "native_cached"},
+    **{f"savesweep_{sync}_t{t}": SWEEP for sync in ("nosync", "sync") for t in (1, 2)},
     "save_nosync": MAIN | {"native_nocrc"},
     "save_sync": MAIN | {"native_nocrc"},
     "reshard": MAIN | {"native_on_stock_ckpt"},
@@ -90,6 +101,35 @@ def test_json_has_every_case_and_system(quick_run):
         assert e["resident_before"]["median"] < 0.1, name
     assert doc["cases"]["async"]["systems"]["native"]["blocking_s"]["median"] > 0
     assert doc["targets"], "targets are evaluated"
+    # Issue 13: stock's plan cache as a system (this torch has enable_plan_caching).
+    for case in ("many_save", "small_save", "small_save_longlived", "repeat_save"):
+        assert "stock_cached" in doc["cases"][case]["systems"], case
+    # Long-lived figures: the median of the 2nd and later of --repeat-iters (3 in --quick) per process.
+    for case in ("small_save_longlived", "small_load_longlived", "repeat_save", "repeat_load"):
+        c = doc["cases"][case]
+        assert c["params"]["iters"] == 3, case
+        for name, e in c["systems"].items():
+            assert e["first_seconds"]["median"] > 0, (case, name)
+            assert [len(run) for run in e["iter_seconds"]] == [3] * c["reps"], (case, name)
+    # Per-item cost above DCP's floor, fresh and long-lived, save and load.
+    for case in ("small_save", "small_load", "small_save_longlived", "small_load_longlived"):
+        systems = doc["cases"][case]["systems"]
+        assert systems["noio"]["us_above_floor"] == 0, case
+        for name in ("python", "native"):
+            assert isinstance(systems[name]["us_above_floor"], float), (case, name)
+    # The save sweep's ratios, per thread count and sync.
+    for sync in ("nosync", "sync"):
+        for t in (1, 2):
+            c = doc["cases"][f"savesweep_{sync}_t{t}"]
+            assert c["threads"] == t and c["params"]["sync_files"] == (sync == "sync")
+            for ratio in ("native_crc/native_nocrc", "native_crc/python_crc", "native_crc/python_nocrc",
+                          "native_crc/raw"):
+                assert c["ratios"][ratio] > 0, (sync, t, ratio)
+    issue13 = {t["target"] for t in doc["targets"] if t["source"] == "issue13"}
+    for what in ("save sweep, sync off: native, checksums on / off", "save sweep, sync on: native / python",
+                 "small load, long-lived process: native's own cost above DCP's floor",
+                 "second and later saves: native", "second and later loads: native"):
+        assert any(t.startswith(what) for t in issue13), (what, issue13)
 
 
 def test_markdown_table_written(quick_run):
@@ -100,9 +140,15 @@ def test_markdown_table_written(quick_run):
     for label in ("stock DCP", "dcp_native python", "dcp_native native", "raw pread/pwrite", "raw pread, O_DIRECT"):
         assert label in text, label
     for case in doc["cases"].values():
+        if case["workload"] == "savesweep":
+            continue  # tabulated together, below
         if not case["title"].startswith(("save the model state, 1 threads", "load the model state, 1 threads")):
             assert case["title"] in text, case["title"]
     assert "thread counts" in text
+    assert "## save thread sweep" in text and "| native_crc/native_nocrc |" in text
+    assert "GB/s, sync_files off" in text and "GB/s, sync_files on" in text
+    assert "## per-item cost above DCP's floor" in text
+    assert "stock DCP + its plan cache" in text and "first ms" in text
 
 
 def test_chart_written(quick_run):
@@ -111,13 +157,15 @@ def test_chart_written(quick_run):
     chart = doc["chart"]
     panels = {p["case"]: p for p in chart["panels"]}
     for case, systems in EXPECTED.items():
-        if case in ("peak",) or case.endswith("_t1"):
+        if case in ("peak",) or case.endswith("_t1") or case.startswith("savesweep_"):
             continue
         p = panels[case]
         unsupported = set(doc["cases"][case].get("unsupported", {}))
-        assert set(p["systems"]) | {p["reference"]} | unsupported == systems, case
-        assert p["reference"] == "raw", case
+        assert set(p["systems"]) | {p["reference"]} - {None} | unsupported == systems, case
+        assert p["reference"] == ("raw" if "raw" in systems else None), case
     assert "thread_sweep" in panels
+    for sync in ("nosync", "sync"):
+        assert set(panels[f"savesweep_{sync}"]["systems"]) == SWEEP
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed here (`make bench` installs it): latest.png not drawn")
     png = out / "latest.png"
@@ -143,3 +191,66 @@ def test_cuda_without_a_gpu_fails_clearly(tmp_path):
     assert proc.returncode != 0
     assert "torch.cuda.is_available() is False" in proc.stderr
     assert not (tmp_path / "latest.json").exists()
+
+
+def test_caching_planner_systems_are_feature_detected(tmp_path, monkeypatch):
+    """dcp_native's caching planners are found in dcp_native.__all__ at run time; without them the system
+    reports itself not run. Checked with stand-in planners through the long-lived save and load."""
+    pytest.importorskip("torch")
+    import torch
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+
+    import dcp_native
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    from dcpbench import ops
+
+    monkeypatch.setenv("DCP_NATIVE_BACKEND", os.environ.get("DCP_NATIVE_BACKEND", "native"))
+    threads = torch.get_num_threads()
+    assert isinstance(ops.make_planner("stock", save=True), DefaultSavePlanner)
+    # Without caching planners in dcp_native.__all__ (or enable_plan_caching in torch): not run, and why.
+    with monkeypatch.context() as m:
+        m.setattr(dcp_native, "__all__", [n for n in dcp_native.__all__ if not n.endswith("Planner")])
+        for save in (True, False):
+            with pytest.raises(ops.Unsupported, match="exports no"):
+                ops.make_planner("native_cached", save=save)
+
+        class OldSavePlanner(DefaultSavePlanner):
+            def __init__(self, flatten_state_dict: bool = True) -> None:
+                super().__init__(flatten_state_dict)
+
+        m.setattr("torch.distributed.checkpoint.default_planner.DefaultSavePlanner", OldSavePlanner)
+        with pytest.raises(ops.Unsupported, match="no enable_plan_caching"):
+            ops.make_planner("stock_cached", save=True)
+
+    class CachingSavePlanner(DefaultSavePlanner):
+        saves = 0
+
+        def create_local_plan(self):
+            CachingSavePlanner.saves += 1
+            return super().create_local_plan()
+
+    class CachingLoadPlanner(DefaultLoadPlanner):
+        loads = 0
+
+        def create_local_plan(self):
+            CachingLoadPlanner.loads += 1
+            return super().create_local_plan()
+
+    monkeypatch.setattr(dcp_native, "CachingSavePlanner", CachingSavePlanner, raising=False)
+    monkeypatch.setattr(dcp_native, "CachingLoadPlanner", CachingLoadPlanner, raising=False)
+    monkeypatch.setattr(dcp_native, "__all__", list(dcp_native.__all__) + ["CachingSavePlanner", "CachingLoadPlanner"])
+    data = {"kind": "uniform", "count": 20, "numel": 64, "shape": [8, 8], "prefix": "opt"}
+    base = {"bench": str(tmp_path), "seed": 3, "data": data, "threads": 2, "iters": 2, "verify": True}
+    try:
+        res = ops.op_repeat_save(dict(base, system="native_cached", sync=False, dir=str(tmp_path / "s"),
+                                      verifier="native"))
+        assert CachingSavePlanner.saves == 2 and len(res["iter_seconds"]) == 2 and res["bytes"] == 20 * 64 * 4
+        res = ops.op_repeat_load(dict(base, system="native_cached", dir=str(tmp_path / "s" / "1")))
+        assert CachingLoadPlanner.loads == 2 and len(res["iter_seconds"]) == 2
+        if "enable_plan_caching" in DefaultSavePlanner.__init__.__code__.co_varnames:
+            assert ops.make_planner("stock_cached", save=True)._enable_plan_caching
+        with pytest.raises(ops.Unsupported):
+            ops.make_planner("stock_cached", save=False)  # stock caches no load plans
+    finally:
+        torch.set_num_threads(threads)

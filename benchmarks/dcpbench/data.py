@@ -2,7 +2,8 @@
 
 Three kinds of state dict (``spec["data"]["kind"]``):
 
-* ``uniform``: ``count`` fp32 tensors of ``numel`` elements (the core issue's cases).
+* ``uniform``: ``count`` fp32 tensors of ``numel`` elements (the core issue's cases),
+  1-D, or of ``shape`` (``numel`` elements) when given.
 * ``model``: a transformer-like model in bf16 with its AdamW state in fp32, plus
   the non-tensor entries a trainer saves (optimizer hyper-parameters, step,
   config): tensors from 4 bytes (AdamW's 0-d ``step``) to tens of MiB
@@ -251,7 +252,7 @@ def build(data: dict[str, Any], seed: int, device: str = "cpu", fill: bool = Tru
         sd: dict[str, Any] = {}
         for i in range(data["count"]):
             key = f"{data['prefix']}.{i:05d}"
-            sd[key] = b.tensor(key, (data["numel"],), torch.float32)
+            sd[key] = b.tensor(key, tuple(data.get("shape") or (data["numel"],)), torch.float32)
     elif kind in ("model", "many"):
         shape, params = _params(data, seed)
         sd = _optimizer_state(b, params)

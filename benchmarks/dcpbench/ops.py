@@ -103,11 +103,80 @@ class timed_threads:
 #: dcp_native systems: name -> (engine, writer settings beyond the defaults).
 #: ``native_nocrc`` is the native engine without the CRC32C tables it writes by
 #: default, to show what the checksums cost.
+#: ``*_crc`` / ``*_nocrc`` set the checksums explicitly (the save thread sweep);
+#: ``*_cached`` use dcp_native's caching planners, ``native_stock_cached`` stock's
+#: plan cache (see :data:`PLANNER_OF`).
 DCP_NATIVE_SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "python": ("python", {}),
     "native": ("native", {}),
     "native_nocrc": ("native", {"checksums": False}),
+    "native_crc": ("native", {"checksums": True}),
+    "python_crc": ("python", {"checksums": True}),
+    "python_nocrc": ("python", {"checksums": False}),
+    "python_cached": ("python", {}),
+    "native_cached": ("native", {}),
+    "native_stock_cached": ("native", {}),
 }
+
+#: Systems whose planner is not DCP's default: ``stock_cache`` = stock's
+#: ``DefaultSavePlanner(enable_plan_caching=True)`` (saves only; stock caches no
+#: load plans), ``dcp_native_cache`` = dcp_native's caching save/load planners,
+#: found at run time in ``dcp_native.__all__`` (a system reports itself not run
+#: where the torch or dcp_native at hand lacks them).
+PLANNER_OF: dict[str, str] = {
+    "stock_cached": "stock_cache",
+    "native_stock_cached": "stock_cache",
+    "python_cached": "dcp_native_cache",
+    "native_cached": "dcp_native_cache",
+}
+
+
+def storage_of(system: str) -> str:
+    """The storage layer of a system: 'stock', 'python', 'native', or the system's own name (noio, raw...)."""
+    if system in ("stock", "stock_cached"):
+        return "stock"
+    return engine_of(system) or system
+
+
+class Unsupported(Exception):
+    """This system cannot run with the torch / dcp_native at hand (reported, not a failure)."""
+
+
+def dcp_native_planner_class(save: bool):
+    """dcp_native's caching planner class (feature detection: ``dcp_native.__all__``), or why there is none."""
+    import dcp_native
+
+    suffix = "SavePlanner" if save else "LoadPlanner"
+    names = [n for n in getattr(dcp_native, "__all__", ()) if n.endswith(suffix) and hasattr(dcp_native, n)]
+    names.sort(key=lambda n: ("cach" not in n.lower(), n))
+    if not names:
+        raise Unsupported(f"this dcp_native ({getattr(dcp_native, '__version__', '?')}) exports no *{suffix} "
+                          "(dcp_native.__all__)")
+    return getattr(dcp_native, names[0])
+
+
+def make_planner(system: str, save: bool):
+    """The planner of a system (DCP's default unless :data:`PLANNER_OF` says otherwise); raises Unsupported."""
+    import inspect
+
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+
+    kind = PLANNER_OF.get(system)
+    if kind is None:
+        return DefaultSavePlanner() if save else DefaultLoadPlanner()
+    if kind == "stock_cache":
+        if not save:
+            raise Unsupported("stock caches save plans only (enable_plan_caching)")
+        if "enable_plan_caching" not in inspect.signature(DefaultSavePlanner.__init__).parameters:
+            import torch
+
+            raise Unsupported(f"torch {torch.__version__}'s DefaultSavePlanner has no enable_plan_caching")
+        return DefaultSavePlanner(enable_plan_caching=True)
+    cls = dcp_native_planner_class(save)
+    try:
+        return cls()
+    except TypeError as exc:
+        raise Unsupported(f"dcp_native.{cls.__name__}() needs arguments this suite does not know: {exc}") from None
 
 
 def set_engine(system: str) -> None:
@@ -312,7 +381,7 @@ def _instrument(system: str, storage: Any, planner: Any, save: bool) -> PhaseTim
             from dcp_native._backend import get_engine
 
             pt.wrap(get_engine(), "write", "write_data.engine")
-        elif system == "stock":
+        elif storage_of(system) == "stock":
             pt.wrap(stock_fs, "_write_item", "write_data.engine")
     else:
         storage_plan = ["set_up_storage_reader", "prepare_local_plan", "prepare_global_plan"]
@@ -328,7 +397,7 @@ def _instrument(system: str, storage: Any, planner: Any, save: bool) -> PhaseTim
             from dcp_native._backend import get_engine
 
             pt.wrap(get_engine(), "read", "read_data.engine")
-        elif system == "stock":
+        elif storage_of(system) == "stock":
             pt.wrap(torch, "load", "read_data.engine")
     return pt
 
@@ -370,7 +439,7 @@ def make_writer(system: str, path: str, threads: int, sync: bool, **kwargs: Any)
 
     import dcp_native
 
-    if system == "stock":
+    if storage_of(system) == "stock":
         return dcp.FileSystemWriter(path, thread_count=threads, sync_files=sync, **kwargs)
     if system == "noio":
         return _noio_classes()[0]()
@@ -384,7 +453,7 @@ def make_reader(system: str, path: str, threads: int):
 
     import dcp_native
 
-    if system == "stock":
+    if storage_of(system) == "stock":
         return dcp.FileSystemReader(path)
     if system == "noio":
         return _noio_classes()[1](path)
@@ -446,7 +515,7 @@ def verify_checkpoint(spec: dict) -> None:
     """
     import torch.distributed.checkpoint as dcp
 
-    verifier = spec.get("verifier") or ("native" if spec["system"] == "stock" else "stock")
+    verifier = spec.get("verifier") or ("native" if storage_of(spec["system"]) == "stock" else "stock")
     dest = wl.build(spec["data"], spec["seed"], "cpu", fill=False)
     dcp.load(dest.state_dict, storage_reader=make_reader(verifier, spec["dir"], 4), no_dist=True)
     dest.check()
@@ -487,7 +556,6 @@ def op_write_checkpoint(spec: dict) -> dict:
 def op_save(spec: dict) -> dict:
     """One timed save: stock / python / native / noio through dcp.save, or raw pwrite."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
     system, path, threads, sync = spec["system"], spec["dir"], spec["threads"], spec["sync"]
     work = wl.build(spec["data"], spec["seed"], spec.get("device", "cpu"))
@@ -525,7 +593,10 @@ def op_save(spec: dict) -> dict:
             verify_raw_files(spec, work, threads)
     else:
         writer = make_writer(system, path, threads, sync)
-        planner = DefaultSavePlanner()
+        try:
+            planner = make_planner(system, save=True)
+        except Unsupported as exc:
+            return {"unsupported": str(exc)}
         pt = _instrument(system, writer, planner, save=True) if spec.get("phases") else None
         gc.collect()
         dev_peak.start()
@@ -537,7 +608,7 @@ def op_save(spec: dict) -> dict:
             seconds = time.perf_counter() - t0
         peak = proc_status()["VmHWM"] - rss0
         if pt is not None:
-            phases = _phase_report(pt, seconds, save=True, overlapped=system == "stock" and threads > 1)
+            phases = _phase_report(pt, seconds, save=True, overlapped=storage_of(system) == "stock" and threads > 1)
         if spec.get("verify") and system != "noio":
             verify_checkpoint(spec)
     out: dict[str, Any] = {"seconds": seconds, "bytes": nbytes, "peak_bytes": peak}
@@ -599,7 +670,6 @@ def _load_raw(spec: dict, work: wl.Workload, direct: bool) -> dict:
 def op_load(spec: dict) -> dict:
     """One timed load: stock / python / native / noio through dcp.load, or raw preads (raw, raw_direct)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     system, path, threads = spec["system"], spec["dir"], spec["threads"]
     if system in ("raw", "raw_direct"):
@@ -609,7 +679,10 @@ def op_load(spec: dict) -> dict:
     extra: dict[str, Any] = {}
     work = wl.build(spec["data"], spec["seed"], spec.get("device", "cpu"), fill=False)
     reader = make_reader(system, path, threads)
-    planner = DefaultLoadPlanner()
+    try:
+        planner = make_planner(system, save=False)
+    except Unsupported as exc:
+        return {"unsupported": str(exc)}
     pt = _instrument(system, reader, planner, save=False) if spec.get("phases") else None
     if spec.get("cold"):
         extra["cache"] = rawio.evict(path)
@@ -734,6 +807,117 @@ def op_async_save(spec: dict) -> dict:
         verify_checkpoint(dict(spec, dir=os.path.join(base, "1")))
     return {"seconds": blocking, "blocking_s": blocking, "total_s": total, "first_blocking_s": first_blocking,
             "first_total_s": first_total, "bytes": work.nbytes, "peak_bytes": peak, **extra}
+
+
+def _later(times: list[float]) -> float:
+    """Median of the second and later iterations (the first when there is only one)."""
+    import statistics
+
+    return statistics.median(times[1:] or times)
+
+
+def _reuse_report(planner: Any, reused: list[bool]) -> dict:
+    """``plan_reused``: the fraction of the 2nd and later calls whose plan the planner reused from its cache
+    (planners that say so: ``reused``, as dcp_native's caching planners do)."""
+    if not hasattr(planner, "reused") or len(reused) < 2:
+        return {}
+    return {"plan_reused": sum(reused[1:]) / len(reused[1:]), "iter_reused": reused}
+
+
+def op_repeat_save(spec: dict) -> dict:
+    """``spec["iters"]`` saves of one state dict in this one process (a training loop's checkpoints).
+
+    One planner object for every save (DCP's default, stock's plan cache or
+    dcp_native's caching planner, by system), a fresh writer per save (as
+    ``dcp.save(checkpoint_id=...)`` makes one), each save into a new directory;
+    between saves (untimed) the previous directory is deleted and flushed. The
+    figure (``seconds``) is the median of the second and later saves; the first
+    is ``first_seconds``, every one is in ``iter_seconds``. The last save's
+    checkpoint is checked in the verifying round.
+    """
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    system, base, threads, sync, iters = spec["system"], spec["dir"], spec["threads"], spec["sync"], spec["iters"]
+    work = wl.build(spec["data"], spec["seed"], spec.get("device", "cpu"))
+    try:
+        planner = make_planner(system, save=True)
+    except Unsupported as exc:
+        return {"unsupported": str(exc)}
+    times: list[float] = []
+    reused: list[bool] = []
+    peak = 0
+    path = ""
+    for i in range(iters):
+        last = i == iters - 1
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
+            os.sync()
+        path = os.path.join(base, str(i))
+        writer = make_writer(system, path, threads, sync)
+        spec_i = spec if last else dict(spec, profile_to=None)  # --profile: the last save only
+        gc.collect()
+        rss0 = reset_peak_rss()
+        with timed_threads():
+            t0 = time.perf_counter()
+            _maybe_profile(spec_i, lambda: dcp.save(work.state_dict, storage_writer=writer, planner=planner,
+                                                    no_dist=True))
+            device_sync(spec)
+            times.append(time.perf_counter() - t0)
+        reused.append(bool(getattr(planner, "reused", False)))
+        if i or iters == 1:
+            peak = max(peak, proc_status()["VmHWM"] - rss0)
+    if spec.get("verify") and system != "noio":
+        verify_checkpoint(dict(spec, dir=path))
+    return {"seconds": _later(times), "first_seconds": times[0], "iter_seconds": times, "bytes": work.nbytes,
+            "peak_bytes": peak, **_reuse_report(planner, reused)}
+
+
+def op_repeat_load(spec: dict) -> dict:
+    """``spec["iters"]`` loads of one checkpoint into one state dict in this one process.
+
+    One planner object and one reader object for every load (DCP's default or
+    dcp_native's caching planner), each load given ``checkpoint_id`` (DCP
+    resets the reader with it: it reads ``.metadata`` again every time). Before
+    each load (untimed) the destination is overwritten with garbage; after the
+    last load (after every one in the verifying round) every value is checked.
+    Figure: the median of the second and later loads.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    system, path, threads, iters = spec["system"], spec["dir"], spec["threads"], spec["iters"]
+    work = wl.build(spec["data"], spec["seed"], spec.get("device", "cpu"), fill=False)
+    try:
+        planner = make_planner(system, save=False)
+    except Unsupported as exc:
+        return {"unsupported": str(exc)}
+    times: list[float] = []
+    reused: list[bool] = []
+    peak = 0
+    extra: dict[str, Any] = {"resident_before": rawio.resident_fraction(path)}
+    reader = make_reader(system, path, threads)
+    for i in range(iters):
+        last = i == iters - 1
+        if i:
+            for _, t, _ in work.tensors:
+                wl.fill_garbage(t)
+        spec_i = spec if last else dict(spec, profile_to=None)
+        gc.collect()
+        rss0 = reset_peak_rss()
+        with timed_threads():
+            t0 = time.perf_counter()
+            _maybe_profile(spec_i, lambda: dcp.load(work.state_dict, checkpoint_id=path, storage_reader=reader,
+                                                    planner=planner, no_dist=True))
+            device_sync(spec)
+            times.append(time.perf_counter() - t0)
+        reused.append(bool(getattr(planner, "reused", False)))
+        if i or iters == 1:
+            peak = max(peak, proc_status()["VmHWM"] - rss0)
+        if system != "noio" and (last or spec.get("verify")):
+            work.check()
+    return {"seconds": _later(times), "first_seconds": times[0], "iter_seconds": times, "bytes": work.nbytes,
+            "peak_bytes": peak, **extra, **_reuse_report(planner, reused)}
 
 
 def _single_process_kwargs(fn: Callable[..., Any], spec: dict) -> dict:
@@ -1080,6 +1264,8 @@ OPS: dict[str, Callable[[dict], dict]] = {
     "save": op_save,
     "load": op_load,
     "async_save": op_async_save,
+    "repeat_save": op_repeat_save,
+    "repeat_load": op_repeat_load,
     "transfer": op_transfer,
     "reshard_save": op_reshard_save,
     "reshard_load": op_reshard_load,

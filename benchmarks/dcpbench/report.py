@@ -10,6 +10,13 @@ SYSTEM_LABELS = {
     "python": "dcp_native python",
     "native": "dcp_native native",
     "native_nocrc": "dcp_native native, checksums off",
+    "native_crc": "dcp_native native, checksums on",
+    "python_crc": "dcp_native python, checksums on",
+    "python_nocrc": "dcp_native python, checksums off",
+    "stock_cached": "stock DCP + its plan cache",
+    "native_stock_cached": "dcp_native native + stock's plan cache",
+    "python_cached": "dcp_native python + caching planners",
+    "native_cached": "dcp_native native + caching planners",
     "stock_pinned": "stock DCP, DefaultStager (pinned)",
     "python_on_stock_ckpt": "dcp_native python, stock-written ckpt",
     "native_on_stock_ckpt": "dcp_native native, stock-written ckpt",
@@ -23,7 +30,20 @@ SYSTEM_LABELS = {
 
 #: Case order in the tables and the chart; cases not listed follow in run order.
 CASE_ORDER = ("model_save", "model_load", "model_load_cold", "many_save", "many_load", "load", "peak",
-              "small_save", "small_load", "save_nosync", "save_sync", "reshard", "reshard_3", "async", "stage")
+              "small_save", "small_load", "small_save_longlived", "small_load_longlived", "repeat_save",
+              "repeat_load", "save_nosync", "save_sync", "reshard", "reshard_3", "async", "stage")
+
+#: The save thread sweep's ratios (numerator, denominator): GB/s medians of the same case.
+SWEEP_RATIOS = (
+    ("native_crc", "native_nocrc"),
+    ("native_crc", "python_crc"),
+    ("native_crc", "python_nocrc"),
+    ("python_crc", "python_nocrc"),
+    ("native_crc", "raw"),
+    ("native_nocrc", "raw"),
+    ("python_nocrc", "raw"),
+    ("native_crc", "stock"),
+)
 
 #: The system each case's "% of" column refers to.
 def reference_of(key: str, case: dict) -> str:
@@ -37,7 +57,27 @@ def ordered_cases(cases: dict) -> list[str]:
 
 
 def is_sweep(key: str) -> bool:
-    return key.startswith(("model_save_t", "model_load_t"))
+    return key.startswith(("model_save_t", "model_load_t")) or is_savesweep(key)
+
+
+def is_savesweep(key: str) -> bool:
+    return key.startswith("savesweep_")
+
+
+def sweep_ratios(case: dict) -> dict[str, float]:
+    """The save sweep's ratios of one case (thread count, sync): ``"a/b"`` -> GB/s(a) / GB/s(b)."""
+    out = {}
+    for a, b in SWEEP_RATIOS:
+        r = _ratio(case, a, b)
+        if r is not None:
+            out[f"{a}/{b}"] = r
+    return out
+
+
+def savesweep_points(cases: dict, sync: bool) -> dict[int, dict]:
+    """threads -> case of the save sweep with sync_files ``sync``."""
+    tag = "sync" if sync else "nosync"
+    return {c["threads"]: c for k, c in cases.items() if k.startswith(f"savesweep_{tag}_t")}
 
 
 # ----------------------------------------------------------------------------- targets
@@ -88,6 +128,39 @@ def evaluate_targets(cases: dict) -> list[dict]:
     add("reshard: python vs stock (time)", ratio_time("reshard", "python", "stock"), ">=", 1.0, "x")
     for e in ("python", "native"):
         add(f"peak: {e} above destination", _med(cases, "peak", e, "peak_mib"), "<=", 64.0, "MiB")
+    # Issue 13: the save thread sweep (worst thread count per ratio), per-item cost above DCP's floor,
+    # second and later saves / loads of one structure.
+    for sync in (False, True):
+        pts = savesweep_points(cases, sync)
+        tag = "sync on" if sync else "sync off"
+        for a, b, limit, what in (("native_crc", "native_nocrc", 0.85, "native, checksums on / off"),
+                                  ("native_crc", "python_crc", 1.0, "native / python, both with checksums"),
+                                  ("native_crc", "python_nocrc", 1.0,
+                                   "native with checksums / python with its default (none)")):
+            vals = {t: _ratio(c, a, b) for t, c in sorted(pts.items())}
+            vals = {t: v for t, v in vals.items() if v is not None}
+            if vals:
+                worst = min(vals, key=vals.__getitem__)
+                add(f"save sweep, {tag}: {what} (worst of {'/'.join(map(str, vals))} threads: {worst})",
+                    vals[worst], ">=", limit, "x", "issue13")
+        if 4 in pts:
+            add(f"save sweep, {tag}, 4 threads: native with checksums vs raw pwrite",
+                _ratio(pts[4], "native_crc", "raw"), ">=", 1.0 if sync else 0.80, "of raw", "issue13")
+    for key, what in (("small_save", "small save, fresh process"), ("small_load", "small load, fresh process"),
+                      ("small_save_longlived", "small save, long-lived process"),
+                      ("small_load_longlived", "small load, long-lived process")):
+        for e in ("native",):
+            v = cases.get(key, {}).get("systems", {}).get(e, {}).get("us_above_floor")
+            add(f"{what}: {e}'s own cost above DCP's floor (noio)", v, "<=", 10.0, "µs/item", "issue13")
+    if "repeat_save" in cases or "repeat_load" in cases:
+        for op in ("save", "load"):
+            systems = cases.get(f"repeat_{op}", {}).get("systems", {})
+            mine = "native_cached" if "native_cached" in systems else "native"
+            add(f"second and later {op}s: {mine} vs stock", ratio_time(f"repeat_{op}", mine, "stock"), ">=", 6.0,
+                "x", "issue13")
+            if op == "save":
+                add(f"second and later saves: {mine} vs stock with its plan cache",
+                    ratio_time("repeat_save", mine, "stock_cached"), ">=", 4.0, "x", "issue13")
     # GPU issue: D2H staging.
     stage = _med(cases, "stage", "native", "gbps")
     if stage is not None:
@@ -229,8 +302,12 @@ def render_tables(doc: dict) -> str:
     lines.append("")
     lines += render_summary(doc)
     lines.append("")
-    if any(is_sweep(k) for k in cases):
+    if any(is_sweep(k) and not is_savesweep(k) for k in cases):
         lines += render_sweep(doc)
+    if any(is_savesweep(k) for k in cases):
+        lines += render_savesweep(doc)
+    if any(k in cases for k, _ in FLOOR_CASES):
+        lines += render_floor(doc)
     for key in ordered_cases(cases):
         if is_sweep(key):
             continue
@@ -271,6 +348,8 @@ def render_tables(doc: dict) -> str:
                 val, lim = f"{t['value']:.1f} MiB", f"{t['op']} {t['limit']:.0f} MiB"
             elif t["unit"] == "GB/s":
                 val, lim = f"{t['value']:.1f} GB/s", f"{t['op']} {t['limit']:.0f} GB/s"
+            elif t["unit"] == "µs/item":
+                val, lim = f"{t['value']:.1f} µs", f"{t['op']} {t['limit']:.0f} µs"
             else:
                 val, lim = f"{t['value']:.2f}x", f"{t['op']} {t['limit']:.2f}x"
             lines.append(f"| {t['target']} | {val} | {lim} | {'yes' if t['met'] else '**no**'} |")
@@ -296,6 +375,8 @@ def _extra_cols(c: dict) -> list[tuple[str, str, float]]:
         cols.append(("cached before", "resident_before", 100.0))
     if c.get("op") == "load" and any("read_over_needed" in e for e in systems):
         cols.append(("bytes read / needed", "read_over_needed", 1.0))
+    if any("plan_reused" in e for e in systems):
+        cols.append(("plan reused (2nd+)", "plan_reused", 100.0))
     return cols
 
 
@@ -304,7 +385,7 @@ def _extra_cells(e: dict, cols: list[tuple[str, str, float]]) -> str:
     for header, field, scale in cols:
         if field not in e:
             out.append("–")
-        elif field == "resident_before":
+        elif field in ("resident_before", "plan_reused"):
             out.append(f"{e[field]['median'] * scale:.0f}%")
         elif field == "read_over_needed":
             out.append(f"{e[field]['median']:.3f}")
@@ -333,15 +414,37 @@ def _throughput_table(key: str, c: dict) -> list[str]:
 
 def _time_table(c: dict) -> list[str]:
     cols = _extra_cols(c)
-    lines = ["| system | ms (median) | min–max | µs/tensor | speed-up vs stock | % of raw | peak MiB |"
-             + "".join(f" {h} |" for h, _, _ in cols),
-             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(cols)]
+    systems = c["systems"].values()
+    floor = any("us_above_floor" in e for e in systems)
+    first = any("first_seconds" in e for e in systems)
+    cached = "stock_cached" in c["systems"]
+    lines = []
+    if first:
+        p = c.get("params", {})
+        op = c.get("op", "save")
+        lines += [f"{p.get('iters', '?')} {op}s per process; the figure is the median of the 2nd and later {op}s of "
+                  f"the process (`first ms`: its first); {p.get('planner', '')}.", ""]
+    lines += ["| system | ms (median) | min–max | µs/tensor |" + (" µs/tensor above floor |" if floor else "")
+              + (" first ms |" if first else "") + " speed-up vs stock |"
+              + (" vs stock + plan cache |" if cached else "") + " % of raw | peak MiB |"
+              + "".join(f" {h} |" for h, _, _ in cols),
+              "|---|---:|---:|---:|" + ("---:|" if floor else "") + ("---:|" if first else "") + "---:|"
+              + ("---:|" if cached else "") + "---:|---:|" + "---:|" * len(cols)]
     for name, e in c["systems"].items():
         med, rng = _spread(e["seconds"], 1e3)
         vs = _ratio(c, name, "stock", "seconds")
+        vc = _ratio(c, name, "stock_cached", "seconds")
         pct = _ratio(c, name, "raw", "seconds")
         us = _fmt_num(e["us_per_tensor"]["median"]) if "us_per_tensor" in e else "–"
-        lines.append(f"| {_label(name)} | {med} | {rng} | {us} | {_fmt_num(vs) + 'x' if vs else '–'} | "
+        cells = [us]
+        if floor:
+            cells.append(_fmt_num(e["us_above_floor"]) if "us_above_floor" in e else "–")
+        if first:
+            cells.append(_fmt_num(e["first_seconds"]["median"] * 1e3) if "first_seconds" in e else "–")
+        cells.append(_fmt_num(vs) + "x" if vs else "–")
+        if cached:
+            cells.append(_fmt_num(vc) + "x" if vc else "–")
+        lines.append(f"| {_label(name)} | {med} | {rng} | " + " | ".join(cells) + " | "
                      f"{f'{100 * pct:.0f}%' if pct else '–'} | {_fmt_num(e['peak_mib']['median'])} |"
                      + _extra_cells(e, cols))
     lines.append("")
@@ -466,6 +569,85 @@ def render_sweep(doc: dict) -> list[str]:
     return lines
 
 
+def render_savesweep(doc: dict) -> list[str]:
+    """The save thread sweep: GB/s per system by thread count, sync off and on, then the ratios."""
+    cases = doc["cases"]
+    lines = ["## save thread sweep: checksums on and off, each engine", ""]
+    any_case = next(c for k, c in cases.items() if is_savesweep(k))
+    p = any_case.get("params", {})
+    lines.append(f"The model state ({p.get('tensors')} tensors, {p.get('tensor_bytes')} bytes) saved at each thread "
+                 f"count, {any_case.get('reps')} reps each (medians). {p.get('checksums', '')}. Raw: "
+                 f"{p.get('raw', '')}. Ratios: GB/s medians of the same case, e.g. `native_crc/native_nocrc` = what "
+                 "the native engine keeps of its speed with checksums on.")
+    lines.append("")
+    for sync in (False, True):
+        pts = savesweep_points(cases, sync)
+        if not pts:
+            continue
+        threads = sorted(pts)
+        names: list[str] = []
+        for c in pts.values():
+            names += [n for n in c["systems"] if n not in names]
+        tag = "sync_files on (fsync)" if sync else "sync_files off (page cache)"
+        lines.append(f"| GB/s, {tag} | " + " | ".join(f"{t} threads" for t in threads) + " |")
+        lines.append("|---|" + "---:|" * len(threads))
+        for n in names:
+            lines.append(f"| {_label(n)} | " + " | ".join(
+                _fmt_num(pts[t]["systems"][n]["gbps"]["median"]) if n in pts[t]["systems"] else "–"
+                for t in threads) + " |")
+        lines.append("")
+        lines.append(f"| ratio, {tag} | " + " | ".join(f"{t} threads" for t in threads) + " |")
+        lines.append("|---|" + "---:|" * len(threads))
+        for a, b in SWEEP_RATIOS:
+            key = f"{a}/{b}"
+            vals = [pts[t].get("ratios", {}).get(key) for t in threads]
+            if all(v is None for v in vals):
+                continue
+            lines.append(f"| {key} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in vals) + " |")
+        lines.append("")
+        unsupported = {n: why for c in pts.values() for n, why in c.get("unsupported", {}).items()}
+        for n, why in unsupported.items():
+            lines.append(f"{_label(n)}: not run here: {why}.")
+            lines.append("")
+    return lines
+
+
+#: The small-tensor cases whose per-item cost above DCP's floor is tabulated: (key, column).
+FLOOR_CASES = (("small_save", "save, fresh process"), ("small_save_longlived", "save, long-lived process"),
+               ("small_load", "load, fresh process"), ("small_load_longlived", "load, long-lived process"))
+
+
+def render_floor(doc: dict) -> list[str]:
+    """µs per item, and above DCP's floor (the noio row), fresh and long-lived, save and load."""
+    cases = doc["cases"]
+    cols = [(k, label) for k, label in FLOOR_CASES if k in cases]
+    names: list[str] = []
+    for k, _ in cols:
+        names += [n for n in cases[k]["systems"] if n not in names and n != "raw"]
+    first = cases[cols[0][0]]
+    p = first.get("params", {})
+    lines = ["## per-item cost above DCP's floor: small tensors", "",
+             f"{p.get('tensors')} tensors of {p.get('tensor_bytes')} bytes; µs per tensor (median), and in brackets "
+             "the system's own cost above DCP's floor: its µs per tensor minus the `noio` row's (DCP with a storage "
+             "layer that does no I/O) in the same case. Fresh process: one save (load) per process; long-lived: "
+             "the median of the 2nd and later saves (loads) of one process.", "",
+             "| system | " + " | ".join(label for _, label in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for n in names:
+        cells = []
+        for k, _ in cols:
+            e = cases[k]["systems"].get(n)
+            if e is None or "us_per_tensor" not in e:
+                cells.append("–")
+            elif "us_above_floor" in e and n != "noio":
+                cells.append(f"{_fmt_num(e['us_per_tensor']['median'])} ({e['us_above_floor']:+.1f})")
+            else:
+                cells.append(_fmt_num(e["us_per_tensor"]["median"]))
+        lines.append(f"| {_label(n)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 # ----------------------------------------------------------------------------- chart
 
 
@@ -473,6 +655,9 @@ COLORS = {
     "stock": "#7f7f7f", "python": "#ff7f0e", "native": "#2ca02c", "noio": "#9467bd",
     "python_on_stock_ckpt": "#ffbb78", "native_on_stock_ckpt": "#98df8a", "raw_direct": "#1f77b4",
     "torch_pinned": "#17becf", "torch_pinned_d2h": "#17becf", "torch_pinned_h2d": "#17becf", "raw": "#d62728",
+    "stock_cached": "#c7c7c7", "native_stock_cached": "#bcbd22", "python_cached": "#e377c2",
+    "native_cached": "#006400", "native_crc": "#2ca02c", "native_nocrc": "#98df8a", "python_crc": "#ff7f0e",
+    "python_nocrc": "#ffbb78",
 }
 
 
@@ -488,10 +673,17 @@ def chart_panels(doc: dict) -> list[dict]:
         bars = [n for n in c["systems"] if n != ref]
         panels.append({"case": key, "title": c["title"], "systems": bars, "reference": ref
                        if ref in c["systems"] else None, "field": field})
-    if any(is_sweep(k) for k in doc["cases"]):
+    if any(is_sweep(k) and not is_savesweep(k) for k in doc["cases"]):
         panels.append({"case": "thread_sweep", "title": "model: GB/s by thread count",
                        "systems": sorted(set(sweep_points(doc["cases"], "save")) | set(sweep_points(doc["cases"], "load"))),
                        "reference": "raw", "field": "gbps"})
+    for sync in (False, True):
+        pts = savesweep_points(doc["cases"], sync)
+        if pts:
+            names = sorted({n for c in pts.values() for n in c["systems"]})
+            panels.append({"case": f"savesweep_{'sync' if sync else 'nosync'}",
+                           "title": f"save sweep, sync_files {'on' if sync else 'off'}: GB/s by thread count",
+                           "systems": names, "reference": "raw" if "raw" in names else None, "field": "gbps"})
     return panels
 
 
@@ -522,6 +714,9 @@ def render_chart(doc: dict, path: str) -> dict[str, Any]:
     for ax, panel in zip(axes.flat, panels):
         if panel["case"] == "thread_sweep":
             _draw_sweep(ax, doc)
+            continue
+        if is_savesweep(panel["case"]):
+            _draw_savesweep(ax, doc, panel["case"].endswith("_sync"))
             continue
         c = cases[panel["case"]]
         field = panel["field"]
@@ -577,5 +772,25 @@ def _draw_sweep(ax, doc: dict) -> None:
     ax.set_xlabel("threads", fontsize=8)
     ax.set_ylabel("GB/s")
     ax.set_title("model state: save (solid) and load (dashed)\nby thread count [writeback / warm]", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    ax.tick_params(labelsize=7)
+
+
+def _draw_savesweep(ax, doc: dict, sync: bool) -> None:
+    pts = savesweep_points(doc["cases"], sync)
+    threads = sorted(pts)
+    names = sorted({n for c in pts.values() for n in c["systems"]})
+    for name in names:
+        ts = [t for t in threads if name in pts[t]["systems"]]
+        style = "--" if name == "raw" or name.endswith("_nocrc") else "-"
+        ax.plot(ts, [pts[t]["systems"][name]["gbps"]["median"] for t in ts], style, marker="o", markersize=3,
+                color=COLORS.get(name, "#8c564b"), label=_label(name).replace("dcp_native ", ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(threads)
+    ax.set_xticklabels([str(t) for t in threads])
+    ax.set_xlabel("threads", fontsize=8)
+    ax.set_ylabel("GB/s")
+    ax.set_title(f"model state save by thread count, sync_files {'on [fsync]' if sync else 'off [writeback]'}\n"
+                 "checksums on (solid) / off (dashed)", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     ax.tick_params(labelsize=7)
