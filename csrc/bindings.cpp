@@ -267,6 +267,16 @@ uint32_t py_crc32c(py::handle data, py::handle crc, bool portable) {
   return function(view.data(), view.size(), initial);
 }
 
+// Test hook: crc32c_instruction() on `data`; None on a CPU without it.
+py::object py_crc32c_instruction(py::handle data, py::handle crc) {
+  const Crc32cFunction function = crc32c_instruction();
+  if (function == nullptr) {
+    return py::none();
+  }
+  BufferView view(data, PyBUF_STRIDES, "data");
+  return py::int_(function(view.data(), view.size(), crc_value(crc)));
+}
+
 std::string py_crc32c_impl(bool portable) {
   const char* name = nullptr;
   crc32c_select(portable, &name);
@@ -442,6 +452,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("crc32c", &py_crc32c, py::arg("data"), py::arg("crc") = 0, py::arg("portable") = false,
         "CRC32C of a C-contiguous buffer, continuing crc (the CRC32C of the bytes before it);\n"
         "portable: the table-driven implementation instead of the fastest.");
+  m.def("_crc32c_instruction", &py_crc32c_instruction, py::arg("data"), py::arg("crc") = 0,
+        "crc32c with the CRC instruction alone (no folding); None without it (tests).");
   m.def("crc32c_impl", &py_crc32c_impl, py::arg("portable") = false,
         "The CRC32C implementation crc32c uses: 'sse4.2', 'armv8' or 'portable'.");
   m.attr("MAX_IOVECS") = kMaxIovecs;

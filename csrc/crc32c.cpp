@@ -16,6 +16,7 @@
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <nmmintrin.h>
+#include <wmmintrin.h>
 #define DCP_NATIVE_CRC32C_TARGET __attribute__((target("sse4.2")))
 #elif defined(__aarch64__) && defined(__linux__)
 #include <arm_acle.h>
@@ -195,6 +196,75 @@ DCP_NATIVE_CRC32C_TARGET uint32_t crc32c_hardware(const void* data, size_t lengt
   return ~state;
 }
 
+#if defined(__x86_64__)
+// Folding with carry-less multiplication (PCLMULQDQ), several times the
+// speed of the CRC instruction: a 128-bit chunk V of the message d bytes
+// before the end of the next chunk contributes V * x^(8d), and with V = A *
+// x^64 + B (A: its first 8 bytes), V * x^(8d) = A * (x^(64+8d) mod P) + B *
+// (x^(8d) mod P) modulo P: two 64x33-bit products that fit the next chunk's
+// 128 bits, so four accumulators fold 64 bytes at a time and then into one.
+// The last 128 bits V give the state V * x^32 mod P, which is what the CRC
+// instruction computes from a zero state over V's 16 bytes.
+#define DCP_NATIVE_CRC32C_FOLD_TARGET __attribute__((target("sse4.2,pclmul")))
+
+// A fold constant: x^(8 * bytes - 1) mod P, bit-reflected in a 64-bit
+// operand (bit 63 - e holds x^e). The product of two such 64-bit operands
+// lands one bit short of the 128-bit frame of a loaded chunk, which is the
+// missing factor x.
+constexpr long long fold_constant(uint64_t bytes) {
+  constexpr uint32_t kX7 = 0x01000000u;  // x^7, bit-reflected
+  return static_cast<long long>(uint64_t{multiply_mod(zeros_operator(bytes - 1), kX7)} << 32);
+}
+
+DCP_NATIVE_CRC32C_FOLD_TARGET inline __m128i fold(__m128i v, __m128i k, __m128i next) noexcept {
+  return _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(v, k, 0x00), _mm_clmulepi64_si128(v, k, 0x11)),
+                       next);
+}
+
+DCP_NATIVE_CRC32C_FOLD_TARGET inline __m128i load128(const unsigned char* p) noexcept {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+
+DCP_NATIVE_CRC32C_FOLD_TARGET uint32_t crc32c_folding(const void* data, size_t length,
+                                                      uint32_t crc) noexcept {
+  if (length < 256) {
+    return crc32c_hardware(data, length, crc);
+  }
+  const unsigned char* next = static_cast<const unsigned char*>(data);
+  // The state enters as a xor into the first 32 bits of the message.
+  __m128i x0 = _mm_xor_si128(load128(next), _mm_cvtsi32_si128(static_cast<int>(~crc)));
+  __m128i x1 = load128(next + 16);
+  __m128i x2 = load128(next + 32);
+  __m128i x3 = load128(next + 48);
+  next += 64;
+  length -= 64;
+  const __m128i by64 = _mm_set_epi64x(fold_constant(64), fold_constant(72));
+  for (; length >= 64; length -= 64, next += 64) {
+    x0 = fold(x0, by64, load128(next));
+    x1 = fold(x1, by64, load128(next + 16));
+    x2 = fold(x2, by64, load128(next + 32));
+    x3 = fold(x3, by64, load128(next + 48));
+  }
+  const __m128i by16 = _mm_set_epi64x(fold_constant(16), fold_constant(24));
+  __m128i x = fold(fold(fold(x0, by16, x1), by16, x2), by16, x3);
+  for (; length >= 16; length -= 16, next += 16) {
+    x = fold(x, by16, load128(next));
+  }
+  uint64_t state = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(x)));
+  state = _mm_crc32_u64(state, static_cast<uint64_t>(_mm_extract_epi64(x, 1)));
+  uint32_t state32 = static_cast<uint32_t>(state);
+  for (; length > 0; --length) {
+    state32 = step1(state32, *next++);
+  }
+  return ~state32;
+}
+
+bool cpu_has_pclmul() noexcept {
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_PCLMUL) != 0;
+}
+#endif  // __x86_64__
+
 #endif  // DCP_NATIVE_CRC32C_TARGET
 
 uint32_t crc32c_portable(const void* data, size_t length, uint32_t crc) noexcept {
@@ -227,6 +297,11 @@ struct Implementation {
 Implementation detect() noexcept {
 #if defined(DCP_NATIVE_CRC32C_TARGET)
   if (cpu_has_crc32c()) {
+#if defined(__x86_64__)
+    if (cpu_has_pclmul()) {
+      return {&crc32c_folding, "sse4.2+pclmul"};
+    }
+#endif
     return {&crc32c_hardware, kHardwareName};
   }
 #endif
@@ -240,6 +315,14 @@ uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) noexc
   // b to a shifts a's finished CRC by b's length, and xoring b's CRC adds
   // the rest (zlib's crc32_combine argument, unchanged by the polynomial).
   return multiply_mod(zeros_operator(length_b), crc_a) ^ crc_b;
+}
+
+Crc32cFunction crc32c_instruction() noexcept {
+#if defined(DCP_NATIVE_CRC32C_TARGET)
+  return cpu_has_crc32c() ? &crc32c_hardware : nullptr;
+#else
+  return nullptr;
+#endif
 }
 
 Crc32cFunction crc32c_select(bool portable, const char** name) noexcept {

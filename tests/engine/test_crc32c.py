@@ -43,12 +43,17 @@ def native():
     return pytest.importorskip("dcp_native._C")
 
 
-@pytest.fixture(params=["native", "portable", "python"])
+@pytest.fixture(params=["native", "instruction", "portable", "python"])
 def crc(request, monkeypatch):
-    """One implementation as crc(data, crc=0), selected as DCP_NATIVE_CRC32C selects it."""
+    """One implementation as crc(data, crc=0), selected as DCP_NATIVE_CRC32C selects it (and the
+    CRC-instruction path that folding replaces for long inputs on x86)."""
     if request.param == "python":
         return _crc32c_python
     _C = native()
+    if request.param == "instruction":
+        if _C._crc32c_instruction(b"") is None:
+            pytest.skip("no CRC instruction on this CPU")
+        return _C._crc32c_instruction
     monkeypatch.setenv(ENV, "auto" if request.param == "native" else "portable")
     expected = "portable" if request.param == "portable" else _C.crc32c_impl()
     assert _crc32c.implementation() == expected
@@ -146,7 +151,7 @@ def test_hardware_used_where_available():
     words = set(cpuinfo.replace(":", " ").split())
     machine = platform.machine()
     if machine == "x86_64" and "sse4_2" in words:
-        assert _C.crc32c_impl() == "sse4.2"
+        assert _C.crc32c_impl() == ("sse4.2+pclmul" if "pclmulqdq" in words else "sse4.2")
     elif machine == "aarch64" and "crc32" in words:
         assert _C.crc32c_impl() == "armv8"
     else:
