@@ -26,6 +26,7 @@ from ._errors import (
     RefusedObjectError,
     TruncatedFileError,
 )
+from .planners import CachingLoadPlanner, CachingSavePlanner
 from .reader import FileSystemReader
 from .staging import StagingBusyError
 from .writer import FileSystemWriter
@@ -35,6 +36,8 @@ __version__ = "0.1.0"
 __all__ = [
     "FileSystemWriter",
     "FileSystemReader",
+    "CachingSavePlanner",
+    "CachingLoadPlanner",
     "save",
     "load",
     "async_save",

@@ -2,11 +2,19 @@
 
 ``read_metadata`` opens the checkpoint through the checkpoint model, ``set_up_storage_reader``
 validates every item location, and ``read_data`` hands the plan to :mod:`dcp_native.load_plan`.
+
+Opened checkpoints are kept per process (:func:`open_checkpoint`): a ``.metadata`` whose bytes
+equal the ones read last time is not parsed again, and DCP gets the same ``state_dict_metadata``
+and ``storage_data`` objects as then, which is what :class:`~dcp_native.CachingLoadPlanner`
+keys its cached plan on.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
 import os
+import threading
 from typing import Any
 
 from torch.distributed.checkpoint import filesystem as _stock
@@ -14,7 +22,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from . import _device, checkpoint
+from . import _device, _fileio, checkpoint, sidecar
 from ._errors import CheckpointError, IncompleteCheckpointError
 from .checkpoint import METADATA_NAME
 from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, DEFAULT_STAGING_BYTES, ReadStats
@@ -23,6 +31,55 @@ from .load_plan import LoadRun
 
 def default_thread_count() -> int:
     return min(16, max(4, os.cpu_count() or 1))
+
+
+#: Checkpoints opened last, by (directory, metadata name): (metadata bytes, sidecar stat, checkpoint).
+_opened: collections.OrderedDict[tuple[str, str], tuple[bytes, Any, checkpoint.Checkpoint]] = \
+    collections.OrderedDict()
+_opened_lock = threading.Lock()
+#: How many opened checkpoints are kept (each holds its parsed metadata and sidecar).
+KEEP_OPENED = 4
+
+
+def _sidecar_stat(ck_dir: str, name: str, metadata: Any) -> Any:
+    save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
+    if not save_id:
+        return None
+    try:
+        st = os.stat(os.path.join(ck_dir, sidecar.file_name(name, save_id)))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def open_checkpoint(directory: str, name: str) -> checkpoint.Checkpoint:
+    """The checkpoint in ``directory`` through its metadata file ``name``, parsed at most once
+    per content.
+
+    The one opened last from the same place is handed out again, unparsed, when the metadata's
+    bytes are identical to the ones it was parsed from and its sidecar file is the same file,
+    unchanged (device, inode, size, times): it then describes the very same save (dcp_native
+    names every save's files and sidecar after the save). Anything else is opened afresh. The
+    checkpoint is shared: nothing may change it (DCP gets copies of its ``Metadata``).
+    """
+    key = (directory, name)
+    raw = _fileio.read_regular(os.path.join(directory, name), None, what="metadata")
+    with _opened_lock:
+        kept = _opened.get(key)
+    if kept is not None and kept[0] == raw and kept[1] == _sidecar_stat(directory, name, kept[2].metadata):
+        with _opened_lock:
+            _opened.move_to_end(key)
+        return kept[2]
+    ck = checkpoint.Checkpoint(directory, name)
+    # Kept only if the file did not change while it was parsed (the bytes read are the ones parsed).
+    if _fileio.read_regular(os.path.join(directory, name), None, what="metadata") == raw:
+        entry = (raw, _sidecar_stat(directory, name, ck.metadata), ck)
+        with _opened_lock:
+            _opened[key] = entry
+            _opened.move_to_end(key)
+            while len(_opened) > KEEP_OPENED:
+                _opened.popitem(last=False)
+    return ck
 
 
 class FileSystemReader(_stock.FileSystemReader):
@@ -132,7 +189,7 @@ class FileSystemReader(_stock.FileSystemReader):
         rank = kwargs.get("rank")
         name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
         try:
-            ck = checkpoint.Checkpoint(self.path, name)
+            ck = open_checkpoint(str(self.path), name)
         except FileNotFoundError:
             err: CheckpointError = IncompleteCheckpointError(
                 f"{self.path} holds no complete checkpoint: {METADATA_NAME} is missing "
@@ -157,9 +214,9 @@ class FileSystemReader(_stock.FileSystemReader):
             raise
         self._missing_metadata = None
         self._checkpoint = ck
-        metadata = ck.metadata
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
+        # A copy: the checkpoint's own metadata is shared by every load of it (see open_checkpoint).
+        metadata = copy.copy(ck.metadata)
+        metadata.storage_meta = copy.copy(metadata.storage_meta) or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 

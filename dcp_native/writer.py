@@ -4,6 +4,11 @@
 them straight from tensor memory (CUDA tensors through a pinned pool the writer
 keeps), and ``finish`` commits (:mod:`dcp_native.commit`); ``stage()`` copies
 the state dict into a staging area kept across saves (:mod:`dcp_native.staging`).
+
+A save handed the very plan of an earlier save (the same ``items`` list, as
+:class:`~dcp_native.CachingSavePlanner` and stock's plan caching hand back) reuses that save's
+layout (:class:`_KeptLayout`): file assignment, framing and offsets are kept, each tensor is
+written from its new memory and each object from its new pickle; anything else lays out anew.
 """
 
 from __future__ import annotations
@@ -11,20 +16,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import io
 import os
 import pickle
 import time
+from array import array
 from typing import Any, Sequence
+
+import torch
 
 from torch.distributed.checkpoint import filesystem as _stock
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from . import _device, checkpoint, commit, integrity, layout, sidecar
 from ._backend import get_engine
-from .engine import DEFAULT_STAGING_BYTES
+from ._errors import CheckpointError
+from .engine import DEFAULT_STAGING_BYTES, SRC_BLOB, SRC_HOST
 from .staging import StagingArea
 
 
@@ -33,6 +43,116 @@ class _SavePrefix(_stock._StoragePrefix):
     """Stock's per-rank file prefix plus the tag of this save (every rank's files carry it)."""
 
     tag: str = ""
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _as_is(data: Any) -> bool:
+    """Whether the layout writes tensor ``data``'s own memory as its payload (dense, on the host)."""
+    return (type(data) in _PLAIN and data.device.type == "cpu" and data.layout == torch.strided
+            and not data.is_quantized and data.is_contiguous() and not data.is_conj()
+            and not data.is_neg())
+
+
+def _file_name(prefix: str, n: int, tag: str) -> str:
+    return f"{prefix}{n}{'.' + tag if tag else ''}{_stock.DEFAULT_SUFFIX}"
+
+
+@dataclasses.dataclass
+class _KeptLayout:
+    """One save's layout, kept to write the next save of the same plan without laying it out.
+
+    Holds no tensor. ``slots`` say, for each item in the order it was resolved, where its bytes
+    go: a tensor's host segment (``(file, segment, dtype, shape)``; the segment's address becomes
+    the new tensor's) or an object's bytes in its file's blob (``(file, blob offset, length)``;
+    the new pickle must have that length). Kept only when every tensor was written from its own
+    host memory, so that no byte of the framing depends on the values (the files' bytes then
+    equal a fresh layout's but for torch.save's serialization id, which torch only logs).
+    """
+
+    key: tuple
+    items: list[WriteItem]
+    order: list[WriteItem]
+    files: list[tuple[int, bytearray, array]]  # (size, blob, segments) of data file n
+    slots: list[tuple]
+    results: list[tuple[int, WriteResult]]  # (file, result as written)
+
+    @classmethod
+    def capture(cls, key: tuple, items: list[WriteItem], prefix: str, tag: str,
+                files: list[layout.FileLayout], resolved: list[tuple[WriteItem, Any]],
+                results: list[WriteResult]) -> _KeptLayout | None:
+        """The layout of ``files`` (laid out from ``items``, resolved as ``resolved`` lists), or
+        None when it cannot be reused."""
+        if len(resolved) != len(results) or any(
+                fl.device >= 0 or fl.relative_path != _file_name(prefix, n, tag) for n, fl in enumerate(files)):
+            return None
+        number = {fl.relative_path: n for n, fl in enumerate(files)}
+        host, blobs = [], []
+        for fl in files:
+            seg = fl.segments
+            host.append([j for j in range(0, len(seg), 4) if seg[j + 1] == SRC_HOST])
+            blobs.append({seg[j]: j for j in range(0, len(seg), 4) if seg[j + 1] == SRC_BLOB})
+        taken = [0] * len(files)
+        slots, kept_results = [], []
+        for (item, data), wr in zip(resolved, results):
+            info = wr.storage_data
+            f = number.get(getattr(info, "relative_path", None))
+            if f is None or wr.index != item.index or getattr(info, "transform_descriptors", None):
+                return None
+            seg = files[f].segments
+            kept_results.append((f, wr))
+            if item.type == WriteItemType.BYTE_IO:
+                j = blobs[f].get(info.offset)
+                if j is None or seg[j + 3] != info.length:
+                    return None
+                slots.append((f, seg[j + 2], info.length))
+            elif not _as_is(data):
+                return None
+            elif data.nbytes == 0:
+                slots.append((f, -1, data.dtype, data.shape))
+            else:
+                if taken[f] >= len(host[f]):
+                    return None
+                j = host[f][taken[f]]
+                taken[f] += 1
+                if seg[j + 2] != data.data_ptr() or seg[j + 3] != data.nbytes:
+                    return None
+                slots.append((f, j, data.dtype, data.shape))
+        if taken != [len(h) for h in host]:
+            return None
+        return cls(key, items, [item for item, _ in resolved],
+                   [(fl.size, bytearray(fl.blob), array("q", fl.segments)) for fl in files], slots, kept_results)
+
+    def apply(self, directory: str, resolve: Any, prefix: str,
+              tag: str) -> tuple[list[layout.FileLayout], list[WriteResult]] | None:
+        """This layout with the data ``resolve`` gives now, in files named for ``tag``; None when
+        some item no longer fits it (the caller then lays out anew)."""
+        files = []
+        for n, (size, blob, segments) in enumerate(self.files):
+            fl = layout.FileLayout(directory, _file_name(prefix, n, tag))
+            fl.size, fl.blob, fl.segments = size, blob, array("q", segments)
+            files.append(fl)
+        copied = set()  # the files whose blob is a copy (the kept blobs never change)
+        for item, slot in zip(self.order, self.slots):
+            data = resolve(item)
+            fl = files[slot[0]]
+            if len(slot) == 3:
+                buf = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(data)
+                if buf.nbytes != slot[2]:
+                    return None
+                if slot[0] not in copied:
+                    fl.blob = bytearray(fl.blob)
+                    copied.add(slot[0])
+                fl.blob[slot[1]:slot[1] + slot[2]] = buf
+            elif not _as_is(data) or data.dtype != slot[2] or data.shape != slot[3]:
+                return None
+            elif slot[1] >= 0:
+                fl.segments[slot[1] + 2] = data.data_ptr()
+                fl.tensors.append(data)
+        results = [WriteResult(index=wr.index, size_in_bytes=wr.size_in_bytes, storage_data=dataclasses.replace(
+            wr.storage_data, relative_path=files[f].relative_path, table=None)) for f, wr in self.results]
+        return files, results
 
 
 class FileSystemWriter(_stock.FileSystemWriter):
@@ -129,13 +249,15 @@ class FileSystemWriter(_stock.FileSystemWriter):
     # ------------------------------------------------------------------ staging (AsyncStager)
 
     #: Attributes that never pickle: staging memory, pinned pools, the save's marker.
-    _RUNTIME = ("_staging", "_pools", "_marker")
+    _RUNTIME = ("_staging", "_pools", "_marker", "_layouts")
 
     def _init_runtime(self) -> None:
         self._staging: StagingArea | None = None
         self._pools = _device.PinnedPools()
         #: The marker of this writer's save in progress (coordinator only; dcp_native.commit).
         self._marker: commit.SaveMarker | None = None
+        #: The last save's layout when the planner keeps none (see :class:`_KeptLayout`).
+        self._layouts: dict[Any, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # DCP's process executor pickles the writer on the thread that waits for
@@ -246,13 +368,8 @@ class FileSystemWriter(_stock.FileSystemWriter):
         try:
             engine = get_engine()
             storage = plan.storage_data
-            files, results = layout.lay_out(
-                plan.items, planner.resolve_data, self.path, storage.prefix,
-                getattr(storage, "tag", ""),
-                files=self.thread_count if self.single_file_per_rank else 0,
-                transforms=self.transforms if self.transforms.extensions else None,
-                cuda_usable=lambda: engine.cuda_status().usable,
-            )
+            tag = self._save_tag(getattr(storage, "tag", ""))
+            files, results = self._lay_out(engine, plan, planner, storage.prefix, tag)
             self._write(engine, files, results)
         except BaseException:
             # A failed save removes what it wrote (never another save's files:
@@ -266,6 +383,63 @@ class FileSystemWriter(_stock.FileSystemWriter):
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _save_tag(self, tag: str) -> str:
+        """The tag this save's files carry.
+
+        A planner that hands back an earlier save's final plan (stock's ``enable_plan_caching``)
+        hands back that save's tag with it: written under it, this save would overwrite the
+        committed checkpoint's files in place. The coordinator knows its own save's tag; another
+        rank refuses a tag whose save is not in progress.
+        """
+        marker = self._marker
+        if marker is not None and marker.held:
+            return marker.tag
+        if tag and not commit.save_alive(str(self.path), tag):
+            raise CheckpointError(
+                f"{self.path}: the save plan names the files of save {tag}, which is not in progress "
+                "(a planner handed back an earlier save's plan, e.g. DefaultSavePlanner("
+                "enable_plan_caching=True) on several ranks; dcp_native.CachingSavePlanner caches safely)",
+                filename=str(self.path))
+        return tag
+
+    def _lay_out(self, engine: Any, plan: SavePlan, planner: SavePlanner, prefix: str,
+                 tag: str) -> tuple[list[layout.FileLayout], list[WriteResult]]:
+        """The data files of this save: the kept layout when the plan is the one it was made for
+        and every item still fits it, else a fresh one (kept for the next save when it can be).
+
+        The layout is kept in the planner's ``storage_cache`` when it has one (a
+        :class:`~dcp_native.CachingSavePlanner`: the cache then lives as long as the plan,
+        across writers), else in this writer.
+        """
+        files_per_rank = self.thread_count if self.single_file_per_rank else 0
+        transforms = self.transforms if self.transforms.extensions else None
+        cache = getattr(planner, "storage_cache", None)
+        if not isinstance(cache, dict):
+            cache = self._layouts
+        key = (prefix, files_per_rank)
+        kept = cache.pop(_KeptLayout, None)
+        if kept is not None and kept.items is plan.items and kept.key == key and transforms is None:
+            done = kept.apply(str(self.path), planner.resolve_data, prefix, tag)
+            if done is not None:
+                cache[_KeptLayout] = kept
+                return done
+        resolved: list[tuple[WriteItem, Any]] = []
+
+        def resolve(item: WriteItem) -> Any:
+            data = planner.resolve_data(item)
+            resolved.append((item, data))
+            return data
+
+        files, results = layout.lay_out(
+            plan.items, resolve, self.path, prefix, tag, files=files_per_rank, transforms=transforms,
+            cuda_usable=lambda: engine.cuda_status().usable,
+        )
+        kept = None if transforms is not None else _KeptLayout.capture(
+            key, plan.items, prefix, tag, files, resolved, results)
+        if kept is not None:
+            cache[_KeptLayout] = kept
+        return files, results
 
     def _write(self, engine: Any, files: list[layout.FileLayout], results: list[WriteResult]) -> None:
         """One engine call writes the data files, a second their CRC32C tables (noted in results)."""
