@@ -267,9 +267,9 @@ uint32_t py_crc32c(py::handle data, py::handle crc, bool portable) {
   return function(view.data(), view.size(), initial);
 }
 
-// Test hook: crc32c_instruction() on `data`; None on a CPU without it.
-py::object py_crc32c_instruction(py::handle data, py::handle crc) {
-  const Crc32cFunction function = crc32c_instruction();
+// Test hook: crc32c_variant(name) on `data`; None where the CPU lacks it.
+py::object py_crc32c_variant(const std::string& name, py::handle data, py::handle crc) {
+  const Crc32cFunction function = crc32c_variant(name.c_str());
   if (function == nullptr) {
     return py::none();
   }
@@ -452,8 +452,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("crc32c", &py_crc32c, py::arg("data"), py::arg("crc") = 0, py::arg("portable") = false,
         "CRC32C of a C-contiguous buffer, continuing crc (the CRC32C of the bytes before it);\n"
         "portable: the table-driven implementation instead of the fastest.");
-  m.def("_crc32c_instruction", &py_crc32c_instruction, py::arg("data"), py::arg("crc") = 0,
-        "crc32c with the CRC instruction alone (no folding); None without it (tests).");
+  m.def("_crc32c_variant", &py_crc32c_variant, py::arg("name"), py::arg("data"), py::arg("crc") = 0,
+        "crc32c by one hardware implementation ('instruction', 'fold128', 'fold512'); None\n"
+        "where the CPU lacks it (tests).");
   m.def("crc32c_impl", &py_crc32c_impl, py::arg("portable") = false,
         "The CRC32C implementation crc32c uses: 'sse4.2', 'armv8' or 'portable'.");
   m.attr("MAX_IOVECS") = kMaxIovecs;

@@ -20,13 +20,15 @@ using Crc32cFunction = uint32_t (*)(const void* data, size_t length, uint32_t cr
 // slicing-by-8 one (any CPU, about 1-2 GB/s) when `portable` (tests and
 // benchmarks compare the two on machines with the instructions;
 // DCP_NATIVE_CRC32C, see dcp_native/config.py), and its name
-// ("sse4.2+pclmul", "sse4.2", "armv8" or "portable").
+// ("sse4.2+avx512-vpclmul", "sse4.2+pclmul", "sse4.2", "armv8" or
+// "portable").
 Crc32cFunction crc32c_select(bool portable, const char** name = nullptr) noexcept;
 
-// The implementation with the CRC instruction alone (three interleaved
-// streams), null without it: the fastest on ARM, and on x86 the path of
-// short inputs; tests check it on long ones too.
-Crc32cFunction crc32c_instruction() noexcept;
+// One hardware implementation by name, null where the CPU lacks it (tests
+// check each on every length, whichever the CPU makes the fastest):
+// "instruction" (the CRC instruction alone, three interleaved streams; ARM's
+// fastest), "fold128" (PCLMULQDQ folding) and "fold512" (AVX-512 VPCLMULQDQ).
+Crc32cFunction crc32c_variant(const char* name) noexcept;
 
 // The CRC32C of a followed by b, from crc_a = crc32c(a), crc_b = crc32c(b)
 // and the length of b (zlib's crc32_combine for the Castagnoli polynomial):

@@ -81,11 +81,12 @@ def crc32c_combine(crc1: int, crc2: int, length2: int) -> int:
 
 
 def implementation() -> str:
-    """The implementation :func:`crc32c` uses now: ``"sse4.2+pclmul"``, ``"sse4.2"``, ``"armv8"``,
-    ``"portable"`` (native) or ``"python"``.
+    """The implementation :func:`crc32c` uses now: ``"sse4.2+avx512-vpclmul"``, ``"sse4.2+pclmul"``,
+    ``"sse4.2"``, ``"armv8"``, ``"portable"`` (native) or ``"python"``.
 
     Example:
-        >>> implementation() in ("sse4.2+pclmul", "sse4.2", "armv8", "portable", "python")
+        >>> implementation() in ("sse4.2+avx512-vpclmul", "sse4.2+pclmul", "sse4.2", "armv8",
+        ...                      "portable", "python")
         True
     """
     portable = config.current().portable_crc32c

@@ -3,6 +3,7 @@ native hardware, native portable and pure-Python implementations."""
 
 from __future__ import annotations
 
+import functools
 import platform
 import random
 import threading
@@ -43,17 +44,17 @@ def native():
     return pytest.importorskip("dcp_native._C")
 
 
-@pytest.fixture(params=["native", "instruction", "portable", "python"])
+@pytest.fixture(params=["native", "instruction", "fold128", "fold512", "portable", "python"])
 def crc(request, monkeypatch):
-    """One implementation as crc(data, crc=0), selected as DCP_NATIVE_CRC32C selects it (and the
-    CRC-instruction path that folding replaces for long inputs on x86)."""
+    """One implementation as crc(data, crc=0), selected as DCP_NATIVE_CRC32C selects it, or one
+    hardware variant by name (the CPU's fastest takes only some lengths; each is checked on all)."""
     if request.param == "python":
         return _crc32c_python
     _C = native()
-    if request.param == "instruction":
-        if _C._crc32c_instruction(b"") is None:
-            pytest.skip("no CRC instruction on this CPU")
-        return _C._crc32c_instruction
+    if request.param in ("instruction", "fold128", "fold512"):
+        if _C._crc32c_variant(request.param, b"") is None:
+            pytest.skip(f"this CPU lacks {request.param}")
+        return functools.partial(_C._crc32c_variant, request.param)
     monkeypatch.setenv(ENV, "auto" if request.param == "native" else "portable")
     expected = "portable" if request.param == "portable" else _C.crc32c_impl()
     assert _crc32c.implementation() == expected
@@ -151,7 +152,9 @@ def test_hardware_used_where_available():
     words = set(cpuinfo.replace(":", " ").split())
     machine = platform.machine()
     if machine == "x86_64" and "sse4_2" in words:
-        assert _C.crc32c_impl() == ("sse4.2+pclmul" if "pclmulqdq" in words else "sse4.2")
+        wide = {"pclmulqdq", "avx512f", "avx512vl", "vpclmulqdq"} <= words
+        assert _C.crc32c_impl() == ("sse4.2+avx512-vpclmul" if wide else
+                                    "sse4.2+pclmul" if "pclmulqdq" in words else "sse4.2")
     elif machine == "aarch64" and "crc32" in words:
         assert _C.crc32c_impl() == "armv8"
     else:
