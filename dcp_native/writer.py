@@ -14,11 +14,13 @@ written from its new memory and each object from its new pickle; anything else l
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-import itertools
 import io
+import itertools
 import os
 import pickle
+import threading
 import time
 from array import array
 from typing import Any, Sequence
@@ -35,6 +37,7 @@ from . import _device, checkpoint, commit, integrity, layout, sidecar
 from ._backend import get_engine
 from ._errors import CheckpointError
 from .engine import DEFAULT_STAGING_BYTES, SRC_BLOB, SRC_HOST
+from .planners import gc_paused
 from .staging import StagingArea
 
 
@@ -76,7 +79,8 @@ class _KeptLayout:
     order: list[WriteItem]
     files: list[tuple[int, bytearray, array]]  # (size, blob, segments) of data file n
     slots: list[tuple]
-    results: list[tuple[int, WriteResult]]  # (file, result as written)
+    #: (file, index, size_in_bytes, offset, length, payload offset) of each result
+    results: list[tuple[int, Any, int, int, int, int]]
 
     @classmethod
     def capture(cls, key: tuple, items: list[WriteItem], prefix: str, tag: str,
@@ -101,7 +105,7 @@ class _KeptLayout:
             if f is None or wr.index != item.index or getattr(info, "transform_descriptors", None):
                 return None
             seg = files[f].segments
-            kept_results.append((f, wr))
+            kept_results.append((f, wr.index, wr.size_in_bytes, info.offset, info.length, info.payload_offset))
             if item.type == WriteItemType.BYTE_IO:
                 j = blobs[f].get(info.offset)
                 if j is None or seg[j + 3] != info.length:
@@ -150,9 +154,98 @@ class _KeptLayout:
             elif slot[1] >= 0:
                 fl.segments[slot[1] + 2] = data.data_ptr()
                 fl.tensors.append(data)
-        results = [WriteResult(index=wr.index, size_in_bytes=wr.size_in_bytes, storage_data=dataclasses.replace(
-            wr.storage_data, relative_path=files[f].relative_path, table=None)) for f, wr in self.results]
+        results = [WriteResult(index=index, size_in_bytes=size, storage_data=layout.StorageInfo(
+            files[f].relative_path, offset, length, payload_offset=payload)) for f, index, size, offset, length, payload
+            in self.results]
         return files, results
+
+
+@dataclasses.dataclass
+class _PickledMetadata:
+    """A save's pickled metadata, kept so that the next save of the same plan need not pickle it.
+
+    That save's metadata shares this one's ``state_dict_metadata`` and ``planner_data`` (the very
+    objects: a caching planner hands out the same ones) and differs at most in its save id and its
+    data files' names (both carry the save), whose offsets and lengths are the same. Those strings
+    are objects the save made (:func:`_fresh`) and nothing else in the metadata refers to: each was
+    pickled once (its other uses are memo references), so if its bytes occur exactly once in the
+    pickle, that occurrence is it, and the new pickle is the old one with each such string replaced
+    by its successor of the same length: it unpickles to the new metadata.
+    """
+
+    state_dict_metadata: Any
+    planner_data: Any
+    #: The metadata's other fields (version, and whatever later torch versions add)
+    others: dict[str, Any]
+    storage_meta: Any
+    #: (index, relative path, offset, length, transform descriptors) of each item, in order
+    entries: list[tuple]
+    raw: bytes
+
+    def reuse(self, metadata: Metadata, entries: list[tuple]) -> bytes | None:
+        """The pickle of ``metadata`` (whose items are ``entries``) made from this one, or None."""
+        old_meta, new_meta = self.storage_meta, metadata.storage_meta
+        if (metadata.planner_data is not self.planner_data or _others(metadata) != self.others
+                or len(entries) != len(self.entries) or type(old_meta) is not type(new_meta)
+                or {**vars(old_meta), "save_id": None} != {**vars(new_meta), "save_id": None}):
+            return None
+        swaps = {old_meta.save_id: new_meta.save_id}
+        for (i0, r0, o0, l0, t0), (i1, r1, o1, l1, t1) in zip(self.entries, entries):
+            if (o0, l0, t0) != (o1, l1, t1) or swaps.setdefault(r0, r1) != r1 or (
+                    i0 is not i1 and (i0.fqn, i0.offset, i0.index) != (i1.fqn, i1.offset, i1.index)):
+                return None
+        spots = []
+        for old, new in swaps.items():
+            if old == new:
+                continue
+            if not isinstance(old, str) or not isinstance(new, str):
+                return None
+            o, n = old.encode(), new.encode()
+            if len(o) != len(n) or self.raw.count(o) != 1:
+                return None
+            spots.append((self.raw.find(o), n))
+        raw = bytearray(self.raw)
+        for at, n in spots:
+            raw[at:at + len(n)] = n
+        return bytes(raw)
+
+
+def _others(metadata: Metadata) -> dict[str, Any]:
+    return {k: v for k, v in vars(metadata).items()
+            if k not in ("state_dict_metadata", "planner_data", "storage_data", "storage_meta")}
+
+
+def _fresh(text: str) -> str:
+    """A new string object equal to ``text``, which nothing else refers to (see _PickledMetadata)."""
+    return (text + "\0")[:-1]
+
+
+_pickled: dict[int, _PickledMetadata] = {}
+_pickled_lock = threading.Lock()
+
+
+def _pickle_metadata(metadata: Metadata) -> bytes:
+    """``pickle.dumps(metadata)``, from the last pickle of the same plan where it can be
+    (:class:`_PickledMetadata`); the last pickle of each of two plans is kept. The save id and the
+    relative paths of ``metadata`` must be :func:`_fresh` objects (one per data file)."""
+    entries = [(index, info.relative_path, info.offset, info.length, getattr(info, "transform_descriptors", None))
+               for index, info in metadata.storage_data.items()]
+    key = id(metadata.state_dict_metadata)
+    with _pickled_lock:
+        kept = _pickled.get(key)
+    raw = None
+    if kept is not None and kept.state_dict_metadata is metadata.state_dict_metadata:
+        raw = kept.reuse(metadata, entries)
+    if raw is None:
+        raw = pickle.dumps(metadata)
+    entry = _PickledMetadata(metadata.state_dict_metadata, metadata.planner_data, _others(metadata),
+                             copy.copy(metadata.storage_meta), entries, raw)
+    with _pickled_lock:
+        _pickled.pop(key, None)
+        _pickled[key] = entry
+        while len(_pickled) > 2:
+            del _pickled[next(iter(_pickled))]
+    return raw
 
 
 class FileSystemWriter(_stock.FileSystemWriter):
@@ -412,6 +505,11 @@ class FileSystemWriter(_stock.FileSystemWriter):
         :class:`~dcp_native.CachingSavePlanner`: the cache then lives as long as the plan,
         across writers), else in this writer.
         """
+        with gc_paused():
+            return self._lay_out_now(engine, plan, planner, prefix, tag)
+
+    def _lay_out_now(self, engine: Any, plan: SavePlan, planner: SavePlanner, prefix: str,
+                     tag: str) -> tuple[list[layout.FileLayout], list[WriteResult]]:
         files_per_rank = self.thread_count if self.single_file_per_rank else 0
         transforms = self.transforms if self.transforms.extensions else None
         cache = getattr(planner, "storage_cache", None)
@@ -472,7 +570,8 @@ class FileSystemWriter(_stock.FileSystemWriter):
         """Commit (see :mod:`dcp_native.commit`): sidecar, then ``.metadata`` through a rename."""
         marker = self._marker
         try:
-            self._commit(metadata, results)
+            with gc_paused():  # pickling the metadata (see gc_paused)
+                self._commit(metadata, results)
         except BaseException:
             if marker is not None and marker.held:
                 self._abandon()  # its files go, unless the commit got as far as the rename
@@ -488,21 +587,23 @@ class FileSystemWriter(_stock.FileSystemWriter):
         # Items lie in increasing offsets within a file, in the order of the results.
         payloads: dict[str, list[list[int]]] = {}
         tables: dict[str, sidecar.TableInfo] = {}
+        names: dict[str, str] = {}
         for wr in itertools.chain.from_iterable(results):
             info = wr.storage_data
             if isinstance(info, layout.StorageInfo):
+                rel = info.relative_path
                 if info.payload_offset >= 0:
-                    payloads.setdefault(info.relative_path, []).append(
-                        [info.offset, info.length, info.payload_offset]
-                    )
+                    payloads.setdefault(rel, []).append([info.offset, info.length, info.payload_offset])
                 if info.table is not None:
-                    tables[info.relative_path] = info.table
-                info = info.stock()
+                    tables[rel] = info.table
+                name = names.get(rel) or names.setdefault(rel, _fresh(rel))
+                info = _stock._StorageInfo(name, info.offset, info.length, info.transform_descriptors)
             metadata.storage_data[wr.index] = info
         metadata.storage_meta = self.storage_meta()
+        metadata.storage_meta.save_id = _fresh(metadata.storage_meta.save_id)
         rank = self._local_rank()
         metadata_name = f"__{rank}{checkpoint.METADATA_NAME}" if rank is not None else checkpoint.METADATA_NAME
-        metadata_bytes = pickle.dumps(metadata)
+        metadata_bytes = _pickle_metadata(metadata)
         side = sidecar.document(self.save_id, metadata_name, metadata_bytes, payloads, tables)
         commit.commit(str(self.path), metadata_name, metadata_bytes, side, self.save_id,
                       sync=self.sync_files, overwrite=self.overwrite, rank=rank, metadata=metadata)

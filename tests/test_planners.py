@@ -28,8 +28,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
 import dcp_native
+from dcp_native import checkpoint
 from dcp_native.planners import structure
-from dcp_native.writer import _KeptLayout
+from dcp_native.writer import _fresh, _KeptLayout, _PickledMetadata, _pickle_metadata
 from helpers import data_files, run_ranks
 
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -103,6 +104,8 @@ def test_repeated_saves_and_loads_are_stocks(engine_name, tmp_path):
         dcp.save(sd, storage_writer=StockWriter(ref, sync_files=False), no_dist=True)
         assert _plan_of(path) == _plan_of(ref)
         assert _equal(_load(path, sd), sd)
+        side = checkpoint.Checkpoint(path).sidecar
+        assert side.usable, side.reason  # bound to the metadata's bytes, however they were made
         got = _load(path, sd, dcp_native.FileSystemReader(path), loader)
         assert not loader.reused  # a new checkpoint
         assert _equal(got, sd)
@@ -245,6 +248,33 @@ def test_after_a_failed_save(engine_name, tmp_path, monkeypatch):
         sd = _state(3)
         dcp.save(sd, storage_writer=_writer(path), planner=saver, no_dist=True)
         assert saver.reused == reused and _equal(_load(path, sd), sd)
+
+
+def test_a_kept_metadata_pickle_is_reused_only_where_it_is_sound():
+    """The next save's metadata pickle is the last one with its save id and file names replaced,
+    only when each occurs once in it (else a key equal to a name, say, could be replaced)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+
+    def metadata(sd_md, save_id, name):
+        md = Metadata(sd_md, planner_data={"k": ("k",)}, version="1.0.0")
+        md.storage_data = {MetadataIndex("k"): _StorageInfo(_fresh(name), 0, 10)}
+        md.storage_meta = StorageMeta("/ck", _fresh(save_id))
+        return md
+
+    for key, reused in (("k", True), ("__0_0.aaaa.distcp", False)):
+        sd_md = {key: None}
+        first = metadata(sd_md, "s" * 32, "__0_0.aaaa.distcp")
+        first.planner_data = {key: (key,)}
+        _pickle_metadata(first)
+        second = metadata(sd_md, "t" * 32, "__0_0.bbbb.distcp")
+        second.planner_data = first.planner_data
+        kept = _PickledMetadata(sd_md, first.planner_data, {"version": first.version}, first.storage_meta,
+                                [(i, v.relative_path, v.offset, v.length, None) for i, v in first.storage_data.items()],
+                                pickle.dumps(first))
+        got = kept.reuse(second, [(i, v.relative_path, v.offset, v.length, None) for i, v in second.storage_data.items()])
+        assert (got is not None) == reused
+        assert pickle.loads(_pickle_metadata(second)) == second
 
 
 def test_kept_layout_falls_back_when_a_tensor_no_longer_fits(engine_name, tmp_path):
