@@ -63,7 +63,7 @@ from typing import Any, Iterator
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItemType
 
 try:
     from torch.distributed.tensor import DTensor
@@ -260,6 +260,23 @@ class CachingSavePlanner(DefaultSavePlanner):
         self.metadata = copy.copy(metadata)
         return ([dataclasses.replace(p, planner_data=_Tagged(self._global.token, p.planner_data))
                  for p in global_plan], self.metadata)
+
+    def resolve_data(self, write_item: Any) -> Any:
+        """DefaultSavePlanner's, with a shortcut for a plain tensor saved whole (its own lookup
+        makes a zero offset to compare per item); any planner that overrides the lookup, another
+        value or offset takes the stock path."""
+        obj = self.state_dict.get(write_item.index.fqn)
+        offset = write_item.index.offset
+        if (type(obj) in _PLAIN and write_item.type == WriteItemType.TENSOR and self._plain_lookup
+                and offset is not None and len(offset) == obj.dim() and not any(offset)):
+            return obj
+        return super().resolve_data(write_item)
+
+    @property
+    def _plain_lookup(self) -> bool:
+        kind = type(self)
+        return (kind.lookup_object is DefaultSavePlanner.lookup_object
+                and kind.transform_object is DefaultSavePlanner.transform_object)
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
         data = new_plan.planner_data

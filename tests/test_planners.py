@@ -165,6 +165,29 @@ def test_changed_structure_is_planned_afresh(engine_name, tmp_path, change):
     assert not loader.reused and _equal(got, sd)
 
 
+def test_a_subclass_that_transforms_objects_is_honoured(engine_name, tmp_path):
+    """A subclass overriding DefaultSavePlanner's transform_object sees every item."""
+    class Doubling(dcp_native.CachingSavePlanner):
+        def transform_object(self, write_item, obj):
+            obj = super().transform_object(write_item, obj)
+            return obj * 2 if isinstance(obj, torch.Tensor) else obj
+
+    saver, sd = Doubling(), {"a": torch.arange(6.0), "n": 3}
+    for _ in range(2):
+        dcp.save(sd, storage_writer=_writer(str(tmp_path)), planner=saver, no_dist=True)
+        assert _equal(_load(str(tmp_path), sd), {"a": sd["a"] * 2, "n": 3})
+
+
+def test_async_saves(engine_name, tmp_path):
+    """dcp.async_save stages a new state dict each time: same structure, plans reused."""
+    saver, writer = dcp_native.CachingSavePlanner(), _writer(str(tmp_path))
+    for step in range(3):
+        sd = _state(step)
+        dcp.async_save(sd, storage_writer=writer, planner=saver).result()
+        assert saver.reused == (step > 0) and _equal(_load(str(tmp_path), sd), sd)
+    writer.close()
+
+
 def test_structure_sees_device_and_sharded_values():
     t = torch.ones(2, 3)
     base = structure({"a": t})
