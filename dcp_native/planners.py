@@ -45,10 +45,19 @@ resolves them in the state dict it is given. DCP's default global load plan keep
 plan as it is, so a rank with a cached plan sends a token and gets it back; no rank depends on
 another's cache.
 
+**With dcp_native's storage** a reused save plan saves more: the writer keeps the last layout
+of the plan (which item goes where in which file, the framing; each tensor is written from its
+new memory and each object from its new pickle, and anything that no longer fits is laid out
+anew) and the last pickle of the metadata (only the save id and the file names change), and the
+reader parses a byte-identical ``.metadata`` once. Stock's writer and reader work too, without
+those gains.
+
 :attr:`CachingSavePlanner.reused` / :attr:`CachingLoadPlanner.reused` say whether the last call
 reused its cached plan (on this rank). ``CachingSavePlanner.storage_cache`` is a dict a storage
 writer may keep with the cached plan (dcp_native's writer keeps its file layout there, see
-:mod:`dcp_native.writer`).
+:mod:`dcp_native.writer`). Like stock's plan cache, the cache assumes that nobody changes the
+plans and metadata it hands out (the metadata ``dcp.save`` returns shares its
+``state_dict_metadata`` with the cache).
 """
 
 from __future__ import annotations
