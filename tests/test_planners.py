@@ -6,7 +6,7 @@
   stock's writer and reader too.
 * A changed structure (new or removed key, shape, dtype, strides, nesting, device, sharding)
   is planned afresh; a cached load plan is never used for another checkpoint.
-* Multi-rank (gloo): replicated tensors, a DTensor sharded on 2 ranks, a rank-local change,
+* Multi-rank (gloo, 2 and 3 ranks): replicated tensors, a sharded DTensor, a rank-local change,
   ranks whose planners are out of step (one save fails, the next plans in full).
 * dcp_native's writer with stock's ``enable_plan_caching``: the cached plan carries an earlier
   save's tag; the save still writes its own files (never the committed checkpoint's).
@@ -380,14 +380,15 @@ def _ranks_save_and_load(path: str) -> list:
 
 
 @pytest.mark.multiprocess
-def test_ranks_cache_and_replan_together(engine_name, tmp_path):
-    """2 gloo ranks: a DTensor sharded by rows then by columns, a replicated tensor, an object,
-    then a key on rank 1 only: every change is planned afresh on every rank, every result equals
-    the saved values (caching loads and stock's)."""
-    results = run_ranks(2, _ranks_save_and_load, str(tmp_path), engine=engine_name, timeout=240)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_cache_and_replan_together(engine_name, tmp_path, world_size):
+    """2 and 3 gloo ranks: a DTensor sharded by rows then by columns (unevenly on 3), a
+    replicated tensor, an object, then a key on rank 1 only: every change is planned afresh on
+    every rank, every result equals the saved values (caching loads and stock's)."""
+    results = run_ranks(world_size, _ranks_save_and_load, str(tmp_path), engine=engine_name, timeout=240)
     want = [(False, True), (True, True), (True, True), (False, True), (True, True),
             (False, True), (True, True)]
-    assert results == [want, want]
+    assert results == [want] * world_size
 
 
 def _out_of_step(path: str) -> list:
