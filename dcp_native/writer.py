@@ -533,7 +533,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
             plan.items, resolve, self.path, prefix, tag, files=files_per_rank, transforms=transforms,
             cuda_usable=lambda: engine.cuda_status().usable,
         )
-        kept = None if transforms is not None else _KeptLayout.capture(
+        # Only a planner that hands the same plan back can reuse a layout: for any other the
+        # capture would cost every save a few µs an item for nothing.
+        reusable = cache is not self._layouts or getattr(planner, "_enable_plan_caching", False)
+        kept = None if transforms is not None or not reusable else _KeptLayout.capture(
             key, plan.items, prefix, tag, files, resolved, results)
         if kept is not None:
             cache[_KeptLayout] = kept
