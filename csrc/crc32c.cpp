@@ -227,6 +227,25 @@ DCP_NATIVE_CRC32C_FOLD_TARGET inline __m128i load128(const unsigned char* p) noe
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 }
 
+// Folds four adjacent 16-byte accumulators into one, then the `length`
+// bytes left at `next` (whole 16-byte chunks, then the CRC instruction), and
+// returns the finished CRC.
+DCP_NATIVE_CRC32C_FOLD_TARGET uint32_t finish_folding(__m128i x0, __m128i x1, __m128i x2, __m128i x3,
+                                                      const unsigned char* next, size_t length) noexcept {
+  const __m128i by16 = _mm_set_epi64x(fold_constant(16), fold_constant(24));
+  __m128i x = fold(fold(fold(x0, by16, x1), by16, x2), by16, x3);
+  for (; length >= 16; length -= 16, next += 16) {
+    x = fold(x, by16, load128(next));
+  }
+  uint64_t state = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(x)));
+  state = _mm_crc32_u64(state, static_cast<uint64_t>(_mm_extract_epi64(x, 1)));
+  uint32_t state32 = static_cast<uint32_t>(state);
+  for (; length > 0; --length) {
+    state32 = step1(state32, *next++);
+  }
+  return ~state32;
+}
+
 DCP_NATIVE_CRC32C_FOLD_TARGET uint32_t crc32c_folding(const void* data, size_t length,
                                                       uint32_t crc) noexcept {
   if (length < 256) {
@@ -247,18 +266,7 @@ DCP_NATIVE_CRC32C_FOLD_TARGET uint32_t crc32c_folding(const void* data, size_t l
     x2 = fold(x2, by64, load128(next + 32));
     x3 = fold(x3, by64, load128(next + 48));
   }
-  const __m128i by16 = _mm_set_epi64x(fold_constant(16), fold_constant(24));
-  __m128i x = fold(fold(fold(x0, by16, x1), by16, x2), by16, x3);
-  for (; length >= 16; length -= 16, next += 16) {
-    x = fold(x, by16, load128(next));
-  }
-  uint64_t state = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(x)));
-  state = _mm_crc32_u64(state, static_cast<uint64_t>(_mm_extract_epi64(x, 1)));
-  uint32_t state32 = static_cast<uint32_t>(state);
-  for (; length > 0; --length) {
-    state32 = step1(state32, *next++);
-  }
-  return ~state32;
+  return finish_folding(x0, x1, x2, x3, next, length);
 }
 
 // The same folding, 256 bytes a step, with AVX-512 carry-less multiplication
@@ -306,18 +314,7 @@ DCP_NATIVE_CRC32C_FOLD512_TARGET uint32_t crc32c_folding512(const void* data, si
   const __m512i by64 = lanes(fold_constant(64), fold_constant(72));
   alignas(64) __m128i x[4];
   _mm512_store_si512(x, fold512(fold512(fold512(x0, by64, x1), by64, x2), by64, x3));
-  const __m128i by16 = _mm_set_epi64x(fold_constant(16), fold_constant(24));
-  __m128i lane = fold(fold(fold(x[0], by16, x[1]), by16, x[2]), by16, x[3]);
-  for (; length >= 16; length -= 16, next += 16) {
-    lane = fold(lane, by16, load128(next));
-  }
-  uint64_t state = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(lane)));
-  state = _mm_crc32_u64(state, static_cast<uint64_t>(_mm_extract_epi64(lane, 1)));
-  uint32_t state32 = static_cast<uint32_t>(state);
-  for (; length > 0; --length) {
-    state32 = step1(state32, *next++);
-  }
-  return ~state32;
+  return finish_folding(x[0], x[1], x[2], x[3], next, length);
 }
 
 bool cpu_has_vpclmul512() noexcept {
