@@ -522,6 +522,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
             if done is not None:
                 cache[_KeptLayout] = kept
                 return done
+        # Only a planner that hands the same plan back can reuse a layout: for any other,
+        # recording and capturing it would cost every save a few µs an item for nothing.
+        reusable = transforms is None and (cache is not self._layouts
+                                           or getattr(planner, "_enable_plan_caching", False))
         resolved: list[tuple[WriteItem, Any]] = []
 
         def resolve(item: WriteItem) -> Any:
@@ -530,14 +534,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
             return data
 
         files, results = layout.lay_out(
-            plan.items, resolve, self.path, prefix, tag, files=files_per_rank, transforms=transforms,
-            cuda_usable=lambda: engine.cuda_status().usable,
+            plan.items, resolve if reusable else planner.resolve_data, self.path, prefix, tag,
+            files=files_per_rank, transforms=transforms, cuda_usable=lambda: engine.cuda_status().usable,
         )
-        # Only a planner that hands the same plan back can reuse a layout: for any other the
-        # capture would cost every save a few µs an item for nothing.
-        reusable = cache is not self._layouts or getattr(planner, "_enable_plan_caching", False)
-        kept = None if transforms is not None or not reusable else _KeptLayout.capture(
-            key, plan.items, prefix, tag, files, resolved, results)
+        kept = _KeptLayout.capture(key, plan.items, prefix, tag, files, resolved, results) if reusable else None
         if kept is not None:
             cache[_KeptLayout] = kept
         return files, results
