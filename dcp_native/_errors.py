@@ -48,6 +48,15 @@ def _rebuild_error(cls, message, filename, key, offset, state):
     return err
 
 
+class CooperativeLoadError(CheckpointError):
+    """A cooperative load stopped because another rank failed (``rank``; the message holds its
+    error). The failed rank raises its own error."""
+
+    def __init__(self, message: str, *, rank: int, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.rank = rank
+
+
 class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
     """The directory holds no complete checkpoint (no committed metadata)."""
 

@@ -80,6 +80,9 @@ class ReadStats:
     calls: int = 0
     #: (file index, block index) of every block that failed its check, sorted.
     failed_blocks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    #: Bytes sent to and received from other ranks (cooperative loads).
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

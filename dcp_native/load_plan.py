@@ -51,6 +51,14 @@ _NARROW_MAX_SCRATCH = 64 << 20
 _TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """Where a tensor read's saved chunk lies: its layout and its payload's file offset."""
+
+    saved: _safe_pickle.SavedTensor
+    payload: int
+
+
 @dataclasses.dataclass
 class _Buffered:
     """A read into temporary memory followed by a step on the CPU."""
@@ -182,21 +190,26 @@ class LoadRun:
     # -------------------------------------------------------------- main flow
 
     def execute(self, items: Sequence[ReadItem]) -> None:
+        self.run_located(items, self.locate(items))
+
+    def locate(self, items: Sequence[ReadItem]) -> list[Located | None]:
+        """Where each tensor read's saved chunk lies (None: decoded whole, by stock's code), after
+        the files' sizes (and with verify, their tables) are checked. Payloads come from checked
+        sidecar entries, or for items without one from their zip headers (probe reads)."""
         infos = [self._info(req) for req in items]
         for req, info in zip(items, infos):
             self._reqs_by_file.setdefault(info.relative_path, []).append(req)
             self.min_sizes[info.relative_path] = max(self.min_sizes.get(info.relative_path, 0),
                                                      info.offset + info.length)
         self._check_files()
-
-        unknown: list[ReadItem] = []
-        for req, info in zip(items, infos):
+        located: list[Located | None] = [None] * len(items)
+        unknown: list[int] = []
+        for i, (req, info) in enumerate(zip(items, infos)):
             if req.type == LoadItemType.BYTE_IO or info.transform_descriptors:
-                self.buffered.append(self._whole_item_op(req, info))
                 continue
             entry = self.ck.entry(info.relative_path, info.offset) if self.ck else None
             if entry is None:
-                unknown.append(req)
+                unknown.append(i)
                 continue
             dtype, size = self._chunk_size(req)
             payload = checkpoint.sidecar_payload(entry, info.length, info.offset, dtype, size)
@@ -204,10 +217,19 @@ class LoadRun:
                 raise self._bad_item(req, info, f"has a sidecar entry (item {entry[0]} bytes, payload at "
                                      f"{entry[1]}) that does not match the metadata's {dtype} tensor of size "
                                      f"{list(size)} in an item of {info.length} bytes")
-            saved = _safe_pickle.SavedTensor(dtype, size, layout.contiguous_stride(size), 0)
-            self._plan_tensor(req, info, saved, info.offset + payload)
+            located[i] = Located(_safe_pickle.SavedTensor(dtype, size, layout.contiguous_stride(size), 0),
+                                 info.offset + payload)
         if unknown:
-            self._probe(unknown)
+            self._probe([items[i] for i in unknown], unknown, located)
+        return located
+
+    def run_located(self, items: Sequence[ReadItem], located: Sequence[Located | None]) -> None:
+        """Read ``items`` (located by :meth:`locate`) into their destinations and commit them."""
+        for req, loc in zip(items, located):
+            if loc is None:
+                self.buffered.append(self._whole_item_op(req, self._info(req)))
+            else:
+                self._plan_tensor(req, self._info(req), loc.saved, loc.payload)
         self._execute_rounds()
         for req, target in self.commits:
             self.planner.commit_tensor(req, target)
@@ -409,25 +431,25 @@ class LoadRun:
 
     # -------------------------------------------------------------- stock items
 
-    def _probe(self, reqs: list[ReadItem]) -> None:
-        """Locate payloads of items without sidecar entries from their zip headers."""
+    def _probe(self, reqs: list[ReadItem], where: list[int], located: list[Located | None]) -> None:
+        """Locate payloads of items without sidecar entries from their zip headers: ``reqs[k]``
+        goes to ``located[where[k]]`` (None where stock's decoding decides)."""
         # Several reads may share one saved item (resharding): probe each item once.
-        by_item: dict[tuple[str, int], list[ReadItem]] = {}
-        for req in reqs:
+        by_item: dict[tuple[str, int], list[int]] = {}
+        for k, req in enumerate(reqs):
             info = self._info(req)
-            by_item.setdefault((info.relative_path, info.offset), []).append(req)
+            by_item.setdefault((info.relative_path, info.offset), []).append(k)
         groups = list(by_item.values())
-        infos = [self._info(group[0]) for group in groups]
+        infos = [self._info(reqs[group[0]]) for group in groups]
         spans = [(info.relative_path, info.offset, info.length) for info in infos]
         for i, view in checkpoint.probe(spans, self._run_engine, self.reader.memory_budget):
             info = infos[i]
             try:
-                located = checkpoint.locate_tensor(checkpoint.Archive(view))
+                found = checkpoint.locate_tensor(checkpoint.Archive(view))
             except (ArchiveError, UnsupportedLayout):  # not a plain tensor: stock's decoding decides
-                self.buffered.extend(self._whole_item_op(req, info) for req in groups[i])
                 continue
-            for req in groups[i]:
-                mismatch = checkpoint.metadata_mismatch(located.saved, *self._chunk_size(req))
+            for k in groups[i]:
+                mismatch = checkpoint.metadata_mismatch(found.saved, *self._chunk_size(reqs[k]))
                 if mismatch is not None:
-                    raise self._bad_item(req, info, mismatch)
-                self._plan_tensor(req, info, located.saved, info.offset + located.payload)
+                    raise self._bad_item(reqs[k], info, mismatch)
+                located[where[k]] = Located(found.saved, info.offset + found.payload)

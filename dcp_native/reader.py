@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from . import _device, _fileio, checkpoint, sidecar
+from . import _device, _fileio, checkpoint, cooperative, sidecar
 from ._errors import CheckpointError, IncompleteCheckpointError
 from .checkpoint import METADATA_NAME
 from .engine import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_GAP, DEFAULT_STAGING_BYTES, ReadStats
@@ -112,6 +112,16 @@ class FileSystemReader(_stock.FileSystemReader):
             :meth:`close`).
         direct_io: let the engine read pinned staging buffers with O_DIRECT
             where the filesystem allows it (silently buffered elsewhere).
+        cooperative: bytes that several ranks need (replicated tensors, overlapping shards) are
+            read by one of them and sent to the others over ``process_group`` (gloo on the
+            CPU, NCCL on the GPU), instead of every rank reading them from storage. Every rank
+            of the group must load through such a reader at once (as ``dcp.load`` does). Off
+            by default; see the README ("Cooperative loads") for what it costs.
+        process_group: the group the ranks share bytes over (default: DCP's default group);
+            pass the group given to ``dcp.load``.
+        exchange_bytes: most bytes one rank reads and receives in one round of a cooperative
+            load (rounds overlap reading with sending; memory beyond the destinations stays
+            within about twice this).
 
     Example:
         >>> import tempfile, torch, torch.distributed.checkpoint as dcp, dcp_native
@@ -136,6 +146,9 @@ class FileSystemReader(_stock.FileSystemReader):
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         direct_io: bool = True,
         allow_pickle: bool = False,
+        cooperative: bool = False,
+        process_group: Any = None,
+        exchange_bytes: int = 64 << 20,
     ) -> None:
         super().__init__(path, _extension_registry=_extension_registry)
         self.thread_count = default_thread_count() if thread_count is None else int(thread_count)
@@ -156,6 +169,11 @@ class FileSystemReader(_stock.FileSystemReader):
         self.staging_bytes = int(staging_bytes)
         self.direct_io = bool(direct_io)
         self.allow_pickle = bool(allow_pickle)
+        self.cooperative = bool(cooperative)
+        self.process_group = process_group
+        if exchange_bytes < 1:
+            raise ValueError(f"exchange_bytes must be at least 1, got {exchange_bytes}")
+        self.exchange_bytes = int(exchange_bytes)
         #: Pinned staging pools per (engine, CUDA device), made by the first load into the device.
         self._pools = _device.PinnedPools()
         #: The checkpoint as the metadata read last opened it (sidecar, tables).
@@ -234,7 +252,12 @@ class FileSystemReader(_stock.FileSystemReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         run = LoadRun(self, planner, self._checkpoint, self._metadata)
-        run.execute(plan.items)
+        if self.cooperative and cooperative.group_size(self.process_group) > 1:
+            share = cooperative.Cooperation(run, plan.items, self.process_group, self.exchange_bytes)
+            share.execute()
+            run.stats.bytes_sent, run.stats.bytes_received = share.bytes_sent, share.bytes_received
+        else:
+            run.execute(plan.items)
         self.last_read_stats = run.stats
         fut: Future[None] = Future()
         fut.set_result(None)
