@@ -378,8 +378,7 @@ class Cooperation:
             pending = self._post(rnd)
         if pending is not None:
             self._complete(pending)
-            if self.error is not None:  # only this rank's unpacking is left to fail: nobody waits
-                raise self.error
+            self._agree()
 
     def _parts(self, sid: int) -> list[tuple[_Image, int, int]]:
         """``(image, offset in the segment, bytes)`` of every image a segment fills, allocating
@@ -426,20 +425,26 @@ class Cooperation:
             dest.copy_(src)
 
     def _post(self, rnd: Round) -> tuple[Round, list[Any], list[tuple[Message, torch.Tensor]], list[torch.Tensor]]:
-        """Start the round's messages; returns what :meth:`_complete` needs."""
+        """Start the round's messages; returns what :meth:`_complete` needs. After a failure here
+        the messages still go (with whatever bytes): the peers learn of it at the next agreement."""
         ops: list[tuple[bool, torch.Tensor, Message]] = []
         unpack: list[tuple[Message, torch.Tensor]] = []
-        for msg in rnd.sends:
-            tensor = self._message(msg, pack=True)
-            ops.append((True, tensor, msg))
-            self.bytes_sent += tensor.numel()
-        for msg in rnd.recvs:
-            tensor = self._message(msg, pack=False)
+        for send, msg in [*((True, m) for m in rnd.sends), *((False, m) for m in rnd.recvs)]:
+            tensor = None
+            if self.error is None:
+                try:
+                    tensor = self._message(msg, pack=send)
+                except Exception as exc:  # noqa: BLE001 - the peers still get their messages
+                    self.error = exc
             if tensor is None:
                 tensor = torch.empty(self._message_bytes(msg), dtype=torch.uint8, device=self.device)
-                unpack.append((msg, tensor))
-            ops.append((False, tensor, msg))
-            self.bytes_received += tensor.numel()
+                if not send:
+                    unpack.append((msg, tensor))
+            ops.append((send, tensor, msg))
+            if send:
+                self.bytes_sent += tensor.numel()
+            else:
+                self.bytes_received += tensor.numel()
         works: list[Any] = []
         if ops and self.device.type == "cuda":
             p2p = [dist.P2POp(dist.isend if send else dist.irecv, t, self._global(m.peer), self.group, m.tag)
