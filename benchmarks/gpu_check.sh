@@ -19,6 +19,8 @@
 #      when nvidia-smi shows a rank with a process on another rank's GPU (a stray CUDA
 #      context: rank 1 on GPU 0). SKIP (passes) when torch sees fewer than 2 GPUs or
 #      there is no nvidia-smi                                  -> multi_gpu.log, multi_gpu.json
+#      Then benchmarks/cooperative.py --device cuda --ranks 2: cooperative loads over NCCL,
+#      checked values, bytes read and time with and without (SKIP with < 2 GPUs) -> multi_gpu.log
 #   5. benchmarks: a --quick --device cuda pass (the code path); benchmarks/narrow_columns.py
 #      when it exists (column-shard loads into CUDA memory, up to 60 s); then the
 #      sized run (--device cuda --reps 2) in the time left             -> bench.log,
@@ -153,6 +155,22 @@ else
             124|137) log "multi-GPU: TIMED OUT after ${T}s"; STATUS=1 ;;
             *) log "multi-GPU: FAILED (exit $rc): $LAST"; STATUS=1 ;;
         esac
+        # Cooperative loads over NCCL (2 ranks, one GPU each; a SKIP line with fewer GPUs),
+        # appended to multi_gpu.log.
+        T=$(( $(left) - 200 < 90 ? $(left) - 200 : 90 ))
+        if [ "$T" -lt 30 ]; then
+            log "cooperative (NCCL): not run, only $(left)s left"
+        else
+            echo "=== cooperative loads over NCCL: benchmarks/cooperative.py --device cuda --ranks 2" >> "$OUT/multi_gpu.log"
+            timeout -k 10 "$T" "$PY" benchmarks/cooperative.py --device cuda --ranks 2 --mb 256 --reps 2 \
+                --dir "${TMPDIR:-/tmp}" >> "$OUT/multi_gpu.log" 2>&1
+            rc=$?
+            case $rc in
+                0) log "cooperative (NCCL): ok ($(tail -1 "$OUT/multi_gpu.log" | cut -c1-300))" ;;
+                124|137) log "cooperative (NCCL): TIMED OUT after ${T}s"; STATUS=1 ;;
+                *) log "cooperative (NCCL): FAILED (exit $rc; see multi_gpu.log)"; STATUS=1 ;;
+            esac
+        fi
     fi
 fi
 
