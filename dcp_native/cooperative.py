@@ -227,18 +227,22 @@ def _pack(sids: list[int], segments: list) -> list[tuple[int, ...]]:
 @dataclasses.dataclass
 class _Image:
     """The bytes of file span ``[lo, hi)`` of one read: its destination itself (``direct``) or
-    scratch on the exchange device, filled by reads and messages, then copied into ``target``."""
+    scratch on the exchange device, filled by reads and messages, then copied into ``target``;
+    or, for an item decoded whole (``located`` None: objects, transformed items), the item's
+    bytes, decoded as the usual path does."""
 
     rel: str
     lo: int
     hi: int
     index: int
-    target: torch.Tensor
-    located: Located
+    target: torch.Tensor | None
+    located: Located | None
     key: str
     direct: bool
     remaining: int = 0
     data: torch.Tensor | None = None
+    #: The host bytes of a whole item's scratch (on the CPU, ``data`` is a view of them).
+    host: bytearray | None = None
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
@@ -291,15 +295,21 @@ class Cooperation:
         rest = [i for i in range(len(self.items)) if i not in shared]
         self.run.run_located([self.items[i] for i in rest], [located[i] for i in rest])
         for image in self.images:
-            self.run.planner.commit_tensor(self.items[image.index], image.target)
+            if image.target is not None:
+                self.run.planner.commit_tensor(self.items[image.index], image.target)
 
     def _spans(self, located: Sequence[Located | None]) -> list[tuple[str, int, int]]:
         """The file span of every read this rank may share (sets up its image)."""
         out: list[tuple[str, int, int]] = []
         for i, loc in enumerate(located):
-            if loc is None:
-                continue
             req = self.items[i]
+            if loc is None:  # decoded whole: share the item's bytes
+                info = self.run._info(req)
+                if info.length > 0:
+                    self.images.append(_Image(info.relative_path, info.offset, info.offset + info.length, i,
+                                              None, None, req.storage_index.fqn, False))
+                    out.append((info.relative_path, info.offset, info.offset + info.length))
+                continue
             saved = loc.saved
             box = read_box(loc.payload, saved.dtype.itemsize, saved.stride, saved.storage_offset,
                            req.storage_offsets, req.lengths, 0, [0] * len(req.lengths))
@@ -389,8 +399,14 @@ class Cooperation:
         for j in js:
             image = self._by_span[j]
             if image.data is None:
-                image.data = (_bytes_of(image.target) if image.direct
-                              else torch.empty(image.hi - image.lo, dtype=torch.uint8, device=self.device))
+                if image.direct:
+                    assert image.target is not None
+                    image.data = _bytes_of(image.target)
+                elif image.located is None and self.device.type == "cpu":
+                    image.host = bytearray(image.hi - image.lo)
+                    image.data = torch.frombuffer(image.host, dtype=torch.uint8)
+                else:
+                    image.data = torch.empty(image.hi - image.lo, dtype=torch.uint8, device=self.device)
             a, b = max(lo, image.lo), min(hi, image.hi)
             out.append((image, a - lo, b - a))
         return out
@@ -510,11 +526,19 @@ class Cooperation:
             self.error = exc
 
     def _finish(self, image: _Image) -> None:
-        """Scratch complete: copy (and cast) the read's elements into its destination."""
-        if not image.direct:  # the scratch starts at the read's first element (the span's start)
-            assert image.data is not None
-            image.target.copy_(_saved_view(image.data, image.located.saved, tuple(self.items[image.index].lengths)))
-        image.data = None
+        """Scratch complete: copy (and cast) the read's elements into its destination, or decode
+        the whole item."""
+        assert image.data is not None
+        req = self.items[image.index]
+        if image.located is None:
+            if image.host is None:
+                image.host = bytearray(image.hi - image.lo)
+                torch.frombuffer(image.host, dtype=torch.uint8).copy_(image.data)
+            self.run.finish_buffered(self.run._whole_item_op(req, self.run._info(req)), memoryview(image.host))
+        elif not image.direct:  # the scratch starts at the read's first element (the span's start)
+            assert image.target is not None
+            image.target.copy_(_saved_view(image.data, image.located.saved, tuple(req.lengths)))
+        image.data = image.host = None
 
     def _agree(self) -> None:
         """Every rank says whether it failed; if any did, every rank raises."""

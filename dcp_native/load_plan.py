@@ -276,17 +276,20 @@ class LoadRun:
 
         groups = [[(op.relative_path, op.file_offset, op.nbytes, op.key)] for op in ops]
         for k, (buf,) in checkpoint.read_rounds(groups, read, self.reader.memory_budget):
-            op = ops[k]
-            try:
-                op.finish(memoryview(buf))
-            except CheckpointError:
-                raise
-            except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
-                raise self._corrupt(op.relative_path, op.key, op.file_offset, f"cannot be decoded: {exc}") from exc
+            self.finish_buffered(ops[k], memoryview(buf))
         if first:  # nothing buffered
             read({})
         for batch in dense:
             self._run_with_dense({}, {}, batch)
+
+    def finish_buffered(self, op: _Buffered, view: memoryview) -> None:
+        """``op``'s step on its bytes ``view``; what cannot be decoded names the item."""
+        try:
+            op.finish(view)
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+            raise self._corrupt(op.relative_path, op.key, op.file_offset, f"cannot be decoded: {exc}") from exc
 
     @property
     def _scratch_bound(self) -> int:
