@@ -434,3 +434,37 @@ def test_hsdp_model_and_optimizer(engine_name, tmp_path):
     assert read <= 1.15 * plain / 2 and read <= 1.15 * size, f"read {read}: alone {plain}, data files {size}"
     # Every shard (and every replicated tensor) reaches its second replica over the group.
     assert received >= payload
+
+
+def _rank_verify(path: str) -> None:
+    sd = _replicated(blank=True)
+    reader = dcp_native.FileSystemReader(path, cooperative=True, verify=True, thread_count=2)
+    dcp.load(sd, storage_reader=reader)
+
+
+def test_damaged_byte_stops_every_rank(engine_name, tmp_path):
+    """verify=True and one flipped byte inside a tensor: the rank that reads it raises
+    IntegrityError naming the key; the ranks it would have sent it to do not load garbage: they
+    raise too (their own IntegrityError, or CooperativeLoadError naming that rank)."""
+    path = str(tmp_path / "ckpt")
+    dcp.save(_replicated(blank=False), storage_writer=dcp_native.FileSystemWriter(path, checksums=True), no_dist=True)
+    from dcp_native import checkpoint as ck_module
+
+    ck = ck_module.Checkpoint(path)
+    item = next(i for i in ck.items() if i.key == "huge")
+    f = os.path.join(path, item.file)
+    with open(f, "r+b") as fh:
+        at = item.offset + item.length // 2
+        fh.seek(at)
+        b = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(RankError) as info:
+        run_ranks(4, _rank_verify, path, engine=engine_name, timeout=90)
+    failures = info.value.failures
+    assert sorted(failures) == [0, 1, 2, 3], failures
+    # DCP gathers every rank's error to every rank: each sees the reader's IntegrityError and
+    # the others' CooperativeLoadError naming it.
+    for _, text in failures.values():
+        assert "IntegrityError: " in text and "read for 'huge'" in text, text
+        assert "CooperativeLoadError: " in text and "failed: IntegrityError" in text, text
