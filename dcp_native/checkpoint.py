@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import io
 import math
 import os
@@ -88,6 +89,9 @@ class Checkpoint:
         self.directory = str(directory)
         self.metadata_name = metadata_name
         self.metadata, raw = load_metadata(self.path(metadata_name))
+        #: SHA-256 of the metadata file's bytes: names this very save (cooperative loads check
+        #: that every rank loads the same one).
+        self.digest = hashlib.sha256(raw).hexdigest()
         self.sidecar = sidecar.read(self.directory, metadata_name, self.metadata, raw)
 
     def path(self, rel: str) -> str:

@@ -338,8 +338,7 @@ class Cooperation:
 
     def _negotiate(self, spans: list[tuple[str, int, int]]) -> None:
         """Gather every rank's spans on the group's first rank, scatter the schedules back."""
-        meta = self.run.ck.metadata.storage_meta if self.run.ck is not None else None
-        identity = (getattr(meta, "save_id", None), len(self.run.storage_data))
+        identity = self.run.ck.digest if self.run.ck is not None else None
         mine = (_describe(self.error) if self.error is not None else None, identity, spans)
         first = self._global(0)
         gathered: list[Any] | None = [None] * self.size if self.rank == 0 else None
@@ -350,8 +349,8 @@ class Cooperation:
             failed = [(r, g[0]) for r, g in enumerate(gathered) if g[0] is not None]
             ids = {g[1] for g in gathered}
             if not failed and len(ids) > 1:
-                failed = [(r, f"loads checkpoint {g[1][0]!r} ({g[1][1]} items), rank 0 loads {gathered[0][1][0]!r} "
-                              f"({gathered[0][1][1]} items): every rank must load the same checkpoint")
+                failed = [(r, f"loads the checkpoint whose metadata has SHA-256 {g[1]}, rank 0 the one with "
+                              f"{gathered[0][1]}: every rank must load the same checkpoint")
                           for r, g in enumerate(gathered) if g[1] != gathered[0][1]]
             if failed:
                 answers = [("failed", failed)] * self.size

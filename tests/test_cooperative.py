@@ -297,13 +297,16 @@ def _rank_fails(path: str, good: str, how: str) -> None:
     dcp.load(sd, storage_reader=reader)
 
 
-@pytest.mark.parametrize("how", ["fault", "truncated"])
-def test_error_on_one_rank_reaches_all(engine_name, replicated_ckpt, tmp_path, how):
-    """Rank 2 fails (an I/O error while reading its share, or a truncated file before the
-    schedule): every rank raises, nobody hangs; the others name rank 2 and its error."""
+@pytest.mark.parametrize("how", ["fault", "truncated", "other"])
+def test_error_on_one_rank_reaches_all(engine_name, replicated_ckpt, stock_replicated_ckpt, tmp_path, how):
+    """Rank 2 fails (an I/O error while reading its share, a truncated file before the
+    schedule, another checkpoint than the others'): every rank raises, nobody hangs; the others
+    name rank 2 and its error."""
     bad = str(tmp_path / "bad")
     shutil.copytree(replicated_ckpt, bad)
-    if how == "truncated":
+    if how == "other":
+        target = stock_replicated_ckpt
+    elif how == "truncated":
         f = os.path.join(bad, data_files(bad)[0])
         os.truncate(f, os.path.getsize(f) // 2)
         target = bad
@@ -314,7 +317,9 @@ def test_error_on_one_rank_reaches_all(engine_name, replicated_ckpt, tmp_path, h
     failures = info.value.failures
     assert sorted(failures) == [0, 1, 2, 3], failures
     for rank, (_, text) in failures.items():
-        if rank == 2:
+        if how == "other":
+            assert "CooperativeLoadError" in text and "every rank must load the same checkpoint" in text, text
+        elif rank == 2:
             assert ("TruncatedFileError" if how == "truncated" else "Input/output error") in text
         else:
             assert "CooperativeLoadError" in text and "rank 2 failed" in text, text
