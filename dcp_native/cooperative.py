@@ -461,14 +461,10 @@ class Cooperation:
             else:
                 self.bytes_received += tensor.numel()
         works: list[Any] = []
-        if ops and self.device.type == "cuda":
-            p2p = [dist.P2POp(dist.isend if send else dist.irecv, t, self._global(m.peer), self.group, m.tag)
-                   for send, t, m in ops]
-            works = dist.batch_isend_irecv(p2p)
-        else:
-            for send, t, m in ops:
-                call = dist.isend if send else dist.irecv
-                works.append(call(t, self._global(m.peer), group=self.group, tag=m.tag))
+        if ops:  # one batch: NCCL groups it (its ops must be issued together), gloo runs each
+            works = dist.batch_isend_irecv([
+                dist.P2POp(dist.isend if send else dist.irecv, t, self._global(m.peer), self.group, m.tag)
+                for send, t, m in ops])
         return rnd, works, unpack, [t for _, t, _ in ops]
 
     def _message_bytes(self, msg: Message) -> int:
