@@ -14,8 +14,11 @@ NCCL on the GPU). One ``read_data`` call, on every rank of the group:
    ranks; neighbouring pieces needed by the same set make a segment, split at ``SEGMENT_BYTES``.
    Every segment goes to the rank of its set that holds the fewest bytes so far, largest first
    (pieces only one rank needs go to it). Segments are grouped in file order into rounds in which
-   no rank reads and receives more than ``exchange_bytes``; within a round, what one rank sends
-   another is one message per large segment and one per few MiB of small ones, packed.
+   no rank reads and receives more than ``exchange_bytes`` (ranks that share nothing fill their
+   rounds side by side); within a round, what one rank sends another is one message per large
+   segment and one per few MiB of small ones, packed. The schedule costs time in proportion to
+   the segments times the ranks that need each (DDP: every segment to every rank; 64 replicas of
+   1,000 tensors of 4 MB: 0.4 s on the first rank here, 256 replicas: 3.4 s).
 3. **Rounds.** A rank reads the segments it was given straight into the destinations (a tensor
    whose saved bytes are its own bytes: same dtype, contiguous, on the group's device) or into
    scratch covering its span, then every rank says whether it failed (one ``all_reduce`` per
@@ -38,6 +41,7 @@ that dies mid-message) surface as the group's own errors after its timeout, as i
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from typing import Any, Sequence
 
@@ -102,33 +106,28 @@ def schedule(spans: Sequence[Sequence[tuple[str, int, int]]], exchange_bytes: in
     """
     segment_bytes = segment_bytes or SEGMENT_BYTES
     n = len(spans)
-    by_file: dict[str, list[tuple[int, int, int, int]]] = {}
+    by_file: dict[str, list[tuple[int, int, int]]] = {}
     for rank, mine in enumerate(spans):
-        for j, (rel, lo, hi) in enumerate(mine):
+        for rel, lo, hi in mine:
             if hi > lo:
-                by_file.setdefault(rel, []).append((lo, hi, rank, j))
-    # Ranges of the files needed by one set of ranks: (file, lo, hi, {(rank, span index)}).
-    ranges: list[tuple[str, int, int, set[tuple[int, int]]]] = []
+                by_file.setdefault(rel, []).append((lo, hi, rank))
+    # Ranges of the files needed by one set of ranks: (file, lo, hi, ranks).
+    ranges: list[tuple[str, int, int, frozenset[int]]] = []
     for rel in sorted(by_file):
-        for lo, hi, active in _pieces(by_file[rel]):
-            ranks = {r for r, _ in active}
-            if ranges and ranges[-1][0] == rel and ranges[-1][2] == lo and {r for r, _ in ranges[-1][3]} == ranks:
-                ranges[-1] = (rel, ranges[-1][1], hi, ranges[-1][3] | set(active))
+        for lo, hi, ranks in _pieces(by_file[rel]):
+            if ranges and ranges[-1][0] == rel and ranges[-1][2] == lo and ranges[-1][3] == ranks:
+                ranges[-1] = (rel, ranges[-1][1], hi, ranks)
             else:
-                ranges.append((rel, lo, hi, set(active)))
-    shared_bytes = sum(hi - lo for _, lo, hi, active in ranges if len({r for r, _ in active}) > 1)
+                ranges.append((rel, lo, hi, ranks))
+    shared_bytes = sum(hi - lo for _, lo, hi, ranks in ranges if len(ranks) > 1)
     cut = min(segment_bytes, max(MIN_SEGMENT_BYTES, shared_bytes // (4 * n)))
-    # Segments: (file, lo, hi, {rank: span indices}).
+    find = _SpanIndex(spans)
+    # Segments: (file, lo, hi, {rank: its span indices that overlap the segment}).
     segments: list[tuple[str, int, int, dict[int, list[int]]]] = []
-    for rel, lo, hi, active in ranges:
+    for rel, lo, hi, ranks in ranges:
         for start in range(lo, hi, cut):
             end = min(hi, start + cut)
-            owners: dict[int, list[int]] = {}
-            for r, j in sorted(active):
-                _, slo, shi = spans[r][j]
-                if slo < end and shi > start:
-                    owners.setdefault(r, []).append(j)
-            segments.append((rel, start, end, owners))
+            segments.append((rel, start, end, {r: find(r, rel, start, end) for r in sorted(ranks)}))
     # Readers: a segment only one rank needs is its own; the others largest first, each to the
     # rank of its set holding the fewest bytes so far.
     load = [0] * n
@@ -145,18 +144,21 @@ def schedule(spans: Sequence[Sequence[tuple[str, int, int]]], exchange_bytes: in
         _, lo, hi, owners = segments[sid]
         reader[sid] = min(owners, key=lambda r: (load[r], r))
         load[reader[sid]] += hi - lo
-    # Rounds, in file order: no rank reads and receives more than exchange_bytes in one.
+    # Rounds, in file order per rank: no rank reads and receives more than exchange_bytes in
+    # one; ranks that share nothing fill their rounds side by side.
     round_of = [0] * len(segments)
+    current = [0] * n
     used = [0] * n
-    current = 0
     for sid, (_, lo, hi, owners) in enumerate(segments):
-        if any(used[r] and used[r] + hi - lo > exchange_bytes for r in owners):
-            current += 1
-            used = [0] * n
-        round_of[sid] = current
+        k = max(current[r] for r in owners)
+        if any(current[r] == k and used[r] and used[r] + hi - lo > exchange_bytes for r in owners):
+            k += 1
         for r in owners:
+            if current[r] != k:
+                current[r], used[r] = k, 0
             used[r] += hi - lo
-    count = current + 1 if segments else 0
+        round_of[sid] = k
+    count = max(round_of) + 1 if segments else 0
     out = [Schedule({}, [Round() for _ in range(count)]) for _ in range(n)]
     for sid, (rel, lo, hi, owners) in enumerate(segments):
         for r, js in owners.items():
@@ -177,28 +179,61 @@ def schedule(spans: Sequence[Sequence[tuple[str, int, int]]], exchange_bytes: in
     return out
 
 
-def _pieces(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, tuple[tuple[int, int], ...]]]:
-    """The file cut at every span's ends: ``(lo, hi, ((rank, span), ...))`` of every piece some
-    span covers, in order."""
-    events: list[tuple[int, int, int, int]] = []  # (offset, +1 start / -1 end, rank, span)
-    for lo, hi, rank, j in spans:
-        events.append((lo, 1, rank, j))
-        events.append((hi, -1, rank, j))
+def _pieces(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, frozenset[int]]]:
+    """One file cut at every span's ends: ``(lo, hi, ranks)`` of every piece some span of
+    ``spans`` (``(lo, hi, rank)``) covers, in order. Linear in the spans after sorting their ends,
+    plus the size of the rank set each time it changes (ends at one offset are taken together:
+    the tensors of replicas, which start and end together, never change it)."""
+    events: list[tuple[int, int, int]] = []  # (offset, -1 end / +1 start, rank)
+    for lo, hi, rank in spans:
+        events.append((lo, 1, rank))
+        events.append((hi, -1, rank))
     events.sort()
-    active: set[tuple[int, int]] = set()
-    out: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
-    frozen: tuple[tuple[int, int], ...] = ()
-    at = None
-    for offset, kind, rank, j in events:
-        if at is not None and offset > at and active:
-            out.append((at, offset, frozen))
-        if kind > 0:
-            active.add((rank, j))
-        else:
-            active.discard((rank, j))
-        frozen = tuple(sorted(active))
+    count: dict[int, int] = {}
+    ranks: frozenset[int] = frozenset()
+    out: list[tuple[int, int, frozenset[int]]] = []
+    i, at = 0, None
+    while i < len(events):
+        offset = events[i][0]
+        if at is not None and ranks and offset > at:
+            out.append((at, offset, ranks))
+        changed = False
+        while i < len(events) and events[i][0] == offset:
+            _, kind, rank = events[i]
+            before = count.get(rank, 0)
+            count[rank] = before + kind
+            changed |= (before == 0) != (count[rank] == 0)
+            i += 1
+        if changed:
+            ranks = frozenset(r for r, c in count.items() if c)
         at = offset
     return out
+
+
+class _SpanIndex:
+    """``find(rank, file, lo, hi)``: indices of the rank's spans in ``file`` overlapping
+    ``[lo, hi)``, by bisection (spans sorted by start, with the running maximum of their ends)."""
+
+    def __init__(self, spans: Sequence[Sequence[tuple[str, int, int]]]) -> None:
+        self._by: dict[tuple[int, str], tuple[list[int], list[int], list[tuple[int, int, int]]]] = {}
+        for rank, mine in enumerate(spans):
+            per: dict[str, list[tuple[int, int, int]]] = {}
+            for j, (rel, lo, hi) in enumerate(mine):
+                if hi > lo:
+                    per.setdefault(rel, []).append((lo, hi, j))
+            for rel, items in per.items():
+                items.sort()
+                reach, top = [], -1
+                for _, hi, _ in items:
+                    top = max(top, hi)
+                    reach.append(top)
+                self._by[(rank, rel)] = ([lo for lo, _, _ in items], reach, items)
+
+    def __call__(self, rank: int, rel: str, lo: int, hi: int) -> list[int]:
+        starts, reach, items = self._by[(rank, rel)]
+        first = bisect.bisect_right(reach, lo)  # spans before it end at or before lo
+        last = bisect.bisect_left(starts, hi)   # spans from it start at or after hi
+        return sorted(j for s, e, j in items[first:last] if e > lo and s < hi)
 
 
 def _pack(sids: list[int], segments: list) -> list[tuple[int, ...]]:
