@@ -71,8 +71,14 @@ import uuid
 from typing import Any, Iterator
 
 import torch
+from torch.distributed.checkpoint import _version
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import _create_chunk_list, _create_read_items
+
+from . import _scale
 
 try:
     from torch.distributed.tensor import DTensor
@@ -270,6 +276,18 @@ class CachingSavePlanner(DefaultSavePlanner):
         return ([dataclasses.replace(p, planner_data=_Tagged(self._global.token, p.planner_data))
                  for p in global_plan], self.metadata)
 
+    def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        """Stock's global plan and metadata (dedup, global plan, validation), in O(n log n) with the
+        cyclic collector paused (:mod:`dcp_native._scale`); stock's own code where a subclass
+        changes the dedup or the plans are in a form the fast path does not handle."""
+        if type(self)._dedup_save_plans is DefaultSavePlanner._dedup_save_plans and _scale.available():
+            with gc_paused():
+                done = _scale.global_save_plan(all_plans, getattr(self, "dedup_save_to_lowest_rank", False),
+                                               self.flatten_state_dict)
+            if done is not None:
+                return done
+        return super()._create_global_plan(all_plans)
+
     def resolve_data(self, write_item: Any) -> Any:
         """DefaultSavePlanner's, with a shortcut for a plain tensor saved whole (its own lookup
         makes a zero offset to compare per item); any planner that overrides the lookup, another
@@ -328,6 +346,8 @@ class CachingLoadPlanner(DefaultLoadPlanner):
         self.reused = False
         self._local: _LocalLoad | None = None
         self._pending: _LocalLoad | None = None
+        #: (the state_dict_metadata they index, {fqn: ChunkIndex}).
+        self._indexes: tuple[Any, dict[str, Any]] | None = None
 
     def create_local_plan(self) -> LoadPlan:
         self.reused = False
@@ -341,12 +361,69 @@ class CachingLoadPlanner(DefaultLoadPlanner):
             self._pending = None
             return LoadPlan([], planner_data=_Token(local.token))
         flat = self.state_dict
-        plan = DefaultLoadPlanner.create_local_plan(self)
+        with gc_paused():
+            plan = self._plan_reads()
         # DefaultLoadPlanner re-flattens the state dict for checkpoints of torch <= 2.3: not cached.
         self._pending = None if sig is None or self.state_dict is not flat or metadata is None else _LocalLoad(
             sig, metadata.state_dict_metadata, metadata.storage_data, _new_token())
         self._local = None
         return plan
+
+    def _plan_reads(self) -> LoadPlan:
+        """``DefaultLoadPlanner.create_local_plan``: the same plan, each saved chunk list searched
+        through a :class:`~dcp_native._scale.ChunkIndex` (kept while the metadata is the same)."""
+        metadata = self.metadata
+        if metadata is None:
+            raise AssertionError("self.metadata is not None")
+        saved = metadata.state_dict_metadata
+        if self.flatten_state_dict:
+            missing = set(saved) - set(self.state_dict)
+            if missing:
+                # A checkpoint of torch <= 2.3 flattened keys another way: where the missing keys are
+                # that way's keys of this state dict, plan with those (as stock does).
+                _version._derived_version = "2_3"
+                try:
+                    old, old_mappings = flatten_state_dict(self.original_state_dict)
+                finally:
+                    _version._derived_version = None
+                if set(old) & missing:
+                    self.state_dict, self.mappings = old, old_mappings
+        if self._indexes is None or self._indexes[0] is not saved:
+            self._indexes = (saved, {})
+        indexes = self._indexes[1]
+        strict = not self.allow_partial_load
+        requests: list[Any] = []
+        for fqn, obj in self.state_dict.items():
+            md = saved.get(fqn)
+            if md is None and fqn not in saved:
+                if strict:
+                    raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")
+                continue
+            if (isinstance(md, TensorStorageMetadata) and getattr(obj, "size", None) is not None
+                    and md.size != obj.size()):
+                raise ValueError(f"Size mismatch between saved {md.size} and current: {obj.size()} for {fqn}")
+            if DTensor is not None and isinstance(obj, DTensor) and obj.device_mesh.get_coordinate() is None:
+                continue  # this rank is not in the DTensor's mesh
+            if type(md) is not TensorStorageMetadata:
+                requests += _create_read_items(fqn, md, obj)
+                continue
+            try:
+                local_chunks = _create_chunk_list(obj)
+            except ValueError as exc:
+                raise ValueError(f"Invalid checkpoint metadata for {fqn}, expected BytesStorageMetadata "
+                                 f"but found {type(md)}") from exc
+            requests += _scale.read_items_for_chunks(fqn, md, local_chunks, self._index_of(indexes, fqn, md))
+        return LoadPlan(requests)
+
+    @staticmethod
+    def _index_of(indexes: dict[str, Any], fqn: str, md: TensorStorageMetadata) -> Any:
+        index = indexes.get(fqn)
+        if index is None or not index.current(md.chunks):
+            try:
+                index = indexes[fqn] = _scale.ChunkIndex(md.chunks)
+            except (AttributeError, TypeError):
+                return None  # not chunk metadata: stock's scan reports it
+        return index
 
     def finish_plan(self, new_plan: LoadPlan) -> LoadPlan:
         data = new_plan.planner_data
