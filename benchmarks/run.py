@@ -35,6 +35,11 @@ Workloads (``--workload``, repeatable; README.md in this folder has the details)
               1/2/4/8 threads, sync off and on, each engine with checksums on and
               off, raw pwrite at the same thread counts; the ratios of the
               core issue's targets.
+* ``planning`` issue 14, planning at scale (``planning_scale.py``): N simulated
+              FSDP ranks (``--planning-ranks``, 64,256,1024) of a ~1,000-parameter
+              model with Adam's state in one process: the coordinator's step
+              (stock vs dcp_native's planners and writers), the metadata's size
+              and (un)pickling, one rank's load planning. One process per N.
 
 The ``small`` workload also runs its save and load ``--repeat-iters`` times in
 one long-lived process (``small_*_longlived``); the ``noio`` rows give every
@@ -60,6 +65,7 @@ figure is measured (mincore) and stated.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -91,7 +97,8 @@ from dcpbench.runner import ChildFailed, Runner  # noqa: E402
 
 #: Every workload, in the order they run.
 #: (GPU-only stage and CUDA-default async right after model: a GPU check cut short keeps them.)
-WORKLOADS = ("model", "stage", "async", "cold", "many", "load", "small", "save", "reshard", "repeat", "savesweep")
+WORKLOADS = ("model", "stage", "async", "cold", "many", "load", "small", "save", "reshard", "repeat", "savesweep",
+             "planning")
 #: Workloads that only mean something on a GPU.
 CUDA_ONLY = ("stage",)
 #: Workloads not run by default on a CPU-only machine (opt in with --workload).
@@ -684,6 +691,42 @@ class Bench:
                                 params=dict(params, sync_files=sync), unsupported=unsupported)
                 c["ratios"] = sweep_ratios(c)
 
+    # ------------------------------------------------------------------ issue 14: planning at scale
+
+    def case_planning(self) -> None:
+        """Planning at N simulated ranks (benchmarks/planning_scale.py), one process per N."""
+        a = self.args
+        import planning_scale as ps  # noqa: E402 - torch, imported only by this case
+
+        model = ps.SMALL_MODEL if a.quick else ps.DEFAULT_MODEL
+        desc = ps.describe(model)
+        self.log(f"[planning] {desc}; ranks {a.planning_ranks}, stock's coordinator step capped at "
+                 f"{a.planning_cap:g} s")
+        rows = []
+        for n in a.planning_ranks:
+            shape = ps.fitted(model, n, a.planning_max_items)
+            reps = a.reps if n * ps.items_per_rank(shape) <= ps.REPS_ITEMS else 1
+            spec = {"op": "planning", "model": dataclasses.asdict(shape), "ranks": n, "reps": reps,
+                    "cap": a.planning_cap, "timeout": a.planning_timeout}
+            try:
+                rows.append(self.runner.run(dict(self.base_spec(), **spec)))
+            except ChildFailed as exc:
+                self.fail(f"planning/{n} ranks: FAILED\n{exc}")
+                continue
+            self.log(f"  planning: {n} ranks done")
+        from dcpbench.report import planning_growth
+
+        self.cases["planning"] = {
+            "title": "planning at scale: N simulated FSDP ranks (coordinator step, metadata, one rank's load plan)",
+            "workload": "planning", "op": "plan", "kind": "scale", "threads": None, "device": "cpu",
+            "page_cache": "no file I/O (planning only)", "reps": a.reps, "warmup": 0,
+            "params": {"model": desc, "layers": model.layers, "ranks": a.planning_ranks,
+                       "stock_cap_s": a.planning_cap, "max_items": a.planning_max_items,
+                       "reps": f"{a.reps} where N ranks have at most {ps.REPS_ITEMS:,} write items, else 1",
+                       "script": "benchmarks/planning_scale.py"},
+            "rows": rows, "growth": planning_growth(rows), "systems": {},
+        }
+
     # ------------------------------------------------------------------ resharding
 
     def case_reshard(self) -> None:
@@ -953,6 +996,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of the model state of the savesweep workload (default 512M; --quick 16M)")
     p.add_argument("--reshard-shape", type=parse_shape, default=None,
                    help="global fp32 shape of the reshard case (default 4096x4096; --quick 256x2048)")
+    p.add_argument("--planning-ranks", type=parse_threads, default=None,
+                   help="simulated rank counts of the planning workload (default 64,256,1024; --quick 4,16)")
+    p.add_argument("--planning-cap", type=float, default=300.0,
+                   help="seconds after which stock's coordinator step is stopped (reported as more than that)")
+    p.add_argument("--planning-max-items", type=int, default=4_200_000,
+                   help="most write items the N ranks' plans may hold (~640 bytes each); above, the model is reduced")
+    p.add_argument("--planning-timeout", type=float, default=1800.0,
+                   help="seconds one N of the planning workload may take before its process is killed")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the state dicts live (auto: cuda when torch.cuda.is_available())")
     p.add_argument("--quick", action="store_true", help="tiny run of every case (smoke test)")
@@ -987,6 +1038,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.repeat_iters = args.repeat_iters if args.repeat_iters is not None else (3 if q else 5)
     args.sweep_size = args.sweep_size if args.sweep_size is not None else (16 * MiB if q else 512 * MiB)
     args.reshard_shape = args.reshard_shape or ((256, 2048) if q else (4096, 4096))
+    args.planning_ranks = args.planning_ranks or ([4, 16] if q else [64, 256, 1024])
     args.threads = args.threads or ([1, 2] if q else [1, 2, 4, 8])
     args.main_threads = 4 if 4 in args.threads else max(args.threads)
     if len(args.threads) == 1:

@@ -1255,6 +1255,20 @@ def op_reshard_load(spec: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- planning at scale
+
+
+def op_planning(spec: dict) -> dict:
+    """Issue 14: the figures of N simulated ranks (benchmarks/planning_scale.py), progress on stderr."""
+    import planning_scale as ps
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    return ps.measure(ps.ModelShape(**spec["model"]), spec["ranks"], reps=spec["reps"], stock_cap=spec["cap"],
+                      log=log)
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -1269,6 +1283,7 @@ OPS: dict[str, Callable[[dict], dict]] = {
     "transfer": op_transfer,
     "reshard_save": op_reshard_save,
     "reshard_load": op_reshard_load,
+    "planning": op_planning,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -161,6 +162,18 @@ def evaluate_targets(cases: dict) -> list[dict]:
             if op == "save":
                 add(f"second and later saves: {mine} vs stock with its plan cache",
                     ratio_time("repeat_save", mine, "stock_cached"), ">=", 4.0, "x", "issue13")
+    # Issue 14: planning at scale (dcp_native's coordinator step at 1024 simulated ranks against
+    # stock's; one rank's load planning once its indexes are built, against N).
+    rows = cases.get("planning", {}).get("rows", [])
+    ratio, capped = planning_ratio(rows, 1024)
+    add("planning, 1024 ranks: dcp_native's coordinator step / stock's" + (" (stock stopped at its cap: at most)"
+                                                                          if capped else ""),
+        ratio, "<=", 0.2, "of stock", "issue14")
+    search = planning_growth(rows).get("load_dcp_native_search", [])
+    if search:
+        worst = max(search, key=lambda s: s["exponent"])
+        add(f"planning: one rank's load search (indexes built) against N, worst step ({worst['from']}→{worst['to']}"
+            " ranks): factor per doubling", worst["per_doubling"], "<=", 1.25, "per doubling", "issue14")
     # GPU issue: D2H staging.
     stage = _med(cases, "stage", "native", "gbps")
     if stage is not None:
@@ -321,7 +334,9 @@ def render_tables(doc: dict) -> str:
             lines[-1] += f" Load average (1 min) {la[0][0]:.2f} before, {la[1][0]:.2f} after."
         lines.append("")
         kind, op = c.get("kind"), c.get("op")
-        if kind == "memory":
+        if c.get("workload") == "planning":
+            lines += render_planning(c)
+        elif kind == "memory":
             lines += _memory_table(c)
         elif c.get("workload") == "reshard":
             lines += _reshard_table(c)
@@ -673,6 +688,9 @@ def chart_panels(doc: dict) -> list[dict]:
         bars = [n for n in c["systems"] if n != ref]
         panels.append({"case": key, "title": c["title"], "systems": bars, "reference": ref
                        if ref in c["systems"] else None, "field": field})
+    if "planning" in doc["cases"]:
+        panels.append({"case": "planning", "title": doc["cases"]["planning"]["title"],
+                       "systems": ["stock", "dcp_native"], "reference": None, "field": "seconds"})
     if any(is_sweep(k) and not is_savesweep(k) for k in doc["cases"]):
         panels.append({"case": "thread_sweep", "title": "model: GB/s by thread count",
                        "systems": sorted(set(sweep_points(doc["cases"], "save")) | set(sweep_points(doc["cases"], "load"))),
@@ -717,6 +735,9 @@ def render_chart(doc: dict, path: str) -> dict[str, Any]:
             continue
         if is_savesweep(panel["case"]):
             _draw_savesweep(ax, doc, panel["case"].endswith("_sync"))
+            continue
+        if panel["case"] == "planning":
+            draw_planning(ax, cases["planning"])
             continue
         c = cases[panel["case"]]
         field = panel["field"]
@@ -793,4 +814,151 @@ def _draw_savesweep(ax, doc: dict, sync: bool) -> None:
     ax.set_title(f"model state save by thread count, sync_files {'on [fsync]' if sync else 'off [writeback]'}\n"
                  "checksums on (solid) / off (dashed)", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
+    ax.tick_params(labelsize=7)
+
+
+# ----------------------------------------------------------------------------- planning at scale (issue 14)
+
+#: The series of the planning case: key -> (label, section of a row, field).
+PLANNING_SERIES = {
+    "coordinator_stock": ("coordinator step, stock", "coordinator", "stock"),
+    "coordinator_dcp_native": ("coordinator step, dcp_native (first plan)", "coordinator", "dcp_native"),
+    "coordinator_dcp_native_same": ("coordinator step, dcp_native (same structure)", "coordinator",
+                                    "dcp_native_same_structure"),
+    "pickle_gc_on": ("metadata pickle, collector on (stock's writer)", "metadata", "pickle_gc_on"),
+    "pickle_gc_paused": ("metadata pickle, collector paused (dcp_native's writer)", "metadata", "pickle_gc_paused"),
+    "unpickle_gc_on": ("metadata unpickle, collector on (each loading rank)", "metadata", "unpickle_gc_on"),
+    "unpickle_gc_paused": ("metadata unpickle, collector paused", "metadata", "unpickle_gc_paused"),
+    "load_stock": ("one rank's load planning, stock", "load", "stock"),
+    "load_dcp_native": ("one rank's load planning, dcp_native", "load", "dcp_native"),
+    "load_dcp_native_search": ("one rank's load planning, dcp_native's search (indexes built)", "load",
+                               "dcp_native_search"),
+}
+
+
+def planning_point(row: dict, series: str) -> tuple[float | None, bool]:
+    """(seconds, capped) of one series in one row; capped: stock was stopped at that many seconds."""
+    _, section, field = PLANNING_SERIES[series]
+    part = row.get(section, {})
+    if field in part:
+        return part[field], False
+    if series == "coordinator_stock" and "stock_capped_s" in part:
+        return part["stock_capped_s"], True
+    return None, False
+
+
+def planning_growth(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per series, between consecutive rank counts: the exponent k of time ~ N^k at a fixed model
+    (each time divided by the items of one rank, so rows with a reduced model compare) and the
+    factor per doubling (2^k); ``at_least`` where the larger N's stock time is a cap."""
+    rows = sorted(rows, key=lambda r: r["ranks"])
+    out: dict[str, list[dict]] = {}
+    for series in PLANNING_SERIES:
+        steps = []
+        for a, b in zip(rows, rows[1:]):
+            ta, capped_a = planning_point(a, series)
+            tb, capped_b = planning_point(b, series)
+            if not ta or not tb or capped_a or b["ranks"] <= a["ranks"]:
+                continue
+            k = math.log((tb / b["items_per_rank"]) / (ta / a["items_per_rank"])) / math.log(b["ranks"] / a["ranks"])
+            steps.append({"from": a["ranks"], "to": b["ranks"], "exponent": k, "per_doubling": 2 ** k,
+                          "at_least": capped_b})
+        if steps:
+            out[series] = steps
+    return out
+
+
+def planning_ratio(rows: list[dict], ranks: int) -> tuple[float | None, bool]:
+    """dcp_native's coordinator step over stock's at ``ranks`` (an upper bound where stock was capped)."""
+    for row in rows:
+        if row["ranks"] == ranks:
+            stock, capped = planning_point(row, "coordinator_stock")
+            mine, _ = planning_point(row, "coordinator_dcp_native")
+            if stock and mine:
+                return mine / stock, capped
+    return None, False
+
+
+def _secs(v: float | None, capped: bool = False) -> str:
+    if v is None:
+        return "–"
+    return ("> " if capped else "") + (f"{v * 1e3:.1f} ms" if v < 0.1 else f"{v:.2f} s")
+
+
+def render_planning(case: dict) -> list[str]:
+    """The planning-at-scale table: per N the coordinator step, the metadata, one rank's load
+    planning; then the growth per doubling of N."""
+    p = case.get("params", {})
+    rows = sorted(case.get("rows", []), key=lambda r: r["ranks"])
+    lines = [f"{p.get('model', '')}", "",
+             "Times per N (median of the reps stated); `coordinator` = `planner.create_global_plan` + "
+             "`writer.prepare_global_plan` on the N ranks' plans (stock: DefaultSavePlanner + its FileSystemWriter; "
+             "dcp_native: CachingSavePlanner + its FileSystemWriter, first plan and a save of the same structure); "
+             "both make the same global plan and metadata (checked). `metadata`: the committed `.metadata` (with each "
+             "item's storage entry): size, pickle and unpickle with the cyclic collector on / paused. `load`: "
+             "`set_up_planner` + `create_local_plan` of one rank (real DTensors), stock's DefaultLoadPlanner vs "
+             "dcp_native's CachingLoadPlanner, and its search alone once its chunk indexes are built; the same "
+             "read items (checked)." + (f" Stock's coordinator step is stopped after {p['stock_cap_s']:g} s "
+                                        "(`>`)." if p.get("stock_cap_s") else ""), "",
+             "| ranks | write items | reps | coordinator: stock | dcp_native | dcp_native / stock | same structure | "
+             ".metadata | pickle: gc on / paused | unpickle: gc on / paused | load, 1 rank: stock | dcp_native | "
+             "search alone | peak RSS |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        stock, capped = planning_point(r, "coordinator_stock")
+        mine, _ = planning_point(r, "coordinator_dcp_native")
+        ratio = f"{'≤ ' if capped else ''}{mine / stock:.3f}" if stock and mine else "–"
+        md, ld = r.get("metadata", {}), r.get("load", {})
+        items = f"{r['items']:,}" + ("" if r.get("layers") == p.get("layers") else f" ({r['layers']} layers)")
+        lines.append(
+            f"| {r['ranks']} | {items} | {r.get('reps', 1)} | {_secs(stock, capped)} | {_secs(mine)} | {ratio} | "
+            f"{_secs(planning_point(r, 'coordinator_dcp_native_same')[0])} | "
+            f"{md['bytes'] / 2**20:.1f} MiB | {_secs(md.get('pickle_gc_on'))} / {_secs(md.get('pickle_gc_paused'))} | "
+            f"{_secs(md.get('unpickle_gc_on'))} / {_secs(md.get('unpickle_gc_paused'))} | {_secs(ld.get('stock'))} | "
+            f"{_secs(ld.get('dcp_native'))} | {_secs(ld.get('dcp_native_search'))} | "
+            f"{r.get('peak_rss_gib', 0):.1f} GiB |" if md else f"| {r['ranks']} | {items} | – |" + " – |" * 11)
+    reduced = [r for r in rows if r.get("layers") != p.get("layers")]
+    if reduced:
+        lines += ["", "Rows marked with fewer layers hold a reduced model (the N ranks' plans of the full one would "
+                  f"exceed {p.get('max_items', 0):,} write items in memory); the growth below compares time per item "
+                  "of one rank."]
+    growth = case.get("growth") or planning_growth(rows)
+    if growth:
+        spans = [f"{s['from']}→{s['to']}" for s in next(iter(growth.values()))]
+        lines += ["", "Growth with N at a fixed model: the factor per doubling of N (exponent k of time ~ N^k: "
+                  "1 = linear in N, 2 = quadratic; for one rank's load planning 0 = independent of N).", "",
+                  "| series | " + " | ".join(spans) + " |", "|---|" + "---:|" * len(spans)]
+        for series, steps in growth.items():
+            by_span = {f"{s['from']}→{s['to']}": s for s in steps}
+            cells = [(f"{'≥ ' if by_span[sp]['at_least'] else ''}{by_span[sp]['per_doubling']:.2f}x "
+                      f"(k {by_span[sp]['exponent']:.2f})") if sp in by_span else "–" for sp in spans]
+            lines.append(f"| {PLANNING_SERIES[series][0]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def draw_planning(ax, case: dict) -> None:
+    """Seconds against ranks (log-log): the coordinator step and one rank's load planning, stock
+    and dcp_native; a capped stock point is drawn at its cap with an up-arrow marker."""
+    rows = sorted(case.get("rows", []), key=lambda r: r["ranks"])
+    styles = {"coordinator_stock": ("-", COLORS["stock"], "o"), "coordinator_dcp_native": ("-", COLORS["native"], "o"),
+              "load_stock": ("--", COLORS["stock"], "s"), "load_dcp_native": ("--", COLORS["native"], "s"),
+              "load_dcp_native_search": (":", COLORS["native_cached"], "s")}
+    for series, (style, color, marker) in styles.items():
+        pts = [(r["ranks"], *planning_point(r, series)) for r in rows]
+        pts = [(n, v, c) for n, v, c in pts if v]
+        if not pts:
+            continue
+        ax.plot([n for n, _, _ in pts], [v for _, v, _ in pts], style, color=color, marker=marker, markersize=3,
+                label=PLANNING_SERIES[series][0].replace("one rank's ", "").replace(" (first plan)", ""))
+        for n, v, c in pts:
+            if c:
+                ax.plot([n], [v], marker="^", color=color, markersize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("ranks (simulated)", fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title("planning at scale: coordinator step (solid) and one rank's\nload planning (dashed); ^ = stock "
+                 "stopped at its cap", fontsize=8)
+    ax.legend(fontsize=6)
     ax.tick_params(labelsize=7)

@@ -85,15 +85,16 @@ class Runner:
         return res["ok"]
 
     def _run_exec(self, spec: dict) -> dict:
+        limit = spec.get("timeout", CHILD_TIMEOUT_S)
         try:
             proc = subprocess.run(
                 [sys.executable, SCRIPT, "--child", json.dumps(spec)],
                 stdout=subprocess.PIPE,
                 text=True,
-                timeout=CHILD_TIMEOUT_S,
+                timeout=limit,
             )
         except subprocess.TimeoutExpired:
-            return {"error": f"child timed out after {CHILD_TIMEOUT_S} s"}
+            return {"error": f"child timed out after {limit} s"}
         return parse_result(proc.stdout, proc.returncode)
 
     def _run_fork(self, spec: dict, slot: int) -> dict:
@@ -107,7 +108,8 @@ class Runner:
             self.servers.pop(slot).stop(kill=True)
             return {"error": "the child server exited unexpectedly"}
         fd = srv.proc.stdout.fileno()
-        deadline = time.monotonic() + CHILD_TIMEOUT_S + 30
+        # A spec may carry its own limit (the server's child honours it too).
+        deadline = time.monotonic() + spec.get("timeout", CHILD_TIMEOUT_S) + 30
         # Raw reads and our own line splitting: a buffered reader could hold the
         # result line while select() waits on an empty pipe.
         while True:
