@@ -288,25 +288,29 @@ def _proven(value: Any, check_volume: bool) -> bool:
         return False
     if not chunks:
         return not check_volume or math.prod(size) == 0
-    offsets = list(map(_OFFSETS, chunks))
-    lengths = list(map(_SIZES, chunks))
-    if (set(map(type, offsets)) != {_SIZE} or set(map(type, lengths)) != {_SIZE}
-            or set(map(len, offsets)) != {ndim} or set(map(len, lengths)) != {ndim}):
-        return False
-    starts, ends = [], []
-    for k in range(ndim):
-        o = list(map(operator.itemgetter(k), offsets))
-        n = list(map(operator.itemgetter(k), lengths))
-        if min(o) < 0 or min(n) < 0:
+    try:
+        offsets = list(map(_OFFSETS, chunks))
+        lengths = list(map(_SIZES, chunks))
+        # Stock compares a chunk with the tensor along the tensor's dimensions, and two chunks
+        # along the first one's: chunks of another rank are left to it.
+        if set(map(len, offsets)) != {ndim} or set(map(len, lengths)) != {ndim}:
             return False
-        e = list(map(operator.add, o, n))
-        if max(e) > size[k]:
+        starts, ends = [], []
+        for k in range(ndim):
+            o = list(map(operator.itemgetter(k), offsets))
+            n = list(map(operator.itemgetter(k), lengths))
+            if min(o) < 0 or min(n) < 0:
+                return False
+            e = list(map(operator.add, o, n))
+            if max(e) > size[k]:
+                return False
+            starts.append(o)
+            ends.append(e)
+        if check_volume and sum(map(math.prod, lengths)) != math.prod(size):
             return False
-        starts.append(o)
-        ends.append(e)
-    if check_volume and sum(map(math.prod, lengths)) != math.prod(size):
-        return False
-    return len(chunks) == 1 or _disjoint(starts, ends)
+        return len(chunks) == 1 or _disjoint(starts, ends)
+    except (AttributeError, TypeError):
+        return False  # not chunks of numbers: stock's checks say what they make of them
 
 
 def _disjoint(starts: list[list[int]], ends: list[list[int]]) -> bool:

@@ -173,6 +173,11 @@ ERRORS = {
     "chunk_with_an_extra_dim": [[_item("w", (0, 0, 0), (3, 4, 1), (6, 4), PROPS)],
                                 [_item("w", (3, 0), (3, 4), (6, 4), PROPS)]],
     "no_tensor_data": [[WriteItem(index=MetadataIndex("w", (0,)), type=WriteItemType.SHARD)]],
+    "offsets_not_numbers": [[WriteItem(index=MetadataIndex("w", (0, 0)), type=WriteItemType.SHARD,
+                                       tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=["a", 0],
+                                                                                              sizes=[3, 4]),
+                                                                   properties=PROPS, size=torch.Size((6, 4))))],
+                            [_item("w", (3, 0), (3, 4), (6, 4), PROPS)]],
     "many_overlaps_truncated": [[_item("w", (i, 0), (3, 2), (40, 2), PROPS) for i in range(0, 38, 2)],
                                 [_item("x", (0,), (1,), (1,), PROPS)]],
 }
