@@ -254,3 +254,73 @@ def test_caching_planner_systems_are_feature_detected(tmp_path, monkeypatch):
             ops.make_planner("stock_cached", save=False)  # stock caches no load plans
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------- issue 14: planning at scale
+
+#: What one row of the planning case holds (benchmarks/planning_scale.py).
+PLANNING_ROW = {"ranks", "layers", "parameters", "items_per_rank", "items", "reps", "coordinator", "metadata",
+                "load", "peak_rss_gib"}
+
+
+@pytest.fixture(scope="module")
+def planning_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("planning_out")
+    scratch = tmp_path_factory.mktemp("planning_scratch")
+    cmd = [sys.executable, SCRIPT, "--quick", "--device", "cpu", "--workload", "planning", "--out", str(out),
+           "--dir", str(scratch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out, scratch
+
+
+def test_planning_case_structure(planning_run):
+    out, scratch = planning_run
+    doc = json.loads((out / "latest.json").read_text())
+    assert doc["errors"] == [] and set(doc["cases"]) == {"planning"}
+    case = doc["cases"]["planning"]
+    assert case["workload"] == "planning" and case["params"]["ranks"] == [4, 16]
+    assert [r["ranks"] for r in case["rows"]] == [4, 16]
+    for row in case["rows"]:
+        assert set(row) == PLANNING_ROW, row.keys()
+        coord = row["coordinator"]
+        assert coord["same_as_stock"] is True
+        for name in ("stock", "dcp_native", "dcp_native_same_structure"):
+            assert coord[name] > 0 and len(coord["samples"][name]) == row["reps"], name
+        md = row["metadata"]
+        assert md["bytes"] > 0
+        for name in ("pickle_gc_on", "pickle_gc_paused", "unpickle_gc_on", "unpickle_gc_paused"):
+            assert md[name] > 0, name
+        load = row["load"]
+        assert load["rank"] == row["ranks"] // 2 and 0 < load["read_items"] <= row["items_per_rank"]
+        for name in ("stock", "dcp_native", "dcp_native_search"):
+            assert load[name] > 0, name
+    # Growth per doubling of N, for every series, between the two rank counts.
+    assert {s["from"] for steps in case["growth"].values() for s in steps} == {4}
+    assert "coordinator_stock" in case["growth"] and "load_dcp_native_search" in case["growth"]
+    issue14 = [t for t in doc["targets"] if t["source"] == "issue14"]
+    assert any(t["target"].startswith("planning: one rank's load search") for t in issue14)
+    assert os.listdir(scratch) == []
+
+
+def test_planning_case_in_tables_and_chart(planning_run):
+    out, _ = planning_run
+    doc = json.loads((out / "latest.json").read_text())
+    text = (out / "latest.md").read_text()
+    assert doc["cases"]["planning"]["title"] in text
+    assert "| ranks | write items | reps | coordinator: stock | dcp_native | dcp_native / stock |" in text
+    assert "Growth with N at a fixed model" in text and "| coordinator step, stock |" in text
+    assert [p["case"] for p in doc["chart"]["panels"]] == ["planning"]
+
+
+def test_planning_script_runs_alone(tmp_path):
+    """benchmarks/planning_scale.py on its own: the faithfulness check, the rows, the table, --json."""
+    path = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "planning_scale.py"), "--quick",
+                           "--ranks", "3,6", "--reps", "1", "--json", str(path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    case = json.loads(path.read_text())
+    assert [r["ranks"] for r in case["rows"]] == [3, 6]
+    assert all(r["coordinator"]["same_as_stock"] for r in case["rows"])
+    assert "| 6 |" in proc.stdout and "Growth with N" in proc.stdout

@@ -446,6 +446,20 @@ def _fsdp_like_round_trip(path: str) -> dict:
               "rep": torch.arange(4.0) if fill is None else torch.zeros(4)}
         return sd
 
+    # Which paths ran: the coordinator's fast global plan, and indexed searches on every rank.
+    used = {"global_plans": [], "searches": 0}
+    fast_plan, overlapping = _scale.global_save_plan, _scale.ChunkIndex.overlapping
+
+    def global_save_plan(*args):
+        out = fast_plan(*args)
+        used["global_plans"].append(out is not None)
+        return out
+
+    def searched(self, *args):
+        used["searches"] += 1
+        return overlapping(self, *args)
+
+    _scale.global_save_plan, _scale.ChunkIndex.overlapping = global_save_plan, searched
     sd = state(None)
     dcp.save(sd, storage_writer=dcp_native.FileSystemWriter(os.path.join(path, "mine")),
              planner=dcp_native.CachingSavePlanner())
@@ -461,13 +475,16 @@ def _fsdp_like_round_trip(path: str) -> dict:
     same = all(torch.equal(v.full_tensor() if isinstance(v, DTensor) else v, full[k])
                for k, v in out["model"].items())
     return {"values": same and torch.equal(out["rep"], sd["rep"]) and out["optim"]["state"]["wq"]["step"] == 7.0
-            and out["optim"]["param_groups"][0]["lr"] == 0.1}
+            and out["optim"]["param_groups"][0]["lr"] == 0.1,
+            "fast_global_plan": used["global_plans"], "searched": used["searches"] >= len(full)}
 
 
 @pytest.mark.multiprocess
 def test_two_ranks_save_and_load_through_the_fast_paths(engine_name, tmp_path):
     results = run_ranks(2, _fsdp_like_round_trip, str(tmp_path), engine=engine_name, timeout=240)
-    assert results == [{"values": True}] * 2
+    # The coordinator (rank 0) planned through the fast path; every rank searched its indexes.
+    assert results == [{"values": True, "fast_global_plan": [True], "searched": True},
+                       {"values": True, "fast_global_plan": [], "searched": True}]
     mine = dcp_native.FileSystemReader(str(tmp_path / "mine")).read_metadata()
     stock = dcp_native.FileSystemReader(str(tmp_path / "stock_planner")).read_metadata()
     assert mine.state_dict_metadata == stock.state_dict_metadata
