@@ -21,8 +21,8 @@ Per N (``--ranks``), timed:
   structure, where every rank sends a token) + ``dcp_native.FileSystemWriter``. Both must produce
   the same global plan and metadata (checked on every run).
 * ``metadata``: the size of the pickled ``.metadata`` (with each item's storage entry, as the
-  committed checkpoint has it), the time to pickle it and to unpickle it (every rank that loads
-  does that).
+  committed checkpoint has it), the time to pickle it (the coordinator) and to unpickle it (every
+  rank that loads: stock's reader and dcp_native's), with the cyclic collector on and paused.
 * ``load``: ``planner.set_up_planner`` + ``create_local_plan`` of one rank (a middle rank) against
   that metadata: stock's ``DefaultLoadPlanner`` against ``dcp_native.CachingLoadPlanner`` (first
   load); the rank's state dict holds real DTensors on torch's fake process group.
@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import io
 import json
 import os
 import pickle
@@ -98,7 +99,7 @@ SMALL_MODEL = ModelShape(layers=2, d=8, ffn=20, kv=4, vocab=24)
 #: one N): above it the model is reduced.
 MAX_ITEMS = 4_200_000
 #: Steps are repeated (--reps) where the N ranks' plans hold at most this many write items.
-REPS_ITEMS = 1_100_000
+REPS_ITEMS = 300_000
 
 
 def items_per_rank(model: ModelShape) -> int:
@@ -397,6 +398,17 @@ def coordinator(plans: list[SavePlan], reps: int, stock_cap: float | None, scrat
     capped = None
     mine = None
     for rep in range(reps):
+        # Stock first: dcp_native's planner pauses the collector, so stock's result kept alive for
+        # the comparison costs it nothing, while dcp_native's would cost stock's collections.
+        stock = None
+        if capped is None:
+            try:
+                dt, stock = timed(lambda: _stock_step(plans, stock_writer), stock_cap)
+                samples["stock"].append(dt)
+                log(f"  N={n}: stock coordinator {dt:.2f} s")
+            except Capped:
+                capped = stock_cap
+                log(f"  N={n}: stock coordinator > {stock_cap:g} s: stopped there")
         planner = dcp_native.CachingSavePlanner()
         mine = None
         dt, mine = timed(lambda: _mine_step(planner, tagged, mine_writer))
@@ -407,17 +419,7 @@ def coordinator(plans: list[SavePlan], reps: int, stock_cap: float | None, scrat
         samples["dcp_native_same_structure"].append(dt)
         log(f"  N={n}: dcp_native coordinator {samples['dcp_native'][-1]:.2f} s (first plan), "
             f"{dt * 1e3:.1f} ms (same structure)")
-        if capped is not None:
-            continue
-        try:
-            dt, stock = timed(lambda: _stock_step(plans, stock_writer), stock_cap)
-        except Capped:
-            capped = stock_cap
-            log(f"  N={n}: stock coordinator > {stock_cap:g} s: stopped there")
-            continue
-        samples["stock"].append(dt)
-        log(f"  N={n}: stock coordinator {dt:.2f} s")
-        if rep == 0 and (stock[0] != mine[0] or stock[1] != mine[1]):
+        if stock is not None and (stock[0] != mine[0] or stock[1] != mine[1]):
             raise AssertionError(f"N={n}: dcp_native's global plan or metadata differs from stock's")
         del stock
     out: dict[str, Any] = {name: statistics.median(v) for name, v in samples.items() if v}
@@ -428,46 +430,51 @@ def coordinator(plans: list[SavePlan], reps: int, stock_cap: float | None, scrat
     return out, mine[0], mine[1]
 
 
-def metadata_figures(global_plan: list[SavePlan], metadata: Any, reps: int, log: Callable[[str], None]
-                     ) -> tuple[dict, bytes]:
-    """The committed metadata (with every item's storage entry): its size, pickling (stock's
-    writer: collector on; dcp_native's writer pauses it) and unpickling (every loading rank, the
-    collector on as in stock's reader and dcp_native's today, and paused). Returns the figures
-    and the pickle."""
+def metadata_pickle(global_plan: list[SavePlan], metadata: Any, reps: int) -> tuple[dict, bytes]:
+    """The committed metadata (with every item's storage entry): its size and pickling, the
+    collector on (stock's writer) and paused (dcp_native's writer pauses it). Returns the
+    figures and the pickle."""
     from dcp_native.planners import gc_paused
 
     with gc_off():
         committed = dataclasses.replace(metadata, storage_data=storage_entries(global_plan))
-    samples: dict[str, list[float]] = {"pickle_gc_on": [], "pickle_gc_paused": [], "unpickle_gc_on": [],
-                                       "unpickle_gc_paused": []}
 
     def dumps_paused():
         with gc_paused():
             return pickle.dumps(committed)
 
+    samples: dict[str, list[float]] = {"pickle_gc_on": [], "pickle_gc_paused": []}
     raw = b""
     for rep in range(reps):
+        raw = b""
         dt, raw = timed(lambda: pickle.dumps(committed))
         samples["pickle_gc_on"].append(dt)
+        raw = b""
         dt, raw = timed(dumps_paused)
         samples["pickle_gc_paused"].append(dt)
-    committed = None
+    return {"bytes": len(raw), **{k: statistics.median(v) for k, v in samples.items()}, "samples": samples}, raw
+
+
+def metadata_unpickle(raw: bytes, reps: int) -> dict:
+    """What every loading rank pays for the metadata: unpickling it with stock's reader
+    (``pickle.load``) and dcp_native's (its restricted unpickler), both with the collector on as
+    they run today, and with the collector paused. Only the pickle is alive (as on a rank)."""
+    from dcp_native._safe_pickle import load_metadata
+    from dcp_native.planners import gc_paused
 
     def loads_paused():
         with gc_paused():
             return pickle.loads(raw)
 
+    samples: dict[str, list[float]] = {"unpickle_gc_on": [], "unpickle_dcp_native": [], "unpickle_gc_paused": []}
     for rep in range(reps):
-        dt, _ = timed(lambda: pickle.loads(raw))
-        samples["unpickle_gc_on"].append(dt)
-        dt, _ = timed(loads_paused)
-        samples["unpickle_gc_paused"].append(dt)
-    out: dict[str, Any] = {"bytes": len(raw), **{k: statistics.median(v) for k, v in samples.items()},
-                           "samples": samples}
-    log(f"  N={len(global_plan)}: metadata {len(raw) / 2**20:.1f} MiB: pickled in {out['pickle_gc_on']:.2f} s "
-        f"({out['pickle_gc_paused']:.2f} s with the collector paused), unpickled in {out['unpickle_gc_on']:.2f} s "
-        f"({out['unpickle_gc_paused']:.2f} s)")
-    return out, raw
+        for name, fn in (("unpickle_gc_on", lambda: pickle.loads(raw)),
+                         ("unpickle_dcp_native", lambda: load_metadata(io.BytesIO(raw), ".metadata")),
+                         ("unpickle_gc_paused", loads_paused)):
+            dt, loaded = timed(fn)
+            samples[name].append(dt)
+            del loaded  # freed outside the timed region, before the next one
+    return {**{k: statistics.median(v) for k, v in samples.items()}, "unpickle_samples": samples}
 
 
 def load_figures(model: ModelShape, n: int, raw: bytes, reps: int, log: Callable[[str], None]) -> dict:
@@ -530,8 +537,14 @@ def measure(model: ModelShape, n: int, *, reps: int = 1, stock_cap: float | None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     del plans
-    row["metadata"], raw = metadata_figures(global_plan, metadata, reps, log)
+    row["metadata"], raw = metadata_pickle(global_plan, metadata, reps)
     del global_plan, metadata
+    row["metadata"].update(metadata_unpickle(raw, reps))
+    md = row["metadata"]
+    log(f"  N={n}: metadata {md['bytes'] / 2**20:.1f} MiB: pickled in {md['pickle_gc_on']:.2f} s "
+        f"({md['pickle_gc_paused']:.2f} s with the collector paused), unpickled in {md['unpickle_gc_on']:.2f} s "
+        f"(dcp_native's reader {md['unpickle_dcp_native']:.2f} s; {md['unpickle_gc_paused']:.2f} s with the "
+        "collector paused)")
     row["load"] = load_figures(model, n, raw, reps, log)
     row["peak_rss_gib"] = _peak_rss_gib()
     return row

@@ -65,7 +65,6 @@ figure is measured (mincore) and stated.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -92,7 +91,13 @@ from dcpbench.common import (  # noqa: E402
     parse_size,
     summarize,
 )
-from dcpbench.report import evaluate_targets, render_chart, render_tables, sweep_ratios  # noqa: E402
+from dcpbench.report import (  # noqa: E402
+    evaluate_targets,
+    planning_growth,
+    render_chart,
+    render_tables,
+    sweep_ratios,
+)
 from dcpbench.runner import ChildFailed, Runner  # noqa: E402
 
 #: Every workload, in the order they run.
@@ -694,36 +699,29 @@ class Bench:
     # ------------------------------------------------------------------ issue 14: planning at scale
 
     def case_planning(self) -> None:
-        """Planning at N simulated ranks (benchmarks/planning_scale.py), one process per N."""
+        """Planning at N simulated ranks (benchmarks/planning_scale.py), one process per N (the
+        children build the model and check the simulation; this process never imports torch)."""
         a = self.args
-        import planning_scale as ps  # noqa: E402 - torch, imported only by this case
-
-        model = ps.SMALL_MODEL if a.quick else ps.DEFAULT_MODEL
-        desc = ps.describe(model)
-        self.log(f"[planning] {desc}; ranks {a.planning_ranks}, stock's coordinator step capped at "
-                 f"{a.planning_cap:g} s")
+        self.log(f"[planning] ranks {a.planning_ranks}, stock's coordinator step capped at {a.planning_cap:g} s")
         rows = []
         for n in a.planning_ranks:
-            shape = ps.fitted(model, n, a.planning_max_items)
-            reps = a.reps if n * ps.items_per_rank(shape) <= ps.REPS_ITEMS else 1
-            spec = {"op": "planning", "model": dataclasses.asdict(shape), "ranks": n, "reps": reps,
-                    "cap": a.planning_cap, "timeout": a.planning_timeout}
+            spec = {"op": "planning", "ranks": n, "quick": a.quick, "reps": a.reps, "cap": a.planning_cap,
+                    "max_items": a.planning_max_items, "timeout": a.planning_timeout}
             try:
                 rows.append(self.runner.run(dict(self.base_spec(), **spec)))
             except ChildFailed as exc:
                 self.fail(f"planning/{n} ranks: FAILED\n{exc}")
                 continue
             self.log(f"  planning: {n} ranks done")
-        from dcpbench.report import planning_growth
-
+        first = rows[0] if rows else {}
         self.cases["planning"] = {
             "title": "planning at scale: N simulated FSDP ranks (coordinator step, metadata, one rank's load plan)",
             "workload": "planning", "op": "plan", "kind": "scale", "threads": None, "device": "cpu",
             "page_cache": "no file I/O (planning only)", "reps": a.reps, "warmup": 0,
-            "params": {"model": desc, "layers": model.layers, "ranks": a.planning_ranks,
+            "params": {"model": first.get("model", ""), "layers": first.get("full_layers"), "ranks": a.planning_ranks,
                        "stock_cap_s": a.planning_cap, "max_items": a.planning_max_items,
-                       "reps": f"{a.reps} where N ranks have at most {ps.REPS_ITEMS:,} write items, else 1",
-                       "script": "benchmarks/planning_scale.py"},
+                       "reps": f"{a.reps} where N ranks have at most {first.get('reps_items', 0):,} write items, else 1",
+                       "faithful": first.get("faithful"), "script": "benchmarks/planning_scale.py"},
             "rows": rows, "growth": planning_growth(rows), "systems": {},
         }
 

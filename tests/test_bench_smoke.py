@@ -260,7 +260,7 @@ def test_caching_planner_systems_are_feature_detected(tmp_path, monkeypatch):
 
 #: What one row of the planning case holds (benchmarks/planning_scale.py).
 PLANNING_ROW = {"ranks", "layers", "parameters", "items_per_rank", "items", "reps", "coordinator", "metadata",
-                "load", "peak_rss_gib"}
+                "load", "peak_rss_gib", "model", "full_layers", "reps_items", "faithful"}
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +280,7 @@ def test_planning_case_structure(planning_run):
     assert doc["errors"] == [] and set(doc["cases"]) == {"planning"}
     case = doc["cases"]["planning"]
     assert case["workload"] == "planning" and case["params"]["ranks"] == [4, 16]
+    assert "real DTensors" in case["params"]["faithful"] and case["params"]["model"].startswith("Llama-like")
     assert [r["ranks"] for r in case["rows"]] == [4, 16]
     for row in case["rows"]:
         assert set(row) == PLANNING_ROW, row.keys()
@@ -289,7 +290,7 @@ def test_planning_case_structure(planning_run):
             assert coord[name] > 0 and len(coord["samples"][name]) == row["reps"], name
         md = row["metadata"]
         assert md["bytes"] > 0
-        for name in ("pickle_gc_on", "pickle_gc_paused", "unpickle_gc_on", "unpickle_gc_paused"):
+        for name in ("pickle_gc_on", "pickle_gc_paused", "unpickle_gc_on", "unpickle_dcp_native", "unpickle_gc_paused"):
             assert md[name] > 0, name
         load = row["load"]
         assert load["rank"] == row["ranks"] // 2 and 0 < load["read_items"] <= row["items_per_rank"]

@@ -1259,14 +1259,23 @@ def op_reshard_load(spec: dict) -> dict:
 
 
 def op_planning(spec: dict) -> dict:
-    """Issue 14: the figures of N simulated ranks (benchmarks/planning_scale.py), progress on stderr."""
+    """Issue 14: the figures of N simulated ranks (benchmarks/planning_scale.py), progress on
+    stderr; the simulation is checked against real DTensors' plans first."""
     import planning_scale as ps
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    return ps.measure(ps.ModelShape(**spec["model"]), spec["ranks"], reps=spec["reps"], stock_cap=spec["cap"],
-                      log=log)
+    model = ps.SMALL_MODEL if spec["quick"] else ps.DEFAULT_MODEL
+    checked = [4, 7]
+    for n in checked:
+        ps.check_faithful(ps.SMALL_MODEL, n)
+    n = spec["ranks"]
+    shape = ps.fitted(model, n, spec["max_items"])
+    reps = spec["reps"] if n * ps.items_per_rank(shape) <= ps.REPS_ITEMS else 1
+    row = ps.measure(shape, n, reps=reps, stock_cap=spec["cap"], log=log)
+    return dict(row, model=ps.describe(model), full_layers=model.layers, reps_items=ps.REPS_ITEMS,
+                faithful=f"simulated plans equal real DefaultSavePlanner's for real DTensors at {checked} ranks")
 
 
 # ----------------------------------------------------------------------------- entry points

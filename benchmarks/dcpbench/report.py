@@ -827,7 +827,9 @@ PLANNING_SERIES = {
                                     "dcp_native_same_structure"),
     "pickle_gc_on": ("metadata pickle, collector on (stock's writer)", "metadata", "pickle_gc_on"),
     "pickle_gc_paused": ("metadata pickle, collector paused (dcp_native's writer)", "metadata", "pickle_gc_paused"),
-    "unpickle_gc_on": ("metadata unpickle, collector on (each loading rank)", "metadata", "unpickle_gc_on"),
+    "unpickle_gc_on": ("metadata unpickle, stock's reader (collector on)", "metadata", "unpickle_gc_on"),
+    "unpickle_dcp_native": ("metadata unpickle, dcp_native's reader (collector on)", "metadata",
+                            "unpickle_dcp_native"),
     "unpickle_gc_paused": ("metadata unpickle, collector paused", "metadata", "unpickle_gc_paused"),
     "load_stock": ("one rank's load planning, stock", "load", "stock"),
     "load_dcp_native": ("one rank's load planning, dcp_native", "load", "dcp_native"),
@@ -895,13 +897,16 @@ def render_planning(case: dict) -> list[str]:
              "`writer.prepare_global_plan` on the N ranks' plans (stock: DefaultSavePlanner + its FileSystemWriter; "
              "dcp_native: CachingSavePlanner + its FileSystemWriter, first plan and a save of the same structure); "
              "both make the same global plan and metadata (checked). `metadata`: the committed `.metadata` (with each "
-             "item's storage entry): size, pickle and unpickle with the cyclic collector on / paused. `load`: "
+             "item's storage entry): size; pickle with the cyclic collector on (stock's writer) / paused "
+             "(dcp_native's); unpickle by stock's reader and dcp_native's (both with the collector on, as they run) "
+             "and with it paused. `load`: "
              "`set_up_planner` + `create_local_plan` of one rank (real DTensors), stock's DefaultLoadPlanner vs "
              "dcp_native's CachingLoadPlanner, and its search alone once its chunk indexes are built; the same "
              "read items (checked)." + (f" Stock's coordinator step is stopped after {p['stock_cap_s']:g} s "
                                         "(`>`)." if p.get("stock_cap_s") else ""), "",
              "| ranks | write items | reps | coordinator: stock | dcp_native | dcp_native / stock | same structure | "
-             ".metadata | pickle: gc on / paused | unpickle: gc on / paused | load, 1 rank: stock | dcp_native | "
+             ".metadata | pickle: gc on / paused | unpickle: stock / dcp_native / gc paused | load, 1 rank: stock | "
+             "dcp_native | "
              "search alone | peak RSS |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -914,7 +919,8 @@ def render_planning(case: dict) -> list[str]:
             f"| {r['ranks']} | {items} | {r.get('reps', 1)} | {_secs(stock, capped)} | {_secs(mine)} | {ratio} | "
             f"{_secs(planning_point(r, 'coordinator_dcp_native_same')[0])} | "
             f"{md['bytes'] / 2**20:.1f} MiB | {_secs(md.get('pickle_gc_on'))} / {_secs(md.get('pickle_gc_paused'))} | "
-            f"{_secs(md.get('unpickle_gc_on'))} / {_secs(md.get('unpickle_gc_paused'))} | {_secs(ld.get('stock'))} | "
+            f"{_secs(md.get('unpickle_gc_on'))} / {_secs(md.get('unpickle_dcp_native'))} / "
+            f"{_secs(md.get('unpickle_gc_paused'))} | {_secs(ld.get('stock'))} | "
             f"{_secs(ld.get('dcp_native'))} | {_secs(ld.get('dcp_native_search'))} | "
             f"{r.get('peak_rss_gib', 0):.1f} GiB |" if md else f"| {r['ranks']} | {items} | – |" + " – |" * 11)
     reduced = [r for r in rows if r.get("layers") != p.get("layers")]
