@@ -945,26 +945,32 @@ def render_planning(case: dict) -> list[str]:
 
 def draw_planning(ax, case: dict) -> None:
     """Seconds against ranks (log-log): the coordinator step and one rank's load planning, stock
-    and dcp_native; a capped stock point is drawn at its cap with an up-arrow marker."""
+    and dcp_native; a capped stock point is drawn at its cap with an up-arrow marker. Rows of a
+    reduced model are scaled to the full one by item count (hollow markers)."""
     rows = sorted(case.get("rows", []), key=lambda r: r["ranks"])
+    full = max((r["items_per_rank"] for r in rows), default=1)
     styles = {"coordinator_stock": ("-", COLORS["stock"], "o"), "coordinator_dcp_native": ("-", COLORS["native"], "o"),
               "load_stock": ("--", COLORS["stock"], "s"), "load_dcp_native": ("--", COLORS["native"], "s"),
               "load_dcp_native_search": (":", COLORS["native_cached"], "s")}
     for series, (style, color, marker) in styles.items():
-        pts = [(r["ranks"], *planning_point(r, series)) for r in rows]
-        pts = [(n, v, c) for n, v, c in pts if v]
+        pts = [(r["ranks"], *planning_point(r, series), full / r["items_per_rank"]) for r in rows]
+        pts = [(n, v * scale, c, scale != 1) for n, v, c, scale in pts if v]
         if not pts:
             continue
-        ax.plot([n for n, _, _ in pts], [v for _, v, _ in pts], style, color=color, marker=marker, markersize=3,
-                label=PLANNING_SERIES[series][0].replace("one rank's ", "").replace(" (first plan)", ""))
-        for n, v, c in pts:
-            if c:
+        ax.plot([n for n, _, _, _ in pts], [v for _, v, _, _ in pts], style, color=color, marker=marker,
+                markersize=3, label=PLANNING_SERIES[series][0].replace("one rank's ", "").replace(" (first plan)", ""))
+        for n, v, capped, scaled in pts:
+            if capped:
                 ax.plot([n], [v], marker="^", color=color, markersize=8)
+            if scaled:
+                ax.plot([n], [v], marker=marker, markersize=7, markerfacecolor="white", color=color)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("ranks (simulated)", fontsize=8)
     ax.set_ylabel("seconds")
-    ax.set_title("planning at scale: coordinator step (solid) and one rank's\nload planning (dashed); ^ = stock "
-                 "stopped at its cap", fontsize=8)
+    scaled = any(r["items_per_rank"] != full for r in rows)
+    ax.set_title("planning at scale: coordinator step (solid), one rank's load\nplanning (dashed); ^ = stock stopped "
+                 "at its cap" + ("; hollow: reduced model,\nscaled to the full one by item count" if scaled else ""),
+                 fontsize=8)
     ax.legend(fontsize=6)
     ax.tick_params(labelsize=7)
