@@ -38,6 +38,7 @@ from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 from torch.distributed.checkpoint import metadata as _md
 
 from ._errors import CorruptCheckpointError, RefusedObjectError
+from ._gc import gc_paused
 
 # ----------------------------------------------------------------------------- .metadata
 
@@ -107,7 +108,8 @@ def load_metadata(f: BinaryIO, path: str) -> _md.Metadata:
     """Unpickle DCP metadata from ``f`` (read from ``path``); CorruptCheckpointError when it is
     not DCP metadata or names a global outside DCP's metadata classes (nothing it names is imported)."""
     try:
-        metadata = MetadataUnpickler(f).load()
+        with gc_paused():  # millions of objects at scale, no cycles among them
+            metadata = MetadataUnpickler(f).load()
     except RefusedGlobal as exc:
         raise CorruptCheckpointError(f"{path} is refused: {exc}", filename=path) from None
     except OSError:

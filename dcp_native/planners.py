@@ -72,13 +72,10 @@ plans and metadata it hands out (the metadata ``dcp.save`` returns shares its
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import gc
-import threading
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import _version
@@ -89,6 +86,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItemTy
 from torch.distributed.checkpoint.planner_helpers import _create_chunk_list, _create_read_items
 
 from . import _scale
+from ._gc import gc_paused
 
 try:
     from torch.distributed.tensor import DTensor
@@ -113,35 +111,6 @@ class _Tagged:
 
     token: str
     data: Any
-
-
-_gc_lock = threading.Lock()
-_gc_depth = 0
-_gc_was_enabled = False
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic collector paused over per-item work that makes no cycles.
-
-    Per-item loops allocate a few objects per item while the process holds many long-lived ones
-    (the model, DCP's metadata): the collector's full passes over all of them then cost more than
-    the loop (structure() of 10,000 tensors: 160 ms with it, 15 ms without). Nested and
-    concurrent uses share one count; the last to leave restores the state the first found.
-    """
-    global _gc_depth, _gc_was_enabled
-    with _gc_lock:
-        if _gc_depth == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_depth += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_depth -= 1
-            if _gc_depth == 0 and _gc_was_enabled:
-                gc.enable()
 
 
 def _new_token() -> str:

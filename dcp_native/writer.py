@@ -37,7 +37,7 @@ from . import _device, checkpoint, commit, integrity, layout, sidecar
 from ._backend import get_engine
 from ._errors import CheckpointError
 from .engine import DEFAULT_STAGING_BYTES, SRC_BLOB, SRC_HOST
-from .planners import gc_paused
+from ._gc import gc_paused
 from .staging import StagingArea
 
 
