@@ -22,6 +22,12 @@ Workloads (``--workload``, repeatable; README.md in this folder has the details)
 * ``reshard`` 4096x4096 fp32 saved by 4 gloo ranks as DTensor Shard(0), loaded
               by 2 ranks as Shard(1) and by 3 ranks (uneven columns): time,
               bytes read versus bytes needed.
+* ``cooperative`` cooperative loads (``cooperative.py``): ``--coop-ranks`` (4) gloo
+              ranks (NCCL, one GPU each, with CUDA) load a ``--coop-size`` (256 MiB)
+              checkpoint, every rank everything (replicated) and as HSDP
+              ((N/2 x 2) mesh, (Replicate(), Shard(0))), cold and warm cache:
+              stock, dcp_native alone and cooperative; slowest rank's time,
+              bytes read by all ranks / checkpoint, bytes sent.
 * ``async``   ``async_save`` blocking and total time: stock (its writer as stager, and
               its DefaultStager), dcp_native, and a plain copy into preallocated
               memory (pinned on CUDA); on CPU at most ``ASYNC_CPU_BYTES``.
@@ -102,8 +108,8 @@ from dcpbench.runner import ChildFailed, Runner  # noqa: E402
 
 #: Every workload, in the order they run.
 #: (GPU-only stage and CUDA-default async right after model: a GPU check cut short keeps them.)
-WORKLOADS = ("model", "stage", "async", "cold", "many", "load", "small", "save", "reshard", "repeat", "savesweep",
-             "planning")
+WORKLOADS = ("model", "stage", "async", "cold", "many", "load", "small", "save", "reshard", "cooperative", "repeat",
+             "savesweep", "planning")
 #: Workloads that only mean something on a GPU.
 CUDA_ONLY = ("stage",)
 #: Workloads not run by default on a CPU-only machine (opt in with --workload).
@@ -123,7 +129,7 @@ SWEEP_SYSTEMS = ("stock", "python_nocrc", "python_crc", "native_nocrc", "native_
 
 #: Numeric per-run fields summarized (median/min/max) when every run of a system has them.
 SUMMARIZED = ("bytes_read", "rchar", "read_calls", "resident_before", "blocking_s", "total_s",
-              "first_blocking_s", "first_total_s", "first_seconds", "plan_reused")
+              "first_blocking_s", "first_total_s", "first_seconds", "plan_reused", "bytes_sent", "bytes_received")
 
 
 class Bench:
@@ -773,6 +779,101 @@ class Bench:
         shutil.rmtree(stock_dir, ignore_errors=True)
         shutil.rmtree(native_dir, ignore_errors=True)
 
+    # ------------------------------------------------------------------ cooperative loads
+
+    def case_cooperative(self) -> None:
+        """Cooperative loads (benchmarks/cooperative.py): one set of N rank processes runs every
+        load (per case an untimed load per system, then per page-cache state ``--reps`` rounds,
+        each starting one system later); one case per (layout, page cache)."""
+        import cooperative as coop  # no torch at import: the ranks import it
+
+        a = self.args
+        world = a.coop_ranks
+        cuda = self.device == "cuda"
+        backend = "nccl" if cuda else "gloo"
+        if cuda:
+            gpus = (self.info.get("gpu") or {}).get("count", 0)
+            if gpus < world:
+                why = f"NCCL with one GPU per rank needs {world} GPUs (--coop-ranks), {gpus} here"
+                self.notes.append(f"cooperative: not run: {why}")
+                self.log(f"[cooperative] not run: {why}")
+                return
+        path = self.path("cooperative")
+        ckpt = coop.checkpoint_bytes(a.coop_size)
+        tensors = len(coop.tensor_shapes(a.coop_size))
+        hsdp_why = coop.hsdp_unsupported(world)
+        cases = [c for c in coop.CASES if c != "hsdp" or hsdp_why is None]
+        opts = {"path": path, "nbytes": a.coop_size, "seed": self.seed, "cases": cases, "systems": list(coop.SYSTEMS),
+                "caches": list(coop.CACHES), "reps": a.reps, "warmup": 1, "threads": a.main_threads,
+                "exchange_bytes": 64 * MiB, "engine": "native", "device": self.device}
+        self.log(f"[cooperative] {world} {backend} ranks, checkpoint {fmt_bytes(ckpt)} in {tensors} fp32 tensors; "
+                 f"{', '.join(cases)}; cold and warm; {', '.join(coop.SYSTEMS)}")
+        if hsdp_why:
+            self.notes.append(f"cooperative: hsdp not run: {hsdp_why}")
+        try:
+            sizes = self.runner.run(dict(self.base_spec(), op="cooperative_save", dir=path, threads=a.main_threads,
+                                         coop=opts))
+            os.sync()
+            res = self.runner.run(dict(self.base_spec(), op="cooperative", ranks=world, backend=backend, coop=opts,
+                                       timeout=a.coop_timeout + 60, ranks_timeout=a.coop_timeout))
+        except ChildFailed as exc:
+            self.fail(f"cooperative: FAILED\n{exc}")
+            return
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        records = res["records"]
+        params = {
+            "ranks": world, "backend": backend, "checkpoint_bytes": ckpt, "data_file_bytes": sizes["data_file_bytes"],
+            "tensors": tensors, "layout": f"{tensors - coop.NORMS} tensors of 1024x1024 fp32 and {coop.NORMS} of "
+                                          "64-319 fp32 elements, saved from one process, every tensor whole",
+            "reader_threads_per_rank": a.main_threads, "exchange_bytes": opts["exchange_bytes"],
+            "native_coop": "dcp_native's FileSystemReader(cooperative=True) over the default process group",
+            "time": "max over ranks of the dcp.load call",
+            "gbps": "checkpoint tensor bytes / the slowest rank's time (every replica ends up with the whole "
+                    "checkpoint)",
+            "bytes_read": "dcp_native: its engine's last_read_stats.bytes_read, summed over ranks; stock: "
+                          "/proc/self/io rchar around the load, summed over ranks (its data-file reads, .metadata, "
+                          "and any socket reads through read())",
+            "process": "one set of ranks runs every load of the workload (not a fresh process per figure): per "
+                       "case one untimed load per system, then per page-cache state --reps rounds, each starting "
+                       "one system later",
+            "one_machine": "the ranks share this machine's disk and page cache: the time shows mostly the cost of "
+                           "the exchange over loopback; the bytes not read are what shared storage saves",
+            "script": "benchmarks/cooperative.py",
+        }
+        what = {"replicated": "replicated (DDP-like: every rank loads everything)",
+                "hsdp": f"HSDP ({world // 2}x2 mesh, (Replicate(), Shard(0)))"}
+        for case in cases:
+            for cache in coop.CACHES:
+                samples = {s: [r for r in records if (r["case"], r["page_cache"], r["system"]) == (case, cache, s)]
+                           for s in coop.SYSTEMS}
+                key = f"cooperative_{case}_{cache}"
+                c = self.record(key, f"cooperative loads, {what[case]}: {world} ranks, {fmt_bytes(ckpt)} checkpoint, "
+                                f"{cache} page cache", samples, workload="cooperative", op="load", kind="cooperative",
+                                threads=a.main_threads, page_cache=self.coop_cache_label(cache),
+                                params=dict(params, case=case), reps=a.reps, warmup=1)
+                c["case"], c["cache"] = case, cache
+                for name, e in c["systems"].items():
+                    runs = samples[name]
+                    e.pop("read_over_needed", None)  # every rank needs the checkpoint: see read_over_ckpt
+                    e["rchar_over_ckpt"] = summarize([r["rchar"] / r["bytes"] for r in runs])
+                    if all("bytes_read" in r for r in runs):
+                        e["read_over_ckpt"] = summarize([r["bytes_read"] / r["bytes"] for r in runs])
+                    else:
+                        e["read_over_ckpt"] = e["rchar_over_ckpt"]
+                        e["read_source"] = "rchar"
+                    e["per_rank_last"] = runs[-1]["per_rank"] if runs else {}
+        self.log(f"  cooperative: {len(records)} timed loads done")
+
+    @staticmethod
+    def coop_cache_label(cache: str) -> str:
+        if cache == "cold":
+            return ("cold: rank 0 evicts the checkpoint's files before each load (posix_fadvise DONTNEED, plus "
+                    "drop_caches if pages survive), residency checked with mincore (`resident_before`); a cache "
+                    "below this kernel (the hypervisor's) may still serve reads")
+        return ("warm: the checkpoint's files are in the page cache (read by the loads before), residency checked "
+                "with mincore (`resident_before`)")
+
     # ------------------------------------------------------------------ async save, GPU staging
 
     def case_async(self) -> None:
@@ -994,6 +1095,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of the model state of the savesweep workload (default 512M; --quick 16M)")
     p.add_argument("--reshard-shape", type=parse_shape, default=None,
                    help="global fp32 shape of the reshard case (default 4096x4096; --quick 256x2048)")
+    p.add_argument("--coop-ranks", type=int, default=4,
+                   help="ranks of the cooperative workload (gloo; with CUDA, NCCL with one GPU each); the hsdp "
+                        "case needs an even number, at least 4")
+    p.add_argument("--coop-size", type=parse_size, default=None,
+                   help="checkpoint of the cooperative workload, in 4 MiB tensors (default 256M; --quick 8M)")
+    p.add_argument("--coop-timeout", type=float, default=600.0,
+                   help="seconds the cooperative workload's ranks may take before they are killed")
     p.add_argument("--planning-ranks", type=parse_threads, default=None,
                    help="simulated rank counts of the planning workload (default 64,256,1024; --quick 4,16)")
     p.add_argument("--planning-cap", type=float, default=300.0,
@@ -1037,6 +1145,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.sweep_size = args.sweep_size if args.sweep_size is not None else (16 * MiB if q else 512 * MiB)
     args.reshard_shape = args.reshard_shape or ((256, 2048) if q else (4096, 4096))
     args.planning_ranks = args.planning_ranks or ([4, 16] if q else [64, 256, 1024])
+    args.coop_size = args.coop_size if args.coop_size is not None else (8 * MiB if q else 256 * MiB)
     args.threads = args.threads or ([1, 2] if q else [1, 2, 4, 8])
     args.main_threads = 4 if 4 in args.threads else max(args.threads)
     if len(args.threads) == 1:
@@ -1048,6 +1157,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.repeat_count < 1 or args.repeat_side < 1 or args.repeat_iters < 2:
         raise SystemExit("--repeat-count and --repeat-side must be >= 1, --repeat-iters >= 2 (the figure is the "
                          "2nd and later)")
+    if args.coop_ranks < 2 or args.coop_size < 1:
+        raise SystemExit("--coop-ranks must be >= 2, --coop-size >= 1")
     if args.reshard_shape[0] % 4:
         raise SystemExit("--reshard-shape: rows must divide by 4 (saved by 4 ranks)")
     return args

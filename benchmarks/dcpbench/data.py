@@ -64,10 +64,14 @@ def expected_bytes(t: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     return want.reshape(-1).view(torch.uint8)
 
 
-def check_pattern(t: torch.Tensor, seed: int, index: int, what: str) -> None:
-    """Compare every byte of ``t`` with its pattern, a few MiB at a time (no full-size temporary)."""
+def check_pattern(t: torch.Tensor, seed: int, index: int, what: str, first: int = 0) -> None:
+    """Compare every byte of ``t`` with its pattern, a few MiB at a time (no full-size temporary).
+
+    ``first``: the pattern element ``t`` starts at (a shard of the saved tensor: its first row
+    times the row's elements).
+    """
     got = bits_view(t)
-    off = pattern_offset(seed, index)
+    off = pattern_offset(seed, index) + first
     n = got.numel()
     if got.dtype != torch.int32:
         want = torch.arange(off, off + n, dtype=torch.int64, device=got.device).remainder_(256).to(torch.uint8)

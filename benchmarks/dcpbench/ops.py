@@ -1170,10 +1170,20 @@ def rank_reshard_load(spec: dict, rank: int, world: int) -> dict:
 #: How long the ranks of one multi-rank figure may take (gloo's own timeout is 120 s).
 RANK_TIMEOUT_S = 300.0
 
-RANK_FUNCS = {"reshard_save": rank_reshard_save, "reshard_load": rank_reshard_load}
+def rank_cooperative(spec: dict, rank: int, world: int) -> dict:
+    """Every load of the cooperative workload (benchmarks/cooperative.py, shared with the
+    command that runs it alone)."""
+    import cooperative
+
+    return {"records": cooperative.run_rank(rank, world, spec["coop"])}
+
+
+RANK_FUNCS = {"reshard_save": rank_reshard_save, "reshard_load": rank_reshard_load, "cooperative": rank_cooperative}
 
 
 def _rank_main(spec: dict, rank: int, world: int) -> dict:
+    """One rank: joins the group (gloo; ``spec["backend"] == "nccl"``: NCCL, GPU ``rank``), runs
+    ``spec["rank_op"]``."""
     import datetime as _dt
 
     import torch
@@ -1182,8 +1192,11 @@ def _rank_main(spec: dict, rank: int, world: int) -> dict:
     _rank_env(rank, world)
     # Several ranks share few cores: intra-op threads would only oversubscribe them.
     torch.set_num_threads(1)
+    backend = spec.get("backend", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{spec['store']}",
         rank=rank,
         world_size=world,
@@ -1200,10 +1213,11 @@ def _run_ranks(spec: dict, rank_op: str, world: int) -> list[dict]:
 
     store = os.path.join(spec["bench"], f"store_{os.getpid()}_{time.monotonic_ns()}")
     rspec = dict(spec, rank_op=rank_op, store=store)
+    limit = spec.get("ranks_timeout", RANK_TIMEOUT_S)
     try:
         if spec.get("isolation", "fork") == "fork":
             procs = [fork_call(lambda r=r: _rank_main(rspec, r, world)) for r in range(world)]
-            results = collect_forked(procs, RANK_TIMEOUT_S)
+            results = collect_forked(procs, limit)
         else:
             popens = [
                 subprocess.Popen(
@@ -1216,7 +1230,7 @@ def _run_ranks(spec: dict, rank_op: str, world: int) -> list[dict]:
             results = []
             for p in popens:
                 try:
-                    out, _ = p.communicate(timeout=RANK_TIMEOUT_S)
+                    out, _ = p.communicate(timeout=limit)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     out, _ = p.communicate()
@@ -1253,6 +1267,23 @@ def op_reshard_load(spec: dict) -> dict:
         out["bytes_read"] = sum(r["bytes_read"] for r in ranks)
     out["bytes"] = out["needed"]
     return out
+
+
+# ----------------------------------------------------------------------------- cooperative loads
+
+
+def op_cooperative_save(spec: dict) -> dict:
+    """The cooperative workload's checkpoint, saved from this process alone."""
+    import cooperative
+
+    return cooperative.write_checkpoint(spec["dir"], spec["coop"]["nbytes"], spec["seed"], spec["threads"])
+
+
+def op_cooperative(spec: dict) -> dict:
+    """Every load of the cooperative workload, by ``spec["ranks"]`` ranks: rank 0's records
+    (every rank holds the same)."""
+    ranks = _run_ranks(spec, "cooperative", spec["ranks"])
+    return {"records": ranks[0]["records"]}
 
 
 # ----------------------------------------------------------------------------- planning at scale
@@ -1293,12 +1324,14 @@ OPS: dict[str, Callable[[dict], dict]] = {
     "reshard_save": op_reshard_save,
     "reshard_load": op_reshard_load,
     "planning": op_planning,
+    "cooperative_save": op_cooperative_save,
+    "cooperative": op_cooperative,
 }
 
 
 def run_op(spec: dict) -> dict:
     child_imports()
-    if spec["op"] not in ("reshard_save", "reshard_load"):
+    if spec["op"] not in ("reshard_save", "reshard_load", "cooperative"):  # (these fork ranks)
         timed_threads.setup()
     return OPS[spec["op"]](spec)
 

@@ -18,6 +18,7 @@ SYSTEM_LABELS = {
     "native_stock_cached": "dcp_native native + stock's plan cache",
     "python_cached": "dcp_native python + caching planners",
     "native_cached": "dcp_native native + caching planners",
+    "native_coop": "dcp_native native, cooperative",
     "stock_pinned": "stock DCP, DefaultStager (pinned)",
     "python_on_stock_ckpt": "dcp_native python, stock-written ckpt",
     "native_on_stock_ckpt": "dcp_native native, stock-written ckpt",
@@ -32,7 +33,8 @@ SYSTEM_LABELS = {
 #: Case order in the tables and the chart; cases not listed follow in run order.
 CASE_ORDER = ("model_save", "model_load", "model_load_cold", "many_save", "many_load", "load", "peak",
               "small_save", "small_load", "small_save_longlived", "small_load_longlived", "repeat_save",
-              "repeat_load", "save_nosync", "save_sync", "reshard", "reshard_3", "async", "stage")
+              "repeat_load", "save_nosync", "save_sync", "reshard", "reshard_3", "cooperative_replicated_cold",
+              "cooperative_replicated_warm", "cooperative_hsdp_cold", "cooperative_hsdp_warm", "async", "stage")
 
 #: The save thread sweep's ratios (numerator, denominator): GB/s medians of the same case.
 SWEEP_RATIOS = (
@@ -95,10 +97,11 @@ def evaluate_targets(cases: dict) -> list[dict]:
     """The core issue's targets, and the GPU / async-save issues' where their figures exist."""
     out: list[dict] = []
 
-    def add(name: str, value: float | None, op: str, limit: float, unit: str, source: str = "core") -> None:
+    def add(name: str, value: float | None, op: str, limit: float | None, unit: str, source: str = "core") -> None:
+        """``op`` "info": a figure shown for contrast, with no requirement (``met`` None)."""
         if value is None:
             return
-        ok = value >= limit if op == ">=" else value <= limit
+        ok = None if op == "info" else value >= limit if op == ">=" else value <= limit
         out.append({"target": name, "value": value, "op": op, "limit": limit, "unit": unit, "met": ok,
                     "source": source})
 
@@ -174,6 +177,19 @@ def evaluate_targets(cases: dict) -> list[dict]:
         worst = max(search, key=lambda s: s["exponent"])
         add(f"planning: one rank's load search (indexes built) against N, worst step ({worst['from']}→{worst['to']}"
             " ranks): factor per doubling", worst["per_doubling"], "<=", 1.25, "per doubling", "issue14")
+    # Cooperative loads: bytes read from storage by all ranks together, over the checkpoint (the
+    # larger of the cold and warm figures); without cooperation for contrast.
+    for case in ("replicated", "hsdp"):
+        keys = [k for k in (f"cooperative_{case}_cold", f"cooperative_{case}_warm") if k in cases]
+        if not keys:
+            continue
+        ranks = cases[keys[0]]["params"]["ranks"]
+        for name, op, limit, how in (("native_coop", "<=", 1.15, "cooperative on"),
+                                     ("native", "info", None, "cooperative off (for contrast)")):
+            vals = [v for v in (_med(cases, k, name, "read_over_ckpt") for k in keys) if v is not None]
+            if vals:
+                add(f"cooperative loads, {case}, {ranks} ranks: bytes read by all ranks / checkpoint, {how}",
+                    max(vals), op, limit, "x", "cooperative")
     # GPU issue: D2H staging.
     stage = _med(cases, "stage", "native", "gbps")
     if stage is not None:
@@ -321,10 +337,16 @@ def render_tables(doc: dict) -> str:
         lines += render_savesweep(doc)
     if any(k in cases for k, _ in FLOOR_CASES):
         lines += render_floor(doc)
+    coop_done = False
     for key in ordered_cases(cases):
         if is_sweep(key):
             continue
         c = cases[key]
+        if c.get("workload") == "cooperative":  # one section for all of its cases
+            if not coop_done:
+                lines += render_cooperative(cases)
+                coop_done = True
+            continue
         lines.append(f"## {c['title']}")
         lines.append("")
         lines.append(f"`{key}`; page cache: {c.get('page_cache', '–')}; {c.get('reps')} reps after "
@@ -357,7 +379,9 @@ def render_tables(doc: dict) -> str:
         lines.append("| target | measured | required | met |")
         lines.append("|---|---:|---:|:-:|")
         for t in doc["targets"]:
-            if t["unit"] in ("of raw", "of torch"):
+            if t["op"] == "info":  # shown for contrast: no requirement
+                val, lim = f"{t['value']:.2f}{'x' if t['unit'] == 'x' else ' ' + t['unit']}", "–"
+            elif t["unit"] in ("of raw", "of torch"):
                 val, lim = f"{100 * t['value']:.0f}% {t['unit']}", f"{t['op']} {100 * t['limit']:.0f}%"
             elif t["unit"] == "MiB":
                 val, lim = f"{t['value']:.1f} MiB", f"{t['op']} {t['limit']:.0f} MiB"
@@ -367,7 +391,8 @@ def render_tables(doc: dict) -> str:
                 val, lim = f"{t['value']:.1f} µs", f"{t['op']} {t['limit']:.0f} µs"
             else:
                 val, lim = f"{t['value']:.2f}x", f"{t['op']} {t['limit']:.2f}x"
-            lines.append(f"| {t['target']} | {val} | {lim} | {'yes' if t['met'] else '**no**'} |")
+            met = "–" if t["met"] is None else "yes" if t["met"] else "**no**"
+            lines.append(f"| {t['target']} | {val} | {lim} | {met} |")
         lines.append("")
     if doc.get("errors"):
         lines.append("## errors")
@@ -672,7 +697,7 @@ COLORS = {
     "torch_pinned": "#17becf", "torch_pinned_d2h": "#17becf", "torch_pinned_h2d": "#17becf", "raw": "#d62728",
     "stock_cached": "#c7c7c7", "native_stock_cached": "#bcbd22", "python_cached": "#e377c2",
     "native_cached": "#006400", "native_crc": "#2ca02c", "native_nocrc": "#98df8a", "python_crc": "#ff7f0e",
-    "python_nocrc": "#ffbb78",
+    "python_nocrc": "#ffbb78", "native_coop": "#1f77b4",
 }
 
 
@@ -688,6 +713,11 @@ def chart_panels(doc: dict) -> list[dict]:
         bars = [n for n in c["systems"] if n != ref]
         panels.append({"case": key, "title": c["title"], "systems": bars, "reference": ref
                        if ref in c["systems"] else None, "field": field})
+    coop = cooperative_keys(doc["cases"])
+    if coop:
+        panels.append({"case": "cooperative", "title": "cooperative loads: GB/s and bytes read / checkpoint",
+                       "systems": sorted({n for k in coop for n in doc["cases"][k]["systems"]}), "reference": None,
+                       "field": "gbps"})
     if "planning" in doc["cases"]:
         panels.append({"case": "planning", "title": doc["cases"]["planning"]["title"],
                        "systems": ["stock", "dcp_native"], "reference": None, "field": "seconds"})
@@ -738,6 +768,9 @@ def render_chart(doc: dict, path: str) -> dict[str, Any]:
             continue
         if panel["case"] == "planning":
             draw_planning(ax, cases["planning"])
+            continue
+        if panel["case"] == "cooperative":
+            draw_cooperative(ax, cases)
             continue
         c = cases[panel["case"]]
         field = panel["field"]
@@ -974,3 +1007,98 @@ def draw_planning(ax, case: dict) -> None:
                  fontsize=8)
     ax.legend(fontsize=6)
     ax.tick_params(labelsize=7)
+
+
+# ----------------------------------------------------------------------------- cooperative loads
+
+#: The cooperative workload's systems, in table and chart order.
+COOP_SYSTEMS = ("stock", "native", "native_coop")
+
+
+def cooperative_keys(cases: dict) -> list[str]:
+    """The cooperative workload's cases: replicated then hsdp, cold then warm."""
+    return [k for k in ordered_cases(cases) if cases[k].get("workload") == "cooperative"]
+
+
+def _mib(n: float) -> str:
+    if n == 0:
+        return "0"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**20:.2f} MiB"
+
+
+def render_cooperative(cases: dict) -> list[str]:
+    """All the cooperative cases in one table: per layout and page cache, each system's time, GB/s,
+    bytes read by all ranks over the checkpoint and bytes sent."""
+    keys = cooperative_keys(cases)
+    first = cases[keys[0]]
+    p = first["params"]
+    lines = [f"## cooperative loads: {p['ranks']} ranks ({p['backend']}) load one checkpoint", "",
+             f"`{'`, `'.join(keys)}`; {first.get('reps')} reps after {first.get('warmup')} untimed load per system "
+             f"and layout. Checkpoint: {_mib(p['checkpoint_bytes'])} of tensors ({p['layout']}; data files "
+             f"{_mib(p['data_file_bytes'])}). Layouts: `replicated`, every rank loads every tensor (DDP); `hsdp`, a "
+             f"({p['ranks'] // 2} x 2) mesh with (Replicate(), Shard(0)): every shard is needed by {p['ranks'] // 2} "
+             f"ranks. {p['native_coop']}; dcp_native's reader: {p['reader_threads_per_rank']} threads a rank, "
+             f"exchange_bytes {_mib(p['exchange_bytes'])}. Time: {p['time']}; GB/s: {p['gbps']}. `read / ckpt`: "
+             f"bytes read from the checkpoint's files by all ranks together over the checkpoint's tensor bytes "
+             f"({p['bytes_read']}; `*`: rchar); `sent`: bytes the ranks sent one another, all ranks together. "
+             f"Process: {p['process']}. Every load's values are checked.", "",
+             "On one machine the ranks share one disk and one page cache: a byte one rank reads is in the cache "
+             "for the others, and an exchange goes over loopback. The time here therefore shows mostly what the "
+             "exchange costs; what shared storage (NFS, Lustre, object stores) saves is the `read / ckpt` column: "
+             "the bytes no rank had to fetch.", "",
+             "| layout | page cache | system | s (median) | min–max | GB/s | read / ckpt | sent | cached before | "
+             "peak MiB (max rank) |",
+             "|---|:-:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in keys:
+        c = cases[key]
+        for name in [n for n in COOP_SYSTEMS if n in c["systems"]] + [n for n in c["systems"] if n not in COOP_SYSTEMS]:
+            e = c["systems"][name]
+            med, rng = _spread(e["seconds"])
+            read = e.get("read_over_ckpt")
+            read_cell = "–" if read is None else f"{read['median']:.2f}x" + ("*" if e.get("read_source") else "")
+            sent = _mib(e["bytes_sent"]["median"]) if "bytes_sent" in e else "–"
+            cached = f"{100 * e['resident_before']['median']:.0f}%" if "resident_before" in e else "–"
+            lines.append(f"| {c.get('case', key)} | {_cache_short(c)} | {_label(name)} | {med} | {rng} | "
+                         f"{_fmt_num(e['gbps']['median'])} | {read_cell} | {sent} | {cached} | "
+                         f"{_fmt_num(e['peak_mib']['median'])} |")
+    lines.append("")
+    la = [cases[k].get("loadavg_before_after") for k in keys]
+    if la and la[0] and la[0][0] and la[0][1]:
+        lines += [f"Load average (1 min) {la[0][0][0]:.2f} before, {la[0][1][0]:.2f} after.", ""]
+    return lines
+
+
+def draw_cooperative(ax, cases: dict) -> None:
+    """GB/s per layout and page cache, a bar per system (min–max); above each bar, the bytes all
+    ranks read over the checkpoint."""
+    keys = cooperative_keys(cases)
+    names = [n for n in COOP_SYSTEMS if any(n in cases[k]["systems"] for k in keys)]
+    width = 0.8 / max(1, len(names))
+    top = 0.0
+    for j, name in enumerate(names):
+        xs, vals, lo, hi, reads = [], [], [], [], []
+        for i, k in enumerate(keys):
+            e = cases[k]["systems"].get(name)
+            if e is None:
+                continue
+            g = e["gbps"]
+            xs.append(i + (j - (len(names) - 1) / 2) * width)
+            vals.append(g["median"])
+            lo.append(g["median"] - g["min"])
+            hi.append(g["max"] - g["median"])
+            reads.append(e.get("read_over_ckpt", {}).get("median"))
+        ax.bar(xs, vals, width, yerr=[lo, hi], capsize=2, color=COLORS.get(name, "#8c564b"),
+               label=_label(name).replace("dcp_native ", ""))
+        for x, v, h, r in zip(xs, vals, hi, reads):
+            if r is not None:
+                ax.text(x, v + h, f"{r:.1f}x", ha="center", va="bottom", fontsize=6)
+            top = max(top, v + h)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{cases[k].get('case', k)}\n{cases[k].get('cache', '')}" for k in keys], fontsize=7)
+    ax.set_ylabel("GB/s (checkpoint / slowest rank)")
+    ax.set_ylim(0, top * 1.25 or 1)
+    p = cases[keys[0]]["params"] if keys else {}
+    ax.set_title(f"cooperative loads, {p.get('ranks')} ranks ({p.get('backend')}): GB/s; above the bars: bytes\n"
+                 "read by all ranks / checkpoint (one machine: one disk, one page cache)", fontsize=8)
+    ax.legend(fontsize=6)
+    ax.tick_params(axis="y", labelsize=7)
