@@ -837,6 +837,8 @@ class Bench:
             "process": "one set of ranks runs every load of the workload (not a fresh process per figure): per "
                        "case one untimed load per system, then per page-cache state --reps rounds, each starting "
                        "one system later",
+            "peak": "VmHWM above the RSS at the start of the load, the largest rank's; in these long-lived ranks, "
+                    "memory an earlier load freed and the allocator kept is reused without showing (a lower bound)",
             "one_machine": "the ranks share this machine's disk and page cache: the time shows mostly the cost of "
                            "the exchange over loopback; the bytes not read are what shared storage saves",
             "script": "benchmarks/cooperative.py",

@@ -325,3 +325,100 @@ def test_planning_script_runs_alone(tmp_path):
     assert [r["ranks"] for r in case["rows"]] == [3, 6]
     assert all(r["coordinator"]["same_as_stock"] for r in case["rows"])
     assert "| 6 |" in proc.stdout and "Growth with N" in proc.stdout
+
+
+# ---------------------------------------------------------------------- cooperative loads
+
+COOP_CASES = {f"cooperative_{layout}_{cache}" for layout in ("replicated", "hsdp") for cache in ("cold", "warm")}
+COOP_SYSTEMS = {"stock", "native", "native_coop"}
+
+
+@pytest.fixture(scope="module")
+def cooperative_run(tmp_path_factory):
+    # 4 ranks, not 2: the hsdp layout needs a (2 x 2) mesh (forked ranks: ~2 s more than 2 ranks).
+    out = tmp_path_factory.mktemp("coop_out")
+    scratch = tmp_path_factory.mktemp("coop_scratch")
+    cmd = [sys.executable, SCRIPT, "--quick", "--device", "cpu", "--workload", "cooperative", "--coop-ranks", "4",
+           "--coop-size", "4M", "--reps", "1", "--out", str(out), "--dir", str(scratch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out, scratch
+
+
+def test_cooperative_case_structure(cooperative_run):
+    out, scratch = cooperative_run
+    doc = json.loads((out / "latest.json").read_text())
+    assert doc["errors"] == [] and set(doc["cases"]) == COOP_CASES
+    for key in COOP_CASES:
+        c = doc["cases"][key]
+        assert c["workload"] == "cooperative" and c["kind"] == "cooperative", key
+        assert c["params"]["ranks"] == 4 and c["params"]["backend"] == "gloo"
+        assert key == f"cooperative_{c['case']}_{c['cache']}" and c["page_cache"].startswith(c["cache"])
+        assert set(c["systems"]) == COOP_SYSTEMS, key
+        ckpt = c["params"]["checkpoint_bytes"]
+        for name, e in c["systems"].items():
+            assert e["bytes"] == ckpt and len(e["gbps"]["samples"]) == 1, (key, name)
+            assert e["gbps"]["median"] > 0 and e["rchar"]["median"] > 0, (key, name)
+            assert len(e["per_rank_last"]["bytes_read"]) == 4, (key, name)
+            # Cold: rank 0 evicted the files before the load; warm: the loads before read them.
+            assert (e["resident_before"]["median"] < 0.1) == (c["cache"] == "cold"), (key, name)
+        stock, alone, coop = (c["systems"][n] for n in ("stock", "native", "native_coop"))
+        assert stock["read_source"] == "rchar" and "bytes_read" not in stock
+        assert alone["bytes_sent"]["median"] == 0 and alone["bytes_read"]["median"] > 0
+        # What one rank sends another receives; shared bytes are read once.
+        assert coop["bytes_sent"]["median"] == coop["bytes_received"]["median"] > 0, key
+        assert coop["read_over_ckpt"]["median"] < alone["read_over_ckpt"]["median"], key
+    targets = [t for t in doc["targets"] if t["source"] == "cooperative"]
+    assert len(targets) == 4
+    for t in targets:
+        on = t["target"].endswith("cooperative on")
+        assert (t["op"], t["limit"]) == (("<=", 1.15) if on else ("info", None)), t
+        assert (t["met"] is None) == (not on), t
+    assert os.listdir(scratch) == []
+
+
+def test_cooperative_case_in_tables_and_chart(cooperative_run):
+    out, _ = cooperative_run
+    doc = json.loads((out / "latest.json").read_text())
+    text = (out / "latest.md").read_text()
+    assert "## cooperative loads: 4 ranks (gloo) load one checkpoint" in text
+    assert "| layout | page cache | system | s (median) | min–max | GB/s | read / ckpt | sent |" in text
+    assert "one disk and one page cache" in text
+    for layout in ("replicated", "hsdp"):
+        for cache in ("cold", "warm"):
+            assert f"| {layout} | {cache} | dcp_native native, cooperative |" in text, (layout, cache)
+        assert f"cooperative loads, {layout}, 4 ranks: bytes read by all ranks / checkpoint, cooperative on" in text
+    assert [p["case"] for p in doc["chart"]["panels"]] == ["cooperative"]
+    assert set(doc["chart"]["panels"][0]["systems"]) == COOP_SYSTEMS
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cooperative_script_runs_alone(tmp_path):
+    """benchmarks/cooperative.py on its own (as gpu_check.sh runs it, on the CPU): 2 ranks, the
+    table, the JSON, and a last line saying what cooperation saved."""
+    path = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "cooperative.py"), "--ranks", "2",
+                           "--mb", "4", "--reps", "1", "--warmup", "0", "--cache", "warm", "--dir", str(tmp_path),
+                           "--out", str(path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("hsdp: not run: needs an even number of ranks, at least 4")
+    assert lines[-1].startswith("replicated: read/ckpt ")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["case"], r["system"], r["cache"]) for r in rows] == [
+        ("replicated", s, "warm") for s in ("stock", "native", "native_coop")]
+    coop = rows[2]
+    assert coop["cooperative"] is True and coop["bytes_sent"] > 0 and coop["read_over_checkpoint"] < 1.15
+    assert sorted(os.listdir(tmp_path)) == ["rows.json"]
+
+
+def test_cooperative_script_skips_without_gpus(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has two GPUs: the script would run")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "cooperative.py"), "--device", "cuda",
+                           "--ranks", "2", "--mb", "256", "--reps", "2", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.startswith("SKIP"), proc.stdout + proc.stderr
+    assert os.listdir(tmp_path) == []

@@ -1041,7 +1041,8 @@ def render_cooperative(cases: dict) -> list[str]:
              f"exchange_bytes {_mib(p['exchange_bytes'])}. Time: {p['time']}; GB/s: {p['gbps']}. `read / ckpt`: "
              f"bytes read from the checkpoint's files by all ranks together over the checkpoint's tensor bytes "
              f"({p['bytes_read']}; `*`: rchar); `sent`: bytes the ranks sent one another, all ranks together. "
-             f"Process: {p['process']}. Every load's values are checked.", "",
+             f"Process: {p['process']}. Peak: {p.get('peak', 'VmHWM above the start of the load')}. Every load's "
+             "values are checked.", "",
              "On one machine the ranks share one disk and one page cache: a byte one rank reads is in the cache "
              "for the others, and an exchange goes over loopback. The time here therefore shows mostly what the "
              "exchange costs; what shared storage (NFS, Lustre, object stores) saves is the `read / ckpt` column: "
