@@ -187,7 +187,8 @@ def _load(rank: int, world: int, case: str, system: str, cache: str, dest: _Dest
         torch.cuda.synchronize()
     took = time.perf_counter() - t0
     read_chars = rchar() - r0
-    peak = proc_status()["VmHWM"] - rss0
+    # (VmRSS read just after the reset can exceed the peak when memory is freed meanwhile.)
+    peak = max(0, proc_status()["VmHWM"] - rss0)
     stats = getattr(reader, "last_read_stats", None)
     mine = [stats.bytes_read, stats.bytes_sent, stats.bytes_received] if stats is not None else [0, 0, 0]
     # Every rank's row of the table, the others zero: a sum gives every rank all the rows.
