@@ -198,7 +198,18 @@ def _load(rank: int, world: int, case: str, system: str, cache: str, dest: _Dest
     times[rank] = took
     dist.all_reduce(table)
     dist.all_reduce(times)
-    dest.check(f"rank {rank}, {case}, {system}, {cache} cache")
+    # A rank whose values differ says so to the others, so none waits for it in the next load.
+    try:
+        dest.check(f"rank {rank}, {case}, {system}, {cache} cache")
+        wrong = None
+    except AssertionError as exc:
+        wrong = exc
+    flag = torch.tensor([0 if wrong is None else 1], device=device)
+    dist.all_reduce(flag)
+    if wrong is not None:
+        raise wrong
+    if flag.item():
+        raise AssertionError(f"rank {rank}: another rank loaded wrong values ({case}, {system}, {cache} cache)")
     if hasattr(reader, "close"):
         reader.close()
     per_rank = {k: table[:, i].tolist() for i, k in enumerate(_STATS)}
