@@ -403,12 +403,12 @@ class Cooperation:
         self.sched = value
 
     def _rounds(self) -> None:
+        """Each round: read this rank's segments; finish the previous round's messages; agree
+        that nobody failed; start this round's messages (they travel while the next is read)."""
         assert self.sched is not None
-        by_span = {j: image for j, image in enumerate(self.images)}
         for _, _, _, js in self.sched.segments.values():
-            for j in js:
-                by_span[j].remaining += 1
-        self._by_span = by_span
+            for j in js:  # the images are in the order of this rank's spans
+                self.images[j].remaining += 1
         pending = None
         for rnd in self.sched.rounds:
             if self.error is None:
@@ -431,7 +431,7 @@ class Cooperation:
         rel, lo, hi, js = self.sched.segments[sid]
         out = []
         for j in js:
-            image = self._by_span[j]
+            image = self.images[j]
             if image.data is None:
                 if image.direct:
                     assert image.target is not None
@@ -548,7 +548,7 @@ class Cooperation:
             done = [sid for sid in rnd.reads] + [sid for m in rnd.recvs for sid in m.segments]
             for sid in done:
                 for j in self.sched.segments[sid][3]:
-                    image = self._by_span[j]
+                    image = self.images[j]
                     image.remaining -= 1
                     if image.remaining == 0:
                         self._finish(image)
