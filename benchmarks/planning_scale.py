@@ -457,8 +457,9 @@ def metadata_pickle(global_plan: list[SavePlan], metadata: Any, reps: int) -> tu
 
 def metadata_unpickle(raw: bytes, reps: int) -> dict:
     """What every loading rank pays for the metadata: unpickling it with stock's reader
-    (``pickle.load``) and dcp_native's (its restricted unpickler), both with the collector on as
-    they run today, and with the collector paused. Only the pickle is alive (as on a rank)."""
+    (``pickle.load``, the collector on) and dcp_native's (its restricted unpickler, which pauses
+    the collector), and ``pickle.load`` with the collector paused. Only the pickle is alive (as on
+    a rank)."""
     from dcp_native._safe_pickle import load_metadata
     from dcp_native.planners import gc_paused
 

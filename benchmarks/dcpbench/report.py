@@ -861,7 +861,7 @@ PLANNING_SERIES = {
     "pickle_gc_on": ("metadata pickle, collector on (stock's writer)", "metadata", "pickle_gc_on"),
     "pickle_gc_paused": ("metadata pickle, collector paused (dcp_native's writer)", "metadata", "pickle_gc_paused"),
     "unpickle_gc_on": ("metadata unpickle, stock's reader (collector on)", "metadata", "unpickle_gc_on"),
-    "unpickle_dcp_native": ("metadata unpickle, dcp_native's reader (collector on)", "metadata",
+    "unpickle_dcp_native": ("metadata unpickle, dcp_native's reader", "metadata",
                             "unpickle_dcp_native"),
     "unpickle_gc_paused": ("metadata unpickle, collector paused", "metadata", "unpickle_gc_paused"),
     "load_stock": ("one rank's load planning, stock", "load", "stock"),
@@ -931,7 +931,7 @@ def render_planning(case: dict) -> list[str]:
              "dcp_native: CachingSavePlanner + its FileSystemWriter, first plan and a save of the same structure); "
              "both make the same global plan and metadata (checked). `metadata`: the committed `.metadata` (with each "
              "item's storage entry): size; pickle with the cyclic collector on (stock's writer) / paused "
-             "(dcp_native's); unpickle by stock's reader and dcp_native's (both with the collector on, as they run) "
+             "(dcp_native's); unpickle by stock's reader (collector on) and dcp_native's (its reader pauses the collector) "
              "and with it paused. `load`: "
              "`set_up_planner` + `create_local_plan` of one rank (real DTensors), stock's DefaultLoadPlanner vs "
              "dcp_native's CachingLoadPlanner, and its search alone once its chunk indexes are built; the same "
