@@ -20,6 +20,7 @@
 #include "fault_injection.hpp"
 #include "file_io.hpp"
 #include "io_error.hpp"
+#include "metadata_pickle.hpp"
 #include "pinned_pool.hpp"
 #include "read_engine.hpp"
 #include "write_engine.hpp"
@@ -457,6 +458,18 @@ PYBIND11_MODULE(_C, m) {
         "where the CPU lacks it (tests).");
   m.def("crc32c_impl", &py_crc32c_impl, py::arg("portable") = false,
         "The CRC32C implementation crc32c uses: 'sse4.2', 'armv8' or 'portable'.");
+  m.def(
+      "pickle_tree",
+      [](py::handle obj, py::dict globals, py::dict classes) {
+        PyObject* out = pickle_tree(obj.ptr(), globals.ptr(), classes.ptr());
+        if (out == nullptr) {
+          throw py::error_already_set();
+        }
+        return py::reinterpret_steal<py::object>(out);
+      },
+      py::arg("obj"), py::arg("globals"), py::arg("classes"),
+      "The protocol-4 pickle of obj, or None where it holds something outside the tables\n"
+      "(see dcp_native._metadata_pickle, which builds them).");
   m.attr("MAX_IOVECS") = kMaxIovecs;
   m.attr("TINY_SPAN") = kTinySpan;
   m.attr("MAX_NDIM") = kMaxNdim;

@@ -19,11 +19,10 @@ import dataclasses
 import io
 import itertools
 import os
-import pickle
 import threading
 import time
 from array import array
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -33,7 +32,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import _device, checkpoint, commit, integrity, layout, sidecar
+from . import _device, _metadata_pickle, checkpoint, commit, integrity, layout, sidecar
 from ._backend import get_engine
 from ._errors import CheckpointError
 from .engine import DEFAULT_STAGING_BYTES, SRC_BLOB, SRC_HOST
@@ -178,19 +177,20 @@ class _PickledMetadata:
     #: The metadata's other fields (version, and whatever later torch versions add)
     others: dict[str, Any]
     storage_meta: Any
-    #: (index, relative path, offset, length, transform descriptors) of each item, in order
-    entries: list[tuple]
+    #: The metadata's storage_data (a dict no later save changes: each sets a new one)
+    storage_data: dict
     raw: bytes
 
-    def reuse(self, metadata: Metadata, entries: list[tuple]) -> bytes | None:
-        """The pickle of ``metadata`` (whose items are ``entries``) made from this one, or None."""
+    def reuse(self, metadata: Metadata) -> bytes | None:
+        """The pickle of ``metadata`` made from this one, or None."""
         old_meta, new_meta = self.storage_meta, metadata.storage_meta
         if (metadata.planner_data is not self.planner_data or _others(metadata) != self.others
-                or len(entries) != len(self.entries) or type(old_meta) is not type(new_meta)
+                or len(metadata.storage_data) != len(self.storage_data) or type(old_meta) is not type(new_meta)
                 or {**vars(old_meta), "save_id": None} != {**vars(new_meta), "save_id": None}):
             return None
         swaps = {old_meta.save_id: new_meta.save_id}
-        for (i0, r0, o0, l0, t0), (i1, r1, o1, l1, t1) in zip(self.entries, entries):
+        for (i0, r0, o0, l0, t0), (i1, r1, o1, l1, t1) in zip(_entries(self.storage_data),
+                                                              _entries(metadata.storage_data)):
             if (o0, l0, t0) != (o1, l1, t1) or swaps.setdefault(r0, r1) != r1 or (
                     i0 is not i1 and (i0.fqn, i0.offset, i0.index) != (i1.fqn, i1.offset, i1.index)):
                 return None
@@ -210,6 +210,12 @@ class _PickledMetadata:
         return bytes(raw)
 
 
+def _entries(storage_data: dict) -> Iterator[tuple]:
+    """(index, relative path, offset, length, transform descriptors) of each item, in order."""
+    return ((index, info.relative_path, info.offset, info.length, getattr(info, "transform_descriptors", None))
+            for index, info in storage_data.items())
+
+
 def _others(metadata: Metadata) -> dict[str, Any]:
     return {k: v for k, v in vars(metadata).items()
             if k not in ("state_dict_metadata", "planner_data", "storage_data", "storage_meta")}
@@ -224,22 +230,21 @@ _pickled: dict[int, _PickledMetadata] = {}
 _pickled_lock = threading.Lock()
 
 
-def _pickle_metadata(metadata: Metadata) -> bytes:
-    """``pickle.dumps(metadata)``, from the last pickle of the same plan where it can be
+def _pickle_metadata(metadata: Metadata, native: bool) -> bytes:
+    """The pickle of ``metadata`` (:func:`dcp_native._metadata_pickle.dumps`; ``native``: by the
+    native pickler where it can), from the last pickle of the same plan where it can be
     (:class:`_PickledMetadata`); the last pickle of each of two plans is kept. The save id and the
     relative paths of ``metadata`` must be :func:`_fresh` objects (one per data file)."""
-    entries = [(index, info.relative_path, info.offset, info.length, getattr(info, "transform_descriptors", None))
-               for index, info in metadata.storage_data.items()]
     key = id(metadata.state_dict_metadata)
     with _pickled_lock:
         kept = _pickled.get(key)
     raw = None
     if kept is not None and kept.state_dict_metadata is metadata.state_dict_metadata:
-        raw = kept.reuse(metadata, entries)
+        raw = kept.reuse(metadata)
     if raw is None:
-        raw = pickle.dumps(metadata)
+        raw = _metadata_pickle.dumps(metadata, native)
     entry = _PickledMetadata(metadata.state_dict_metadata, metadata.planner_data, _others(metadata),
-                             copy.copy(metadata.storage_meta), entries, raw)
+                             copy.copy(metadata.storage_meta), metadata.storage_data, raw)
     with _pickled_lock:
         _pickled.pop(key, None)
         _pickled[key] = entry
@@ -606,7 +611,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         metadata.storage_meta.save_id = _fresh(metadata.storage_meta.save_id)
         rank = self._local_rank()
         metadata_name = f"__{rank}{checkpoint.METADATA_NAME}" if rank is not None else checkpoint.METADATA_NAME
-        metadata_bytes = _pickle_metadata(metadata)
+        metadata_bytes = _pickle_metadata(metadata, native=get_engine().name == "native")
         side = sidecar.document(self.save_id, metadata_name, metadata_bytes, payloads, tables)
         commit.commit(str(self.path), metadata_name, metadata_bytes, side, self.save_id,
                       sync=self.sync_files, overwrite=self.overwrite, rank=rank, metadata=metadata)

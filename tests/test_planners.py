@@ -273,9 +273,12 @@ def test_after_a_failed_save(engine_name, tmp_path, monkeypatch):
         assert saver.reused == reused and _equal(_load(path, sd), sd)
 
 
-def test_a_kept_metadata_pickle_is_reused_only_where_it_is_sound():
+@pytest.mark.parametrize("native", [True, False], ids=["native_pickler", "pickle"])
+def test_a_kept_metadata_pickle_is_reused_only_where_it_is_sound(native):
     """The next save's metadata pickle is the last one with its save id and file names replaced,
-    only when each occurs once in it (else a key equal to a name, say, could be replaced)."""
+    only when each occurs once in it (else a key equal to a name, say, could be replaced); with
+    pickle's stream and with the native pickler's."""
+    from dcp_native import _metadata_pickle
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 
@@ -289,15 +292,16 @@ def test_a_kept_metadata_pickle_is_reused_only_where_it_is_sound():
         sd_md = {key: None}
         first = metadata(sd_md, "s" * 32, "__0_0.aaaa.distcp")
         first.planner_data = {key: (key,)}
-        _pickle_metadata(first)
+        _pickle_metadata(first, native)
         second = metadata(sd_md, "t" * 32, "__0_0.bbbb.distcp")
         second.planner_data = first.planner_data
         kept = _PickledMetadata(sd_md, first.planner_data, {"version": first.version}, first.storage_meta,
-                                [(i, v.relative_path, v.offset, v.length, None) for i, v in first.storage_data.items()],
-                                pickle.dumps(first))
-        got = kept.reuse(second, [(i, v.relative_path, v.offset, v.length, None) for i, v in second.storage_data.items()])
+                                first.storage_data, _metadata_pickle.dumps(first, native))
+        got = kept.reuse(second)
         assert (got is not None) == reused
-        assert pickle.loads(_pickle_metadata(second)) == second
+        if got is not None:
+            assert pickle.loads(got) == second
+        assert pickle.loads(_pickle_metadata(second, native)) == second
 
 
 def test_kept_layout_falls_back_when_a_tensor_no_longer_fits(engine_name, tmp_path):
