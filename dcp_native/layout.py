@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import heapq
 import io
 import math
 import os
@@ -418,6 +419,19 @@ class FileLayout:
             self.device = device
         return self._append(SRC_HOST if device < 0 else SRC_DEVICE, tensor.data_ptr(), tensor.nbytes)
 
+    def add_framed(self, header: bytes, tensor: torch.Tensor, trailer: bytes) -> int:
+        """Append a non-empty dense host tensor between its frame's header and trailer (what
+        add_bytes, add_tensor, add_bytes do, in one step); the item's offset."""
+        offset, at, nbytes = self.size, len(self.blob), tensor.nbytes
+        self.tensors.append(tensor)
+        payload = offset + len(header)
+        self.segments.extend((offset, SRC_BLOB, at, len(header), payload, SRC_HOST, tensor.data_ptr(), nbytes,
+                              payload + nbytes, SRC_BLOB, at + len(header), len(trailer)))
+        self.blob += header
+        self.blob += trailer
+        self.size = payload + nbytes + len(trailer)
+        return offset
+
     def write_file(self, crc_block: int = 0, stream: int = 0) -> WriteFile:
         """The engine's plan of this file (``stream``: the producer's, for device segments)."""
         return WriteFile(self.path, self.blob, self.segments, crc_block, self.device,
@@ -437,17 +451,35 @@ def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
     groups = _split_by_size_and_type(files, items) if files else [[item] for item in items]
     serialization_id = new_serialization_id()
     route = _DeviceRoute(cuda_usable)
+    frames: dict[tuple, TensorFrame] = {}  # by (dtype, shape, item offset % PAYLOAD_ALIGN)
     layouts, results = [], []
     for n, group in enumerate(groups):
         # Stock's __{rank}_{n}.distcp with the save's tag: __{rank}_{n}.{tag}.distcp.
         fl = FileLayout(directory, f"{prefix}{n}{'.' + tag if tag else ''}{_stock.DEFAULT_SUFFIX}")
         layouts.append(fl)
         # Byte items first, then tensors: stock's order within a file.
-        for item in sorted(group, key=lambda wi: wi.type != WriteItemType.BYTE_IO):
+        byte_items = [item for item in group if item.type is _BYTE_IO]
+        for item in byte_items + [item for item in group if item.type is not _BYTE_IO] if byte_items else group:
             data = resolve(item)
-            results.append(_add_transformed(fl, item, data, transforms) if transforms is not None
-                           else _add_item(fl, item, data, serialization_id, route))
+            if transforms is not None:
+                results.append(_add_transformed(fl, item, data, transforms))
+            elif (type(data) is torch.Tensor and data.is_cpu and item.type is not _BYTE_IO
+                  and data.layout is torch.strided and data.is_contiguous() and not data.is_quantized
+                  and not data.is_conj() and not data.is_neg() and data.nbytes):
+                # The common case, without _add_item's general route: a dense host tensor.
+                key = (data.dtype, data.shape, fl.size % PAYLOAD_ALIGN)
+                frame = frames.get(key)
+                if frame is None:
+                    frame = frames[key] = frame_tensor(data.dtype, data.shape, fl.size, serialization_id)
+                offset = fl.add_framed(frame.header, data, frame.trailer)
+                results.append(WriteResult(item.index, frame.length, StorageInfo(
+                    fl.relative_path, offset, frame.length, None, frame.payload_offset)))
+            else:
+                results.append(_add_item(fl, item, data, serialization_id, route))
     return layouts, results
+
+
+_BYTE_IO = WriteItemType.BYTE_IO
 
 
 def _item_nbytes(item: WriteItem) -> int:
@@ -463,14 +495,16 @@ def _split_by_size_and_type(bins: int, items: Sequence[WriteItem]) -> list[list[
     if bins <= 1:
         return [list(items)]
     buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
-    sizes = [0] * bins
     for i, wi in enumerate(wi for wi in items if wi.type == WriteItemType.BYTE_IO):
         buckets[i % bins].append(wi)
     tensor_items = [wi for wi in items if wi.type != WriteItemType.BYTE_IO]
-    for wi in sorted(tensor_items, key=_item_nbytes, reverse=True):
-        idx = min(range(bins), key=sizes.__getitem__)
-        buckets[idx].append(wi)
-        sizes[idx] += _item_nbytes(wi)
+    nbytes = [_item_nbytes(wi) for wi in tensor_items]
+    # Largest first (stable), each to the emptiest file, the lowest-numbered among equals.
+    emptiest = [(0, idx) for idx in range(bins)]
+    for k in sorted(range(len(tensor_items)), key=nbytes.__getitem__, reverse=True):
+        size, idx = emptiest[0]
+        buckets[idx].append(tensor_items[k])
+        heapq.heapreplace(emptiest, (size + nbytes[k], idx))
     return buckets
 
 

@@ -10,6 +10,8 @@ import struct
 import zipfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from dcp_native import _safe_pickle, checkpoint, layout
@@ -278,3 +280,56 @@ def test_items_go_to_the_files_stock_puts_them_in(tmp_path, files):
     assert placement(dcp_native.FileSystemWriter, tmp_path / "ours") == placement(
         dcp.FileSystemWriter, tmp_path / "stock"
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([torch.float32, torch.bfloat16, torch.int8, torch.float64]),
+                          st.lists(st.integers(0, 9), max_size=3), st.booleans()), max_size=40),
+       st.integers(1, 6))
+def test_items_go_to_files_as_stock_assigns_them(specs, bins):
+    """Byte items round-robin, tensors largest first to the emptiest file: stock's own function
+    gives the same files, in the same order."""
+    from torch.distributed.checkpoint import filesystem as stock_fs
+    from torch.distributed.checkpoint.planner_helpers import _create_write_items
+
+    items = []
+    for i, (dtype, shape, is_bytes) in enumerate(specs):
+        items += _create_write_items(f"k{i}", b"x" if is_bytes else torch.zeros(shape, dtype=dtype))
+    ours = layout._split_by_size_and_type(bins, items)
+    assert [[wi.index for wi in b] for b in ours] == \
+        [[wi.index for wi in b] for b in stock_fs._split_by_size_and_type(bins, items)]
+
+
+def test_dense_host_tensors_are_laid_out_as_the_general_route_lays_them_out(monkeypatch):
+    """lay_out's shortcut for dense host tensors gives the bytes, segments and results that
+    _add_item gives (tensors of many sizes, some past PAYLOAD_ALIGN_MIN_BYTES, objects between)."""
+    from torch.distributed.checkpoint.planner_helpers import _create_write_items
+
+    sd = {f"t{i}": make_tensor(dtype, shape) for i, (dtype, shape) in enumerate(
+        [(torch.float32, (3, 5)), (torch.bfloat16, (7,)), (torch.int64, (40000,)), (torch.float32, (3, 5)),
+         (torch.uint8, (1,)), (torch.float64, (100, 200)), (torch.bool, (9,))] * 3)}
+    sd["obj"] = b"payload"
+    items = [it for k, v in sd.items() for it in _create_write_items(k, v)]
+
+    def resolve(item):
+        return sd[item.index.fqn]
+
+    sid = layout.new_serialization_id()
+    monkeypatch.setattr(layout, "new_serialization_id", lambda: sid)
+    files, results = layout.lay_out(items, resolve, "/d", "__0_", "t", files=2, transforms=None,
+                                    cuda_usable=lambda: False)
+    for fl in files:
+        general = layout.FileLayout("/d", fl.relative_path)
+        expected = []
+        for wr in results:
+            if wr.storage_data.relative_path != fl.relative_path:
+                continue
+            item = next(it for it in items if it.index == wr.index)
+            data = resolve(item)
+            if isinstance(data, bytes):
+                data = io.BytesIO(data)
+            expected.append(layout._add_item(general, item, data, sid, layout._DeviceRoute(lambda: False)))
+        got = [wr for wr in results if wr.storage_data.relative_path == fl.relative_path]
+        assert got == expected
+        assert bytes(fl.blob) == bytes(general.blob) and list(fl.segments) == list(general.segments)
+        assert fl.size == general.size
