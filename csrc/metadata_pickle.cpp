@@ -16,7 +16,6 @@
 #include <cstring>
 #include <map>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 namespace dcp_native {
@@ -32,6 +31,66 @@ constexpr int kMaxDepth = 200;
 struct GiveUp {};
 // Thrown when a Python call failed (its error is set).
 struct PythonError {};
+
+// Pickle's memo: object address -> memo index, open addressing (the memo of a large
+// checkpoint's metadata holds tens of thousands of entries; one node per entry costs more
+// than the pickling).
+class Memo {
+ public:
+  Memo() : slots_(size_t{1} << bits_) {}
+
+  const uint32_t* find(PyObject* key) const {
+    for (size_t i = slot(key);; i = (i + 1) & mask()) {
+      const Slot& s = slots_[i];
+      if (s.key == key) {
+        return &s.value;
+      }
+      if (s.key == nullptr) {
+        return nullptr;
+      }
+    }
+  }
+
+  void insert(PyObject* key, uint32_t value) {
+    if ((size_ + 1) * 2 > slots_.size()) {
+      grow();
+    }
+    place(key, value);
+    ++size_;
+  }
+
+ private:
+  struct Slot {
+    PyObject* key = nullptr;
+    uint32_t value = 0;
+  };
+
+  size_t mask() const { return slots_.size() - 1; }
+  size_t slot(PyObject* key) const {
+    return static_cast<size_t>((reinterpret_cast<uintptr_t>(key) * 0x9E3779B97F4A7C15ull) >> (64 - bits_));
+  }
+  void place(PyObject* key, uint32_t value) {
+    size_t i = slot(key);
+    while (slots_[i].key != nullptr) {
+      i = (i + 1) & mask();
+    }
+    slots_[i] = Slot{key, value};
+  }
+  void grow() {
+    std::vector<Slot> old(size_t{1} << (bits_ + 1));
+    old.swap(slots_);
+    ++bits_;
+    for (const Slot& s : old) {
+      if (s.key != nullptr) {
+        place(s.key, s.value);
+      }
+    }
+  }
+
+  int bits_ = 12;
+  std::vector<Slot> slots_;
+  size_t size_ = 0;
+};
 
 class Pickler {
  public:
@@ -102,22 +161,28 @@ class Pickler {
     return obj;
   }
 
-  void memoize(PyObject* obj) {
-    memo_.emplace(obj, next_memo_++);
+  // Memoizes obj unless nothing but its container refers to it (`own_refs` references, ours
+  // included): such an object cannot be met again, and leaving it out of the memo changes
+  // nothing the stream loads to.
+  void memoize(PyObject* obj, Py_ssize_t own_refs = 1) {
+    if (Py_REFCNT(obj) <= own_refs) {
+      return;
+    }
+    memo_.insert(obj, next_memo_++);
     out_ += '\x94';  // MEMOIZE
   }
 
   bool memo_get(PyObject* obj) {
-    auto it = memo_.find(obj);
-    if (it == memo_.end()) {
+    const uint32_t* index = memo_.find(obj);
+    if (index == nullptr) {
       return false;
     }
-    if (it->second < 256) {
+    if (*index < 256) {
       out_ += 'h';  // BINGET
-      out_ += static_cast<char>(it->second);
+      out_ += static_cast<char>(*index);
     } else {
       out_ += 'j';  // LONG_BINGET
-      append_le(it->second, 4);
+      append_le(*index, 4);
     }
     return true;
   }
@@ -213,7 +278,7 @@ class Pickler {
     for (Py_ssize_t i = 0; i < n; ++i) {
       save(PyTuple_GET_ITEM(obj, i), depth);
     }
-    if (memo && memo_.count(obj) != 0) {
+    if (memo && memo_.find(obj) != nullptr) {
       throw GiveUp();  // reached through itself: pickle's recursive-tuple case
     }
     static const char kTupleN[] = {'\0', '\x85', '\x86', '\x87'};  // TUPLE1..3
@@ -241,9 +306,9 @@ class Pickler {
     }
   }
 
-  void save_dict(PyObject* obj, int depth) {
+  void save_dict(PyObject* obj, int depth, Py_ssize_t own_refs = 1) {
     out_ += '}';  // EMPTY_DICT
-    memoize(obj);
+    memoize(obj, own_refs);
     const Py_ssize_t size = PyDict_GET_SIZE(obj);
     Py_ssize_t pos = 0, done = 0;
     PyObject *key = nullptr, *value = nullptr;
@@ -282,15 +347,23 @@ class Pickler {
     memoize(obj);
   }
 
-  // cls.__new__(cls) then BUILD with the state: pickle's copyreg.__newobj__ path.
-  void save_newobj(PyObject* obj, PyObject* state, int depth) {
+  // cls.__new__(cls) then BUILD with the state: pickle's copyreg.__newobj__ path. `own_dict`:
+  // the state is obj's own __dict__ (referred to by obj and held by us).
+  void save_newobj(PyObject* obj, PyObject* state, int depth, bool own_dict = false) {
     save_global(reinterpret_cast<PyObject*>(Py_TYPE(obj)));
     out_ += ")\x81";  // EMPTY_TUPLE, NEWOBJ
     memoize(obj);
-    if (state != Py_None) {
-      save(state, depth);
-      out_ += 'b';  // BUILD
+    if (state == Py_None) {
+      return;
     }
+    if (own_dict && PyDict_CheckExact(state) && depth < kMaxDepth) {
+      if (!memo_get(state)) {
+        save_dict(state, depth + 1, 2);
+      }
+    } else {
+      save(state, depth);
+    }
+    out_ += 'b';  // BUILD
   }
 
   void save_object(PyObject* obj, int depth) {
@@ -305,7 +378,7 @@ class Pickler {
     switch (PyLong_AsLong(mode_obj)) {
       case kStateDict: {
         PyObject* dict = hold(PyObject_GenericGetDict(obj, nullptr));
-        save_newobj(obj, PyDict_Check(dict) && PyDict_GET_SIZE(dict) == 0 ? Py_None : dict, depth);
+        save_newobj(obj, PyDict_Check(dict) && PyDict_GET_SIZE(dict) == 0 ? Py_None : dict, depth, true);
         return;
       }
       case kStateCall: {
@@ -327,7 +400,9 @@ class Pickler {
         }
         auto it = states_.find(key);
         if (it == states_.end()) {
-          it = states_.emplace(key, hold(PyObject_CallMethod(obj, "__getstate__", nullptr))).first;
+          PyObject* state = hold(PyObject_CallMethod(obj, "__getstate__", nullptr));
+          hold(Py_NewRef(state));  // a second reference: memoized, for the next object like it
+          it = states_.emplace(key, state).first;
         }
         save_newobj(obj, it->second, depth);
         return;
@@ -355,7 +430,7 @@ class Pickler {
             }
           }
         }
-        save_newobj(obj, state, depth);
+        save_newobj(obj, state, depth, state == dict);
         return;
       }
       case kTupleReduce: {
@@ -422,7 +497,7 @@ class Pickler {
   PyObject* classes_;
   std::string out_;
   size_t frame_start_ = 0;
-  std::unordered_map<PyObject*, uint32_t> memo_;
+  Memo memo_;
   uint32_t next_memo_ = 0;
   std::vector<PyObject*> keep_;
   // kStateByFields: the state of each (type, field names and values) met so far.

@@ -372,10 +372,13 @@ def local_data_offset(header: bytes, header_offset: int) -> int:
 
 @dataclasses.dataclass
 class StorageInfo(_stock._StorageInfo):
-    """Stock's storage info plus what only dcp_native needs; never reaches ``.metadata``."""
+    """The storage info of a data file's first item: stock's fields, plus what dcp_native records
+    about the whole file, which travels to the coordinator with it (the file's other items get
+    stock's own ``_StorageInfo``); never reaches ``.metadata``."""
 
-    #: Offset of the tensor payload from the item's first byte (-1: not a framed tensor).
-    payload_offset: int = -1
+    #: (item offset, item length, payload offset within the item) of each framed tensor of the
+    #: file, flat, in file order: the sidecar's entries.
+    payloads: array = dataclasses.field(default_factory=lambda: array("q"))
     #: The data file's checksum table (a :class:`~dcp_native.sidecar.TableInfo`), if written.
     table: Any = None
 
@@ -398,6 +401,21 @@ class FileLayout:
         self.device = -1
         #: What the host and device segments point into, alive until the write returns.
         self.tensors: list[torch.Tensor] = []
+        #: The storage info of the first item (see StorageInfo), None while there is none.
+        self.head: StorageInfo | None = None
+        #: StorageInfo.payloads of this file.
+        self.payloads = array("q")
+
+    def storage_info(self, offset: int, length: int, payload_offset: int = -1,
+                     transform_descriptors: Any = None) -> _stock._StorageInfo:
+        """The storage info of an item laid out at ``offset`` (``payload_offset``: of its tensor
+        payload within it, -1 for none): the file's head for its first item, else stock's."""
+        if payload_offset >= 0:
+            self.payloads.extend((offset, length, payload_offset))
+        if self.head is None:
+            self.head = StorageInfo(self.relative_path, offset, length, transform_descriptors, self.payloads)
+            return self.head
+        return _stock._StorageInfo(self.relative_path, offset, length, transform_descriptors)
 
     def _append(self, kind: int, source: int, nbytes: int) -> int:
         offset = self.size
@@ -463,7 +481,8 @@ def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
             data = resolve(item)
             if transforms is not None:
                 results.append(_add_transformed(fl, item, data, transforms))
-            elif (type(data) is torch.Tensor and data.is_cpu and item.type is not _BYTE_IO
+            elif (type(data) is torch.Tensor and data.is_cpu and _device.cuda_index(data) < 0
+                  and item.type is not _BYTE_IO
                   and data.layout is torch.strided and data.is_contiguous() and not data.is_quantized
                   and not data.is_conj() and not data.is_neg() and data.nbytes):
                 # The common case, without _add_item's general route: a dense host tensor.
@@ -472,8 +491,8 @@ def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
                 if frame is None:
                     frame = frames[key] = frame_tensor(data.dtype, data.shape, fl.size, serialization_id)
                 offset = fl.add_framed(frame.header, data, frame.trailer)
-                results.append(WriteResult(item.index, frame.length, StorageInfo(
-                    fl.relative_path, offset, frame.length, None, frame.payload_offset)))
+                results.append(WriteResult(item.index, frame.length,
+                                           fl.storage_info(offset, frame.length, frame.payload_offset)))
             else:
                 results.append(_add_item(fl, item, data, serialization_id, route))
     return layouts, results
@@ -575,7 +594,7 @@ def _add_item(fl: FileLayout, item: WriteItem, data: Any, serialization_id: byte
         buf = io.BytesIO()
         torch.save(_host_copy(data), buf)
         fl.add_bytes(buf.getbuffer())
-    info = StorageInfo(fl.relative_path, offset, fl.size - offset, payload_offset=payload_offset)
+    info = fl.storage_info(offset, fl.size - offset, payload_offset)
     return WriteResult(index=item.index, size_in_bytes=info.length, storage_data=info)
 
 
@@ -587,6 +606,6 @@ def _add_transformed(fl: FileLayout, item: WriteItem, data: Any, transforms: Any
     framed = _stock._write_item(
         transforms, buf, data, item, fl.relative_path, _stock.SerializationFormat.TORCH_SAVE
     )
-    info = StorageInfo(fl.relative_path, fl.add_bytes(buf.getbuffer()), framed.storage_data.length,
-                       framed.storage_data.transform_descriptors)
+    info = fl.storage_info(fl.add_bytes(buf.getbuffer()), framed.storage_data.length,
+                           transform_descriptors=framed.storage_data.transform_descriptors)
     return WriteResult(index=item.index, size_in_bytes=framed.size_in_bytes, storage_data=info)

@@ -17,7 +17,6 @@ import contextlib
 import copy
 import dataclasses
 import io
-import itertools
 import os
 import threading
 import time
@@ -76,10 +75,10 @@ class _KeptLayout:
     key: tuple
     items: list[WriteItem]
     order: list[WriteItem]
-    files: list[tuple[int, bytearray, array]]  # (size, blob, segments) of data file n
+    files: list[tuple[int, bytearray, array, array]]  # (size, blob, segments, payloads) of data file n
     slots: list[tuple]
-    #: (file, index, size_in_bytes, offset, length, payload offset) of each result
-    results: list[tuple[int, Any, int, int, int, int]]
+    #: (file, index, size_in_bytes, offset, length) of each result
+    results: list[tuple[int, Any, int, int, int]]
 
     @classmethod
     def capture(cls, key: tuple, items: list[WriteItem], prefix: str, tag: str,
@@ -104,7 +103,7 @@ class _KeptLayout:
             if f is None or wr.index != item.index or getattr(info, "transform_descriptors", None):
                 return None
             seg = files[f].segments
-            kept_results.append((f, wr.index, wr.size_in_bytes, info.offset, info.length, info.payload_offset))
+            kept_results.append((f, wr.index, wr.size_in_bytes, info.offset, info.length))
             if item.type == WriteItemType.BYTE_IO:
                 j = blobs[f].get(info.offset)
                 if j is None or seg[j + 3] != info.length:
@@ -125,16 +124,17 @@ class _KeptLayout:
         if taken != [len(h) for h in host]:
             return None
         return cls(key, items, [item for item, _ in resolved],
-                   [(fl.size, bytearray(fl.blob), array("q", fl.segments)) for fl in files], slots, kept_results)
+                   [(fl.size, bytearray(fl.blob), array("q", fl.segments), array("q", fl.payloads)) for fl in files],
+                   slots, kept_results)
 
     def apply(self, directory: str, resolve: Any, prefix: str,
               tag: str) -> tuple[list[layout.FileLayout], list[WriteResult]] | None:
         """This layout with the data ``resolve`` gives now, in files named for ``tag``; None when
         some item no longer fits it (the caller then lays out anew)."""
         files = []
-        for n, (size, blob, segments) in enumerate(self.files):
+        for n, (size, blob, segments, payloads) in enumerate(self.files):
             fl = layout.FileLayout(directory, _file_name(prefix, n, tag))
-            fl.size, fl.blob, fl.segments = size, blob, array("q", segments)
+            fl.size, fl.blob, fl.segments, fl.payloads = size, blob, array("q", segments), array("q", payloads)
             files.append(fl)
         copied = set()  # the files whose blob is a copy (the kept blobs never change)
         for item, slot in zip(self.order, self.slots):
@@ -153,9 +153,8 @@ class _KeptLayout:
             elif slot[1] >= 0:
                 fl.segments[slot[1] + 2] = data.data_ptr()
                 fl.tensors.append(data)
-        results = [WriteResult(index=index, size_in_bytes=size, storage_data=layout.StorageInfo(
-            files[f].relative_path, offset, length, payload_offset=payload)) for f, index, size, offset, length, payload
-            in self.results]
+        results = [WriteResult(index, size, files[f].storage_info(offset, length))
+                   for f, index, size, offset, length in self.results]
         return files, results
 
 
@@ -166,8 +165,9 @@ class _PickledMetadata:
     That save's metadata shares this one's ``state_dict_metadata`` and ``planner_data`` (the very
     objects: a caching planner hands out the same ones) and differs at most in its save id and its
     data files' names (both carry the save), whose offsets and lengths are the same. Those strings
-    are objects the save made (:func:`_fresh`) and nothing else in the metadata refers to: each was
-    pickled once (its other uses are memo references), so if its bytes occur exactly once in the
+    are objects the save made after the planner made the rest of the metadata (the names while
+    laying out its files, the save id through :func:`_fresh`), so nothing else in the metadata
+    refers to them: each was pickled once (its other uses are memo references), so if its bytes occur exactly once in the
     pickle, that occurrence is it, and the new pickle is the old one with each such string replaced
     by its successor of the same length: it unpickles to the new metadata.
     """
@@ -234,7 +234,8 @@ def _pickle_metadata(metadata: Metadata, native: bool) -> bytes:
     """The pickle of ``metadata`` (:func:`dcp_native._metadata_pickle.dumps`; ``native``: by the
     native pickler where it can), from the last pickle of the same plan where it can be
     (:class:`_PickledMetadata`); the last pickle of each of two plans is kept. The save id and the
-    relative paths of ``metadata`` must be :func:`_fresh` objects (one per data file)."""
+    relative paths of ``metadata`` must be objects nothing else in it refers to (one per data
+    file)."""
     key = id(metadata.state_dict_metadata)
     with _pickled_lock:
         kept = _pickled.get(key)
@@ -567,10 +568,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         for table, fl, crcs in zip(tables, files, stats.block_crcs):
             table.add_bytes(integrity.encode_table(crc_block, fl.size, crcs))
         engine.write([t.write_file() for t in tables], threads=self.thread_count, sync=self.sync_files)
-        infos = {fl.relative_path: sidecar.TableInfo(t.relative_path, t.size, sidecar.digest(t.blob))
-                 for fl, t in zip(files, tables)}
-        for wr in results:
-            wr.storage_data.table = infos.get(wr.storage_data.relative_path)
+        for fl, t in zip(files, tables):
+            if fl.head is not None:  # the file's tables travels with its first item
+                fl.head.table = sidecar.TableInfo(t.relative_path, t.size, sidecar.digest(t.blob))
 
     # ------------------------------------------------------------------ commit
 
@@ -591,22 +591,19 @@ class FileSystemWriter(_stock.FileSystemWriter):
 
     def _commit(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         metadata.version = getattr(_stock, "CURRENT_DCP_VERSION", getattr(metadata, "version", None))
-        metadata.storage_data = {}
-        # Items lie in increasing offsets within a file, in the order of the results.
-        payloads: dict[str, list[list[int]]] = {}
+        storage = metadata.storage_data = {}
+        payloads: dict[str, list[tuple[int, int, int]]] = {}
         tables: dict[str, sidecar.TableInfo] = {}
-        names: dict[str, str] = {}
-        for wr in itertools.chain.from_iterable(results):
-            info = wr.storage_data
-            if isinstance(info, layout.StorageInfo):
-                rel = info.relative_path
-                if info.payload_offset >= 0:
-                    payloads.setdefault(rel, []).append([info.offset, info.length, info.payload_offset])
-                if info.table is not None:
-                    tables[rel] = info.table
-                name = names.get(rel) or names.setdefault(rel, _fresh(rel))
-                info = _stock._StorageInfo(name, info.offset, info.length, info.transform_descriptors)
-            metadata.storage_data[wr.index] = info
+        for wrs in results:
+            storage.update([(wr.index, wr.storage_data) for wr in wrs])
+            # Each data file's first item carries what the sidecar records about the file.
+            for wr in [wr for wr in wrs if type(wr.storage_data) is layout.StorageInfo]:
+                head = wr.storage_data
+                it = iter(head.payloads)
+                payloads[head.relative_path] = list(zip(it, it, it))
+                if head.table is not None:
+                    tables[head.relative_path] = head.table
+                storage[wr.index] = head.stock()
         metadata.storage_meta = self.storage_meta()
         metadata.storage_meta.save_id = _fresh(metadata.storage_meta.save_id)
         rank = self._local_rank()
