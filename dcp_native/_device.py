@@ -15,7 +15,7 @@ import torch
 
 def cuda_index(tensor: torch.Tensor) -> int:
     """The CUDA device holding ``tensor``'s memory, or -1 for any other device."""
-    if tensor.device.type != "cuda":
+    if not tensor.is_cuda:
         return -1
     index = tensor.device.index
     return index if index is not None else torch.cuda.current_device()

@@ -437,18 +437,23 @@ class FileLayout:
             self.device = device
         return self._append(SRC_HOST if device < 0 else SRC_DEVICE, tensor.data_ptr(), tensor.nbytes)
 
-    def add_framed(self, header: bytes, tensor: torch.Tensor, trailer: bytes) -> int:
-        """Append a non-empty dense host tensor between its frame's header and trailer (what
-        add_bytes, add_tensor, add_bytes do, in one step); the item's offset."""
+    def add_framed(self, frame: TensorFrame, tensor: torch.Tensor) -> _stock._StorageInfo:
+        """Append a non-empty dense host tensor in its frame (what add_bytes, add_tensor, add_bytes
+        and storage_info do, in one step); the item's storage info."""
         offset, at, nbytes = self.size, len(self.blob), tensor.nbytes
+        header, trailer, payload_offset, length = frame
         self.tensors.append(tensor)
         payload = offset + len(header)
         self.segments.extend((offset, SRC_BLOB, at, len(header), payload, SRC_HOST, tensor.data_ptr(), nbytes,
                               payload + nbytes, SRC_BLOB, at + len(header), len(trailer)))
         self.blob += header
         self.blob += trailer
-        self.size = payload + nbytes + len(trailer)
-        return offset
+        self.size = offset + length
+        self.payloads.extend((offset, length, payload_offset))
+        if self.head is None:
+            self.head = StorageInfo(self.relative_path, offset, length, None, self.payloads)
+            return self.head
+        return _stock._StorageInfo(self.relative_path, offset, length, None)
 
     def write_file(self, crc_block: int = 0, stream: int = 0) -> WriteFile:
         """The engine's plan of this file (``stream``: the producer's, for device segments)."""
@@ -490,9 +495,7 @@ def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
                 frame = frames.get(key)
                 if frame is None:
                     frame = frames[key] = frame_tensor(data.dtype, data.shape, fl.size, serialization_id)
-                offset = fl.add_framed(frame.header, data, frame.trailer)
-                results.append(WriteResult(item.index, frame.length,
-                                           fl.storage_info(offset, frame.length, frame.payload_offset)))
+                results.append(WriteResult(item.index, frame.length, fl.add_framed(frame, data)))
             else:
                 results.append(_add_item(fl, item, data, serialization_id, route))
     return layouts, results
