@@ -166,16 +166,25 @@ def validate_storage_data(directory: str, storage_data: Any) -> None:
     root = os.path.realpath(directory)
     checked: set[str] = set()
     for index, info in storage_data.items():
-        key = getattr(index, "fqn", str(index))
-        rel, offset, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
-        if rel not in checked:
-            check_relative_path(directory, root, rel, key)
+        try:
+            rel, offset, length = info.relative_path, info.offset, info.length
+        except AttributeError:
+            rel = offset = length = None
+        if type(rel) is not str or rel not in checked:
+            check_relative_path(directory, root, rel, _key(index))
             checked.add(rel)
         if not (isinstance(offset, int) and isinstance(length, int)
                 and 0 <= offset and 0 <= length and offset + length < 1 << 63):
+            key = _key(index)
             raise CorruptCheckpointError(
                 f"{directory}: item {key!r} in {rel} has offset {offset!r} and length {length!r}, "
                 "which are not a valid file range", filename=os.path.join(directory, rel), key=key)
+
+
+def _key(index: Any) -> str:
+    """The key a metadata index names, for errors."""
+    fqn = getattr(index, "fqn", None)
+    return fqn if isinstance(fqn, str) else str(index)
 
 
 def check_relative_path(directory: str, root: str, rel: Any, key: str) -> None:

@@ -17,7 +17,7 @@ import functools
 import io
 import os
 import pickle
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -51,12 +51,16 @@ _NARROW_MAX_SCRATCH = 64 << 20
 _TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-@dataclasses.dataclass(frozen=True)
-class Located:
-    """Where a tensor read's saved chunk lies: its layout and its payload's file offset."""
+_contiguous_stride = functools.lru_cache(maxsize=4096)(layout.contiguous_stride)
+
+
+class Located(NamedTuple):
+    """Where a tensor read's saved chunk lies: its layout and its payload's file offset (and the
+    read's storage info)."""
 
     saved: _safe_pickle.SavedTensor
     payload: int
+    info: Any = None
 
 
 @dataclasses.dataclass
@@ -126,9 +130,10 @@ class LoadRun:
 
     def _chunk_size(self, req: ReadItem) -> tuple[torch.dtype, tuple[int, ...]]:
         index, md = req.storage_index, self.state_md[req.storage_index.fqn]
-        if index.fqn not in self._chunks:
-            self._chunks[index.fqn] = {tuple(c.offsets): tuple(c.sizes) for c in md.chunks}
-        return md.properties.dtype, self._chunks[index.fqn][tuple(index.offset)]
+        chunks = self._chunks.get(index.fqn)
+        if chunks is None:
+            chunks = self._chunks[index.fqn] = {tuple(c.offsets): tuple(c.sizes) for c in md.chunks}
+        return md.properties.dtype, chunks[index.offset]  # torch.Size hashes and compares as a tuple
 
     def _corrupt(self, rel: str, key: str, offset: int, why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -204,6 +209,7 @@ class LoadRun:
         self._check_files()
         located: list[Located | None] = [None] * len(items)
         unknown: list[int] = []
+        contiguous: dict[tuple, _safe_pickle.SavedTensor] = {}  # the layout of a (dtype, size) saved whole
         for i, (req, info) in enumerate(zip(items, infos)):
             if req.type == LoadItemType.BYTE_IO or info.transform_descriptors:
                 continue
@@ -217,8 +223,10 @@ class LoadRun:
                 raise self._bad_item(req, info, f"has a sidecar entry (item {entry[0]} bytes, payload at "
                                      f"{entry[1]}) that does not match the metadata's {dtype} tensor of size "
                                      f"{list(size)} in an item of {info.length} bytes")
-            located[i] = Located(_safe_pickle.SavedTensor(dtype, size, layout.contiguous_stride(size), 0),
-                                 info.offset + payload)
+            saved = contiguous.get((dtype, size))
+            if saved is None:
+                saved = contiguous[dtype, size] = _safe_pickle.SavedTensor(dtype, size, layout.contiguous_stride(size))
+            located[i] = Located(saved, info.offset + payload, info)
         if unknown:
             self._probe([items[i] for i in unknown], unknown, located)
         return located
@@ -229,7 +237,7 @@ class LoadRun:
             if loc is None:
                 self.buffered.append(self._whole_item_op(req, self._info(req)))
             else:
-                self._plan_tensor(req, self._info(req), loc.saved, loc.payload)
+                self._plan_tensor(req, loc.info or self._info(req), loc.saved, loc.payload)
         self._execute_rounds()
         for req, target in self.commits:
             self.planner.commit_tensor(req, target)
@@ -338,12 +346,29 @@ class LoadRun:
 
     def _plan_tensor(self, req: ReadItem, info: _stock._StorageInfo, saved: _safe_pickle.SavedTensor,
                      payload_file_offset: int) -> None:
+        if (not saved.storage_offset and req.lengths == saved.size and not any(req.storage_offsets)
+                and saved.stride == _contiguous_stride(saved.size)):
+            # The common case: a whole contiguous saved chunk into a dense host tensor of its dtype
+            # is one run (what read_box gives it), read straight into the tensor.
+            target = self._target(req)
+            if (type(target) is torch.Tensor and target.is_cpu and target.dtype == saved.dtype
+                    and target.layout is torch.strided and target.is_contiguous() and not target.is_quantized
+                    and _device.cuda_index(target) < 0 and target.nbytes):
+                self.direct.setdefault(info.relative_path, []).append(
+                    Box(payload_file_offset, target.data_ptr(), target.nbytes, key=req.storage_index.fqn))
+                self.commits.append((req, target))
+                return
+            self._plan_tensor_into(req, info, saved, payload_file_offset, target)
+            return
         if len(req.lengths) != len(saved.size) or any(
             o < 0 or n < 0 or o + n > s for o, n, s in zip(req.storage_offsets, req.lengths, saved.size)
         ):
             raise self._bad_item(req, info, f"holds a chunk of size {list(saved.size)}; the read at offsets "
                                  f"{list(req.storage_offsets)} of lengths {list(req.lengths)} exceeds it")
-        target = self._target(req)
+        self._plan_tensor_into(req, info, saved, payload_file_offset, self._target(req))
+
+    def _plan_tensor_into(self, req: ReadItem, info: _stock._StorageInfo, saved: _safe_pickle.SavedTensor,
+                          payload_file_offset: int, target: torch.Tensor) -> None:
         key = req.storage_index.fqn
         box_at = functools.partial(read_box, payload_file_offset, saved.dtype.itemsize, saved.stride,
                                    saved.storage_offset, req.storage_offsets, req.lengths, key=key)
@@ -455,4 +480,4 @@ class LoadRun:
                 mismatch = checkpoint.metadata_mismatch(found.saved, *self._chunk_size(reqs[k]))
                 if mismatch is not None:
                     raise self._bad_item(reqs[k], info, mismatch)
-                located[where[k]] = Located(found.saved, info.offset + found.payload)
+                located[where[k]] = Located(found.saved, info.offset + found.payload, info)

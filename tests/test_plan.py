@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from hypothesis import given, settings
@@ -113,3 +114,14 @@ def test_collapse_examples():
     assert collapse(4, (3, 0), (1, 1), (1, 1)) is None
     # 0-d.
     assert collapse(8, (), (), ()) == (8, (), (), ())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 7), max_size=5), st.sampled_from([1, 2, 4, 8]), st.integers(0, 1 << 40))
+def test_a_whole_contiguous_chunk_into_a_dense_tensor_is_one_run(size, itemsize, payload):
+    """What the load's shortcut for whole chunks (load_plan.LoadRun._plan_tensor) assumes."""
+    from dcp_native.layout import contiguous_stride
+
+    stride = contiguous_stride(tuple(size))
+    box = read_box(payload, itemsize, stride, 0, [0] * len(size), size, 4096, stride)
+    assert box == Box(payload, 4096, itemsize * math.prod(size))
