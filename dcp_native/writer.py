@@ -230,10 +230,11 @@ _pickled: dict[int, _PickledMetadata] = {}
 _pickled_lock = threading.Lock()
 
 
-def _pickle_metadata(metadata: Metadata, native: bool) -> bytes:
+def _pickle_metadata(metadata: Metadata, native: bool, keep: bool = True) -> bytes:
     """The pickle of ``metadata`` (:func:`dcp_native._metadata_pickle.dumps`; ``native``: by the
     native pickler where it can), from the last pickle of the same plan where it can be
-    (:class:`_PickledMetadata`); the last pickle of each of two plans is kept. The save id and the
+    (:class:`_PickledMetadata`); with ``keep`` (the planner hands the plan to the next save), the
+    last pickle of each of two plans is kept. The save id and the
     relative paths of ``metadata`` must be objects nothing else in it refers to (one per data
     file)."""
     key = id(metadata.state_dict_metadata)
@@ -244,6 +245,8 @@ def _pickle_metadata(metadata: Metadata, native: bool) -> bytes:
         raw = kept.reuse(metadata)
     if raw is None:
         raw = _metadata_pickle.dumps(metadata, native)
+    if not keep:
+        return raw
     entry = _PickledMetadata(metadata.state_dict_metadata, metadata.planner_data, _others(metadata),
                              copy.copy(metadata.storage_meta), metadata.storage_data, raw)
     with _pickled_lock:
@@ -348,7 +351,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
     # ------------------------------------------------------------------ staging (AsyncStager)
 
     #: Attributes that never pickle: staging memory, pinned pools, the save's marker.
-    _RUNTIME = ("_staging", "_pools", "_marker", "_layouts")
+    _RUNTIME = ("_staging", "_pools", "_marker", "_layouts", "_plan_cached")
 
     def _init_runtime(self) -> None:
         self._staging: StagingArea | None = None
@@ -357,6 +360,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         self._marker: commit.SaveMarker | None = None
         #: The last save's layout when the planner keeps none (see :class:`_KeptLayout`).
         self._layouts: dict[Any, Any] = {}
+        #: Whether this save's planner hands its plan (and metadata) to the next save: only then
+        #: is the metadata's pickle kept for it (see :class:`_PickledMetadata`).
+        self._plan_cached = False
 
     def __getstate__(self) -> dict[str, Any]:
         # DCP's process executor pickles the writer on the thread that waits for
@@ -521,6 +527,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         cache = getattr(planner, "storage_cache", None)
         if not isinstance(cache, dict):
             cache = self._layouts
+        self._plan_cached = cache is not self._layouts or getattr(planner, "_enable_plan_caching", False)
         key = (prefix, files_per_rank)
         kept = cache.pop(_KeptLayout, None)
         if kept is not None and kept.items is plan.items and kept.key == key and transforms is None:
@@ -530,8 +537,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
                 return done
         # Only a planner that hands the same plan back can reuse a layout: for any other,
         # recording and capturing it would cost every save a few µs an item for nothing.
-        reusable = transforms is None and (cache is not self._layouts
-                                           or getattr(planner, "_enable_plan_caching", False))
+        reusable = transforms is None and self._plan_cached
         resolved: list[tuple[WriteItem, Any]] = []
 
         def resolve(item: WriteItem) -> Any:
@@ -608,7 +614,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         metadata.storage_meta.save_id = _fresh(metadata.storage_meta.save_id)
         rank = self._local_rank()
         metadata_name = f"__{rank}{checkpoint.METADATA_NAME}" if rank is not None else checkpoint.METADATA_NAME
-        metadata_bytes = _pickle_metadata(metadata, native=get_engine().name == "native")
+        metadata_bytes = _pickle_metadata(metadata, native=get_engine().name == "native", keep=self._plan_cached)
         side = sidecar.document(self.save_id, metadata_name, metadata_bytes, payloads, tables)
         commit.commit(str(self.path), metadata_name, metadata_bytes, side, self.save_id,
                       sync=self.sync_files, overwrite=self.overwrite, rank=rank, metadata=metadata)
