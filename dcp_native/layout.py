@@ -463,13 +463,15 @@ class FileLayout:
 
 def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
             directory: str | os.PathLike, prefix: str, tag: str, *, files: int, transforms: Any,
-            cuda_usable: Callable[[], bool]) -> tuple[list[FileLayout], list[WriteResult]]:
+            cuda_usable: Callable[[], bool],
+            laid_out: Callable[[FileLayout], None] | None = None) -> tuple[list[FileLayout], list[WriteResult]]:
     """Place one rank's ``items`` (their data from ``resolve``) in its data files.
 
     ``files``: that many files, items assigned as stock's single_file_per_rank
     does; 0: one file per item. ``transforms``: stock's stream transforms
     (items then framed by stock's code), or None. CUDA tensors are written
     from device memory when ``cuda_usable()`` (see :class:`_DeviceRoute`).
+    ``laid_out(file)`` is called as each file is complete.
     """
     groups = _split_by_size_and_type(files, items) if files else [[item] for item in items]
     serialization_id = new_serialization_id()
@@ -498,6 +500,8 @@ def lay_out(items: Sequence[WriteItem], resolve: Callable[[WriteItem], Any],
                 results.append(WriteResult(item.index, frame.length, fl.add_framed(frame, data)))
             else:
                 results.append(_add_item(fl, item, data, serialization_id, route))
+        if laid_out is not None:
+            laid_out(fl)
     return layouts, results
 
 

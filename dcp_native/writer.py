@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import os
+import queue
 import threading
 import time
 from array import array
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -257,6 +259,56 @@ def _pickle_metadata(metadata: Metadata, native: bool, keep: bool = True) -> byt
     return raw
 
 
+class _EarlyWrites:
+    """Data files handed to the engine as soon as they are laid out, while later ones are.
+
+    Laying out many small tensors is Python's work, writing them the engine's (threads without
+    the GIL), so the two overlap: one background thread writes each complete file whose items are
+    all in host memory (the files queued meanwhile in one call). Files with device segments wait
+    for the final call, which holds the pinned pool. At most one engine call runs at a time.
+    """
+
+    def __init__(self, write: Callable[[list[layout.FileLayout]], list]) -> None:
+        self._write = write
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        #: id of each file written -> its block CRCs
+        self.written: dict[int, Any] = {}
+        self._error: BaseException | None = None
+
+    def submit(self, fl: layout.FileLayout) -> None:
+        if fl.device >= 0:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dcp_native-write", daemon=True)
+            self._thread.start()
+        self._queue.put(fl)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            files = [fl for fl in batch if fl is not None]
+            if files and self._error is None:
+                try:
+                    self.written.update(zip(map(id, files), self._write(files)))
+                except BaseException as exc:  # raised to the save by wait()
+                    self._error = exc
+            if len(files) < len(batch):
+                return
+
+    def wait(self) -> dict[int, Any]:
+        """Every submitted file written: the CRCs of each by id; the first write's error raised."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+        return self.written
+
+
 class FileSystemWriter(_stock.FileSystemWriter):
     """Drop-in ``torch.distributed.checkpoint.FileSystemWriter`` with a faster engine.
 
@@ -470,13 +522,19 @@ class FileSystemWriter(_stock.FileSystemWriter):
         if fmt is not None and fmt != _stock.SerializationFormat.TORCH_SAVE:
             return super().write_data(plan, planner)  # stock's formats other than torch.save
         files: list[layout.FileLayout] = []
+        early = None
         try:
             engine = get_engine()
             storage = plan.storage_data
             tag = self._save_tag(getattr(storage, "tag", ""))
-            files, results = self._lay_out(engine, plan, planner, storage.prefix, tag)
-            self._write(engine, files, results)
+            crc_block = self._checksum_block(engine)
+            early = _EarlyWrites(functools.partial(self._write_host_files, engine, crc_block))
+            files, results = self._lay_out(engine, plan, planner, storage.prefix, tag, early.submit)
+            self._write(engine, files, results, crc_block, early.wait())
         except BaseException:
+            if early is not None:
+                with contextlib.suppress(BaseException):
+                    early.wait()  # nothing may still write what is removed next
             # A failed save removes what it wrote (never another save's files:
             # the names carry this save's tag), then the save is over.
             for fl in files:
@@ -508,8 +566,8 @@ class FileSystemWriter(_stock.FileSystemWriter):
                 filename=str(self.path))
         return tag
 
-    def _lay_out(self, engine: Any, plan: SavePlan, planner: SavePlanner, prefix: str,
-                 tag: str) -> tuple[list[layout.FileLayout], list[WriteResult]]:
+    def _lay_out(self, engine: Any, plan: SavePlan, planner: SavePlanner, prefix: str, tag: str,
+                 laid_out: Callable[[layout.FileLayout], None]) -> tuple[list[layout.FileLayout], list[WriteResult]]:
         """The data files of this save: the kept layout when the plan is the one it was made for
         and every item still fits it, else a fresh one (kept for the next save when it can be).
 
@@ -518,10 +576,10 @@ class FileSystemWriter(_stock.FileSystemWriter):
         across writers), else in this writer.
         """
         with gc_paused():
-            return self._lay_out_now(engine, plan, planner, prefix, tag)
+            return self._lay_out_now(engine, plan, planner, prefix, tag, laid_out)
 
-    def _lay_out_now(self, engine: Any, plan: SavePlan, planner: SavePlanner, prefix: str,
-                     tag: str) -> tuple[list[layout.FileLayout], list[WriteResult]]:
+    def _lay_out_now(self, engine: Any, plan: SavePlan, planner: SavePlanner, prefix: str, tag: str,
+                     laid_out: Callable[[layout.FileLayout], None]) -> tuple[list[layout.FileLayout], list[WriteResult]]:
         files_per_rank = self.thread_count if self.single_file_per_rank else 0
         transforms = self.transforms if self.transforms.extensions else None
         cache = getattr(planner, "storage_cache", None)
@@ -548,16 +606,24 @@ class FileSystemWriter(_stock.FileSystemWriter):
         files, results = layout.lay_out(
             plan.items, resolve if reusable else planner.resolve_data, self.path, prefix, tag,
             files=files_per_rank, transforms=transforms, cuda_usable=lambda: engine.cuda_status().usable,
+            laid_out=laid_out if files_per_rank != 1 else None,  # one file: nothing to overlap
         )
         kept = _KeptLayout.capture(key, plan.items, prefix, tag, files, resolved, results) if reusable else None
         if kept is not None:
             cache[_KeptLayout] = kept
         return files, results
 
-    def _write(self, engine: Any, files: list[layout.FileLayout], results: list[WriteResult]) -> None:
-        """One engine call writes the data files, a second their CRC32C tables (noted in results)."""
-        crc_block = self._checksum_block(engine)
-        device = max((fl.device for fl in files), default=-1)
+    def _write_host_files(self, engine: Any, crc_block: int, files: list[layout.FileLayout]) -> list:
+        """Write data files with host segments only; their block CRCs."""
+        return engine.write([fl.write_file(crc_block) for fl in files], threads=self.thread_count,
+                            sync=self.sync_files, chunk_bytes=self.chunk_bytes).block_crcs
+
+    def _write(self, engine: Any, files: list[layout.FileLayout], results: list[WriteResult], crc_block: int,
+               written: dict[int, Any]) -> None:
+        """One engine call writes the data files not ``written`` yet (by id: their block CRCs), a
+        second the CRC32C tables of all (noted in results)."""
+        rest = [fl for fl in files if id(fl) not in written]
+        device = max((fl.device for fl in rest), default=-1)
         # The engine's copy stream waits for the work queued so far on the
         # producer's stream (e.g. the layout's .contiguous() copies).
         stream = _device.current_stream(device) if device >= 0 else 0
@@ -565,17 +631,19 @@ class FileSystemWriter(_stock.FileSystemWriter):
         with self._pools.lock if device >= 0 else contextlib.nullcontext():
             pool = {} if device < 0 else {"pool": self._pools.get(engine, device, capacity),
                                           "direct_io": self.direct_io}
-            stats = engine.write([fl.write_file(crc_block, stream) for fl in files],
-                                 threads=self.thread_count, sync=self.sync_files,
-                                 chunk_bytes=self.chunk_bytes, **pool)
+            if rest or not files:
+                stats = engine.write([fl.write_file(crc_block, stream) for fl in rest],
+                                     threads=self.thread_count, sync=self.sync_files,
+                                     chunk_bytes=self.chunk_bytes, **pool)
+                written = {**written, **dict(zip(map(id, rest), stats.block_crcs))}
         if not crc_block:
             return
         tables = [layout.FileLayout(self.path, checkpoint.table_name(fl.relative_path)) for fl in files]
-        for table, fl, crcs in zip(tables, files, stats.block_crcs):
-            table.add_bytes(integrity.encode_table(crc_block, fl.size, crcs))
+        for table, fl in zip(tables, files):
+            table.add_bytes(integrity.encode_table(crc_block, fl.size, written[id(fl)]))
         engine.write([t.write_file() for t in tables], threads=self.thread_count, sync=self.sync_files)
         for fl, t in zip(files, tables):
-            if fl.head is not None:  # the file's tables travels with its first item
+            if fl.head is not None:  # the file's table travels with its first item
                 fl.head.table = sidecar.TableInfo(t.relative_path, t.size, sidecar.digest(t.blob))
 
     # ------------------------------------------------------------------ commit
