@@ -449,11 +449,7 @@ class FileLayout:
         self.blob += header
         self.blob += trailer
         self.size = offset + length
-        self.payloads.extend((offset, length, payload_offset))
-        if self.head is None:
-            self.head = StorageInfo(self.relative_path, offset, length, None, self.payloads)
-            return self.head
-        return _stock._StorageInfo(self.relative_path, offset, length, None)
+        return self.storage_info(offset, length, payload_offset)
 
     def write_file(self, crc_block: int = 0, stream: int = 0) -> WriteFile:
         """The engine's plan of this file (``stream``: the producer's, for device segments)."""

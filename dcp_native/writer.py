@@ -263,10 +263,17 @@ class _EarlyWrites:
     """Data files handed to the engine as soon as they are laid out, while later ones are.
 
     Laying out many small tensors is Python's work, writing them the engine's (threads without
-    the GIL), so the two overlap: one background thread writes each complete file whose items are
-    all in host memory (the files queued meanwhile in one call). Files with device segments wait
-    for the final call, which holds the pinned pool. At most one engine call runs at a time.
+    the GIL), so the two overlap: one background thread writes each complete file of small host
+    tensors (the files queued meanwhile in one call). Other files wait for the final call: with
+    large tensors there is no layout to overlap and one call writing every file at once is faster
+    (4 files of 16 tensors of 4 MiB: 41 ms written early, 37 ms in one call, here; 4 files of
+    1000 of 16 KiB: the save 7% faster early); files with device segments need the pinned pool,
+    which the final call holds. At most one engine call runs at a time. Only the native engine
+    writes early: the Python engine's writes need the GIL the layout holds.
     """
+
+    #: Files whose tensors average at most this many bytes are written early.
+    SMALL_TENSOR_BYTES = 64 << 10
 
     def __init__(self, write: Callable[[list[layout.FileLayout]], list]) -> None:
         self._write = write
@@ -277,7 +284,7 @@ class _EarlyWrites:
         self._error: BaseException | None = None
 
     def submit(self, fl: layout.FileLayout) -> None:
-        if fl.device >= 0:
+        if fl.device >= 0 or fl.size > len(fl.tensors) * self.SMALL_TENSOR_BYTES:
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="dcp_native-write", daemon=True)
@@ -529,7 +536,8 @@ class FileSystemWriter(_stock.FileSystemWriter):
             tag = self._save_tag(getattr(storage, "tag", ""))
             crc_block = self._checksum_block(engine)
             early = _EarlyWrites(functools.partial(self._write_host_files, engine, crc_block))
-            files, results = self._lay_out(engine, plan, planner, storage.prefix, tag, early.submit)
+            files, results = self._lay_out(engine, plan, planner, storage.prefix, tag,
+                                           early.submit if engine.name == "native" else None)
             self._write(engine, files, results, crc_block, early.wait())
         except BaseException:
             if early is not None:
@@ -567,7 +575,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
         return tag
 
     def _lay_out(self, engine: Any, plan: SavePlan, planner: SavePlanner, prefix: str, tag: str,
-                 laid_out: Callable[[layout.FileLayout], None]) -> tuple[list[layout.FileLayout], list[WriteResult]]:
+                 laid_out: Callable[[layout.FileLayout], None] | None) -> tuple[list[layout.FileLayout], list[WriteResult]]:
         """The data files of this save: the kept layout when the plan is the one it was made for
         and every item still fits it, else a fresh one (kept for the next save when it can be).
 
@@ -579,7 +587,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
             return self._lay_out_now(engine, plan, planner, prefix, tag, laid_out)
 
     def _lay_out_now(self, engine: Any, plan: SavePlan, planner: SavePlanner, prefix: str, tag: str,
-                     laid_out: Callable[[layout.FileLayout], None]) -> tuple[list[layout.FileLayout], list[WriteResult]]:
+                     laid_out: Callable[[layout.FileLayout], None] | None) -> tuple[list[layout.FileLayout], list[WriteResult]]:
         files_per_rank = self.thread_count if self.single_file_per_rank else 0
         transforms = self.transforms if self.transforms.extensions else None
         cache = getattr(planner, "storage_cache", None)

@@ -365,8 +365,9 @@ def test_failed_saves_leave_nothing_behind(engine_name, tmp_path):
 @pytest.mark.parametrize("nth", [3, 4])
 def test_enospc_mid_write_keeps_old_checkpoint(engine_name, tmp_path, monkeypatch, nth):
     """ENOSPC in the middle of the data writes, three times: each failed save names the file
-    and removes what it wrote; the old checkpoint loads bit-exact; the next save commits."""
-    old, new = state(1.0), state(2.0)
+    and removes what it wrote; the old checkpoint loads bit-exact; the next save commits.
+    (Tensors of 128-512 KiB: one engine call writes both files, nth counts its writes.)"""
+    old, new = state(1.0, rows=256), state(2.0, rows=256)
     save(old, tmp_path, thread_count=2)
     listing = sorted(os.listdir(tmp_path))
     monkeypatch.setenv("DCP_NATIVE_FAULT", f"write:ENOSPC:{nth}")

@@ -704,16 +704,17 @@ def test_staging_that_timed_out_does_not_free_the_buffer(asynchronous):
 # ----------------------------------------------------------------- early writes
 
 
-def _sizes_state() -> dict:
-    # Four large tensors fill the four files; the small one goes to the last file laid out.
-    sd = {f"big{i}": torch.full((4096 * (8 - i),), float(i)) for i in range(4)}
+def _small_state() -> dict:
+    # 39 small tensors: three files get 10, the last 9, so "small" goes to the last file laid out.
+    sd = {f"t{i:02d}": torch.full((256,), float(i)) for i in range(39)}
     sd["small"] = torch.arange(10.0)
     return sd
 
 
 def test_files_are_written_as_they_are_laid_out(engine_name, tmp_path, monkeypatch):
-    """Each complete host file goes to the engine while later ones are laid out; the
-    checkpoint is the one a single engine call writes."""
+    """On the native engine each complete file of small host tensors goes to the engine while
+    later ones are laid out, and the checkpoint is the one a single engine call writes; large
+    tensors, a single file and the Python engine take one call."""
     calls = []
     real = writer_module.FileSystemWriter._write_host_files
 
@@ -722,16 +723,20 @@ def test_files_are_written_as_they_are_laid_out(engine_name, tmp_path, monkeypat
         return real(self, engine, crc_block, files)
 
     monkeypatch.setattr(writer_module.FileSystemWriter, "_write_host_files", spy)
-    sd = _sizes_state()
+    sd = _small_state()
     dcp.save(sd, storage_writer=dcp_native.FileSystemWriter(str(tmp_path), thread_count=4), no_dist=True)
-    assert sorted(sum(calls, [])) == sorted(data_files(tmp_path))
+    if engine_name == "native":
+        assert sorted(sum(calls, [])) == sorted(data_files(tmp_path))
+    else:
+        assert calls == []
     out = {k: torch.zeros_like(v) for k, v in sd.items()}
     dcp.load(out, storage_reader=dcp_native.FileSystemReader(str(tmp_path), verify=engine_name == "native"),
              no_dist=True)  # verified against the tables the native engine wrote from early CRCs
     assert all(torch.equal(out[k], sd[k]) for k in sd)
-    # One file per rank (thread_count=1): nothing to overlap, one engine call.
     calls.clear()
     dcp.save(sd, storage_writer=dcp_native.FileSystemWriter(str(tmp_path / "one")), no_dist=True)
+    big = {f"b{i}": torch.zeros(1 << 16) for i in range(8)}  # 256 KiB each
+    dcp.save(big, storage_writer=dcp_native.FileSystemWriter(str(tmp_path / "big"), thread_count=4), no_dist=True)
     assert calls == []
 
 
@@ -750,14 +755,35 @@ def test_a_layout_failure_waits_for_early_writes_before_removing_files(engine_na
     class Failing(dcp.DefaultSavePlanner):
         def resolve_data(self, write_item):
             if write_item.index.fqn == "small":
-                assert started.wait(10)  # an early write is in flight
+                # On the native engine an early write is in flight (the Python engine writes none).
+                assert started.wait(10) if engine_name == "native" else not started.is_set()
                 raise RuntimeError("injected resolve failure")
             return super().resolve_data(write_item)
 
     monkeypatch.setattr(writer_module.FileSystemWriter, "_write_host_files", slow)
     with pytest.raises(CheckpointException, match="injected resolve failure"):
-        dcp.save(_sizes_state(), storage_writer=dcp_native.FileSystemWriter(str(tmp_path), thread_count=4),
+        dcp.save(_small_state(), storage_writer=dcp_native.FileSystemWriter(str(tmp_path), thread_count=4),
                  planner=Failing(), no_dist=True)
     assert data_files(tmp_path) == []
     time.sleep(0.5)
     assert data_files(tmp_path) == [] and not (tmp_path / ".metadata").exists()
+
+
+def test_a_failed_early_write_fails_the_save_and_leaves_nothing(engine_name, tmp_path, monkeypatch):
+    """ENOSPC in the first engine call (on the native engine: the early write of the first file,
+    while the others are laid out): the save raises it, naming the file, and removes what it wrote;
+    the committed checkpoint stays."""
+    old = _small_state()
+    dcp.save(old, storage_writer=dcp_native.FileSystemWriter(str(tmp_path), thread_count=4), no_dist=True)
+    listing = sorted(os.listdir(tmp_path))
+    monkeypatch.setenv("DCP_NATIVE_FAULT", "write:ENOSPC:1")
+    new = {k: v + 1 for k, v in old.items()}
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(new, storage_writer=dcp_native.FileSystemWriter(str(tmp_path), thread_count=4), no_dist=True)
+    err = failure(info)
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC and str(tmp_path) in err.filename
+    assert sorted(os.listdir(tmp_path)) == listing
+    monkeypatch.delenv("DCP_NATIVE_FAULT")
+    out = {k: torch.zeros_like(v) for k, v in old.items()}
+    dcp.load(out, storage_reader=dcp_native.FileSystemReader(str(tmp_path)), no_dist=True)
+    assert all(torch.equal(out[k], old[k]) for k in old)
