@@ -169,9 +169,10 @@ class _PickledMetadata:
     data files' names (both carry the save), whose offsets and lengths are the same. Those strings
     are objects the save made after the planner made the rest of the metadata (the names while
     laying out its files, the save id through :func:`_fresh`), so nothing else in the metadata
-    refers to them: each was pickled once (its other uses are memo references), so if its bytes occur exactly once in the
-    pickle, that occurrence is it, and the new pickle is the old one with each such string replaced
-    by its successor of the same length: it unpickles to the new metadata.
+    refers to them: each was pickled once (its other uses are memo references), so if its bytes
+    occur exactly once in the pickle, that occurrence is it, and the new pickle is the old one
+    with each such string replaced by its successor of the same length: it unpickles to the new
+    metadata.
     """
 
     state_dict_metadata: Any
@@ -236,9 +237,8 @@ def _pickle_metadata(metadata: Metadata, native: bool, keep: bool = True) -> byt
     """The pickle of ``metadata`` (:func:`dcp_native._metadata_pickle.dumps`; ``native``: by the
     native pickler where it can), from the last pickle of the same plan where it can be
     (:class:`_PickledMetadata`); with ``keep`` (the planner hands the plan to the next save), the
-    last pickle of each of two plans is kept. The save id and the
-    relative paths of ``metadata`` must be objects nothing else in it refers to (one per data
-    file)."""
+    last pickle of each of two plans is kept. The save id and the relative paths of ``metadata``
+    must be objects nothing else in it refers to (one per data file)."""
     key = id(metadata.state_dict_metadata)
     with _pickled_lock:
         kept = _pickled.get(key)
@@ -267,7 +267,7 @@ class _EarlyWrites:
     tensors (the files queued meanwhile in one call). Other files wait for the final call: with
     large tensors there is no layout to overlap and one call writing every file at once is faster
     (4 files of 16 tensors of 4 MiB: 41 ms written early, 37 ms in one call, here; 4 files of
-    1000 of 16 KiB: the save 7% faster early); files with device segments need the pinned pool,
+    1000 of 16 KiB: the save 5% faster early); files with device segments need the pinned pool,
     which the final call holds. At most one engine call runs at a time. Only the native engine
     writes early: the Python engine's writes need the GIL the layout holds.
     """
