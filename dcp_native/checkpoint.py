@@ -51,11 +51,9 @@ def table_name(data_file: str) -> str:
 
 def named_files(metadata_name: str, metadata: Any) -> set[str]:
     """Every file one committed metadata names: its data files, their tables and its sidecar."""
-    keep = set()
-    for info in (getattr(metadata, "storage_data", None) or {}).values():
-        rel = getattr(info, "relative_path", None)
-        if isinstance(rel, str):
-            keep.update((rel, table_name(rel)))
+    infos = (getattr(metadata, "storage_data", None) or {}).values()
+    files = {rel for info in infos if isinstance(rel := getattr(info, "relative_path", None), str)}
+    keep = {name for rel in files for name in (rel, table_name(rel))}
     save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
     if save_id:
         keep.add(sidecar.file_name(metadata_name, save_id))
