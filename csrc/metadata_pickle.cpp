@@ -401,7 +401,8 @@ class Pickler {
         auto it = states_.find(key);
         if (it == states_.end()) {
           PyObject* state = hold(PyObject_CallMethod(obj, "__getstate__", nullptr));
-          hold(Py_NewRef(state));  // a second reference: memoized, for the next object like it
+          Py_INCREF(state);
+          hold(state);  // a second reference: memoized, for the next object like it
           it = states_.emplace(key, state).first;
         }
         save_newobj(obj, it->second, depth);

@@ -20,10 +20,10 @@ from array import array
 from typing import Sequence
 
 
-@dataclasses.dataclass(slots=True)
+@dataclasses.dataclass
 class Box:
     """One strided copy from a file into memory (see :mod:`dcp_native.engine`); never changed
-    once made (not frozen: a load makes one per tensor read, and a frozen one costs 4x)."""
+    once made (not frozen: a load makes one per tensor read, and a frozen one costs 3x)."""
 
     file_offset: int
     dest_addr: int
