@@ -225,7 +225,7 @@ class LoadRun:
                                      f"{list(size)} in an item of {info.length} bytes")
             saved = contiguous.get((dtype, size))
             if saved is None:
-                saved = contiguous[dtype, size] = _safe_pickle.SavedTensor(dtype, size, layout.contiguous_stride(size))
+                saved = contiguous[dtype, size] = _safe_pickle.SavedTensor(dtype, size, _contiguous_stride(size))
             located[i] = Located(saved, info.offset + payload, info)
         if unknown:
             self._probe([items[i] for i in unknown], unknown, located)

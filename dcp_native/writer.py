@@ -538,7 +538,7 @@ class FileSystemWriter(_stock.FileSystemWriter):
             early = _EarlyWrites(functools.partial(self._write_host_files, engine, crc_block))
             files, results = self._lay_out(engine, plan, planner, storage.prefix, tag,
                                            early.submit if engine.name == "native" else None)
-            self._write(engine, files, results, crc_block, early.wait())
+            self._write(engine, files, crc_block, early.wait())
         except BaseException:
             if early is not None:
                 with contextlib.suppress(BaseException):
@@ -626,10 +626,9 @@ class FileSystemWriter(_stock.FileSystemWriter):
         return engine.write([fl.write_file(crc_block) for fl in files], threads=self.thread_count,
                             sync=self.sync_files, chunk_bytes=self.chunk_bytes).block_crcs
 
-    def _write(self, engine: Any, files: list[layout.FileLayout], results: list[WriteResult], crc_block: int,
-               written: dict[int, Any]) -> None:
+    def _write(self, engine: Any, files: list[layout.FileLayout], crc_block: int, written: dict[int, Any]) -> None:
         """One engine call writes the data files not ``written`` yet (by id: their block CRCs), a
-        second the CRC32C tables of all (noted in results)."""
+        second the CRC32C tables of all (noted on each file's first item)."""
         rest = [fl for fl in files if id(fl) not in written]
         device = max((fl.device for fl in rest), default=-1)
         # The engine's copy stream waits for the work queued so far on the
